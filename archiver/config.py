@@ -1,0 +1,171 @@
+"""Configuration: the only place that reads the environment.
+
+desto's own variables (REDIS_HOST, REDIS_PORT, REDIS_DB, SQLITE_DB_PATH, DESTO_DATA_DIR) are read
+as desto reads them, so one environment block serves both; the archiver's own knobs are
+ARCHIVER_*. Command-line flags override both (they are passed as init arguments).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import parse_qs, urlsplit, urlunsplit
+
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ConfigError(Exception):
+    """A configuration value is unusable; the message says which and why."""
+
+
+def _env(name: str, env: str) -> Any:
+    return AliasChoices(name, env)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="", case_sensitive=False, extra="ignore", populate_by_name=True, frozen=True
+    )
+
+    redis_url: str | None = Field(None, validation_alias=_env("redis_url", "REDIS_URL"))
+    redis_host: str = Field("localhost", min_length=1, validation_alias=_env("redis_host", "REDIS_HOST"))
+    redis_port: int = Field(6379, ge=1, le=65535, validation_alias=_env("redis_port", "REDIS_PORT"))
+    redis_db: int = Field(0, ge=0, validation_alias=_env("redis_db", "REDIS_DB"))
+    redis_username: str | None = Field(None, validation_alias=_env("redis_username", "REDIS_USERNAME"))
+    redis_password: SecretStr | None = Field(None, validation_alias=_env("redis_password", "REDIS_PASSWORD"))
+
+    desto_data_dir: Path | None = Field(None, validation_alias=_env("desto_data_dir", "DESTO_DATA_DIR"))
+    sqlite_db_path: Path | None = Field(None, validation_alias=_env("sqlite_db_path", "SQLITE_DB_PATH"))
+
+    batch_size: int = Field(500, ge=1, le=100_000, validation_alias=_env("batch_size", "ARCHIVER_BATCH_SIZE"))
+    flush_interval: float = Field(
+        0.05, gt=0, le=3600, validation_alias=_env("flush_interval", "ARCHIVER_FLUSH_INTERVAL")
+    )
+    reconcile_interval: float = Field(
+        300, gt=0, validation_alias=_env("reconcile_interval", "ARCHIVER_RECONCILE_INTERVAL")
+    )
+    fallback_reconcile_interval: float = Field(
+        10, gt=0, validation_alias=_env("fallback_reconcile_interval", "ARCHIVER_FALLBACK_RECONCILE_INTERVAL")
+    )
+    configure_notifications: bool = Field(
+        True, validation_alias=_env("configure_notifications", "ARCHIVER_CONFIGURE_NOTIFICATIONS")
+    )
+    max_dirty: int = Field(100_000, ge=1, validation_alias=_env("max_dirty", "ARCHIVER_MAX_DIRTY"))
+    health_check_interval: float = Field(
+        10, gt=0, validation_alias=_env("health_check_interval", "ARCHIVER_HEALTH_CHECK_INTERVAL")
+    )
+    socket_timeout: float = Field(10, gt=0, validation_alias=_env("socket_timeout", "ARCHIVER_SOCKET_TIMEOUT"))
+    reconnect_max_backoff: float = Field(
+        30, gt=0, validation_alias=_env("reconnect_max_backoff", "ARCHIVER_RECONNECT_MAX_BACKOFF")
+    )
+    heartbeat_interval: float = Field(
+        5, gt=0, validation_alias=_env("heartbeat_interval", "ARCHIVER_HEARTBEAT_INTERVAL")
+    )
+    shutdown_timeout: float = Field(10, gt=0, validation_alias=_env("shutdown_timeout", "ARCHIVER_SHUTDOWN_TIMEOUT"))
+    sqlite_busy_timeout: float = Field(
+        5, ge=0, validation_alias=_env("sqlite_busy_timeout", "ARCHIVER_SQLITE_BUSY_TIMEOUT")
+    )
+    log_format: Literal["auto", "json", "console"] = Field(
+        "auto", validation_alias=_env("log_format", "ARCHIVER_LOG_FORMAT")
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", validation_alias=_env("log_level", "ARCHIVER_LOG_LEVEL")
+    )
+
+    @field_validator("log_format", "log_level", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _check_url(cls, value: str | None) -> str | None:
+        if value in (None, ""):
+            return None
+        assert value is not None
+        parts = urlsplit(value)
+        if parts.scheme not in ("redis", "rediss", "unix"):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        if parts.scheme != "unix" and not parts.hostname:
+            raise ValueError("has no host")
+        try:
+            _ = parts.port
+        except ValueError:
+            raise ValueError("has an invalid port") from None
+        return value
+
+    @model_validator(mode="after")
+    def _resolve_db_path(self) -> Settings:
+        if self.sqlite_db_path is None:
+            data_dir = self.desto_data_dir or Path("desto_data")
+            object.__setattr__(self, "sqlite_db_path", data_dir / "desto.db")
+        return self
+
+    # ─── derived ─────────────────────────────────────────────────────────────────────────────
+
+    @property
+    def db_path(self) -> Path:
+        assert self.sqlite_db_path is not None
+        return self.sqlite_db_path
+
+    @property
+    def db_number(self) -> int:
+        """The Redis database desto's keys live in (REDIS_URL's, when given)."""
+        if self.redis_url:
+            parts = urlsplit(self.redis_url)
+            query_db = parse_qs(parts.query).get("db")
+            if query_db:
+                return int(query_db[0])
+            path = parts.path.strip("/")
+            if parts.scheme != "unix" and path.isdigit():
+                return int(path)
+            return 0
+        return self.redis_db
+
+    def redis_address(self) -> str:
+        """Where Redis is, for people and logs: never includes a password."""
+        if self.redis_url:
+            parts = urlsplit(self.redis_url)
+            netloc = parts.hostname or ""
+            if parts.port:
+                netloc += f":{parts.port}"
+            if parts.username:
+                netloc = f"{parts.username}@{netloc}"
+            query = "&".join(p for p in parts.query.split("&") if p and not p.lower().startswith("password="))
+            return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
+        return f"redis://{self.redis_host}:{self.redis_port}/{self.redis_db}"
+
+    def redis_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``redis.Redis`` (or ``from_url`` with ``url``)."""
+        kwargs: dict[str, Any] = {}
+        if self.redis_url:
+            kwargs["url"] = self.redis_url
+        else:
+            kwargs.update(host=self.redis_host, port=self.redis_port, db=self.redis_db)
+        if self.redis_username:
+            kwargs["username"] = self.redis_username
+        if self.redis_password is not None:
+            kwargs["password"] = self.redis_password.get_secret_value()
+        return kwargs
+
+
+ENV_NAMES: dict[str, str] = {
+    name: next(a for a in field.validation_alias.choices if isinstance(a, str) and a.isupper())  # type: ignore[union-attr]
+    for name, field in Settings.model_fields.items()
+}
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build the settings from the environment and ``overrides``; raise ConfigError with a clear text."""
+    given = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        return Settings(**given)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            field = str(err["loc"][0]) if err["loc"] else ""
+            where = ENV_NAMES.get(field, field) if field not in given else f"--{field.replace('_', '-')}"
+            shown = "" if field in ("redis_password", "redis_url") else f" (got {err.get('input')!r})"
+            lines.append(f"{where}: {err['msg']}{shown}")
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines)) from None

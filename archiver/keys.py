@@ -1,0 +1,86 @@
+"""desto's key and channel grammar (desto 0.7.0). Nothing else in the archiver spells ``desto:``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+
+class Kind(StrEnum):
+    """The record kinds the archiver keeps."""
+
+    SESSION = "session"
+    JOB = "job"
+    FAVORITE = "favorite"
+    ATJOB = "atjob"
+
+
+class KeyClass(StrEnum):
+    """What a key under ``desto:`` is, for the archiver."""
+
+    RECORD = "record"  # one of the four record kinds: archived
+    INDEX = "index"  # desto's own derived index (favorite name index, favorites set): ignored
+    UNKNOWN = "unknown"  # under desto: but fits no known shape: quarantined, never archived as a record
+
+
+PREFIX = b"desto:"
+SCAN_MATCH = b"desto:*"
+
+RECORD_PREFIXES: dict[Kind, bytes] = {
+    Kind.SESSION: b"desto:session:",
+    Kind.JOB: b"desto:job:",
+    # desto:favorite:name:<name> also starts with this prefix: it is checked first.
+    Kind.FAVORITE: b"desto:favorite:",
+    Kind.ATJOB: b"desto:atjob:",
+}
+FAVORITE_NAME_INDEX_PREFIX = b"desto:favorite:name:"
+FAVORITES_SET = b"desto:favorites:all"
+
+# The field of each record that repeats the id in the key.
+ID_FIELDS: dict[Kind, str] = {
+    Kind.SESSION: "session_id",
+    Kind.JOB: "job_id",
+    Kind.FAVORITE: "favorite_id",
+    Kind.ATJOB: "job_id",
+}
+
+# desto's plain pub/sub channels: JSON hints with desto's own timestamp of a status change.
+SESSION_UPDATES = b"desto:session_updates"
+JOB_UPDATES = b"desto:job_updates"
+CHANNEL_KINDS: dict[bytes, Kind] = {SESSION_UPDATES: Kind.SESSION, JOB_UPDATES: Kind.JOB}
+
+# desto sets EXPIRE 604800 once, when it creates a session or job key.
+DESTO_TTL_SECONDS = 7 * 86400
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedKey:
+    key: bytes
+    cls: KeyClass
+    kind: Kind | None = None
+    raw_id: bytes = b""
+
+
+def keyspace_pattern(db: int) -> bytes:
+    """The PSUBSCRIBE pattern for keyspace notifications on desto's keys in ``db``."""
+    return b"__keyspace@%d__:" % db + SCAN_MATCH
+
+
+def keyspace_channel_prefix(db: int) -> bytes:
+    return b"__keyspace@%d__:" % db
+
+
+def classify(key: bytes) -> ParsedKey | None:
+    """Classify a Redis key; ``None`` when it is not under ``desto:`` at all."""
+    if not key.startswith(PREFIX):
+        return None
+    if key == FAVORITES_SET or key.startswith(FAVORITE_NAME_INDEX_PREFIX):
+        return ParsedKey(key, KeyClass.INDEX)
+    for kind, prefix in RECORD_PREFIXES.items():
+        if key.startswith(prefix):
+            return ParsedKey(key, KeyClass.RECORD, kind, key[len(prefix) :])
+    return ParsedKey(key, KeyClass.UNKNOWN)
+
+
+def record_key(kind: Kind, record_id: str) -> bytes:
+    return RECORD_PREFIXES[kind] + record_id.encode("utf-8")

@@ -1,0 +1,420 @@
+"""Normalization of desto's Redis records into typed rows. Pure: no I/O.
+
+The rule is desto's own: a row must read back, through desto 0.7.0's ``SQLiteStore``, exactly as
+desto's models (``DestoSession.from_dict`` and friends) read the hash from Redis. So every field
+is converted the way desto converts it (``int()``, ``datetime.fromisoformat``, ``lower() ==
+"true"``), and a record that desto's readers would fail on is rejected with the reason, to be
+quarantined with its raw bytes. pydantic's coercion rules differ from desto's (it accepts
+``"yes"`` as true, rejects ``" 3"`` as an int), which is why the converters are written out here.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from archiver.keys import CHANNEL_KINDS, DESTO_TTL_SECONDS, ID_FIELDS, Kind, ParsedKey
+
+SESSION_STATUSES = frozenset({"starting", "running", "finished", "failed", "scheduled"})
+JOB_STATUSES = frozenset({"queued", "running", "finished", "failed", "scheduled"})
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
+class Invalid(ValueError):
+    """A field value desto's readers could not read."""
+
+
+@dataclass(frozen=True, slots=True)
+class Fetched:
+    """One key as read from Redis, with Redis' clock at the moment of the read."""
+
+    key: bytes
+    redis_type: str  # "hash", "none" (gone), or another Redis type
+    value: Any  # hash: flat [field, value, ...] bytes; other types: their raw reply
+    pttl_ms: int  # -1: no TTL, -2: missing
+    read_at_us: int
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    """A live record, ready for the store: ``values`` follow ``COLUMNS[kind]``."""
+
+    kind: Kind
+    record_id: str
+    key: bytes
+    values: tuple[Any, ...]
+    extra: str | None  # JSON object of fields desto's model does not know, else None
+    read_at_us: int
+    expires_at_us: int | None
+    created_at_us: int  # best estimate of when desto created the record (Redis clock)
+
+    @property
+    def status(self) -> str | None:
+        idx = STATUS_INDEX.get(self.kind)
+        return None if idx is None else self.values[idx]
+
+    @property
+    def name(self) -> str | None:
+        return self.values[1] if self.kind is Kind.FAVORITE else None
+
+
+@dataclass(frozen=True, slots=True)
+class Gone:
+    """A key that was not in Redis when read (``kind`` is None for an unrecognized key)."""
+
+    key: bytes
+    kind: Kind | None
+    record_id: str
+    read_at_us: int
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    """A key the archiver will not put in a desto table; kept whole in quarantine."""
+
+    key: bytes
+    kind: Kind | None
+    record_id: str | None
+    redis_type: str
+    payload: bytes  # the raw reply, RESP-encoded: byte for byte what Redis held
+    reason: str
+    read_at_us: int
+
+
+Outcome = Row | Gone | Rejected
+
+
+# ─── converters: each mirrors how desto's from_dict reads the field ────────────────────────────
+
+
+def _text(value: str) -> str:
+    return value
+
+
+def _time(value: str) -> str | None:
+    if value == "":
+        return None
+    try:
+        datetime.fromisoformat(value)
+    except ValueError:
+        raise Invalid(f"not an ISO time: {value[:80]!r}") from None
+    return value
+
+
+def _int64(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise Invalid(f"not an integer: {value[:80]!r}") from None
+    if not INT64_MIN <= number <= INT64_MAX:
+        raise Invalid(f"integer out of SQLite's range: {value[:80]!r}")
+    return number
+
+
+def _int_or_null(value: str) -> int | None:
+    return None if value == "" else _int64(value)
+
+
+def _bool_text(value: str) -> int:
+    return 1 if value.lower() == "true" else 0
+
+
+def _status(allowed: frozenset[str]) -> Callable[[str], str]:
+    def convert(value: str) -> str:
+        if value not in allowed:
+            raise Invalid(f"unknown status {value[:80]!r} (desto knows {', '.join(sorted(allowed))})")
+        return value
+
+    return convert
+
+
+@dataclass(frozen=True, slots=True)
+class FieldSpec:
+    column: str
+    convert: Callable[[str], Any]
+    default: Any  # the value when the field is absent, as desto's from_dict defaults it
+    required: bool = False  # absent: the hash is a fragment, not a record desto wrote
+
+
+_MISSING = object()
+
+SPECS: dict[Kind, tuple[FieldSpec, ...]] = {
+    Kind.SESSION: (
+        FieldSpec("session_name", _text, "", required=True),
+        FieldSpec("tmux_session_name", _text, ""),
+        FieldSpec("status", _status(SESSION_STATUSES), "starting", required=True),
+        FieldSpec("start_time", _time, None),
+        FieldSpec("end_time", _time, None),
+        FieldSpec("last_heartbeat", _time, None),
+        FieldSpec("job_ids", _text, ""),
+        FieldSpec("tmux_active", _bool_text, 0),
+        FieldSpec("at_job_id", _text, ""),
+    ),
+    Kind.JOB: (
+        FieldSpec("session_id", _text, "", required=True),
+        FieldSpec("command", _text, ""),
+        FieldSpec("script_path", _text, ""),
+        FieldSpec("status", _status(JOB_STATUSES), "queued", required=True),
+        FieldSpec("start_time", _time, None),
+        FieldSpec("end_time", _time, None),
+        FieldSpec("exit_code", _int_or_null, None),
+        FieldSpec("error_message", _text, ""),
+    ),
+    Kind.FAVORITE: (
+        FieldSpec("name", _text, "", required=True),
+        FieldSpec("command", _text, ""),
+        FieldSpec("created_at", _time, None),
+        FieldSpec("last_used_at", _time, None),
+        FieldSpec("use_count", _int64, 0),
+    ),
+    # desto's readers never parse at-job fields into a model: they are kept as text.
+    Kind.ATJOB: tuple(
+        FieldSpec(name, _text, "", required=(name == "status"))
+        for name in (
+            "command",
+            "request_time",
+            "scheduled_time",
+            "user",
+            "status",
+            "creation_time",
+            "queue",
+            "session_name",
+            "script_path",
+            "arguments",
+            "error_message",
+            "execution_result",
+        )
+    ),
+}
+
+# The id column comes first, then the spec's columns; at-jobs keep the at number twice, as
+# desto does (key and job_id field), under the table's own primary key.
+ID_COLUMNS: dict[Kind, str] = {
+    Kind.SESSION: "session_id",
+    Kind.JOB: "job_id",
+    Kind.FAVORITE: "favorite_id",
+    Kind.ATJOB: "at_job_id",
+}
+COLUMNS: dict[Kind, tuple[str, ...]] = {
+    kind: (ID_COLUMNS[kind], *(("job_id",) if kind is Kind.ATJOB else ()), *(spec.column for spec in specs))
+    for kind, specs in SPECS.items()
+}
+STATUS_INDEX: dict[Kind, int] = {kind: cols.index("status") for kind, cols in COLUMNS.items() if "status" in cols}
+_KNOWN_FIELDS: dict[Kind, frozenset[str]] = {
+    kind: frozenset({ID_FIELDS[kind], *(spec.column for spec in specs)}) for kind, specs in SPECS.items()
+}
+
+
+# ─── normalize ──────────────────────────────────────────────────────────────────────────────────
+
+
+def normalize(parsed: ParsedKey, fetched: Fetched) -> Outcome:
+    """Turn one fetched key into a row, a tombstone, or a rejection. Never raises."""
+    kind = parsed.kind
+    try:
+        record_id = parsed.raw_id.decode("utf-8")
+    except UnicodeDecodeError:
+        record_id = None
+    if kind is None:
+        if fetched.redis_type == "none":
+            return Gone(fetched.key, None, "", fetched.read_at_us)
+        return _reject(fetched, None, None, "unrecognized key under desto: it fits no desto record kind")
+    if record_id is None:
+        return _reject(fetched, kind, None, "the id in the key is not valid UTF-8")
+    if record_id == "":
+        return _reject(fetched, kind, record_id, "the key has an empty id")
+    if fetched.redis_type == "none":
+        return Gone(fetched.key, kind, record_id, fetched.read_at_us)
+    if fetched.redis_type != "hash":
+        return _reject(fetched, kind, record_id, f"wrong Redis type: {fetched.redis_type} (desto writes a hash)")
+    try:
+        return _row(kind, record_id, fetched)
+    except Invalid as exc:
+        return _reject(fetched, kind, record_id, str(exc))
+
+
+def _row(kind: Kind, record_id: str, fetched: Fetched) -> Row:
+    fields = _decode_hash(fetched.value)
+    id_field = ID_FIELDS[kind]
+    claimed = fields.get(id_field, "")
+    if claimed not in ("", record_id):
+        raise Invalid(f"{id_field} field {claimed[:80]!r} does not match the key's id {record_id[:80]!r}")
+    values: list[Any] = [record_id]
+    missing = []
+    for spec in SPECS[kind]:
+        raw = fields.get(spec.column, _MISSING)
+        if raw is _MISSING:
+            if spec.required:
+                missing.append(spec.column)
+            values.append(spec.default)
+            continue
+        assert isinstance(raw, str)
+        try:
+            values.append(spec.convert(raw))
+        except Invalid as exc:
+            raise Invalid(f"{spec.column}: {exc}") from None
+    if missing:
+        raise Invalid(f"missing field(s) {', '.join(missing)}: a fragment, not a record desto wrote")
+    if kind is Kind.ATJOB:
+        # the at number lives in both the key and the job_id field; keep the key's.
+        values.insert(1, record_id)
+    unknown = {k: v for k, v in fields.items() if k not in _KNOWN_FIELDS[kind]}
+    extra = json.dumps(unknown, sort_keys=True, ensure_ascii=False) if unknown else None
+    return Row(
+        kind=kind,
+        record_id=record_id,
+        key=fetched.key,
+        values=tuple(values),
+        extra=extra,
+        read_at_us=fetched.read_at_us,
+        expires_at_us=fetched.read_at_us + fetched.pttl_ms * 1000 if fetched.pttl_ms >= 0 else None,
+        created_at_us=_created_at_us(kind, fetched),
+    )
+
+
+def _decode_hash(flat: Sequence[bytes]) -> dict[str, str]:
+    fields: dict[str, str] = {}
+    for i in range(0, len(flat) - 1, 2):
+        try:
+            name = flat[i].decode("utf-8")
+        except UnicodeDecodeError:
+            raise Invalid(f"a field name is not valid UTF-8: {flat[i][:80]!r}") from None
+        try:
+            fields[name] = flat[i + 1].decode("utf-8")
+        except UnicodeDecodeError:
+            raise Invalid(f"{name[:80]}: value is not valid UTF-8") from None
+    return fields
+
+
+def _created_at_us(kind: Kind, fetched: Fetched) -> int:
+    """desto sets a 7-day TTL once, at creation: the TTL left dates the creation on Redis' clock."""
+    ttl_ms = DESTO_TTL_SECONDS * 1000
+    if kind in (Kind.SESSION, Kind.JOB) and 0 < fetched.pttl_ms <= ttl_ms:
+        return fetched.read_at_us - (ttl_ms - fetched.pttl_ms) * 1000
+    return fetched.read_at_us
+
+
+def _reject(fetched: Fetched, kind: Kind | None, record_id: str | None, reason: str) -> Rejected:
+    return Rejected(
+        key=fetched.key,
+        kind=kind,
+        record_id=record_id,
+        redis_type=fetched.redis_type,
+        payload=encode_resp(fetched.value),
+        reason=reason,
+        read_at_us=fetched.read_at_us,
+    )
+
+
+# ─── desto's pub/sub hints ───────────────────────────────────────────────────────────────────────
+
+
+@dataclass(frozen=True, slots=True)
+class Hint:
+    """desto's own report of a status change: the record is still read from Redis."""
+
+    kind: Kind
+    record_id: str
+    status: str
+    timestamp: str | None  # desto's naive local ISO time of the change
+
+
+def parse_hint(channel: bytes, data: bytes) -> Hint | None:
+    """Parse a desto channel message; ``None`` when it is not one desto would send."""
+    kind = CHANNEL_KINDS.get(channel)
+    if kind is None:
+        return None
+    try:
+        message = json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(message, dict):
+        return None
+    record_id = message.get(ID_FIELDS[kind])
+    status = message.get("status")
+    timestamp = message.get("timestamp")
+    if not isinstance(record_id, str) or not record_id or not isinstance(status, str):
+        return None
+    if isinstance(timestamp, str):
+        try:
+            datetime.fromisoformat(timestamp)
+        except ValueError:
+            timestamp = None
+    else:
+        timestamp = None
+    return Hint(kind, record_id, status, timestamp)
+
+
+# ─── RESP: the byte-exact form of a quarantined payload ─────────────────────────────────────────
+
+
+def encode_resp(value: Any) -> bytes:
+    """Encode a Redis reply as RESP2, so quarantine keeps exactly the bytes Redis held."""
+    out: list[bytes] = []
+    _encode_into(value, out)
+    return b"".join(out)
+
+
+def _encode_into(value: Any, out: list[bytes]) -> None:
+    if value is None:
+        out.append(b"$-1\r\n")
+    elif isinstance(value, bytes):
+        out.append(b"$%d\r\n%s\r\n" % (len(value), value))
+    elif isinstance(value, str):
+        _encode_into(value.encode("utf-8"), out)
+    elif isinstance(value, int):
+        out.append(b":%d\r\n" % value)
+    elif isinstance(value, (list, tuple)):
+        out.append(b"*%d\r\n" % len(value))
+        for item in value:
+            _encode_into(item, out)
+    else:
+        _encode_into(repr(value), out)
+
+
+def decode_resp(data: bytes) -> Any:
+    """Decode :func:`encode_resp`'s output back into bytes, ints, lists and ``None``."""
+    value, end = _decode_at(data, 0)
+    if end != len(data):
+        raise ValueError("trailing bytes after the RESP value")
+    return value
+
+
+def _decode_at(data: bytes, pos: int) -> tuple[Any, int]:
+    line_end = data.index(b"\r\n", pos)
+    marker, head = data[pos : pos + 1], data[pos + 1 : line_end]
+    pos = line_end + 2
+    if marker == b"$":
+        length = int(head)
+        if length < 0:
+            return None, pos
+        return data[pos : pos + length], pos + length + 2
+    if marker == b":":
+        return int(head), pos
+    if marker == b"*":
+        items = []
+        for _ in range(int(head)):
+            item, pos = _decode_at(data, pos)
+            items.append(item)
+        return items, pos
+    raise ValueError(f"not a RESP value at byte {pos}")
+
+
+# ─── time formats ────────────────────────────────────────────────────────────────────────────────
+
+
+def sqlite_utc(us: int) -> str:
+    """The form of SQLite's ``datetime('now')``, which desto uses for created_at/updated_at."""
+    return datetime.fromtimestamp(us / 1_000_000, UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def iso_utc(us: int) -> str:
+    """The archiver's own timestamps: ISO 8601 in UTC, to the microsecond."""
+    return (
+        datetime.fromtimestamp(us // 1_000_000, UTC)
+        .replace(microsecond=us % 1_000_000)
+        .strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    )

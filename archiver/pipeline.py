@@ -1,0 +1,549 @@
+"""The daemon: coalesce events into dirty keys, flush them in batches, reconcile, shut down cleanly.
+
+Two threads. The listener (source.Listener) only marks keys dirty. The main thread owns the
+store: it flushes the dirty set (on size or age), steps a reconciliation between flushes, and
+writes a heartbeat. A flush takes its keys out of the dirty set *before* reading them, so a
+change that lands during the read marks the key dirty again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import sqlite3
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from archiver.config import Settings
+from archiver.keys import KeyClass, Kind, ParsedKey, classify, record_key
+from archiver.log import get_logger
+from archiver.models import Outcome, Row, normalize, parse_hint
+from archiver.source import CONNECTION_ERRORS, Listener, NotifyState, Source
+from archiver.store import GONE_EVENTS, Batch, BatchResult, DaemonLock, Store, StoreError, TimedHint
+
+log = get_logger("archiver.pipeline")
+
+_HINTS_PER_RECORD = 32
+_FLUSH_ERRORS: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, sqlite3.Error)
+
+
+def now_us() -> int:
+    return time.time_ns() // 1000
+
+
+class Dirty:
+    """Keys waiting to be re-read, coalesced, in arrival order; bounded.
+
+    Each key keeps the last removal event seen for it (del, expired, evicted), so a tombstone
+    says why the key left. On overflow the keys are forgotten and a reconcile is scheduled
+    instead: a reconcile re-reads everything, so nothing is lost, only coalesced harder.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._keys: dict[bytes, bytes | None] = {}
+        self._lock = threading.Lock()
+        self.oldest_at: float | None = None
+        self.overflows = 0
+        self.events = 0
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def add(self, key: bytes, event: bytes | None) -> None:
+        gone = event if event in GONE_EVENTS else None
+        with self._lock:
+            self.events += 1
+            keys = self._keys
+            if key not in keys and len(keys) >= self.limit:
+                keys.clear()
+                self.overflows += 1
+                self.oldest_at = None
+                return
+            keys[key] = gone
+            if self.oldest_at is None:
+                self.oldest_at = time.monotonic()
+
+    def take_overflow(self) -> int:
+        with self._lock:
+            count, self.overflows = self.overflows, 0
+            return count
+
+    def pop(self, n: int) -> list[tuple[bytes, bytes | None]]:
+        with self._lock:
+            keys = self._keys
+            taken = []
+            for key in keys:
+                taken.append((key, keys[key]))
+                if len(taken) >= n:
+                    break
+            for key, _ in taken:
+                del keys[key]
+            if not keys:
+                self.oldest_at = None
+            return taken
+
+    def take(self, keys: Iterable[bytes]) -> dict[bytes, bytes | None]:
+        """Remove ``keys`` that are dirty (a reconcile is about to read them); their events."""
+        with self._lock:
+            found = {key: self._keys.pop(key) for key in keys if key in self._keys}
+            if not self._keys:
+                self.oldest_at = None
+            return found
+
+    def requeue(self, items: Sequence[tuple[bytes, bytes | None]]) -> None:
+        """Put back keys whose flush failed, without overwriting a newer event."""
+        with self._lock:
+            for key, event in items:
+                if key not in self._keys and len(self._keys) < self.limit:
+                    self._keys[key] = event
+                elif key not in self._keys:
+                    self.overflows += 1
+            if self._keys and self.oldest_at is None:
+                self.oldest_at = time.monotonic()
+
+    def ready(self, batch_size: int, max_age: float) -> bool:
+        oldest = self.oldest_at
+        return len(self._keys) >= batch_size or (oldest is not None and time.monotonic() - oldest >= max_age)
+
+
+class Hints:
+    """desto's status messages per record, held until the record's next read; bounded."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._by_record: OrderedDict[tuple[Kind, str], list[TimedHint]] = OrderedDict()
+
+    def add(self, kind: Kind, record_id: str, hint: TimedHint) -> None:
+        hints = self._by_record.get((kind, record_id))
+        if hints is None:
+            if len(self._by_record) >= self.limit:
+                self._by_record.popitem(last=False)  # only desto's timestamps are lost, never a record
+            hints = self._by_record[(kind, record_id)] = []
+        if len(hints) < _HINTS_PER_RECORD:
+            hints.append(hint)
+
+    def take(self, rows: Iterable[Row]) -> dict[tuple[Kind, str], list[TimedHint]]:
+        taken = {}
+        for row in rows:
+            hints = self._by_record.pop((row.kind, row.record_id), None)
+            if hints:
+                taken[(row.kind, row.record_id)] = hints
+        return taken
+
+    def restore(self, taken: dict[tuple[Kind, str], list[TimedHint]]) -> None:
+        for (kind, record_id), hints in taken.items():
+            for hint in hints:
+                self.add(kind, record_id, hint)
+
+
+@dataclass
+class Totals:
+    """What the daemon has done since it started."""
+
+    events: int = 0
+    keys_read: int = 0
+    batches: int = 0
+    reconciles: int = 0
+    result: BatchResult = field(default_factory=BatchResult)
+
+
+class Reconcile:
+    """One full pass, in steps: SCAN desto's keys page by page, then re-read the live rows the
+    scan did not meet (their keys left Redis while nobody listened) so they get tombstones."""
+
+    def __init__(self, source: Source, page: int, reason: str) -> None:
+        self.source = source
+        self.page = page
+        self.reason = reason
+        self.started_us = source.time_us()  # Redis' clock: rows read from now on have read_at >= this
+        self.started_mono = time.monotonic()
+        self.cursor = 0
+        self.scanning = True
+        self.kinds = list(Kind)
+        self.after_rowid = 0
+        self.done = False
+        self.keys_scanned = 0
+        self.result = BatchResult()
+
+    def next_keys(self, store: Store) -> list[bytes]:
+        """The keys of the next step; empty with ``done`` set when the pass is over."""
+        while not self.done:
+            if self.scanning:
+                self.cursor, keys = self.source.scan_page(self.cursor, self.page)
+                if self.cursor == 0:
+                    self.scanning = False
+                self.keys_scanned += len(keys)
+                if keys:
+                    return keys
+                continue
+            if not self.kinds:
+                self.done = True
+                break
+            kind = self.kinds[0]
+            rows = store.live_not_read_since(kind, self.started_us, self.after_rowid, self.page)
+            if not rows:
+                self.kinds.pop(0)
+                self.after_rowid = 0
+                continue
+            self.after_rowid = rows[-1][0]
+            return [record_key(kind, record_id) for _, record_id in rows]
+        return []
+
+    def summary(self) -> dict[str, object]:
+        r = self.result
+        return {
+            "reason": self.reason,
+            "keys_scanned": self.keys_scanned,
+            "written": dict(r.written),
+            "unchanged": r.unchanged,
+            "tombstoned": r.tombstoned,
+            "quarantined": len(r.quarantined),
+            "duration_s": round(time.monotonic() - self.started_mono, 3),
+        }
+
+
+def records_of(keys: Iterable[bytes]) -> list[tuple[bytes, ParsedKey]]:
+    """The keys worth reading: records and unknown keys (to quarantine), not desto's indexes."""
+    out = []
+    for key in keys:
+        parsed = classify(key)
+        if parsed is not None and parsed.cls is not KeyClass.INDEX:
+            out.append((key, parsed))
+    return out
+
+
+def read_batch(source: Source, keys: Sequence[tuple[bytes, ParsedKey]]) -> list[Outcome]:
+    fetched = source.fetch([key for key, _ in keys])
+    return [normalize(parsed, f) for (_, parsed), f in zip(keys, fetched, strict=True)]
+
+
+def archive(
+    source: Source,
+    store: Store,
+    keys: Sequence[tuple[bytes, ParsedKey]],
+    gone_events: dict[bytes, bytes] | None = None,
+    hints: Hints | None = None,
+) -> BatchResult:
+    """The one path from Redis to the file: read the keys atomically, normalize, apply in one
+    transaction. Used by the daemon's flushes, its reconciles and the backfill."""
+    outcomes = read_batch(source, keys)
+    taken = hints.take(o for o in outcomes if isinstance(o, Row)) if hints is not None else {}
+    read_at = max((o.read_at_us for o in outcomes), default=0)
+    state = {"last_event_at": str(read_at)} if gone_events is not None else {}
+    try:
+        result = store.apply(Batch(outcomes, gone_events or {}, taken, state))
+    except BaseException:
+        if hints is not None:
+            hints.restore(taken)
+        raise
+    for rejected in result.quarantined:
+        log.warning(
+            "record.quarantined",
+            key=rejected.key.decode("utf-8", "backslashreplace")[:200],
+            kind=rejected.kind.value if rejected.kind else None,
+            reason=rejected.reason,
+        )
+    return result
+
+
+class Daemon:
+    """``desto-archiver run``."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.dirty = Dirty(settings.max_dirty)
+        self.hints = Hints(settings.max_dirty)
+        self._raw_hints: deque[tuple[bytes, bytes, int]] = deque(maxlen=settings.max_dirty)
+        self.totals = Totals()
+        self._stop = threading.Event()
+        self._subscribed = threading.Event()
+        self._reconcile_wanted: str | None = None
+        self._notify: NotifyState | None = None
+        self._notify_warned = False
+        self._reconcile: Reconcile | None = None
+        self._next_reconcile = float("inf")
+        self._retry_at = 0.0
+        self._failures = 0
+        self._failing: str | None = None
+        self._next_heartbeat = 0.0
+        self.store: Store | None = None
+        self.source: Source | None = None
+        self.listener: Listener | None = None
+        self.ready = threading.Event()  # subscribed and first reconcile done
+
+    # ─── the listener's sink (called from its thread: only cheap, thread-safe work) ──────────
+
+    def key_changed(self, key: bytes, event: bytes) -> None:
+        parsed = classify(key)
+        if parsed is not None and parsed.cls is not KeyClass.INDEX:
+            self.dirty.add(key, event)
+
+    def hint(self, channel: bytes, data: bytes) -> None:
+        self._raw_hints.append((channel, data, now_us()))
+
+    def subscribed(self, notify: NotifyState, reconnected: bool) -> None:
+        self._notify = notify
+        self._reconcile_wanted = "reconnect" if reconnected else "start"
+        self._subscribed.set()
+
+    def disconnected(self, error: str) -> None:
+        self._subscribed.clear()
+
+    # ─── control ─────────────────────────────────────────────────────────────────────────────
+
+    def request_stop(self) -> None:
+        """Signal-safe: only sets a flag; the loop does the work."""
+        self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def run(self) -> None:
+        """Run until :meth:`request_stop`; raises StoreError when the file cannot be used."""
+        settings = self.settings
+        lock = DaemonLock(settings.db_path)
+        lock.acquire()
+        try:
+            self.store = Store.open(settings.db_path, settings.sqlite_busy_timeout)
+        except BaseException:
+            lock.release()
+            raise
+        self.source = Source(settings)
+        try:
+            self._start()
+            while not self._stop.is_set():
+                self._step()
+        finally:
+            self._shutdown()
+            lock.release()
+
+    def _start(self) -> None:
+        assert self.source is not None and self.store is not None
+        try:
+            notify: NotifyState | None = self.source.ensure_notifications()
+        except CONNECTION_ERRORS as exc:
+            notify = None
+            log.warning("redis.unreachable", error=str(exc), address=self.settings.redis_address())
+        log.info(
+            "archiver.started",
+            pid=os.getpid(),
+            redis=self.settings.redis_address(),
+            db=str(self.settings.db_path),
+            schema_found=self.store.schema_found,
+            notify_flags_found=None if notify is None else notify.found,
+            notify_flags_set=None if notify is None else notify.set_to,
+            notifications="unknown (Redis unreachable)" if notify is None else ("on" if notify.ok else "off"),
+        )
+        self.listener = Listener(self.settings, self.source, self)
+        self.listener.start()
+
+    # ─── the main loop ─────────────────────────────────────────────────────────────────────────
+
+    def _step(self) -> None:
+        now = time.monotonic()
+        self._drain_hints()
+        overflowed = self.dirty.take_overflow()
+        if overflowed:
+            log.warning("events.overflow", limit=self.settings.max_dirty, detail="dirty keys forgotten: reconciling")
+            self._reconcile_wanted = self._reconcile_wanted or "overflow"
+        if now >= self._next_heartbeat:
+            self._heartbeat()
+        if now < self._retry_at:
+            self._stop.wait(min(0.05, self._retry_at - now))
+            return
+        try:
+            if self._subscribed.is_set() and self._reconcile_wanted:
+                self._begin_reconcile(self._reconcile_wanted)
+            elif self._subscribed.is_set() and self._reconcile is None and now >= self._next_reconcile:
+                self._begin_reconcile("timer")
+            if self.dirty.ready(self.settings.batch_size, self.settings.flush_interval):
+                self._flush()
+            elif self._reconcile is not None and self._subscribed.is_set():
+                self._reconcile_step()
+            else:
+                self._stop.wait(min(0.05, self.settings.flush_interval))
+                return
+        except CONNECTION_ERRORS as exc:
+            self._failed("redis", exc)
+            return
+        except sqlite3.Error as exc:
+            self._failed("sqlite", exc)
+            return
+        if self._failing is not None:
+            log.info("archiver.recovered", after=self._failing, failures=self._failures)
+            self._failing, self._failures = None, 0
+
+    def _failed(self, what: str, exc: BaseException) -> None:
+        self._failures += 1
+        delay = min(self.settings.reconnect_max_backoff, 0.1 * 2 ** min(self._failures, 10))
+        self._retry_at = time.monotonic() + delay
+        if self._failing != what or self._failures % 20 == 0:
+            event = "store.write_failed" if what == "sqlite" else "redis.read_failed"
+            log.warning(event, error=str(exc) or type(exc).__name__, failures=self._failures, retry_in_s=delay)
+        self._failing = what
+
+    def _drain_hints(self) -> None:
+        raw = self._raw_hints
+        while raw:
+            channel, data, received = raw.popleft()
+            hint = parse_hint(channel, data)
+            if hint is None:
+                continue
+            self.hints.add(hint.kind, hint.record_id, TimedHint(hint.status, hint.timestamp, received))
+            self.dirty.add(record_key(hint.kind, hint.record_id), None)
+
+    def _flush(self) -> None:
+        items = self.dirty.pop(self.settings.batch_size)
+        if not items:
+            return
+        wanted = records_of(key for key, _ in items)
+        try:
+            self._apply(wanted, {key: event for key, event in items if event})
+        except BaseException:
+            self.dirty.requeue(items)
+            raise
+
+    def _apply(self, keys: Sequence[tuple[bytes, ParsedKey]], gone_events: dict[bytes, bytes]) -> None:
+        assert self.source is not None and self.store is not None
+        result = archive(self.source, self.store, keys, gone_events, self.hints)
+        self.totals.keys_read += len(keys)
+        self.totals.batches += 1
+        self.totals.result.merge(result)
+        if self._reconcile is not None:
+            self._reconcile.result.merge(result)
+
+    def _begin_reconcile(self, reason: str) -> None:
+        assert self.source is not None
+        if reason == "timer":
+            notify = self.source.ensure_notifications()
+            self._notify = notify
+        self._warn_notifications()
+        self._reconcile = Reconcile(self.source, self.settings.batch_size, reason)
+        self._reconcile_wanted = None
+
+    def _warn_notifications(self) -> None:
+        notify = self._notify
+        if notify is None:
+            return
+        if not notify.ok and not self._notify_warned:
+            self._notify_warned = True
+            log.warning(
+                "notifications.unavailable",
+                error=notify.error,
+                flags_found=notify.found,
+                action=(
+                    "set notify-keyspace-events to include 'Khgxe' (for example 'notify-keyspace-events KEA' in "
+                    "redis.conf, or CONFIG SET notify-keyspace-events KEA)"
+                ),
+                fallback=f"a full reconcile every {self.settings.fallback_reconcile_interval:g} s keeps the archive "
+                "complete meanwhile",
+            )
+        elif notify.ok and self._notify_warned:
+            self._notify_warned = False
+            log.info("notifications.available", flags=notify.set_to or notify.found)
+        if notify.set_to:
+            log.info("notifications.set", flags_found=notify.found, flags_set=notify.set_to)
+
+    def _reconcile_step(self) -> None:
+        assert self._reconcile is not None and self.store is not None
+        rec = self._reconcile
+        keys = rec.next_keys(self.store)
+        if keys:
+            events = self.dirty.take(keys)
+            wanted = records_of(keys)
+            try:
+                self._apply(wanted, {k: e for k, e in events.items() if e})
+            except BaseException:
+                self.dirty.requeue(list(events.items()))
+                raise
+        if rec.done:
+            self._reconcile = None
+            self.totals.reconciles += 1
+            interval = self.settings.reconcile_interval
+            if self._notify is None or not self._notify.ok:
+                interval = min(interval, self.settings.fallback_reconcile_interval)
+            self._next_reconcile = time.monotonic() + interval
+            assert self.store is not None
+            self.store.set_state(
+                {"last_reconcile_at": str(now_us()), "last_reconcile": json.dumps(rec.summary())}, now_us()
+            )
+            log.info("reconcile.done", **rec.summary(), next_in_s=interval)
+            self.ready.set()
+
+    def _heartbeat(self) -> None:
+        self._next_heartbeat = time.monotonic() + self.settings.heartbeat_interval
+        if self.store is None:
+            return
+        state = {
+            "heartbeat": json.dumps(
+                {
+                    "pid": os.getpid(),
+                    "host": socket.gethostname(),
+                    "at_us": now_us(),
+                    "redis": self.settings.redis_address(),
+                    "subscribed": self._subscribed.is_set(),
+                    "notifications": None if self._notify is None else self._notify.ok,
+                    "pending": len(self.dirty),
+                    "events": self.dirty.events,
+                    "keys_read": self.totals.keys_read,
+                    "written": sum(self.totals.result.written.values()),
+                    "quarantined": len(self.totals.result.quarantined),
+                    "tombstoned": self.totals.result.tombstoned,
+                    "reconciles": self.totals.reconciles,
+                    "reconnects": self.listener.reconnects if self.listener else 0,
+                    "failing": self._failing,
+                }
+            )
+        }
+        try:
+            self.store.set_state(state, now_us())
+        except sqlite3.Error as exc:
+            log.debug("heartbeat.skipped", error=str(exc))
+
+    def _shutdown(self) -> None:
+        if self.listener is not None:
+            self.listener.stop()
+        deadline = time.monotonic() + self.settings.shutdown_timeout
+        flushed = 0
+        while len(self.dirty) and time.monotonic() < deadline:
+            self._drain_hints()
+            before = len(self.dirty)
+            try:
+                self._flush()
+            except _FLUSH_ERRORS as exc:
+                log.warning("shutdown.flush_failed", error=str(exc), pending=len(self.dirty))
+                time.sleep(0.1)
+                continue
+            flushed += before - len(self.dirty)
+        left = len(self.dirty)
+        if self.store is not None:
+            with contextlib.suppress(sqlite3.Error):
+                self.store.set_state({"stopped_at": str(now_us())}, now_us())
+            self.store.close()
+        if self.listener is not None:
+            self.listener.join(timeout=2)
+        if self.source is not None:
+            self.source.close()
+        totals = self.totals
+        log.info(
+            "archiver.stopped",
+            flushed_at_stop=flushed,
+            left_for_next_start=left,
+            events=self.dirty.events,
+            keys_read=totals.keys_read,
+            written=dict(totals.result.written),
+            tombstoned=totals.result.tombstoned,
+            quarantined=len(totals.result.quarantined),
+            reconciles=totals.reconciles,
+            reconnects=self.listener.reconnects if self.listener else 0,
+        )
+
+
+__all__ = ["Daemon", "Dirty", "Hints", "Reconcile", "StoreError", "archive", "read_batch", "records_of"]

@@ -1,0 +1,193 @@
+"""The SQLite file's schema and its forward migrations (``PRAGMA user_version``).
+
+desto's three tables are created with desto 0.7.0's own DDL, so the file is the same whether
+desto's built-in store or the archiver made it first; the archiver only adds columns (all
+nullable, so desto's INSERTs, which name their columns, keep working) and tables of its own.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable
+
+SCHEMA_VERSION = 1
+
+DESTO_DDL = """
+CREATE TABLE IF NOT EXISTS sessions (
+    session_id TEXT PRIMARY KEY,
+    session_name TEXT NOT NULL,
+    tmux_session_name TEXT NOT NULL DEFAULT '',
+    status TEXT NOT NULL DEFAULT 'starting',
+    start_time TEXT,
+    end_time TEXT,
+    last_heartbeat TEXT,
+    job_ids TEXT DEFAULT '',
+    tmux_active INTEGER DEFAULT 0,
+    at_job_id TEXT DEFAULT '',
+    created_at TEXT NOT NULL DEFAULT (datetime('now')),
+    updated_at TEXT NOT NULL DEFAULT (datetime('now'))
+);
+CREATE TABLE IF NOT EXISTS jobs (
+    job_id TEXT PRIMARY KEY,
+    session_id TEXT NOT NULL,
+    command TEXT NOT NULL DEFAULT '',
+    script_path TEXT NOT NULL DEFAULT '',
+    status TEXT NOT NULL DEFAULT 'queued',
+    start_time TEXT,
+    end_time TEXT,
+    exit_code INTEGER,
+    error_message TEXT DEFAULT '',
+    created_at TEXT NOT NULL DEFAULT (datetime('now')),
+    updated_at TEXT NOT NULL DEFAULT (datetime('now')),
+    FOREIGN KEY (session_id) REFERENCES sessions(session_id)
+);
+CREATE TABLE IF NOT EXISTS favorites (
+    favorite_id TEXT PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    command TEXT NOT NULL DEFAULT '',
+    created_at TEXT,
+    last_used_at TEXT,
+    use_count INTEGER DEFAULT 0,
+    updated_at TEXT NOT NULL DEFAULT (datetime('now'))
+);
+CREATE INDEX IF NOT EXISTS idx_sessions_status ON sessions(status);
+CREATE INDEX IF NOT EXISTS idx_sessions_start_time ON sessions(start_time);
+CREATE INDEX IF NOT EXISTS idx_sessions_session_name ON sessions(session_name);
+CREATE INDEX IF NOT EXISTS idx_jobs_session_id ON jobs(session_id);
+CREATE INDEX IF NOT EXISTS idx_jobs_status ON jobs(status);
+CREATE INDEX IF NOT EXISTS idx_favorites_name ON favorites(name);
+"""
+
+# Columns the archiver keeps beside desto's on every record table.
+TRACKING_COLUMNS = (
+    ("read_at_us", "INTEGER"),  # Redis' clock at the read that wrote the row: the version guard
+    ("first_seen_at", "TEXT"),
+    ("last_seen_at", "TEXT"),  # last read that found the key in Redis
+    ("expires_at", "TEXT"),  # when Redis will expire the key, from its TTL
+    ("gone_at", "TEXT"),  # tombstone: when the key left Redis ...
+    ("gone_reason", "TEXT"),  # ... and why: del, expired, evicted, missing
+    ("extra", "TEXT"),  # JSON of hash fields desto's model does not know
+)
+
+ARCHIVER_DDL = """
+CREATE TABLE IF NOT EXISTS at_jobs (
+    at_job_id TEXT PRIMARY KEY,
+    job_id TEXT NOT NULL DEFAULT '',
+    command TEXT NOT NULL DEFAULT '',
+    request_time TEXT NOT NULL DEFAULT '',
+    scheduled_time TEXT NOT NULL DEFAULT '',
+    user TEXT NOT NULL DEFAULT '',
+    status TEXT NOT NULL DEFAULT '',
+    creation_time TEXT NOT NULL DEFAULT '',
+    queue TEXT NOT NULL DEFAULT '',
+    session_name TEXT NOT NULL DEFAULT '',
+    script_path TEXT NOT NULL DEFAULT '',
+    arguments TEXT NOT NULL DEFAULT '',
+    error_message TEXT NOT NULL DEFAULT '',
+    execution_result TEXT NOT NULL DEFAULT '',
+    created_at TEXT NOT NULL DEFAULT (datetime('now')),
+    updated_at TEXT NOT NULL DEFAULT (datetime('now'))
+);
+CREATE INDEX IF NOT EXISTS idx_at_jobs_status ON at_jobs(status);
+CREATE INDEX IF NOT EXISTS idx_at_jobs_session_name ON at_jobs(session_name);
+
+CREATE TABLE IF NOT EXISTS status_history (
+    id INTEGER PRIMARY KEY,
+    kind TEXT NOT NULL,               -- session, job, favorite, atjob
+    record_id TEXT NOT NULL,
+    event TEXT NOT NULL,              -- created, status, renamed, reappeared, deleted, expired, evicted, missing
+    status TEXT,                      -- the status after the event
+    previous_status TEXT,
+    detail TEXT,                      -- e.g. a favorite's old and new names
+    observed_at TEXT NOT NULL,        -- when the archiver saw it (UTC)
+    desto_timestamp TEXT,             -- desto's own time of the change, from its pub/sub message
+    source TEXT NOT NULL              -- redis (a read of the record) or pubsub (desto's message only)
+);
+CREATE INDEX IF NOT EXISTS idx_status_history_record ON status_history(kind, record_id, id);
+CREATE INDEX IF NOT EXISTS idx_status_history_observed ON status_history(observed_at);
+
+CREATE TABLE IF NOT EXISTS quarantine (
+    id INTEGER PRIMARY KEY,
+    key BLOB NOT NULL,                -- the Redis key, byte for byte
+    key_text TEXT NOT NULL,           -- the same, readable (undecodable bytes escaped)
+    kind TEXT,
+    record_id TEXT,
+    redis_type TEXT NOT NULL,
+    payload BLOB NOT NULL,            -- the value as Redis returned it, RESP-encoded
+    payload_sha256 TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    first_seen_at TEXT NOT NULL,
+    last_seen_at TEXT NOT NULL,
+    times_seen INTEGER NOT NULL DEFAULT 1,
+    resolved_at TEXT,                 -- a later read of the key was good (or the key left Redis)
+    UNIQUE (key, payload_sha256, reason)
+);
+CREATE INDEX IF NOT EXISTS idx_quarantine_unresolved ON quarantine(key) WHERE resolved_at IS NULL;
+
+CREATE TABLE IF NOT EXISTS archiver_state (
+    name TEXT PRIMARY KEY,
+    value TEXT NOT NULL,
+    updated_at TEXT NOT NULL
+);
+"""
+
+RECORD_TABLES = ("sessions", "jobs", "favorites", "at_jobs")
+
+
+def _columns(conn: sqlite3.Connection, table: str) -> set[str]:
+    return {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+
+
+def _execute_all(conn: sqlite3.Connection, script: str) -> None:
+    # executescript() would COMMIT the migration's transaction first: run statement by statement.
+    for statement in script.split(";\n"):
+        if statement.strip():
+            conn.execute(statement)
+
+
+def _migrate_to_1(conn: sqlite3.Connection) -> None:
+    _execute_all(conn, DESTO_DDL)
+    _execute_all(conn, ARCHIVER_DDL)
+    for table in RECORD_TABLES:
+        have = _columns(conn, table)
+        wanted = [*TRACKING_COLUMNS, *([("real_name", "TEXT")] if table == "favorites" else [])]
+        for name, decl in wanted:
+            if name not in have:
+                conn.execute(f"ALTER TABLE {table} ADD COLUMN {name} {decl}")
+    # Reconciliation looks for live rows not read since a scan began.
+    for table in RECORD_TABLES:
+        conn.execute(f"CREATE INDEX IF NOT EXISTS idx_{table}_live ON {table}(read_at_us) WHERE gone_at IS NULL")
+
+
+MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {1: _migrate_to_1}
+
+
+class NewerSchemaError(Exception):
+    pass
+
+
+def migrate(conn: sqlite3.Connection) -> tuple[int, int]:
+    """Bring the schema to SCHEMA_VERSION; returns (version found, version now).
+
+    Runs in one ``BEGIN IMMEDIATE`` transaction, with the version bump inside it, so a crash
+    half-way leaves the file as it was.
+    """
+    found = conn.execute("PRAGMA user_version").fetchone()[0]
+    if found > SCHEMA_VERSION:
+        raise NewerSchemaError(
+            f"the file has schema version {found}, newer than this desto-archiver's {SCHEMA_VERSION}: "
+            "upgrade desto-archiver to use it"
+        )
+    if found == SCHEMA_VERSION:
+        return found, found
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        current = conn.execute("PRAGMA user_version").fetchone()[0]
+        for version in range(current + 1, SCHEMA_VERSION + 1):
+            MIGRATIONS[version](conn)
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    return found, SCHEMA_VERSION

@@ -1,0 +1,326 @@
+"""Everything that talks to Redis: connect, keyspace notifications, subscribe, SCAN, fetch.
+
+Replies stay bytes (``decode_responses=False``): desto's values are text, but a hostile or broken
+value must reach the quarantine byte for byte, and key names may be any bytes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import redis
+from redis.backoff import NoBackoff
+from redis.exceptions import NoPermissionError, ResponseError
+from redis.retry import Retry
+
+from archiver.config import Settings
+from archiver.keys import JOB_UPDATES, SCAN_MATCH, SESSION_UPDATES, keyspace_channel_prefix, keyspace_pattern
+from archiver.log import get_logger
+from archiver.models import Fetched
+
+log = get_logger("archiver.source")
+
+# Errors that mean "Redis is not reachable right now": retried, never fatal.
+CONNECTION_ERRORS: tuple[type[BaseException], ...] = (redis.ConnectionError, redis.TimeoutError, OSError)
+
+# K: keyspace channel; g: del/expire/rename; h: hash commands; x: expired; e: evicted.
+NEEDED_FLAGS = "Kghxe"
+_ALL_ALIAS = frozenset("g$lshzxetd")  # what "A" stands for
+
+# One atomic step per batch: Redis' clock, then each key's type, value and TTL. The value of a
+# non-hash key is read too, so a wrong-typed record is quarantined whole.
+_READ_SCRIPT = """
+local t = redis.call('TIME')
+local out = {t[1], t[2]}
+for i = 1, #KEYS do
+  local k = KEYS[i]
+  local ty = redis.call('TYPE', k)['ok']
+  local v = false
+  if ty == 'hash' then v = redis.call('HGETALL', k)
+  elseif ty == 'string' then v = redis.call('GET', k)
+  elseif ty == 'list' then v = redis.call('LRANGE', k, 0, -1)
+  elseif ty == 'set' then v = redis.call('SMEMBERS', k)
+  elseif ty == 'zset' then v = redis.call('ZRANGE', k, 0, -1, 'WITHSCORES')
+  end
+  out[#out + 1] = ty
+  out[#out + 1] = v
+  out[#out + 1] = redis.call('PTTL', k)
+end
+return out
+"""
+
+
+def merge_flags(current: str) -> str:
+    """The union of ``current`` and what the archiver needs; never drops a flag someone set."""
+    have = set(current)
+    covered = have | (_ALL_ALIAS if "A" in have else set())
+    return current + "".join(flag for flag in NEEDED_FLAGS if flag not in covered)
+
+
+def flags_sufficient(current: str) -> bool:
+    return merge_flags(current) == current
+
+
+@dataclass(frozen=True, slots=True)
+class NotifyState:
+    ok: bool  # keyspace notifications for desto's keys are on
+    found: str | None  # the flags Redis had (None: CONFIG GET refused)
+    set_to: str | None  # what the archiver set (None: nothing changed)
+    error: str | None  # why they could not be ensured
+
+
+class Source:
+    """Commands to Redis on a pooled connection; the listener has a connection of its own."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.client = make_client(settings, "desto-archiver")
+        self._script = self.client.register_script(_READ_SCRIPT)
+        self._use_script = True
+
+    def close(self) -> None:
+        self.client.close()
+
+    def ping(self) -> bool:
+        return bool(self.client.ping())
+
+    def server_version(self) -> str:
+        info = self.client.info("server")
+        return str(info.get("redis_version", "unknown"))
+
+    def time_us(self) -> int:
+        seconds, micros = self.client.time()
+        return int(seconds) * 1_000_000 + int(micros)
+
+    def ensure_notifications(self) -> NotifyState:
+        """Make ``notify-keyspace-events`` include what the archiver needs (a union, never less)."""
+        try:
+            reply: dict[Any, Any] = dict(self.client.config_get("notify-keyspace-events"))
+            found = reply.get("notify-keyspace-events", reply.get(b"notify-keyspace-events", b""))
+            current = found.decode() if isinstance(found, bytes) else str(found)
+        except ResponseError as exc:
+            return NotifyState(False, None, None, f"CONFIG GET refused: {exc}")
+        if flags_sufficient(current):
+            return NotifyState(True, current, None, None)
+        if not self.settings.configure_notifications:
+            return NotifyState(False, current, None, "ARCHIVER_CONFIGURE_NOTIFICATIONS is off")
+        wanted = merge_flags(current)
+        try:
+            self.client.config_set("notify-keyspace-events", wanted)
+        except ResponseError as exc:
+            return NotifyState(False, current, None, f"CONFIG SET refused: {exc}")
+        return NotifyState(True, current, wanted, None)
+
+    def scan_page(self, cursor: int, count: int) -> tuple[int, list[bytes]]:
+        next_cursor, keys = self.client.scan(cursor=cursor, match=SCAN_MATCH, count=count)
+        return int(next_cursor), [k if isinstance(k, bytes) else k.encode() for k in keys]
+
+    def fetch(self, keys: Sequence[bytes]) -> list[Fetched]:
+        """Read ``keys`` in one atomic step together with Redis' clock."""
+        if not keys:
+            return []
+        if self._use_script:
+            try:
+                return _parse_script_reply(keys, self._script(keys=list(keys)))
+            except NoPermissionError:
+                log.warning(
+                    "redis.scripting_refused",
+                    detail="EVAL is not allowed for this user: reading with MULTI/EXEC instead",
+                )
+                self._use_script = False
+        return self._fetch_multi(keys)
+
+    def _fetch_multi(self, keys: Sequence[bytes]) -> list[Fetched]:
+        pipe: Any = self.client.pipeline(transaction=True)
+        pipe.execute_command("TIME")
+        for key in keys:
+            pipe.execute_command("TYPE", key)
+            pipe.execute_command("HGETALL", key)
+            pipe.execute_command("PTTL", key)
+        replies = pipe.execute(raise_on_error=False)
+        seconds, micros = replies[0]
+        read_at = int(seconds) * 1_000_000 + int(micros)
+        out = []
+        others = []
+        for i, key in enumerate(keys):
+            rtype, value, pttl = replies[1 + 3 * i : 4 + 3 * i]
+            type_name = rtype.decode() if isinstance(rtype, bytes) else str(rtype)
+            if type_name == "hash":
+                value = [item for pair in value.items() for item in pair] if isinstance(value, dict) else value
+            else:
+                value = None
+                if type_name != "none":
+                    others.append(i)
+            out.append(Fetched(key, type_name, value, int(pttl), read_at))
+        for i in others:  # wrong-typed keys: read their value for the quarantine (not atomic: rare)
+            out[i] = Fetched(keys[i], out[i].redis_type, self._raw_value(keys[i], out[i].redis_type), -1, read_at)
+        return out
+
+    def _raw_value(self, key: bytes, redis_type: str) -> Any:
+        client: Any = self.client
+        readers: dict[str, Callable[[], Any]] = {
+            "string": lambda: client.get(key),
+            "list": lambda: client.lrange(key, 0, -1),
+            "set": lambda: sorted(client.smembers(key)),
+            "zset": lambda: [x for m, s in client.zrange(key, 0, -1, withscores=True) for x in (m, repr(s))],
+        }
+        reader = readers.get(redis_type)
+        return reader() if reader else None
+
+
+def _parse_script_reply(keys: Sequence[bytes], reply: list[Any]) -> list[Fetched]:
+    read_at = int(reply[0]) * 1_000_000 + int(reply[1])
+    out = []
+    for i, key in enumerate(keys):
+        rtype, value, pttl = reply[2 + 3 * i : 5 + 3 * i]
+        out.append(Fetched(key, rtype.decode() if isinstance(rtype, bytes) else str(rtype), value, int(pttl), read_at))
+    return out
+
+
+def make_client(settings: Settings, name: str) -> redis.Redis:
+    """A client that fails fast (no hidden retries): the archiver's loops own retry and backoff."""
+    kwargs = settings.redis_kwargs()
+    options: dict[str, Any] = {
+        "socket_timeout": settings.socket_timeout,
+        "socket_connect_timeout": settings.socket_timeout,
+        "socket_keepalive": True,
+        "retry": Retry(NoBackoff(), 0),
+        "client_name": name,
+        "decode_responses": False,
+    }
+    url = kwargs.pop("url", None)
+    if url is not None:
+        return redis.Redis.from_url(url, **kwargs, **options)
+    return redis.Redis(**kwargs, **options)
+
+
+# ─── the event listener ──────────────────────────────────────────────────────────────────────────
+
+
+class EventSink(Protocol):
+    def key_changed(self, key: bytes, event: bytes) -> None: ...
+    def hint(self, channel: bytes, data: bytes) -> None: ...
+    def subscribed(self, notify: NotifyState, reconnected: bool) -> None: ...
+    def disconnected(self, error: str) -> None: ...
+
+
+class DeadConnection(Exception):
+    """The pub/sub connection stopped answering (a half-open TCP connection, a frozen Redis)."""
+
+
+LISTENER_ERRORS: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, DeadConnection)
+
+
+class Listener(threading.Thread):
+    """Reads keyspace notifications and desto's channels; never touches SQLite.
+
+    It only marks keys dirty, so a slow disk can never make Redis drop this subscriber for an
+    overflowing output buffer. Each (re)connection ensures the notification flags, subscribes,
+    waits for Redis to confirm, and only then tells the sink, which reconciles.
+    """
+
+    def __init__(self, settings: Settings, source: Source, sink: EventSink) -> None:
+        super().__init__(name="archiver-listener", daemon=True)
+        self.settings = settings
+        self.source = source
+        self.sink = sink
+        self._stop_event = threading.Event()
+        self._client: Any = make_client(settings, "desto-archiver-events")
+        self._pubsub: Any = None
+        self._prefix_len = len(keyspace_channel_prefix(settings.db_number))
+        self.reconnects = 0
+        self.messages = 0
+
+    def stop(self) -> None:
+        self._stop_event.set()
+
+    def run(self) -> None:
+        attempt, connected_once, down_since = 0, False, None
+        while not self._stop_event.is_set():
+            try:
+                notify = self.source.ensure_notifications()
+                pubsub = self._subscribe()
+            except CONNECTION_ERRORS as exc:
+                attempt += 1
+                if down_since is None:
+                    down_since = time.monotonic()
+                    self.sink.disconnected(str(exc))
+                    log.warning("redis.unreachable", error=str(exc), address=self.settings.redis_address())
+                elif attempt % 10 == 0:
+                    log.warning("redis.still_unreachable", error=str(exc), attempts=attempt)
+                self._backoff(attempt)
+                continue
+            if connected_once:
+                self.reconnects += 1
+                outage = time.monotonic() - down_since if down_since is not None else 0.0
+                log.info("redis.reconnected", attempts=attempt, outage_s=round(outage, 3))
+            attempt, down_since = 0, None
+            self.sink.subscribed(notify, reconnected=connected_once)
+            connected_once = True
+            try:
+                self._pump(pubsub)
+            except LISTENER_ERRORS as exc:
+                down_since = time.monotonic()
+                self.sink.disconnected(str(exc))
+                log.warning("redis.disconnected", error=str(exc) or type(exc).__name__)
+            finally:
+                self._close_pubsub()
+        self._client.close()
+
+    def _backoff(self, attempt: int) -> None:
+        delay = min(self.settings.reconnect_max_backoff, 0.2 * 2 ** min(attempt, 20))
+        self._stop_event.wait(delay * random.uniform(0.5, 1.0))
+
+    def _subscribe(self) -> Any:
+        self._close_pubsub()
+        pubsub = self._client.pubsub()
+        self._pubsub = pubsub
+        pubsub.psubscribe(keyspace_pattern(self.settings.db_number))
+        pubsub.subscribe(SESSION_UPDATES, JOB_UPDATES)
+        deadline = time.monotonic() + self.settings.socket_timeout
+        confirmed = 0
+        while confirmed < 3:
+            if time.monotonic() > deadline:
+                raise DeadConnection("Redis did not confirm the subscriptions")
+            message = pubsub.get_message(timeout=0.1)
+            if message and message["type"] in ("subscribe", "psubscribe"):
+                confirmed += 1
+        return pubsub
+
+    def _close_pubsub(self) -> None:
+        if self._pubsub is not None:
+            # closing a broken connection may fail: it is being dropped anyway
+            with contextlib.suppress(Exception):
+                self._pubsub.close()
+            self._pubsub = None
+
+    def _pump(self, pubsub: Any) -> None:
+        interval = self.settings.health_check_interval
+        prefix_len = self._prefix_len
+        key_changed, hint = self.sink.key_changed, self.sink.hint
+        last_rx = time.monotonic()
+        ping_sent: float | None = None
+        while not self._stop_event.is_set():
+            message = pubsub.get_message(timeout=0.1)
+            now = time.monotonic()
+            if message is None:
+                if ping_sent is not None and now - ping_sent > interval:
+                    raise DeadConnection(f"no reply from Redis for {interval:g} s")
+                if ping_sent is None and now - last_rx > interval:
+                    pubsub.ping(b"desto-archiver")
+                    ping_sent = now
+                continue
+            last_rx, ping_sent = now, None
+            kind = message["type"]
+            if kind == "pmessage":
+                self.messages += 1
+                key_changed(message["channel"][prefix_len:], message["data"])
+            elif kind == "message":
+                self.messages += 1
+                hint(message["channel"], message["data"])

@@ -1,0 +1,230 @@
+"""Helpers shared by the tests: waiting with a deadline, a daemon in a thread or a process,
+desto-shaped records, and reading the archive back."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from archiver.config import Settings, load_settings
+from archiver.pipeline import Daemon
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02, what: str = "") -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail with ``what`` at the deadline."""
+    deadline = time.monotonic() + timeout
+    last_error: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            value = predicate()
+            if value:
+                return value
+        except (sqlite3.OperationalError, FileNotFoundError) as exc:  # the file may not exist yet
+            last_error = exc
+        time.sleep(interval)
+    raise AssertionError(
+        f"timed out after {timeout} s waiting for {what or predicate}"
+        + (f" (last error: {last_error})" if last_error else "")
+    )
+
+
+def settings_for(server, db_path: Path, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "redis_url": server.url,
+        "sqlite_db_path": db_path,
+        "flush_interval": 0.02,
+        "heartbeat_interval": 0.2,
+        "health_check_interval": 2,
+        "socket_timeout": 3,
+        "reconnect_max_backoff": 0.5,
+        "shutdown_timeout": 5,
+        "log_format": "json",
+    }
+    values.update(overrides)
+    return load_settings(**values)
+
+
+@contextmanager
+def daemon_thread(settings: Settings, ready_timeout: float = 15.0) -> Iterator[Daemon]:
+    """Run the daemon in a thread; wait until it has subscribed and reconciled once."""
+    daemon = Daemon(settings)
+    errors: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            daemon.run()
+        except BaseException as exc:  # surfaced to the test below
+            errors.append(exc)
+
+    thread = threading.Thread(target=target, name="test-daemon", daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: daemon.ready.is_set() or errors, ready_timeout, what="daemon ready")
+        if errors:
+            raise errors[0]
+        yield daemon
+    finally:
+        daemon.request_stop()
+        thread.join(timeout=20)
+        assert not thread.is_alive(), "daemon did not stop"
+    if errors:
+        raise errors[0]
+
+
+def daemon_env(server, db_path: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("REDIS_", "ARCHIVER_", "SQLITE_", "DESTO_"))}
+    env.update(
+        REDIS_URL=server.url,
+        SQLITE_DB_PATH=str(db_path),
+        ARCHIVER_FLUSH_INTERVAL="0.02",
+        ARCHIVER_HEARTBEAT_INTERVAL="0.2",
+        ARCHIVER_HEALTH_CHECK_INTERVAL="2",
+        ARCHIVER_SOCKET_TIMEOUT="3",
+        ARCHIVER_RECONNECT_MAX_BACKOFF="0.5",
+        ARCHIVER_LOG_FORMAT="json",
+    )
+    env.update(extra)
+    return env
+
+
+def start_daemon_process(server, db_path: Path, log_path: Path, **extra: str) -> subprocess.Popen[bytes]:
+    """``python -m archiver run`` as a real process, its JSON log lines in ``log_path``."""
+    log_file = open(log_path, "ab")  # noqa: SIM115 - owned by the process for its lifetime
+    try:
+        return subprocess.Popen(
+            [sys.executable, "-m", "archiver", "run"],
+            cwd=REPO,
+            env=daemon_env(server, db_path, **extra),
+            stdout=log_file,
+            stderr=log_file,
+        )
+    finally:
+        log_file.close()
+
+
+def log_events(log_path: Path) -> list[dict[str, Any]]:
+    events = []
+    for line in log_path.read_text().splitlines():
+        try:
+            events.append(json.loads(line))
+        except ValueError:
+            continue
+    return events
+
+
+def wait_for_log(log_path: Path, event: str, timeout: float = 15.0, count: int = 1) -> list[dict[str, Any]]:
+    def found() -> list[dict[str, Any]] | None:
+        hits = [e for e in log_events(log_path) if e.get("event") == event] if log_path.exists() else []
+        return hits if len(hits) >= count else None
+
+    return wait_for(found, timeout, what=f"log event {event!r} x{count} in {log_path}")
+
+
+# ─── desto-shaped records (desto 0.7.0's to_dict forms) ──────────────────────────────────────────
+
+
+def now_iso() -> str:
+    return datetime.now().isoformat()
+
+
+def session_hash(session_id: str | None = None, **fields: str) -> dict[str, str]:
+    sid = session_id or str(uuid.uuid4())
+    record = {
+        "session_id": sid,
+        "session_name": f"s-{sid[:8]}",
+        "tmux_session_name": f"s-{sid[:8]}",
+        "status": "running",
+        "start_time": now_iso(),
+        "end_time": "",
+        "last_heartbeat": now_iso(),
+        "job_ids": "",
+        "tmux_active": "True",
+        "at_job_id": "",
+    }
+    record.update(fields)
+    return record
+
+
+def job_hash(job_id: str | None = None, session_id: str = "", **fields: str) -> dict[str, str]:
+    jid = job_id or str(uuid.uuid4())
+    record = {
+        "job_id": jid,
+        "session_id": session_id or str(uuid.uuid4()),
+        "command": "bash run.sh",
+        "script_path": "/app/desto_scripts/run.sh",
+        "status": "running",
+        "start_time": now_iso(),
+        "end_time": "",
+        "exit_code": "",
+        "error_message": "",
+    }
+    record.update(fields)
+    return record
+
+
+def favorite_hash(favorite_id: str | None = None, **fields: str) -> dict[str, str]:
+    fid = favorite_id or str(uuid.uuid4())
+    record = {
+        "favorite_id": fid,
+        "name": f"fav-{fid[:8]}",
+        "command": "ls -la",
+        "created_at": now_iso(),
+        "last_used_at": "",
+        "use_count": "0",
+    }
+    record.update(fields)
+    return record
+
+
+def atjob_hash(number: str = "7", **fields: str) -> dict[str, str]:
+    record = {
+        "job_id": number,
+        "command": "tmux new-session -d -s nightly 'bash nightly.sh'",
+        "request_time": now_iso(),
+        "scheduled_time": "2026-12-01T03:00:00",
+        "user": "desto",
+        "status": "scheduled",
+        "creation_time": now_iso(),
+        "queue": "a",
+        "session_name": "nightly",
+        "script_path": json.dumps(["/app/desto_scripts/nightly.sh"]),
+        "arguments": "",
+        "error_message": "",
+        "execution_result": "",
+    }
+    record.update(fields)
+    return record
+
+
+# ─── reading the archive back ────────────────────────────────────────────────────────────────────
+
+
+def query(db_path: Path, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+    conn = sqlite3.connect(db_path, timeout=10)
+    try:
+        conn.row_factory = sqlite3.Row
+        return conn.execute(sql, params).fetchall()
+    finally:
+        conn.close()
+
+
+def row(db_path: Path, table: str, id_col: str, record_id: str) -> sqlite3.Row | None:
+    rows = query(db_path, f"SELECT * FROM {table} WHERE {id_col} = ?", (record_id,))
+    return rows[0] if rows else None
+
+
+def count(db_path: Path, table: str, where: str = "1", params: tuple[Any, ...] = ()) -> int:
+    return int(query(db_path, f"SELECT count(*) FROM {table} WHERE {where}", params)[0][0])
