@@ -26,6 +26,7 @@ class BackfillReport:
     unchanged: int
     tombstoned: int
     quarantined: int
+    still_quarantined: int
     elapsed_s: float
 
     @property
@@ -40,6 +41,7 @@ class BackfillReport:
             "unchanged": self.unchanged,
             "tombstoned": self.tombstoned,
             "quarantined": self.quarantined,
+            "still_quarantined": self.still_quarantined,
             "elapsed_s": round(self.elapsed_s, 3),
             "keys_per_s": round(self.keys_per_s, 1),
         }
@@ -70,6 +72,7 @@ def backfill(settings: Settings, progress: Callable[[Reconcile, int], None] | No
             unchanged=result.unchanged,
             tombstoned=result.tombstoned,
             quarantined=len(result.quarantined),
+            still_quarantined=result.quarantine_repeats,
             elapsed_s=time.monotonic() - started,
         )
         store.set_state({"last_backfill": json.dumps(report.as_dict())}, now_us())

@@ -161,6 +161,7 @@ def cmd_backfill(settings: Settings, args: argparse.Namespace) -> int:
             f"backfill done: {report.keys_read} keys read in {report.elapsed_s:.2f} s "
             f"({report.keys_per_s:,.0f} keys/s)\n"
             f"  written: {written}\n  unchanged: {report.unchanged}\n"
-            f"  tombstoned: {report.tombstoned}\n  quarantined: {report.quarantined}"
+            f"  tombstoned: {report.tombstoned}\n"
+            f"  quarantined: {report.quarantined} new, {report.still_quarantined} already in quarantine"
         )
     return EXIT_OK

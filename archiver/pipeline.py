@@ -204,6 +204,7 @@ class Reconcile:
             "unchanged": r.unchanged,
             "tombstoned": r.tombstoned,
             "quarantined": len(r.quarantined),
+            "still_quarantined": r.quarantine_repeats,
             "duration_s": round(time.monotonic() - self.started_mono, 3),
         }
 

@@ -1,0 +1,167 @@
+"""The daemon against a real Redis: what lands, what is quarantined, what is never archived."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+
+from structlog.testing import capture_logs
+
+from tests.helpers import (
+    atjob_hash,
+    count,
+    daemon_thread,
+    favorite_hash,
+    job_hash,
+    query,
+    row,
+    session_hash,
+    settings_for,
+    wait_for,
+)
+
+
+def test_bad_records_are_quarantined_while_good_ones_around_them_land(redis_server, redis, db_path: Path) -> None:
+    raw = redis_server.client(decode_responses=False)
+    good_before = [session_hash() for _ in range(3)]
+    for record in good_before:
+        redis.hset(f"desto:session:{record['session_id']}", mapping=record)
+    bad = {
+        "unknown status": ("desto:session:s-bad-status", session_hash("s-bad-status", status="paused")),
+        "bad time": ("desto:job:j-bad-time", job_hash("j-bad-time", start_time="half past ten")),
+        "bad number": ("desto:job:j-bad-exit", job_hash("j-bad-exit", exit_code="one")),
+        "bad count": ("desto:favorite:f-bad-count", favorite_hash("f-bad-count", use_count="many")),
+    }
+    # Keys of other types raise no hash notification: the reconcile (here, the first one) finds them.
+    redis.set("desto:session:s-string", "not a hash")
+    redis.rpush("desto:job:j-list", "a", "b")
+    redis.set("desto:status:nightly", "running")  # a desto: key that fits no record kind
+    with daemon_thread(settings_for(redis_server, db_path)):
+        for key, record in bad.values():
+            redis.hset(key, mapping=record)
+        utf8 = {k.encode(): v.encode() for k, v in session_hash("s-latin1").items()}
+        utf8[b"session_name"] = b"r\xe9sum\xe9"
+        raw.hset(b"desto:session:s-latin1", mapping=utf8)
+        good_after = [job_hash() for _ in range(3)]
+        for record in good_after:
+            redis.hset(f"desto:job:{record['job_id']}", mapping=record)
+        wait_for(lambda: count(db_path, "quarantine") == 8, what="8 quarantined keys")
+        wait_for(lambda: count(db_path, "jobs") == 3 and count(db_path, "sessions") == 3, what="good records")
+
+    quarantined = {r["key_text"]: r for r in query(db_path, "SELECT * FROM quarantine")}
+    assert "unknown status 'paused'" in quarantined["desto:session:s-bad-status"]["reason"]
+    assert "start_time: not an ISO time" in quarantined["desto:job:j-bad-time"]["reason"]
+    assert "exit_code: not an integer" in quarantined["desto:job:j-bad-exit"]["reason"]
+    assert "use_count: not an integer" in quarantined["desto:favorite:f-bad-count"]["reason"]
+    assert "not valid UTF-8" in quarantined["desto:session:s-latin1"]["reason"]
+    assert b"r\xe9sum\xe9" in quarantined["desto:session:s-latin1"]["payload"]  # the raw bytes, kept whole
+    assert "wrong Redis type: string" in quarantined["desto:session:s-string"]["reason"]
+    assert "wrong Redis type: list" in quarantined["desto:job:j-list"]["reason"]
+    assert quarantined["desto:status:nightly"]["kind"] is None
+    assert all(r["payload"] for r in quarantined.values())
+    for record in good_before:
+        assert row(db_path, "sessions", "session_id", record["session_id"])["status"] == "running"
+    for key in ("s-bad-status", "s-latin1", "s-string"):
+        assert row(db_path, "sessions", "session_id", key) is None
+
+
+def test_desto_indexes_are_never_archived_nor_quarantined(redis_server, redis, db_path: Path) -> None:
+    fav = favorite_hash()
+    with daemon_thread(settings_for(redis_server, db_path)):
+        redis.hset(f"desto:favorite:{fav['favorite_id']}", mapping=fav)
+        redis.set(f"desto:favorite:name:{fav['name']}", fav["favorite_id"])
+        redis.sadd("desto:favorites:all", fav["favorite_id"])
+        wait_for(lambda: row(db_path, "favorites", "favorite_id", fav["favorite_id"]), what="favorite archived")
+    assert count(db_path, "favorites") == 1
+    assert count(db_path, "quarantine") == 0
+
+
+def test_favorite_names_swapped_in_one_transaction(redis_server, redis, db_path: Path) -> None:
+    a, b = favorite_hash(name="build"), favorite_hash(name="test")
+    with daemon_thread(settings_for(redis_server, db_path)):
+        for f in (a, b):
+            redis.hset(f"desto:favorite:{f['favorite_id']}", mapping=f)
+        wait_for(lambda: count(db_path, "favorites") == 2)
+        with redis.pipeline(transaction=True) as pipe:
+            pipe.hset(f"desto:favorite:{a['favorite_id']}", "name", "test")
+            pipe.hset(f"desto:favorite:{b['favorite_id']}", "name", "build")
+            pipe.execute()
+
+        def swapped() -> bool:
+            names = {r["favorite_id"]: r["name"] for r in query(db_path, "SELECT * FROM favorites")}
+            return names == {a["favorite_id"]: "test", b["favorite_id"]: "build"}
+
+        wait_for(swapped, what="names swapped in the archive")
+
+
+def test_atjobs_are_archived_with_their_status_history(redis_server, redis, db_path: Path) -> None:
+    record = atjob_hash("41")
+    with daemon_thread(settings_for(redis_server, db_path)):
+        redis.hset("desto:atjob:41", mapping=record)
+        wait_for(lambda: row(db_path, "at_jobs", "at_job_id", "41"), what="at-job archived")
+        redis.hset("desto:atjob:41", "status", "cancelled")
+        wait_for(lambda: row(db_path, "at_jobs", "at_job_id", "41")["status"] == "cancelled")
+    archived = row(db_path, "at_jobs", "at_job_id", "41")
+    assert archived["session_name"] == "nightly" and archived["scheduled_time"] == record["scheduled_time"]
+    events = query(db_path, "SELECT event, status FROM status_history WHERE kind = 'atjob' ORDER BY id")
+    assert [tuple(e) for e in events] == [("first_seen", "scheduled"), ("status", "cancelled")]
+
+
+def test_records_written_before_start_are_archived_by_the_first_reconcile(redis_server, redis, db_path) -> None:
+    records = [session_hash() for _ in range(50)]
+    for record in records:
+        redis.hset(f"desto:session:{record['session_id']}", mapping=record)
+        redis.expire(f"desto:session:{record['session_id']}", 7 * 86400 - 3600)  # created an hour ago
+    with daemon_thread(settings_for(redis_server, db_path)):
+        assert count(db_path, "sessions") == 50  # ready means reconciled once
+    created = query(db_path, "SELECT created_at, first_seen_at FROM sessions LIMIT 1")[0]
+    # desto's History tab orders by created_at: dated from desto's TTL, an hour before the first sight
+    assert created["created_at"] < created["first_seen_at"].replace("T", " ")[:19]
+
+
+def test_notification_flags_are_a_union_with_what_was_set(redis_server, redis, db_path: Path) -> None:
+    redis.config_set("notify-keyspace-events", "Ez")
+    with daemon_thread(settings_for(redis_server, db_path)):
+        flags = redis.config_get("notify-keyspace-events")["notify-keyspace-events"]
+    assert set("EzKghxe") <= set(flags)
+    redis.config_set("notify-keyspace-events", "KEA")
+    with capture_logs() as logs, daemon_thread(settings_for(redis_server, db_path)):
+        pass
+    assert redis.config_get("notify-keyspace-events")["notify-keyspace-events"] == "AKE"
+    started = next(e for e in logs if e["event"] == "archiver.started")
+    assert started["notify_flags_found"] == "AKE" and started["notify_flags_set"] is None
+
+
+def test_start_and_reconcile_log_lines(redis_server, redis, db_path: Path) -> None:
+    redis.hset("desto:job:j1", mapping=job_hash("j1"))
+    settings = settings_for(redis_server, db_path, redis_url=f"redis://:pw-not-shown@127.0.0.1:{redis_server.port}/0")
+    redis.config_set("requirepass", "pw-not-shown")
+    try:
+        with capture_logs() as logs, daemon_thread(settings):
+            pass
+    finally:
+        redis_server.client(password="pw-not-shown").config_set("requirepass", "")
+    assert "pw-not-shown" not in json.dumps(logs)
+    started = next(e for e in logs if e["event"] == "archiver.started")
+    assert started["redis"] == f"redis://127.0.0.1:{redis_server.port}/0"
+    assert started["db"] == str(db_path)
+    assert started["notify_flags_found"] == "" and set(started["notify_flags_set"]) == set("Kghxe")
+    done = next(e for e in logs if e["event"] == "reconcile.done")
+    assert done["reason"] == "start" and done["keys_scanned"] == 1 and done["written"] == {"job": 1}
+    assert isinstance(done["duration_s"], float)
+    stopped = next(e for e in logs if e["event"] == "archiver.stopped")
+    assert stopped["written"] == {"job": 1} and stopped["reconciles"] == 1
+
+
+def test_an_event_burst_beyond_the_dirty_limit_is_reconciled_not_lost(redis_server, redis, db_path: Path) -> None:
+    settings = settings_for(redis_server, db_path, max_dirty=20, flush_interval=5, batch_size=1000)
+    ids = [str(uuid.uuid4()) for _ in range(500)]
+    with capture_logs() as logs, daemon_thread(settings):
+        with redis.pipeline(transaction=False) as pipe:
+            for jid in ids:
+                pipe.hset(f"desto:job:{jid}", mapping=job_hash(jid))
+            pipe.execute()
+        wait_for(lambda: count(db_path, "jobs") == 500, timeout=20, what="all 500 jobs archived")
+    assert any(e["event"] == "events.overflow" for e in logs)
+    assert any(e["event"] == "reconcile.done" and e["reason"] == "overflow" for e in logs)

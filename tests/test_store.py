@@ -1,0 +1,265 @@
+"""The SQLite store on a real file: schema, version guard, tombstones, favorites' names, quarantine."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from archiver.keys import Kind, classify, record_key
+from archiver.models import Fetched, Outcome, normalize
+from archiver.schema import SCHEMA_VERSION
+from archiver.store import AlreadyRunning, Batch, DaemonLock, Store, StoreError, TimedHint
+from tests.helpers import favorite_hash, job_hash, query, row, session_hash
+
+T0 = 1_795_000_000_000_000
+
+
+@pytest.fixture
+def store(db_path: Path) -> Iterator[Store]:
+    s = Store.open(db_path)
+    yield s
+    s.close()
+
+
+def read(kind: Kind, record_id: str, fields: dict[str, str] | None, at: int, pttl: int = -1) -> Outcome:
+    key = record_key(kind, record_id)
+    parsed = classify(key)
+    assert parsed is not None
+    if fields is None:
+        return normalize(parsed, Fetched(key, "none", None, -2, at))
+    flat = [part.encode() for item in fields.items() for part in item]
+    return normalize(parsed, Fetched(key, "hash", flat, pttl, at))
+
+
+def history(db_path: Path, record_id: str) -> list[tuple]:
+    rows = query(
+        db_path,
+        "SELECT event, status, previous_status, desto_timestamp, source FROM status_history "
+        "WHERE record_id = ? ORDER BY id",
+        (record_id,),
+    )
+    return [tuple(r) for r in rows]
+
+
+def test_a_new_file_is_wal_with_desto_tables_and_the_schema_version(store: Store, db_path: Path) -> None:
+    assert query(db_path, "PRAGMA journal_mode")[0][0] == "wal"
+    assert query(db_path, "PRAGMA user_version")[0][0] == SCHEMA_VERSION
+    tables = {r[0] for r in query(db_path, "SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert {"sessions", "jobs", "favorites", "at_jobs", "status_history", "quarantine", "archiver_state"} <= tables
+    desto_session_cols = [r[1] for r in query(db_path, "PRAGMA table_info(sessions)")][:12]
+    assert desto_session_cols == [
+        "session_id", "session_name", "tmux_session_name", "status", "start_time", "end_time",
+        "last_heartbeat", "job_ids", "tmux_active", "at_job_id", "created_at", "updated_at",
+    ]  # fmt: skip
+
+
+def test_opening_twice_does_not_migrate_again(db_path: Path) -> None:
+    Store.open(db_path).close()
+    again = Store.open(db_path)
+    assert again.schema_found == SCHEMA_VERSION
+    again.close()
+
+
+def test_a_file_from_a_newer_archiver_is_refused(db_path: Path) -> None:
+    Store.open(db_path).close()
+    conn = sqlite3.connect(db_path)
+    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    conn.commit()
+    conn.close()
+    with pytest.raises(StoreError, match="newer than this desto-archiver's"):
+        Store.open(db_path)
+
+
+def test_a_file_that_is_not_sqlite_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "desto.db"
+    path.write_bytes(b"this is not a database" * 100)
+    with pytest.raises(StoreError, match="is it a SQLite file"):
+        Store.open(path)
+
+
+def test_an_unwritable_folder_is_a_clear_error() -> None:
+    # /sys refuses new folders to everyone, root included
+    with pytest.raises(StoreError, match="cannot create the folder /sys/desto_data: Operation not permitted"):
+        Store.open(Path("/sys/desto_data/desto.db"))
+
+
+def test_an_unusable_path_is_a_clear_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where a folder should be")
+    with pytest.raises(StoreError, match="cannot create the folder"):
+        Store.open(blocker / "desto.db")
+
+
+def test_an_older_read_never_overwrites_a_newer_one(store: Store, db_path: Path) -> None:
+    record = session_hash(status="running")
+    sid = record["session_id"]
+    store.apply(Batch([read(Kind.SESSION, sid, {**record, "status": "finished"}, T0 + 10)]))
+    result = store.apply(Batch([read(Kind.SESSION, sid, record, T0 + 5)]))  # a slow scan's read
+    assert result.stale == 1
+    assert row(db_path, "sessions", "session_id", sid)["status"] == "finished"
+    store.apply(Batch([read(Kind.SESSION, sid, {**record, "status": "failed"}, T0 + 20)]))
+    assert row(db_path, "sessions", "session_id", sid)["status"] == "failed"
+
+
+def test_unchanged_reads_only_touch_last_seen(store: Store, db_path: Path) -> None:
+    record = job_hash()
+    jid = record["job_id"]
+    store.apply(Batch([read(Kind.JOB, jid, record, T0)]))
+    before = row(db_path, "jobs", "job_id", jid)
+    result = store.apply(Batch([read(Kind.JOB, jid, record, T0 + 1_000_000)]))
+    after = row(db_path, "jobs", "job_id", jid)
+    assert result.unchanged == 1 and not result.written
+    assert after["updated_at"] == before["updated_at"]
+    assert after["last_seen_at"] > before["last_seen_at"]
+    assert len(history(db_path, jid)) == 1
+
+
+def test_tombstones_say_when_and_why(store: Store, db_path: Path) -> None:
+    deleted, expired, missing = (session_hash() for _ in range(3))
+    ttl_ms = 1000
+    store.apply(
+        Batch(
+            [
+                read(Kind.SESSION, deleted["session_id"], deleted, T0),
+                read(Kind.SESSION, expired["session_id"], expired, T0, pttl=ttl_ms),
+                read(Kind.SESSION, missing["session_id"], missing, T0),
+            ]
+        )
+    )
+    later = T0 + 5_000_000
+    gone = [read(Kind.SESSION, r["session_id"], None, later) for r in (deleted, expired, missing)]
+    result = store.apply(Batch(gone, gone_events={record_key(Kind.SESSION, deleted["session_id"]): b"del"}))
+    assert result.tombstoned == 3
+    d = row(db_path, "sessions", "session_id", deleted["session_id"])
+    e = row(db_path, "sessions", "session_id", expired["session_id"])
+    m = row(db_path, "sessions", "session_id", missing["session_id"])
+    assert (d["gone_reason"], e["gone_reason"], m["gone_reason"]) == ("deleted", "expired", "missing")
+    assert e["gone_at"] == e["expires_at"] < m["gone_at"]  # expiry dated by the TTL read earlier
+    assert d["session_name"] == deleted["session_name"]  # the row and all its fields stay
+    assert history(db_path, deleted["session_id"])[-1][0] == "deleted"
+    # a second sighting of the absence changes nothing
+    assert store.apply(Batch([read(Kind.SESSION, missing["session_id"], None, later + 1)])).tombstoned == 0
+
+
+def test_a_key_that_comes_back_clears_its_tombstone(store: Store, db_path: Path) -> None:
+    record = session_hash()
+    sid = record["session_id"]
+    store.apply(Batch([read(Kind.SESSION, sid, record, T0)]))
+    store.apply(Batch([read(Kind.SESSION, sid, None, T0 + 1)]))
+    store.apply(Batch([read(Kind.SESSION, sid, record, T0 + 2)]))
+    assert row(db_path, "sessions", "session_id", sid)["gone_at"] is None
+    assert [h[0] for h in history(db_path, sid)] == ["first_seen", "missing", "reappeared"]
+
+
+def test_a_key_never_archived_that_is_gone_leaves_nothing(store: Store, db_path: Path) -> None:
+    result = store.apply(Batch([read(Kind.JOB, "never-seen", None, T0)]))
+    assert result.tombstoned == 0
+    assert row(db_path, "jobs", "job_id", "never-seen") is None
+
+
+def _fav(name: str, fid: str | None = None) -> dict[str, str]:
+    return favorite_hash(fid or str(uuid.uuid4()), name=name)
+
+
+def _names(db_path: Path) -> dict[str, tuple[str, str]]:
+    return {r["favorite_id"]: (r["name"], r["real_name"]) for r in query(db_path, "SELECT * FROM favorites")}
+
+
+def test_favorite_renames_that_swap_names_in_one_batch_never_fail(store: Store, db_path: Path) -> None:
+    a, b, c = _fav("x"), _fav("y"), _fav("z")
+    ids = [f["favorite_id"] for f in (a, b, c)]
+    store.apply(Batch([read(Kind.FAVORITE, f["favorite_id"], f, T0) for f in (a, b, c)]))
+    # a 3-cycle of renames x->y, y->z, z->x, all read in one batch
+    renamed = [{**a, "name": "y"}, {**b, "name": "z"}, {**c, "name": "x"}]
+    store.apply(Batch([read(Kind.FAVORITE, f["favorite_id"], f, T0 + 1) for f in renamed]))
+    names = _names(db_path)
+    assert [names[i][0] for i in ids] == ["y", "z", "x"]
+    assert [names[i][1] for i in ids] == ["y", "z", "x"]
+    renames = query(db_path, "SELECT detail FROM status_history WHERE event = 'renamed' ORDER BY id")
+    assert len(renames) == 3
+
+
+def test_a_favorite_name_reused_after_a_delete_keeps_both_rows(store: Store, db_path: Path) -> None:
+    old, new = _fav("deploy"), _fav("deploy")
+    store.apply(Batch([read(Kind.FAVORITE, old["favorite_id"], old, T0)]))
+    store.apply(Batch([read(Kind.FAVORITE, old["favorite_id"], None, T0 + 1)]))
+    store.apply(Batch([read(Kind.FAVORITE, new["favorite_id"], new, T0 + 2)]))
+    names = _names(db_path)
+    assert names[new["favorite_id"]] == ("deploy", "deploy")
+    displaced, real = names[old["favorite_id"]]
+    assert real == "deploy" and displaced == f"deploy [{old['favorite_id']}]"
+    assert row(db_path, "favorites", "favorite_id", old["favorite_id"])["gone_reason"] == "missing"
+
+
+def test_a_rename_read_before_the_old_holder_s_own_rename_is_applied(store: Store, db_path: Path) -> None:
+    a, b = _fav("x"), _fav("y")
+    store.apply(Batch([read(Kind.FAVORITE, f["favorite_id"], f, T0) for f in (a, b)]))
+    # b took "x" after a became "w", but only b's read has arrived so far
+    store.apply(Batch([read(Kind.FAVORITE, b["favorite_id"], {**b, "name": "x"}, T0 + 1)]))
+    store.apply(Batch([read(Kind.FAVORITE, a["favorite_id"], {**a, "name": "w"}, T0 + 2)]))
+    names = _names(db_path)
+    assert names[a["favorite_id"]] == ("w", "w") and names[b["favorite_id"]] == ("x", "x")
+
+
+def test_quarantine_keeps_one_row_per_distinct_payload_and_resolves(store: Store, db_path: Path) -> None:
+    bad = session_hash(status="paused")
+    sid = bad["session_id"]
+    first = store.apply(Batch([read(Kind.SESSION, sid, bad, T0)]))
+    again = store.apply(Batch([read(Kind.SESSION, sid, bad, T0 + 1)]))
+    assert len(first.quarantined) == 1 and not again.quarantined and again.quarantine_repeats == 1
+    q = query(db_path, "SELECT * FROM quarantine")
+    assert len(q) == 1 and q[0]["times_seen"] == 2 and q[0]["resolved_at"] is None
+    assert q[0]["key"] == record_key(Kind.SESSION, sid) and q[0]["key_text"] == f"desto:session:{sid}"
+    assert row(db_path, "sessions", "session_id", sid) is None  # never in a desto table
+    store.apply(Batch([read(Kind.SESSION, sid, {**bad, "status": "running"}, T0 + 2)]))
+    assert query(db_path, "SELECT resolved_at FROM quarantine")[0][0] is not None
+
+
+def test_desto_messages_add_intermediate_statuses_and_desto_timestamps(store: Store, db_path: Path) -> None:
+    record = job_hash(status="queued")
+    jid = record["job_id"]
+    store.apply(Batch([read(Kind.JOB, jid, record, T0)]))
+    hints = {
+        (Kind.JOB, jid): [
+            TimedHint("running", "2026-11-26T10:00:00", T0 + 1),
+            TimedHint("finished", "2026-11-26T10:00:05", T0 + 2),
+        ]
+    }
+    store.apply(Batch([read(Kind.JOB, jid, {**record, "status": "finished"}, T0 + 3)], hints=hints))
+    assert history(db_path, jid) == [
+        ("first_seen", "queued", None, None, "redis"),
+        ("status", "running", "queued", "2026-11-26T10:00:00", "pubsub"),
+        ("status", "finished", "running", "2026-11-26T10:00:05", "redis"),
+    ]
+
+
+def test_a_late_desto_message_attaches_its_timestamp(store: Store, db_path: Path) -> None:
+    record = job_hash(status="running")
+    jid = record["job_id"]
+    store.apply(Batch([read(Kind.JOB, jid, record, T0)]))
+    late = {(Kind.JOB, jid): [TimedHint("running", "2026-11-26T09:59:59", T0 + 1)]}
+    store.apply(Batch([read(Kind.JOB, jid, record, T0 + 2)], hints=late))
+    assert history(db_path, jid) == [("first_seen", "running", None, "2026-11-26T09:59:59", "redis")]
+
+
+def test_state_is_kept(store: Store) -> None:
+    store.set_state({"last_reconcile_at": "123"}, T0)
+    assert store.get_state()["last_reconcile_at"] == "123"
+
+
+def test_one_daemon_per_file(db_path: Path) -> None:
+    first = DaemonLock(db_path)
+    first.acquire()
+    try:
+        with pytest.raises(AlreadyRunning, match=f"pid {os.getpid()}"):
+            DaemonLock(db_path).acquire()
+    finally:
+        first.release()
+    second = DaemonLock(db_path)
+    second.acquire()  # free again once the first let go
+    second.release()
