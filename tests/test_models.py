@@ -207,7 +207,8 @@ def test_parse_hint_reads_desto_messages_and_ignores_anything_else() -> None:
     assert parse_hint(b"desto:job_updates", b"{not json") is None
     assert parse_hint(b"desto:job_updates", b"[1, 2]") is None
     assert parse_hint(b"desto:session_updates", json.dumps({"status": "running"}).encode()) is None
-    bad_time = parse_hint(b"desto:session_updates", json.dumps({"session_id": "s", "status": "x", "timestamp": 5}).encode())
+    message = json.dumps({"session_id": "s", "status": "x", "timestamp": 5}).encode()
+    bad_time = parse_hint(b"desto:session_updates", message)
     assert bad_time is not None and bad_time.timestamp is None
 
 
@@ -219,7 +220,8 @@ def test_time_formats() -> None:
 # ─── properties ──────────────────────────────────────────────────────────────────────────────────
 
 _values = st.one_of(st.text(), st.binary(max_size=64))
-_fields = st.dictionaries(st.one_of(st.sampled_from(sorted(session_hash())), st.text(max_size=12)), _values, max_size=14)
+_names = st.one_of(st.sampled_from(sorted(session_hash())), st.text(max_size=12))
+_fields = st.dictionaries(_names, _values, max_size=14)
 
 
 @given(fields=_fields, kind=st.sampled_from(list(Kind)), record_id=st.text(min_size=1, max_size=40))
