@@ -29,6 +29,7 @@ from archiver.store import GONE_EVENTS, Batch, BatchResult, DaemonLock, Store, S
 log = get_logger("archiver.pipeline")
 
 _HINTS_PER_RECORD = 32
+_TICK = 0.1  # the longest the main loop sleeps: how fast it notices a stop request
 _FLUSH_ERRORS: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, sqlite3.Error)
 
 
@@ -48,6 +49,7 @@ class Dirty:
         self.limit = limit
         self._keys: dict[bytes, bytes | None] = {}
         self._lock = threading.Lock()
+        self.wake = threading.Event()  # set when the set goes from empty to non-empty
         self.oldest_at: float | None = None
         self.overflows = 0
         self.events = 0
@@ -68,6 +70,7 @@ class Dirty:
             keys[key] = gone
             if self.oldest_at is None:
                 self.oldest_at = time.monotonic()
+                self.wake.set()
 
     def take_overflow(self) -> int:
         with self._lock:
@@ -262,7 +265,9 @@ class Daemon:
         self.hints = Hints(settings.max_dirty)
         self._raw_hints: deque[tuple[bytes, bytes, int]] = deque(maxlen=settings.max_dirty)
         self.totals = Totals()
-        self._stop = threading.Event()
+        # Set from signal handlers: a plain flag, no lock (a handler taking a lock the interrupted
+        # main thread holds would deadlock). The loop never sleeps longer than _TICK.
+        self._stop_requested = False
         self._subscribed = threading.Event()
         self._reconcile_wanted: str | None = None
         self._notify: NotifyState | None = None
@@ -287,6 +292,7 @@ class Daemon:
 
     def hint(self, channel: bytes, data: bytes) -> None:
         self._raw_hints.append((channel, data, now_us()))
+        self.dirty.wake.set()
 
     def subscribed(self, notify: NotifyState, reconnected: bool) -> None:
         self._notify = notify
@@ -300,11 +306,11 @@ class Daemon:
 
     def request_stop(self) -> None:
         """Signal-safe: only sets a flag; the loop does the work."""
-        self._stop.set()
+        self._stop_requested = True
 
     @property
     def stopping(self) -> bool:
-        return self._stop.is_set()
+        return self._stop_requested
 
     def run(self) -> None:
         """Run until :meth:`request_stop`; raises StoreError when the file cannot be used."""
@@ -319,7 +325,7 @@ class Daemon:
         self.source = Source(settings)
         try:
             self._start()
-            while not self._stop.is_set():
+            while not self._stop_requested:
                 self._step()
         finally:
             self._shutdown()
@@ -357,7 +363,7 @@ class Daemon:
         if now >= self._next_heartbeat:
             self._heartbeat()
         if now < self._retry_at:
-            self._stop.wait(min(0.05, self._retry_at - now))
+            time.sleep(min(_TICK, self._retry_at - now))
             return
         try:
             if self._subscribed.is_set() and self._reconcile_wanted:
@@ -369,7 +375,7 @@ class Daemon:
             elif self._reconcile is not None and self._subscribed.is_set():
                 self._reconcile_step()
             else:
-                self._stop.wait(min(0.05, self.settings.flush_interval))
+                self._idle(now)
                 return
         except CONNECTION_ERRORS as exc:
             self._failed("redis", exc)
@@ -380,6 +386,18 @@ class Daemon:
         if self._failing is not None:
             log.info("archiver.recovered", after=self._failing, failures=self._failures)
             self._failing, self._failures = None, 0
+
+    def _idle(self, now: float) -> None:
+        """Sleep until a key turns dirty, the oldest dirty key is due, or the next tick."""
+        timeout = _TICK
+        oldest = self.dirty.oldest_at
+        if oldest is not None:
+            timeout = min(timeout, max(0.0, oldest + self.settings.flush_interval - now))
+        self.dirty.wake.clear()
+        if not len(self.dirty) and not self._raw_hints:
+            self.dirty.wake.wait(timeout)
+        elif timeout > 0:
+            time.sleep(timeout)
 
     def _failed(self, what: str, exc: BaseException) -> None:
         self._failures += 1

@@ -30,6 +30,7 @@ from archiver.models import (
     Outcome,
     Rejected,
     Row,
+    encode_resp,
     iso_utc,
     sqlite_utc,
 )
@@ -207,6 +208,30 @@ class Store:
     # ─── one batch, one transaction ────────────────────────────────────────────────────────
 
     def apply(self, batch: Batch) -> BatchResult:
+        """Apply a batch in one transaction. A record the file itself refuses (a constraint or
+        trigger someone added, say) is quarantined alone and never blocks the rest; errors of
+        the file as a whole (locked, full, read-only) propagate, for the caller to retry."""
+        try:
+            return self._apply(batch)
+        except sqlite3.OperationalError:
+            raise
+        except sqlite3.DatabaseError:
+            if len(batch.outcomes) <= 1:
+                raise
+        result = BatchResult()
+        for outcome in batch.outcomes:
+            single = Batch([outcome], batch.gone_events, batch.hints, batch.state)
+            try:
+                result.merge(self._apply(single))
+            except sqlite3.OperationalError:
+                raise
+            except sqlite3.DatabaseError as exc:
+                if not isinstance(outcome, Row):
+                    raise
+                result.merge(self._apply(Batch([_refused(outcome, exc)])))
+        return result
+
+    def _apply(self, batch: Batch) -> BatchResult:
         result = BatchResult()
         resolved: set[bytes] = set()
         rows: dict[Kind, list[Row]] = {}
@@ -293,6 +318,19 @@ class Store:
             result.quarantined.append(rejected)
         else:
             result.quarantine_repeats += 1
+
+
+def _refused(row: Row, exc: Exception) -> Rejected:
+    fields = [part for pair in zip(COLUMNS[row.kind], row.values, strict=True) for part in pair]
+    return Rejected(
+        key=row.key,
+        kind=row.kind,
+        record_id=row.record_id,
+        redis_type="hash",
+        payload=encode_resp([str(v) if v is not None else None for v in fields]),
+        reason=f"the archive refused the normalized row: {exc}",
+        read_at_us=row.read_at_us,
+    )
 
 
 def _history(

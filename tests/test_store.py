@@ -263,3 +263,20 @@ def test_one_daemon_per_file(db_path: Path) -> None:
     second = DaemonLock(db_path)
     second.acquire()  # free again once the first let go
     second.release()
+
+
+def test_a_row_the_file_refuses_is_quarantined_alone(store: Store, db_path: Path) -> None:
+    conn = sqlite3.connect(db_path)
+    conn.execute(
+        "CREATE TRIGGER no_secrets BEFORE INSERT ON jobs WHEN NEW.command LIKE '%password%' "
+        "BEGIN SELECT RAISE(ABORT, 'no secrets in the archive'); END"
+    )
+    conn.commit()
+    conn.close()
+    good, refused = job_hash(), job_hash(command="mysql --password=hunter2")
+    result = store.apply(Batch([read(Kind.JOB, r["job_id"], r, T0) for r in (good, refused)]))
+    assert result.written["job"] == 1 and len(result.quarantined) == 1
+    assert row(db_path, "jobs", "job_id", good["job_id"]) is not None
+    assert row(db_path, "jobs", "job_id", refused["job_id"]) is None
+    reason = query(db_path, "SELECT reason FROM quarantine")[0][0]
+    assert "the archive refused the normalized row: no secrets in the archive" in reason
