@@ -24,7 +24,8 @@ from archiver.keys import KeyClass, Kind, ParsedKey, classify, record_key
 from archiver.log import get_logger
 from archiver.models import Outcome, Row, normalize, parse_hint
 from archiver.source import CONNECTION_ERRORS, Listener, NotifyState, Source
-from archiver.store import GONE_EVENTS, Batch, BatchResult, DaemonLock, Store, StoreError, TimedHint
+from archiver.store import GONE_EVENTS, Batch, BatchResult, DaemonLock, Store, StoreError
+from archiver.writer import TimedHint
 
 log = get_logger("archiver.pipeline")
 
@@ -278,6 +279,8 @@ class Daemon:
         self._failures = 0
         self._failing: str | None = None
         self._next_heartbeat = 0.0
+        self._next_recheck = 0.0
+        self._recheck_more = False
         self.store: Store | None = None
         self.source: Source | None = None
         self.listener: Listener | None = None
@@ -366,6 +369,8 @@ class Daemon:
             time.sleep(min(_TICK, self._retry_at - now))
             return
         try:
+            if now >= self._next_recheck:
+                self._recheck_foreign_writes(now)
             if self._subscribed.is_set() and self._reconcile_wanted:
                 self._begin_reconcile(self._reconcile_wanted)
             elif self._subscribed.is_set() and self._reconcile is None and now >= self._next_reconcile:
@@ -386,6 +391,19 @@ class Daemon:
         if self._failing is not None:
             log.info("archiver.recovered", after=self._failing, failures=self._failures)
             self._failing, self._failures = None, 0
+
+    def _recheck_foreign_writes(self, now: float) -> None:
+        """Re-read records another program (desto's own store) wrote to the file since the last
+        look, so a stale copy it saved never outlives the Redis state."""
+        assert self.store is not None
+        self._next_recheck = now + _TICK
+        if not (self.store.foreign_commits() or self._recheck_more):
+            return
+        limit = self.settings.batch_size
+        taken = self.store.take_rechecks(limit)
+        self._recheck_more = len(taken) == limit
+        for kind, record_id in taken:
+            self.dirty.add(record_key(kind, record_id), None)
 
     def _idle(self, now: float) -> None:
         """Sleep until a key turns dirty, the oldest dirty key is due, or the next tick."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Callable
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 DESTO_DDL = """
 CREATE TABLE IF NOT EXISTS sessions (
@@ -159,7 +159,47 @@ def _migrate_to_1(conn: sqlite3.Connection) -> None:
         conn.execute(f"CREATE INDEX IF NOT EXISTS idx_{table}_live ON {table}(read_at_us) WHERE gone_at IS NULL")
 
 
-MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {1: _migrate_to_1}
+# Tables desto's own store writes too. Every write of the archiver's own sets read_at_us, but one:
+# freeing a favorite's name, which is why favorites watch inserts only (desto 0.7.0 never saves
+# a favorite anyway).
+_FOREIGN_WRITES = (
+    ("sessions", "session", "session_id", True),
+    ("jobs", "job", "job_id", True),
+    ("favorites", "favorite", "favorite_id", False),
+)
+
+
+def _migrate_to_2(conn: sqlite3.Connection) -> None:
+    """Notice writes by desto's own store: its upserts can save an older state than Redis holds
+    (a job it saves as queued after it started), and nothing in Redis changes afterwards to
+    correct it. Triggers note such rows; the daemon re-reads them from Redis."""
+    for table in ("sessions", "jobs", "at_jobs"):
+        if "observed_status" not in _columns(conn, table):
+            conn.execute(f"ALTER TABLE {table} ADD COLUMN observed_status TEXT")
+        conn.execute(f"UPDATE {table} SET observed_status = status WHERE read_at_us IS NOT NULL")
+    conn.execute(
+        "CREATE TABLE IF NOT EXISTS archiver_recheck (kind TEXT NOT NULL, record_id TEXT NOT NULL, "
+        "PRIMARY KEY (kind, record_id)) WITHOUT ROWID"
+    )
+    for table, kind, id_col, watch_updates in _FOREIGN_WRITES:
+        # Not INSERT OR IGNORE: inside a trigger, the conflict policy of the statement that fired it
+        # (desto's plain upsert: ABORT) overrides the trigger's own, and desto's write would fail.
+        note = (
+            f"INSERT INTO archiver_recheck (kind, record_id) SELECT '{kind}', NEW.{id_col} WHERE NOT EXISTS "
+            f"(SELECT 1 FROM archiver_recheck WHERE kind = '{kind}' AND record_id = NEW.{id_col})"
+        )
+        conn.execute(
+            f"CREATE TRIGGER IF NOT EXISTS archiver_recheck_{table}_insert AFTER INSERT ON {table} "
+            f"WHEN NEW.read_at_us IS NULL BEGIN {note}; END"
+        )
+        if watch_updates:
+            conn.execute(
+                f"CREATE TRIGGER IF NOT EXISTS archiver_recheck_{table}_update AFTER UPDATE ON {table} "
+                f"WHEN NEW.read_at_us IS OLD.read_at_us BEGIN {note}; END"
+            )
+
+
+MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {1: _migrate_to_1, 2: _migrate_to_2}
 
 
 class NewerSchemaError(Exception):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
-import json
 import os
 import socket
 import sqlite3
@@ -19,32 +18,13 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from archiver.keys import Kind
-from archiver.models import (
-    COLUMNS,
-    JOB_STATUSES,
-    SESSION_STATUSES,
-    Gone,
-    Outcome,
-    Rejected,
-    Row,
-    encode_resp,
-    iso_utc,
-    sqlite_utc,
-)
+from archiver.models import COLUMNS, Gone, Outcome, Rejected, Row, encode_resp, iso_utc
 from archiver.schema import NewerSchemaError, migrate
+from archiver.writer import TABLES, RowWriter, TimedHint, add_history
 
-TABLES: dict[Kind, str] = {
-    Kind.SESSION: "sessions",
-    Kind.JOB: "jobs",
-    Kind.FAVORITE: "favorites",
-    Kind.ATJOB: "at_jobs",
-}
 GONE_EVENTS = {b"del": "deleted", b"expired": "expired", b"evicted": "evicted"}
-# Statuses desto's messages may report for a record (at-jobs have no channel).
-_STATUSES: dict[Kind, frozenset[str]] = {Kind.SESSION: SESSION_STATUSES, Kind.JOB: JOB_STATUSES}
 
 
 class StoreError(Exception):
@@ -53,15 +33,6 @@ class StoreError(Exception):
 
 class AlreadyRunning(StoreError):
     pass
-
-
-@dataclass(frozen=True, slots=True)
-class TimedHint:
-    """One of desto's pub/sub status messages, with when the archiver received it."""
-
-    status: str
-    timestamp: str | None
-    received_us: int
 
 
 @dataclass
@@ -131,6 +102,7 @@ class Store:
         self.conn = conn
         self.path = path
         self.schema_found = schema_found
+        self._data_version = -1
         self._unresolved: set[bytes] = {
             bytes(row[0]) for row in conn.execute("SELECT DISTINCT key FROM quarantine WHERE resolved_at IS NULL")
         }
@@ -193,6 +165,23 @@ class Store:
     def get_state(self) -> dict[str, str]:
         return dict(self.conn.execute("SELECT name, value FROM archiver_state").fetchall())
 
+    # ─── writes by other programs (desto's own store) ────────────────────────────────────────
+
+    def foreign_commits(self) -> bool:
+        """Whether another connection committed to the file since the last call (cheap)."""
+        version = int(self.conn.execute("PRAGMA data_version").fetchone()[0])
+        changed = version != self._data_version
+        self._data_version = version
+        return changed
+
+    def take_rechecks(self, limit: int) -> list[tuple[Kind, str]]:
+        """Records another program wrote (the schema's triggers noted them): to re-read from Redis,
+        so the archive holds Redis' state, not a stale copy desto's own store saved."""
+        with self._transaction() as conn:
+            rows = conn.execute("SELECT kind, record_id FROM archiver_recheck LIMIT ?", (limit,)).fetchall()
+            conn.executemany("DELETE FROM archiver_recheck WHERE kind = ? AND record_id = ?", rows)
+        return [(Kind(kind), record_id) for kind, record_id in rows]
+
     # ─── reconciliation support ────────────────────────────────────────────────────────────
 
     def live_not_read_since(self, kind: Kind, since_us: int, after_rowid: int, limit: int) -> list[tuple[int, str]]:
@@ -240,7 +229,7 @@ class Store:
                 rows.setdefault(outcome.kind, []).append(outcome)
         with self._transaction() as conn:
             for kind, kind_rows in rows.items():
-                _RowWriter(conn, kind, batch.hints, result).write(kind_rows)
+                RowWriter(conn, kind, batch.hints, result).write(kind_rows)
                 resolved.update(r.key for r in kind_rows if r.key in self._unresolved)
             for outcome in batch.outcomes:
                 if isinstance(outcome, Gone):
@@ -265,7 +254,7 @@ class Store:
     def _tombstone(self, conn: sqlite3.Connection, gone: Gone, event: bytes | None, result: BatchResult) -> None:
         assert gone.kind is not None
         table, id_col = TABLES[gone.kind], COLUMNS[gone.kind][0]
-        status_col = "status" if "status" in COLUMNS[gone.kind] else "NULL"
+        status_col = "coalesce(observed_status, status)" if "status" in COLUMNS[gone.kind] else "NULL"
         found = conn.execute(
             f"SELECT read_at_us, gone_at, expires_at, {status_col} FROM {table} WHERE {id_col} = ?",
             (gone.record_id,),
@@ -290,7 +279,7 @@ class Store:
             f"UPDATE {table} SET gone_at = ?, gone_reason = ?, read_at_us = ? WHERE {id_col} = ?",
             (gone_at, reason, gone.read_at_us, gone.record_id),
         )
-        _history(conn, gone.kind, gone.record_id, reason, status, status, None, gone_at, None, "redis")
+        add_history(conn, gone.kind, gone.record_id, reason, status, status, None, gone_at, None, "redis")
         result.tombstoned += 1
         result.history += 1
 
@@ -331,174 +320,3 @@ def _refused(row: Row, exc: Exception) -> Rejected:
         reason=f"the archive refused the normalized row: {exc}",
         read_at_us=row.read_at_us,
     )
-
-
-def _history(
-    conn: sqlite3.Connection,
-    kind: Kind,
-    record_id: str,
-    event: str,
-    status: str | None,
-    previous: str | None,
-    detail: str | None,
-    observed_at: str,
-    desto_timestamp: str | None,
-    source: str,
-) -> None:
-    conn.execute(
-        "INSERT INTO status_history (kind, record_id, event, status, previous_status, detail, observed_at, "
-        "desto_timestamp, source) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (kind.value, record_id, event, status, previous, detail, observed_at, desto_timestamp, source),
-    )
-
-
-class _RowWriter:
-    """Writes the live rows of one kind in a batch: version guard, favorites' names, history."""
-
-    def __init__(
-        self,
-        conn: sqlite3.Connection,
-        kind: Kind,
-        hints: Mapping[tuple[Kind, str], Sequence[TimedHint]],
-        result: BatchResult,
-    ) -> None:
-        self.conn, self.kind, self.hints, self.result = conn, kind, hints, result
-        self.table = TABLES[kind]
-        self.cols = COLUMNS[kind]
-        self.id_col = self.cols[0]
-        self.favorite = kind is Kind.FAVORITE
-        self.status_idx = self.cols.index("status") if "status" in self.cols else None
-        extra_cols = ", real_name" if self.favorite else ""
-        self.select = (
-            f"SELECT {', '.join(self.cols)}, extra, read_at_us, gone_at{extra_cols} FROM {self.table} "
-            f"WHERE {self.id_col} IN "
-        )
-        tracking = ["created_at", "updated_at", "read_at_us", "first_seen_at", "last_seen_at", "expires_at", "extra"]
-        if self.favorite:
-            tracking.append("real_name")
-        all_cols = [*self.cols, *tracking]
-        self.insert = f"INSERT INTO {self.table} ({', '.join(all_cols)}) VALUES ({', '.join('?' * len(all_cols))})"
-        set_cols = [*self.cols[1:], "updated_at", "read_at_us", "last_seen_at", "expires_at", "extra"]
-        if self.favorite:
-            set_cols.append("real_name")
-        self.update = (
-            f"UPDATE {self.table} SET {', '.join(c + ' = ?' for c in set_cols)}, gone_at = NULL, "
-            f"gone_reason = NULL WHERE {self.id_col} = ?"
-        )
-        self.touch = f"UPDATE {self.table} SET read_at_us = ?, last_seen_at = ?, expires_at = ? WHERE {self.id_col} = ?"
-
-    def _existing(self, ids: list[str]) -> dict[str, tuple[Any, ...]]:
-        found: dict[str, tuple[Any, ...]] = {}
-        for start in range(0, len(ids), 500):
-            chunk = ids[start : start + 500]
-            query = self.select + f"({', '.join('?' * len(chunk))})"
-            for row in self.conn.execute(query, chunk):
-                found[row[0]] = tuple(row)
-        return found
-
-    def write(self, rows: list[Row]) -> None:
-        existing = self._existing(list({r.record_id for r in rows}))
-        n = len(self.cols)
-        for row in rows:
-            old = existing.get(row.record_id)
-            seen = iso_utc(row.read_at_us)
-            expires = iso_utc(row.expires_at_us) if row.expires_at_us is not None else None
-            if old is None:
-                if self.favorite:
-                    self._free_name(row.values[1], row.record_id)
-                params = [*row.values, sqlite_utc(row.created_at_us), sqlite_utc(row.read_at_us), row.read_at_us]
-                params += [seen, seen, expires, row.extra]
-                if self.favorite:
-                    params.append(row.values[1])
-                self.conn.execute(self.insert, params)
-                self.result.written[self.kind.value] += 1
-                self._record_history(row, None, None, is_new=True)
-            else:
-                old_values, old_extra, old_read_at, old_gone = old[:n], old[n], old[n + 1], old[n + 2]
-                if old_read_at is not None and row.read_at_us < old_read_at:
-                    self.result.stale += 1
-                    continue
-                if old_values != row.values or old_extra != row.extra or old_gone is not None:
-                    if self.favorite and old_values[1] != row.values[1]:
-                        self._free_name(row.values[1], row.record_id)
-                    params = [*row.values[1:], sqlite_utc(row.read_at_us), row.read_at_us, seen, expires, row.extra]
-                    if self.favorite:
-                        params.append(row.values[1])
-                    self.conn.execute(self.update, [*params, row.record_id])
-                    self.result.written[self.kind.value] += 1
-                else:
-                    self.conn.execute(self.touch, (row.read_at_us, seen, expires, row.record_id))
-                    self.result.unchanged += 1
-                self._record_history(row, old, old_gone, is_new=False)
-            existing[row.record_id] = (*row.values, row.extra, row.read_at_us, None, row.name)
-
-    def _free_name(self, name: str, owner: str) -> None:
-        """desto's favorites.name is UNIQUE: a stale holder of ``name`` (deleted, or renamed in a
-        read not yet applied) gets a disambiguated name; its real name stays in ``real_name``."""
-        holder = self.conn.execute(
-            "SELECT favorite_id FROM favorites WHERE name = ? AND favorite_id != ?", (name, owner)
-        ).fetchone()
-        if holder is None:
-            return
-        candidate, n = f"{name} [{holder[0]}]", 1
-        while self.conn.execute("SELECT 1 FROM favorites WHERE name = ?", (candidate,)).fetchone():
-            n += 1
-            candidate = f"{name} [{holder[0]}] ({n})"
-        self.conn.execute(
-            "UPDATE favorites SET name = ?, real_name = coalesce(real_name, ?) WHERE favorite_id = ?",
-            (candidate, name, holder[0]),
-        )
-
-    def _record_history(self, row: Row, old: tuple[Any, ...] | None, old_gone: str | None, is_new: bool) -> None:
-        observed = iso_utc(row.read_at_us)
-        n = len(self.cols)
-        if self.favorite:
-            old_name = None if old is None else (old[n + 3] or old[1])
-            if is_new:
-                self._add(row.record_id, "first_seen", None, None, None, observed, None, "redis")
-            elif old_gone is not None:
-                self._add(row.record_id, "reappeared", None, None, None, observed, None, "redis")
-            if old_name is not None and old_name != row.values[1]:
-                detail = json.dumps({"from": old_name, "to": row.values[1]}, ensure_ascii=False)
-                self._add(row.record_id, "renamed", None, None, detail, observed, None, "redis")
-            return
-        assert self.status_idx is not None
-        previous = None if old is None else old[self.status_idx]
-        status = row.values[self.status_idx]
-        if old_gone is not None:
-            self._add(row.record_id, "reappeared", status, previous, None, observed, None, "redis")
-            previous = status
-        current, read_ts = previous, None
-        for hint in self.hints.get((self.kind, row.record_id), ()):
-            if hint.status == current:
-                self._attach_timestamp(row.record_id, hint.status, hint.timestamp)
-                continue
-            if hint.status == status:
-                read_ts = read_ts or hint.timestamp
-                continue
-            if hint.status not in _STATUSES.get(self.kind, ()):
-                continue
-            event = "first_seen" if is_new and current is None else "status"
-            hint_seen = iso_utc(hint.received_us)
-            self._add(row.record_id, event, hint.status, current, None, hint_seen, hint.timestamp, "pubsub")
-            current = hint.status
-        if status != current:
-            event = "first_seen" if is_new and current is None else "status"
-            self._add(row.record_id, event, status, current, None, observed, read_ts, "redis")
-        elif read_ts is not None:
-            self._attach_timestamp(row.record_id, status, read_ts)
-
-    def _add(self, record_id: str, event: str, status: str | None, previous: str | None, detail: str | None,
-             observed: str, desto_ts: str | None, source: str) -> None:  # fmt: skip
-        _history(self.conn, self.kind, record_id, event, status, previous, detail, observed, desto_ts, source)
-        self.result.history += 1
-
-    def _attach_timestamp(self, record_id: str, status: str, timestamp: str | None) -> None:
-        """desto's message for a change the archiver already recorded: keep desto's own time."""
-        if timestamp is None:
-            return
-        self.conn.execute(
-            "UPDATE status_history SET desto_timestamp = ? WHERE id = (SELECT max(id) FROM status_history "
-            "WHERE kind = ? AND record_id = ?) AND status = ? AND desto_timestamp IS NULL",
-            (timestamp, self.kind.value, record_id, status),
-        )

@@ -13,7 +13,8 @@ import pytest
 from archiver.keys import Kind, classify, record_key
 from archiver.models import Fetched, Outcome, normalize
 from archiver.schema import SCHEMA_VERSION
-from archiver.store import AlreadyRunning, Batch, DaemonLock, Store, StoreError, TimedHint
+from archiver.store import AlreadyRunning, Batch, DaemonLock, Store, StoreError
+from archiver.writer import TimedHint
 from tests.helpers import favorite_hash, job_hash, query, row, session_hash
 
 T0 = 1_795_000_000_000_000
@@ -280,3 +281,43 @@ def test_a_row_the_file_refuses_is_quarantined_alone(store: Store, db_path: Path
     assert row(db_path, "jobs", "job_id", refused["job_id"]) is None
     reason = query(db_path, "SELECT reason FROM quarantine")[0][0]
     assert "the archive refused the normalized row: no secrets in the archive" in reason
+
+
+def test_a_file_at_schema_1_is_migrated_forward_keeping_its_rows(db_path: Path) -> None:
+    from archiver import schema
+
+    db_path.parent.mkdir(parents=True)
+    conn = sqlite3.connect(db_path, isolation_level=None)
+    schema._migrate_to_1(conn)
+    conn.execute("PRAGMA user_version = 1")
+    conn.execute(
+        "INSERT INTO sessions (session_id, session_name, status, read_at_us) VALUES ('s1', 'nightly', 'running', 1)"
+    )
+    conn.close()
+    store = Store.open(db_path)
+    try:
+        assert store.schema_found == 1
+        assert query(db_path, "PRAGMA user_version")[0][0] == SCHEMA_VERSION
+        assert row(db_path, "sessions", "session_id", "s1")["observed_status"] == "running"
+    finally:
+        store.close()
+
+
+def test_writes_by_another_program_are_noted_for_a_re_read(store: Store, db_path: Path) -> None:
+    mine = session_hash()
+    store.apply(Batch([read(Kind.SESSION, mine["session_id"], mine, T0)]))
+    assert store.foreign_commits() is True  # the first look always checks
+    assert store.take_rechecks(100) == []  # the archiver's own writes are not noted
+    assert store.foreign_commits() is False
+    other = sqlite3.connect(db_path)
+    with other:  # what desto's store does: an upsert that leaves the archiver's columns alone
+        other.execute("UPDATE sessions SET status = 'starting' WHERE session_id = ?", (mine["session_id"],))
+        other.execute("INSERT INTO jobs (job_id, session_id, status) VALUES ('j-desto', 's', 'queued')")
+    other.close()
+    assert store.foreign_commits() is True
+    assert set(store.take_rechecks(100)) == {(Kind.SESSION, mine["session_id"]), (Kind.JOB, "j-desto")}
+    assert store.take_rechecks(100) == []
+    # the re-read restores Redis' state without recording a transition that never happened
+    store.apply(Batch([read(Kind.SESSION, mine["session_id"], mine, T0 + 1)]))
+    assert row(db_path, "sessions", "session_id", mine["session_id"])["status"] == "running"
+    assert [h[0] for h in history(db_path, mine["session_id"])] == ["first_seen"]

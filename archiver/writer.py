@@ -1,0 +1,210 @@
+"""Writing the live rows of one kind inside a batch's transaction: the version guard, favorites'
+unique names, and the status history.
+
+Each record table carries one column of the archiver's own beside desto's: ``observed_status``
+(the status the archiver last read from Redis; desto's own store never sets it, so a stale write
+by desto is not mistaken for a transition) or, for favorites, ``real_name``.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from archiver.keys import Kind
+from archiver.models import COLUMNS, JOB_STATUSES, SESSION_STATUSES, Row, iso_utc, sqlite_utc
+
+TABLES: dict[Kind, str] = {
+    Kind.SESSION: "sessions",
+    Kind.JOB: "jobs",
+    Kind.FAVORITE: "favorites",
+    Kind.ATJOB: "at_jobs",
+}
+# Statuses desto's messages may report for a record (at-jobs have no channel).
+_STATUSES: dict[Kind, frozenset[str]] = {Kind.SESSION: SESSION_STATUSES, Kind.JOB: JOB_STATUSES}
+_TRACKING = ("created_at", "updated_at", "read_at_us", "first_seen_at", "last_seen_at", "expires_at", "extra")
+
+
+def tail_column(kind: Kind) -> str:
+    return "real_name" if kind is Kind.FAVORITE else "observed_status"
+
+
+@dataclass(frozen=True, slots=True)
+class TimedHint:
+    """One of desto's pub/sub status messages, with when the archiver received it."""
+
+    status: str
+    timestamp: str | None
+    received_us: int
+
+
+@dataclass(slots=True)
+class _Old:
+    values: tuple[Any, ...]
+    extra: str | None
+    read_at_us: int | None
+    gone_at: str | None
+    tail: str | None  # observed_status, or a favorite's real name
+
+
+class RowWriter:
+    def __init__(
+        self,
+        conn: sqlite3.Connection,
+        kind: Kind,
+        hints: Mapping[tuple[Kind, str], Sequence[TimedHint]],
+        counts: Any,
+    ) -> None:
+        self.conn, self.kind, self.hints, self.counts = conn, kind, hints, counts
+        self.table = TABLES[kind]
+        self.cols = COLUMNS[kind]
+        self.id_col = self.cols[0]
+        self.favorite = kind is Kind.FAVORITE
+        self.status_idx = self.cols.index("status") if "status" in self.cols else None
+        tail = tail_column(kind)
+        self.select = (
+            f"SELECT {', '.join(self.cols)}, extra, read_at_us, gone_at, {tail} FROM {self.table} "
+            f"WHERE {self.id_col} IN "
+        )
+        insert_cols = [*self.cols, *_TRACKING, tail]
+        self.insert = (
+            f"INSERT INTO {self.table} ({', '.join(insert_cols)}) VALUES ({', '.join('?' * len(insert_cols))})"
+        )
+        set_cols = [*self.cols[1:], "updated_at", "read_at_us", "last_seen_at", "expires_at", "extra", tail]
+        self.update = (
+            f"UPDATE {self.table} SET {', '.join(c + ' = ?' for c in set_cols)}, gone_at = NULL, "
+            f"gone_reason = NULL WHERE {self.id_col} = ?"
+        )
+        self.touch = f"UPDATE {self.table} SET read_at_us = ?, last_seen_at = ?, expires_at = ? WHERE {self.id_col} = ?"
+
+    def _existing(self, ids: list[str]) -> dict[str, _Old]:
+        found: dict[str, _Old] = {}
+        n = len(self.cols)
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            for r in self.conn.execute(self.select + f"({', '.join('?' * len(chunk))})", chunk):
+                found[r[0]] = _Old(tuple(r[:n]), r[n], r[n + 1], r[n + 2], r[n + 3])
+        return found
+
+    def _tail(self, row: Row) -> Any:
+        return row.values[1] if self.favorite else row.status
+
+    def write(self, rows: list[Row]) -> None:
+        existing = self._existing(list({r.record_id for r in rows}))
+        for row in rows:
+            old = existing.get(row.record_id)
+            seen = iso_utc(row.read_at_us)
+            expires = iso_utc(row.expires_at_us) if row.expires_at_us is not None else None
+            tracking = [sqlite_utc(row.read_at_us), row.read_at_us]
+            if old is None:
+                if self.favorite:
+                    self._free_name(row.values[1], row.record_id)
+                params = [*row.values, sqlite_utc(row.created_at_us), *tracking, seen, seen, expires, row.extra]
+                self.conn.execute(self.insert, [*params, self._tail(row)])
+                self.counts.written[self.kind.value] += 1
+            elif old.read_at_us is not None and row.read_at_us < old.read_at_us:
+                self.counts.stale += 1
+                continue
+            elif old.values != row.values or old.extra != row.extra or old.gone_at is not None:
+                if self.favorite and old.values[1] != row.values[1]:
+                    self._free_name(row.values[1], row.record_id)
+                params = [*row.values[1:], *tracking, seen, expires, row.extra, self._tail(row)]
+                self.conn.execute(self.update, [*params, row.record_id])
+                self.counts.written[self.kind.value] += 1
+            else:
+                self.conn.execute(self.touch, (row.read_at_us, seen, expires, row.record_id))
+                self.counts.unchanged += 1
+            self._record_history(row, old)
+            existing[row.record_id] = _Old(row.values, row.extra, row.read_at_us, None, self._tail(row))
+
+    def _free_name(self, name: str, owner: str) -> None:
+        """desto's favorites.name is UNIQUE: a stale holder of ``name`` (deleted, or renamed in a
+        read not yet applied) gets a disambiguated name; its real name stays in ``real_name``."""
+        holder = self.conn.execute(
+            "SELECT favorite_id FROM favorites WHERE name = ? AND favorite_id != ?", (name, owner)
+        ).fetchone()
+        if holder is None:
+            return
+        candidate, n = f"{name} [{holder[0]}]", 1
+        while self.conn.execute("SELECT 1 FROM favorites WHERE name = ?", (candidate,)).fetchone():
+            n += 1
+            candidate = f"{name} [{holder[0]}] ({n})"
+        self.conn.execute(
+            "UPDATE favorites SET name = ?, real_name = coalesce(real_name, ?) WHERE favorite_id = ?",
+            (candidate, name, holder[0]),
+        )
+
+    def _record_history(self, row: Row, old: _Old | None) -> None:
+        # A row desto's own store inserted has never been read by the archiver: first sight.
+        is_new = old is None or old.read_at_us is None
+        reappeared = old is not None and old.gone_at is not None
+        observed = iso_utc(row.read_at_us)
+        if self.favorite:
+            if is_new:
+                self._add(row.record_id, "first_seen", None, None, None, observed, None, "redis")
+            elif reappeared:
+                self._add(row.record_id, "reappeared", None, None, None, observed, None, "redis")
+            old_name = None if old is None or is_new else (old.tail or old.values[1])
+            if old_name is not None and old_name != row.values[1]:
+                detail = json.dumps({"from": old_name, "to": row.values[1]}, ensure_ascii=False)
+                self._add(row.record_id, "renamed", None, None, detail, observed, None, "redis")
+            return
+        status = row.status
+        assert status is not None
+        previous = None if old is None or is_new else old.tail
+        if reappeared:
+            self._add(row.record_id, "reappeared", status, previous, None, observed, None, "redis")
+            previous = status
+        current, read_ts = previous, None
+        for hint in self.hints.get((self.kind, row.record_id), ()):
+            if hint.status == current:
+                self._attach_timestamp(row.record_id, hint.status, hint.timestamp)
+            elif hint.status == status:
+                read_ts = read_ts or hint.timestamp
+            elif hint.status in _STATUSES.get(self.kind, ()):
+                event = "first_seen" if is_new and current is None else "status"
+                hint_seen = iso_utc(hint.received_us)
+                self._add(row.record_id, event, hint.status, current, None, hint_seen, hint.timestamp, "pubsub")
+                current = hint.status
+        if status != current:
+            event = "first_seen" if is_new and current is None else "status"
+            self._add(row.record_id, event, status, current, None, observed, read_ts, "redis")
+        elif read_ts is not None:
+            self._attach_timestamp(row.record_id, status, read_ts)
+
+    def _add(self, record_id: str, event: str, status: str | None, previous: str | None, detail: str | None,
+             observed: str, desto_ts: str | None, source: str) -> None:  # fmt: skip
+        add_history(self.conn, self.kind, record_id, event, status, previous, detail, observed, desto_ts, source)
+        self.counts.history += 1
+
+    def _attach_timestamp(self, record_id: str, status: str, timestamp: str | None) -> None:
+        """desto's message for a change the archiver already recorded: keep desto's own time."""
+        if timestamp is None:
+            return
+        self.conn.execute(
+            "UPDATE status_history SET desto_timestamp = ? WHERE id = (SELECT max(id) FROM status_history "
+            "WHERE kind = ? AND record_id = ?) AND status = ? AND desto_timestamp IS NULL",
+            (timestamp, self.kind.value, record_id, status),
+        )
+
+
+def add_history(
+    conn: sqlite3.Connection,
+    kind: Kind,
+    record_id: str,
+    event: str,
+    status: str | None,
+    previous: str | None,
+    detail: str | None,
+    observed_at: str,
+    desto_timestamp: str | None,
+    source: str,
+) -> None:
+    conn.execute(
+        "INSERT INTO status_history (kind, record_id, event, status, previous_status, detail, observed_at, "
+        "desto_timestamp, source) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (kind.value, record_id, event, status, previous, detail, observed_at, desto_timestamp, source),
+    )
