@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from archiver.config import Settings
-from archiver.pipeline import Reconcile, archive, now_us, records_of
+from archiver.reconcile import Reconcile, archive, now_us, records_of
 from archiver.source import Source
 from archiver.store import Store
 

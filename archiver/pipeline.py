@@ -15,135 +15,24 @@ import socket
 import sqlite3
 import threading
 import time
-from collections import OrderedDict, deque
-from collections.abc import Iterable, Sequence
+from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from archiver.config import Settings
-from archiver.keys import KeyClass, Kind, ParsedKey, classify, record_key
+from archiver.dirty import Dirty, Hints
+from archiver.keys import KeyClass, ParsedKey, classify, record_key
 from archiver.log import get_logger
-from archiver.models import Outcome, Row, normalize, parse_hint
+from archiver.models import parse_hint
+from archiver.reconcile import Reconcile, archive, now_us, records_of
 from archiver.source import CONNECTION_ERRORS, Listener, NotifyState, Source
-from archiver.store import GONE_EVENTS, Batch, BatchResult, DaemonLock, Store, StoreError
+from archiver.store import BatchResult, DaemonLock, Store
 from archiver.writer import TimedHint
 
 log = get_logger("archiver.pipeline")
 
-_HINTS_PER_RECORD = 32
 _TICK = 0.1  # the longest the main loop sleeps: how fast it notices a stop request
 _FLUSH_ERRORS: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, sqlite3.Error)
-
-
-def now_us() -> int:
-    return time.time_ns() // 1000
-
-
-class Dirty:
-    """Keys waiting to be re-read, coalesced, in arrival order; bounded.
-
-    Each key keeps the last removal event seen for it (del, expired, evicted), so a tombstone
-    says why the key left. On overflow the keys are forgotten and a reconcile is scheduled
-    instead: a reconcile re-reads everything, so nothing is lost, only coalesced harder.
-    """
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self._keys: dict[bytes, bytes | None] = {}
-        self._lock = threading.Lock()
-        self.wake = threading.Event()  # set when the set goes from empty to non-empty
-        self.oldest_at: float | None = None
-        self.overflows = 0
-        self.events = 0
-
-    def __len__(self) -> int:
-        return len(self._keys)
-
-    def add(self, key: bytes, event: bytes | None) -> None:
-        gone = event if event in GONE_EVENTS else None
-        with self._lock:
-            self.events += 1
-            keys = self._keys
-            if key not in keys and len(keys) >= self.limit:
-                keys.clear()
-                self.overflows += 1
-                self.oldest_at = None
-                return
-            keys[key] = gone
-            if self.oldest_at is None:
-                self.oldest_at = time.monotonic()
-                self.wake.set()
-
-    def take_overflow(self) -> int:
-        with self._lock:
-            count, self.overflows = self.overflows, 0
-            return count
-
-    def pop(self, n: int) -> list[tuple[bytes, bytes | None]]:
-        with self._lock:
-            keys = self._keys
-            taken = []
-            for key in keys:
-                taken.append((key, keys[key]))
-                if len(taken) >= n:
-                    break
-            for key, _ in taken:
-                del keys[key]
-            if not keys:
-                self.oldest_at = None
-            return taken
-
-    def take(self, keys: Iterable[bytes]) -> dict[bytes, bytes | None]:
-        """Remove ``keys`` that are dirty (a reconcile is about to read them); their events."""
-        with self._lock:
-            found = {key: self._keys.pop(key) for key in keys if key in self._keys}
-            if not self._keys:
-                self.oldest_at = None
-            return found
-
-    def requeue(self, items: Sequence[tuple[bytes, bytes | None]]) -> None:
-        """Put back keys whose flush failed, without overwriting a newer event."""
-        with self._lock:
-            for key, event in items:
-                if key not in self._keys and len(self._keys) < self.limit:
-                    self._keys[key] = event
-                elif key not in self._keys:
-                    self.overflows += 1
-            if self._keys and self.oldest_at is None:
-                self.oldest_at = time.monotonic()
-
-    def ready(self, batch_size: int, max_age: float) -> bool:
-        oldest = self.oldest_at
-        return len(self._keys) >= batch_size or (oldest is not None and time.monotonic() - oldest >= max_age)
-
-
-class Hints:
-    """desto's status messages per record, held until the record's next read; bounded."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self._by_record: OrderedDict[tuple[Kind, str], list[TimedHint]] = OrderedDict()
-
-    def add(self, kind: Kind, record_id: str, hint: TimedHint) -> None:
-        hints = self._by_record.get((kind, record_id))
-        if hints is None:
-            if len(self._by_record) >= self.limit:
-                self._by_record.popitem(last=False)  # only desto's timestamps are lost, never a record
-            hints = self._by_record[(kind, record_id)] = []
-        if len(hints) < _HINTS_PER_RECORD:
-            hints.append(hint)
-
-    def take(self, rows: Iterable[Row]) -> dict[tuple[Kind, str], list[TimedHint]]:
-        taken = {}
-        for row in rows:
-            hints = self._by_record.pop((row.kind, row.record_id), None)
-            if hints:
-                taken[(row.kind, row.record_id)] = hints
-        return taken
-
-    def restore(self, taken: dict[tuple[Kind, str], list[TimedHint]]) -> None:
-        for (kind, record_id), hints in taken.items():
-            for hint in hints:
-                self.add(kind, record_id, hint)
 
 
 @dataclass
@@ -155,106 +44,6 @@ class Totals:
     batches: int = 0
     reconciles: int = 0
     result: BatchResult = field(default_factory=BatchResult)
-
-
-class Reconcile:
-    """One full pass, in steps: SCAN desto's keys page by page, then re-read the live rows the
-    scan did not meet (their keys left Redis while nobody listened) so they get tombstones."""
-
-    def __init__(self, source: Source, page: int, reason: str) -> None:
-        self.source = source
-        self.page = page
-        self.reason = reason
-        self.started_us = source.time_us()  # Redis' clock: rows read from now on have read_at >= this
-        self.started_mono = time.monotonic()
-        self.cursor = 0
-        self.scanning = True
-        self.kinds = list(Kind)
-        self.after_rowid = 0
-        self.done = False
-        self.keys_scanned = 0
-        self.result = BatchResult()
-
-    def next_keys(self, store: Store) -> list[bytes]:
-        """The keys of the next step; empty with ``done`` set when the pass is over."""
-        while not self.done:
-            if self.scanning:
-                self.cursor, keys = self.source.scan_page(self.cursor, self.page)
-                if self.cursor == 0:
-                    self.scanning = False
-                self.keys_scanned += len(keys)
-                if keys:
-                    return keys
-                continue
-            if not self.kinds:
-                self.done = True
-                break
-            kind = self.kinds[0]
-            rows = store.live_not_read_since(kind, self.started_us, self.after_rowid, self.page)
-            if not rows:
-                self.kinds.pop(0)
-                self.after_rowid = 0
-                continue
-            self.after_rowid = rows[-1][0]
-            return [record_key(kind, record_id) for _, record_id in rows]
-        return []
-
-    def summary(self) -> dict[str, object]:
-        r = self.result
-        return {
-            "reason": self.reason,
-            "keys_scanned": self.keys_scanned,
-            "written": dict(r.written),
-            "unchanged": r.unchanged,
-            "tombstoned": r.tombstoned,
-            "quarantined": len(r.quarantined),
-            "still_quarantined": r.quarantine_repeats,
-            "duration_s": round(time.monotonic() - self.started_mono, 3),
-        }
-
-
-def records_of(keys: Iterable[bytes]) -> list[tuple[bytes, ParsedKey]]:
-    """The keys worth reading: records and unknown keys (to quarantine), not desto's indexes."""
-    out = []
-    for key in keys:
-        parsed = classify(key)
-        if parsed is not None and parsed.cls is not KeyClass.INDEX:
-            out.append((key, parsed))
-    return out
-
-
-def read_batch(source: Source, keys: Sequence[tuple[bytes, ParsedKey]]) -> list[Outcome]:
-    fetched = source.fetch([key for key, _ in keys])
-    return [normalize(parsed, f) for (_, parsed), f in zip(keys, fetched, strict=True)]
-
-
-def archive(
-    source: Source,
-    store: Store,
-    keys: Sequence[tuple[bytes, ParsedKey]],
-    gone_events: dict[bytes, bytes] | None = None,
-    hints: Hints | None = None,
-) -> BatchResult:
-    """The one path from Redis to the file: read the keys atomically, normalize, apply in one
-    transaction. Used by the daemon's flushes, its reconciles and the backfill."""
-    outcomes = read_batch(source, keys)
-    taken = hints.take(o for o in outcomes if isinstance(o, Row)) if hints is not None else {}
-    read_at = max((o.read_at_us for o in outcomes), default=0)
-    state = {"last_event_at": str(read_at)} if gone_events is not None else {}
-    try:
-        result = store.apply(Batch(outcomes, gone_events or {}, taken, state))
-    except BaseException:
-        if hints is not None:
-            hints.restore(taken)
-        raise
-    for rejected in result.quarantined:
-        log.warning(
-            "record.quarantined",
-            key=rejected.key.decode("utf-8", "backslashreplace")[:200],
-            kind=rejected.kind.value if rejected.kind else None,
-            reason=rejected.reason,
-        )
-    return result
 
 
 class Daemon:
@@ -581,6 +370,3 @@ class Daemon:
             reconciles=totals.reconciles,
             reconnects=self.listener.reconnects if self.listener else 0,
         )
-
-
-__all__ = ["Daemon", "Dirty", "Hints", "Reconcile", "StoreError", "archive", "read_batch", "records_of"]
