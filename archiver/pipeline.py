@@ -89,6 +89,7 @@ class Daemon:
     def subscribed(self, notify: NotifyState, reconnected: bool) -> None:
         self._notify = notify
         self._reconcile_wanted = "reconnect" if reconnected else "start"
+        self._retry_at = 0.0  # Redis is back: no need to sit out a backoff from the outage
         self._subscribed.set()
 
     def disconnected(self, error: str) -> None:
