@@ -1,28 +1,35 @@
 """The command line: argument handling and output only; the work lives in the stage modules.
 
-Exit codes: 0 success, 1 runtime failure, 2 usage or configuration error.
+Exit codes: 0 success, 1 runtime failure (or, for check and health, a problem found), 2 usage or
+configuration error. Every command honours the same configuration as ``run``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from archiver import __version__
+from archiver import __version__, render
 from archiver.config import ConfigError, Settings, load_settings
 from archiver.log import configure, get_logger
+from archiver.output import to_json, write_csv, write_jsonl
 from archiver.source import CONNECTION_ERRORS
 from archiver.store import StoreError
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
 log = get_logger("archiver.cli")
+
+
+class UsageError(Exception):
+    """A command-line value the command cannot use (exit 2)."""
 
 
 def _config_options() -> argparse.ArgumentParser:
@@ -45,8 +52,46 @@ def _config_options() -> argparse.ArgumentParser:
     return parent
 
 
+def _json_option() -> argparse.ArgumentParser:
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument("--json", action="store_true", help="machine output (JSON) instead of a table")
+    return parent
+
+
+def _filter_options(statuses: str) -> argparse.ArgumentParser:
+    parent = argparse.ArgumentParser(add_help=False)
+    group = parent.add_argument_group("filters")
+    group.add_argument("--status", metavar="S", help=statuses)
+    group.add_argument("--name", metavar="TEXT", help="name contains TEXT (case-insensitive)")
+    group.add_argument("--since", metavar="WHEN", help="from WHEN: 2026-11-01, 2026-11-01T10:00, or 7d, 24h, 30m ago")
+    group.add_argument("--until", metavar="WHEN", help="before WHEN (same forms as --since)")
+    group.add_argument("--limit", metavar="N", type=int, help="at most N rows")
+    return parent
+
+
+def _command(
+    sub: Any,
+    name: str,
+    parents: list[argparse.ArgumentParser],
+    help_text: str,
+    description: str,
+    example: str,
+    handler: Callable[[Settings, argparse.Namespace], int],
+) -> argparse.ArgumentParser:
+    parser: argparse.ArgumentParser = sub.add_parser(
+        name,
+        parents=parents,
+        help=help_text,
+        description=description,
+        epilog=f"Example:\n  {example}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.set_defaults(handler=handler)
+    return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
-    common = _config_options()
+    common, as_json = _config_options(), _json_option()
     parser = argparse.ArgumentParser(
         prog="desto-archiver",
         description="Keep desto's Redis history forever in a SQLite file desto's History tab can read.",
@@ -56,14 +101,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    run = sub.add_parser(
+    run = _command(
+        sub,
         "run",
-        parents=[common],
-        help="archive continuously (the daemon)",
-        description="Follow Redis' keyspace notifications and desto's channels, and keep every session, job, "
-        "favorite and at-job in the SQLite file. Stops cleanly on SIGTERM or Ctrl-C.",
-        epilog="Example:\n  REDIS_HOST=localhost SQLITE_DB_PATH=desto_data/desto.db desto-archiver run",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        [common],
+        "archive continuously (the daemon)",
+        "Follow Redis' keyspace notifications and desto's channels, and keep every session, job, favorite and "
+        "at-job in the SQLite file. Stops cleanly on SIGTERM or Ctrl-C.",
+        "REDIS_HOST=localhost SQLITE_DB_PATH=desto_data/desto.db desto-archiver run",
+        cmd_run,
     )
     run.add_argument("--flush-interval", metavar="S", help="max seconds a change waits (ARCHIVER_FLUSH_INTERVAL)")
     run.add_argument(
@@ -76,19 +122,126 @@ def build_parser() -> argparse.ArgumentParser:
         const=False,
         help="never CONFIG SET notify-keyspace-events (ARCHIVER_CONFIGURE_NOTIFICATIONS=false)",
     )
-    run.set_defaults(handler=cmd_run)
+    run.add_argument("--metrics-port", metavar="PORT", help="serve Prometheus metrics (ARCHIVER_METRICS_PORT)")
+    run.add_argument("--metrics-host", metavar="ADDR", help="metrics address (ARCHIVER_METRICS_HOST, 127.0.0.1)")
 
-    backfill = sub.add_parser(
+    backfill = _command(
+        sub,
         "backfill",
-        parents=[common],
-        help="one full pass over Redis into the file, then exit",
-        description="Scan every desto key in Redis once, archive it, tombstone archived records whose keys are "
-        "gone, print a summary and exit. Safe while 'run' is active on the same file.",
-        epilog="Example:\n  desto-archiver backfill --db /srv/desto/desto_data/desto.db",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        [common, as_json],
+        "one full pass over Redis into the file, then exit",
+        "Scan every desto key in Redis once, archive it, tombstone archived records whose keys are gone, print a "
+        "summary and exit. Safe while 'run' is active on the same file; needs no keyspace notifications.",
+        "desto-archiver backfill --db /srv/desto/desto_data/desto.db",
+        cmd_backfill,
     )
-    backfill.add_argument("--json", action="store_true", help="print the summary as JSON")
-    backfill.set_defaults(handler=cmd_backfill)
+    backfill.add_argument("--dry-run", action="store_true", help="report what would change; write nothing")
+
+    check = _command(
+        sub,
+        "check",
+        [common, as_json],
+        "check the whole set-up and verify the archive against Redis",
+        "Redis reachable and its version; keyspace notification flags and whether CONFIG is allowed; the file "
+        "(writable, WAL, schema); the daemon (heartbeat, lag); then every live desto record compared with the "
+        "archive: missing, differing, extra. Exits 1 when anything is wrong.",
+        "desto-archiver check --show-diffs",
+        cmd_check,
+    )
+    check.add_argument("--show-diffs", action="store_true", help="list each difference, column by column")
+    check.add_argument("--no-verify", dest="verify", action="store_false", help="skip the archive-vs-Redis compare")
+    check.add_argument("--no-daemon", dest="daemon", action="store_false", help="no daemon is expected to run")
+    check.add_argument(
+        "--settle", metavar="S", type=float, default=2.0, help="wait before re-checking differences (default 2)"
+    )
+
+    _command(
+        sub,
+        "stats",
+        [common, as_json],
+        "counts, ages and sizes of the archive",
+        "Records by kind and status, oldest and newest, tombstones, quarantine, file size, last event and last "
+        "reconcile.",
+        "desto-archiver stats --json",
+        cmd_stats,
+    )
+
+    _command(
+        sub,
+        "history",
+        [common, as_json, _filter_options("session status: starting, running, finished, failed, scheduled")],
+        "list archived sessions, newest first",
+        "The sessions in the archive, kept after Redis forgot them, with their status, times, jobs and whether "
+        "their key is gone from Redis.",
+        "desto-archiver history --status failed --since 7d",
+        cmd_history,
+    )
+
+    show = _command(
+        sub,
+        "show",
+        [common, as_json],
+        "one session: its jobs and full status history",
+        "A session (by id, unique id prefix, or name: the most recent with that name), its jobs, and every "
+        "status change the archiver observed, with durations and desto's own timestamps.",
+        "desto-archiver show nightly-backup",
+        cmd_show,
+    )
+    show.add_argument("session", help="session id, id prefix (6+ characters) or name")
+
+    export = _command(
+        sub,
+        "export",
+        [common, _filter_options("status (for quarantine: the record kind)")],
+        "export sessions, jobs, favorites, at-jobs, history or quarantine as CSV or JSON Lines",
+        "Stream a table out as CSV (header row, quoted as spreadsheets expect) or JSON Lines (one object per "
+        "line, typed values). Time filters apply to start_time (sessions, jobs), created_at (favorites), "
+        "request_time (at-jobs), observed_at (history) and first_seen_at (quarantine).",
+        "desto-archiver export sessions --format csv --since 30d --output sessions.csv",
+        cmd_export,
+    )
+    export.add_argument("what", choices=["sessions", "jobs", "favorites", "atjobs", "history", "quarantine"])
+    export.add_argument("--format", choices=["csv", "jsonl"], default="jsonl", help="default jsonl")
+    export.add_argument("--output", "-o", metavar="FILE", help="write to FILE instead of stdout")
+
+    backup = _command(
+        sub,
+        "backup",
+        [common, as_json],
+        "a consistent, verified copy of the live file",
+        "Copy the archive with SQLite's online backup API (safe while the daemon writes), check the copy with "
+        "PRAGMA integrity_check, and write it as one self-contained file. Refuses to overwrite without --force.",
+        "desto-archiver backup /backups/desto-$(date +%F).db",
+        cmd_backup,
+    )
+    backup.add_argument("destination", help="file (or existing folder) to write the copy to")
+    backup.add_argument("--force", action="store_true", help="replace the destination if it exists")
+
+    _command(
+        sub,
+        "health",
+        [common],
+        "exit 0 when the daemon on this file is alive and Redis answers",
+        "For Docker's HEALTHCHECK and monitors: healthy when the daemon writing the file has a recent heartbeat, "
+        "is connected to Redis and not failing, and Redis answers this process too. Prints one line.",
+        "desto-archiver health || echo unhealthy",
+        cmd_health,
+    )
+
+    unit = _command(
+        sub,
+        "systemd-unit",
+        [common],
+        "print a systemd unit for this installation",
+        "Print a hardened Type=notify unit whose ExecStart is this installation's desto-archiver and whose "
+        "writable path is the archive's folder. Install it as /etc/systemd/system/desto-archiver.service.",
+        "desto-archiver systemd-unit --user desto > /etc/systemd/system/desto-archiver.service",
+        cmd_systemd_unit,
+    )
+    unit.add_argument("--user", default=None, help="the account to run as (default: the current one)")
+    unit.add_argument(
+        "--env-file", default="/etc/desto-archiver/desto-archiver.env", help="EnvironmentFile= (optional file)"
+    )
     return parser
 
 
@@ -104,6 +257,8 @@ _SETTING_ARGS = (
     "flush_interval",
     "reconcile_interval",
     "configure_notifications",
+    "metrics_port",
+    "metrics_host",
 )
 
 
@@ -119,6 +274,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         code: int = args.handler(settings, args)
         return code
+    except UsageError as exc:
+        print(f"desto-archiver {args.command}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except StoreError as exc:
         print(f"desto-archiver: {exc}", file=sys.stderr)
         return EXIT_FAILURE
@@ -129,6 +287,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return EXIT_FAILURE
+    except BrokenPipeError:  # e.g. `desto-archiver export sessions | head`
+        sys.stderr.close()
+        return EXIT_OK
+
+
+# ─── run, backfill ───────────────────────────────────────────────────────────────────────────────
 
 
 def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
@@ -149,19 +313,194 @@ def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_backfill(settings: Settings, args: argparse.Namespace) -> int:
-    from archiver.backfill import backfill
+    from archiver.backfill import Progress, backfill
 
-    report = backfill(settings)
-    summary: dict[str, Any] = report.as_dict()
+    live = sys.stderr.isatty() and not args.json
+    last = [0.0]
+
+    def progress(p: Progress) -> None:
+        now = time.monotonic()
+        if live and now - last[0] >= 0.1:
+            last[0] = now
+            sys.stderr.write(
+                f"\r{p.phase}: {p.keys_scanned:,} keys scanned, {p.keys_read:,} read ({p.keys_per_s:,.0f}/s), "
+                f"{p.written:,} written, {p.quarantined:,} quarantined, {p.elapsed_s:.1f} s "
+            )
+            sys.stderr.flush()
+        elif not live and now - last[0] >= 5:
+            last[0] = now
+            log.info(
+                "backfill.progress",
+                phase=p.phase,
+                keys_scanned=p.keys_scanned,
+                keys_read=p.keys_read,
+                written=p.written,
+                keys_per_s=round(p.keys_per_s),
+            )
+
+    report = backfill(settings, progress, dry_run=args.dry_run)
+    if live:
+        sys.stderr.write("\r\033[K")
     if args.json:
-        print(json.dumps(summary))
-    else:
-        written = ", ".join(f"{n} {kind}" for kind, n in sorted(report.written.items())) or "nothing new"
+        print(to_json(report.as_dict()))
+        return EXIT_OK
+    print(render.backfill(report))
+    return EXIT_OK
+
+
+# ─── check, health ───────────────────────────────────────────────────────────────────────────────
+
+
+def cmd_check(settings: Settings, args: argparse.Namespace) -> int:
+    import sqlite3
+
+    from archiver.check import doctor, verify
+    from archiver.source import Source
+
+    source = Source(settings)
+    try:
+        findings, redis_ok = doctor(settings, source, with_daemon=args.daemon)
+        report = None
+        if args.verify and redis_ok and settings.db_path.exists():
+            conn = sqlite3.connect(f"file:{settings.db_path}?mode=ro", uri=True, timeout=10)
+            try:
+                report = verify(source, conn, settings.batch_size, args.settle)
+            finally:
+                conn.close()
+    finally:
+        source.close()
+    ok = all(f.status != "fail" for f in findings) and (report is None or report.ok)
+    if args.json:
         print(
-            f"backfill done: {report.keys_read} keys read in {report.elapsed_s:.2f} s "
-            f"({report.keys_per_s:,.0f} keys/s)\n"
-            f"  written: {written}\n  unchanged: {report.unchanged}\n"
-            f"  tombstoned: {report.tombstoned}\n"
-            f"  quarantined: {report.quarantined} new, {report.still_quarantined} already in quarantine"
+            to_json(
+                {
+                    "ok": ok,
+                    "checks": [f.as_dict() for f in findings],
+                    "verify": None if report is None else report.as_dict(),
+                }
+            )
+        )
+        return EXIT_OK if ok else EXIT_FAILURE
+    print(render.check(findings, report, args.show_diffs))
+    return EXIT_OK if ok else EXIT_FAILURE
+
+
+def cmd_health(settings: Settings, args: argparse.Namespace) -> int:
+    from archiver.health import health
+
+    healthy, reason = health(settings)
+    print(("healthy: " if healthy else "unhealthy: ") + reason)
+    return EXIT_OK if healthy else EXIT_FAILURE
+
+
+def cmd_systemd_unit(settings: Settings, args: argparse.Namespace) -> int:
+    from archiver.systemd import render_unit
+
+    executable = Path(sys.argv[0]).resolve() if Path(sys.argv[0]).name == "desto-archiver" else None
+    print(render_unit(settings, executable=executable, user=args.user, env_file=args.env_file), end="")
+    return EXIT_OK
+
+
+# ─── reading the archive ─────────────────────────────────────────────────────────────────────────
+
+
+def _filters(args: argparse.Namespace) -> Any:
+    from archiver.reader import Filters, parse_when
+
+    try:
+        since = parse_when(args.since) if args.since else None
+        until = parse_when(args.until) if args.until else None
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if args.limit is not None and args.limit < 1:
+        raise UsageError("--limit must be 1 or more")
+    return Filters(status=args.status, name=args.name, since=since, until=until, limit=args.limit)
+
+
+def cmd_stats(settings: Settings, args: argparse.Namespace) -> int:
+    from archiver.reader import Reader
+
+    reader = Reader.open(settings.db_path)
+    try:
+        stats = reader.stats()
+    finally:
+        reader.close()
+    if args.json:
+        print(to_json(stats))
+        return EXIT_OK
+    print(render.stats(stats))
+    return EXIT_OK
+
+
+def cmd_history(settings: Settings, args: argparse.Namespace) -> int:
+    from archiver.reader import Reader
+
+    filters = _filters(args)
+    reader = Reader.open(settings.db_path)
+    try:
+        sessions = reader.sessions(filters)
+    finally:
+        reader.close()
+    if args.json:
+        print(to_json(sessions))
+        return EXIT_OK
+    print(render.history(sessions))
+    return EXIT_OK
+
+
+def cmd_show(settings: Settings, args: argparse.Namespace) -> int:
+    from archiver.reader import Reader
+
+    reader = Reader.open(settings.db_path)
+    try:
+        shown = reader.show(args.session)
+    finally:
+        reader.close()
+    if args.json:
+        print(to_json(shown))
+        return EXIT_OK
+    print(render.show(shown))
+    return EXIT_OK
+
+
+def cmd_export(settings: Settings, args: argparse.Namespace) -> int:
+    from archiver.reader import Reader
+
+    filters = _filters(args)
+    reader = Reader.open(settings.db_path)
+    try:
+        columns, rows = reader.export(args.what, filters)
+        if args.format == "csv" and args.what == "quarantine":
+            rows = (_flat_payload(r) for r in rows)
+        out = open(args.output, "w", newline="", encoding="utf-8") if args.output else sys.stdout  # noqa: SIM115
+        try:
+            count = write_csv(columns, rows, out) if args.format == "csv" else write_jsonl(rows, out)
+        finally:
+            if args.output:
+                out.close()
+    except OSError as exc:
+        raise StoreError(f"cannot write {args.output}: {exc.strerror}") from None
+    finally:
+        reader.close()
+    if args.output:
+        print(f"{count:,} {args.what} rows written to {args.output}", file=sys.stderr)
+    return EXIT_OK
+
+
+def _flat_payload(row: dict[str, Any]) -> dict[str, Any]:
+    row["payload"] = to_json(row["payload"])
+    return row
+
+
+def cmd_backup(settings: Settings, args: argparse.Namespace) -> int:
+    from archiver.backup import backup
+
+    report = backup(settings.db_path, Path(args.destination), force=args.force)
+    if args.json:
+        print(to_json(report.__dict__))
+    else:
+        print(
+            f"backed up {report.source} to {report.destination}: {report.bytes:,} bytes, "
+            f"integrity {report.integrity}, {report.elapsed_s:.2f} s"
         )
     return EXIT_OK

@@ -66,6 +66,10 @@ class Settings(BaseSettings):
     sqlite_busy_timeout: float = Field(
         5, ge=0, validation_alias=_env("sqlite_busy_timeout", "ARCHIVER_SQLITE_BUSY_TIMEOUT")
     )
+    metrics_port: int | None = Field(
+        None, ge=1, le=65535, validation_alias=_env("metrics_port", "ARCHIVER_METRICS_PORT")
+    )
+    metrics_host: str = Field("127.0.0.1", validation_alias=_env("metrics_host", "ARCHIVER_METRICS_HOST"))
     log_format: Literal["auto", "json", "console"] = Field(
         "auto", validation_alias=_env("log_format", "ARCHIVER_LOG_FORMAT")
     )

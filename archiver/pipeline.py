@@ -21,12 +21,14 @@ from dataclasses import dataclass, field
 
 from archiver.config import Settings
 from archiver.dirty import Dirty, Hints
+from archiver.health import Notifier
 from archiver.keys import KeyClass, ParsedKey, classify, record_key
 from archiver.log import get_logger
+from archiver.metrics import Metrics, Snapshot
 from archiver.models import parse_hint
 from archiver.reconcile import Reconcile, archive, now_us, records_of
 from archiver.source import CONNECTION_ERRORS, Listener, NotifyState, Source
-from archiver.store import BatchResult, DaemonLock, Store
+from archiver.store import BatchResult, DaemonLock, Store, StoreError
 from archiver.writer import TimedHint
 
 log = get_logger("archiver.pipeline")
@@ -74,6 +76,9 @@ class Daemon:
         self.source: Source | None = None
         self.listener: Listener | None = None
         self.ready = threading.Event()  # subscribed and first reconcile done
+        self.notifier = Notifier()
+        self._next_watchdog = 0.0
+        self.metrics: Metrics | None = None
 
     # ─── the listener's sink (called from its thread: only cheap, thread-safe work) ──────────
 
@@ -90,6 +95,7 @@ class Daemon:
         self._notify = notify
         self._reconcile_wanted = "reconnect" if reconnected else "start"
         self._retry_at = 0.0  # Redis is back: no need to sit out a backoff from the outage
+        self._next_heartbeat = 0.0  # tell health checks at once
         self._subscribed.set()
 
     def disconnected(self, error: str) -> None:
@@ -141,6 +147,16 @@ class Daemon:
             notify_flags_set=None if notify is None else notify.set_to,
             notifications="unknown (Redis unreachable)" if notify is None else ("on" if notify.ok else "off"),
         )
+        if self.settings.metrics_port is not None:
+            self.metrics = Metrics(self.snapshot)
+            try:
+                self.metrics.serve(self.settings.metrics_host, self.settings.metrics_port)
+            except OSError as exc:
+                raise StoreError(
+                    f"cannot serve metrics on {self.settings.metrics_host}:{self.settings.metrics_port}: "
+                    f"{exc.strerror}; choose another ARCHIVER_METRICS_PORT"
+                ) from None
+            log.info("metrics.serving", host=self.settings.metrics_host, port=self.settings.metrics_port)
         self.listener = Listener(self.settings, self.source, self)
         self.listener.start()
 
@@ -155,6 +171,9 @@ class Daemon:
             self._reconcile_wanted = self._reconcile_wanted or "overflow"
         if now >= self._next_heartbeat:
             self._heartbeat()
+        if self.notifier.watchdog_interval is not None and now >= self._next_watchdog:
+            self._next_watchdog = now + self.notifier.watchdog_interval
+            self.notifier.watchdog()
         if now < self._retry_at:
             time.sleep(min(_TICK, self._retry_at - now))
             return
@@ -239,7 +258,10 @@ class Daemon:
 
     def _apply(self, keys: Sequence[tuple[bytes, ParsedKey]], gone_events: dict[bytes, bytes]) -> None:
         assert self.source is not None and self.store is not None
+        started = time.perf_counter()
         result = archive(self.source, self.store, keys, gone_events, self.hints)
+        if self.metrics is not None:
+            self.metrics.batch_seconds.observe(time.perf_counter() - started)
         self.totals.keys_read += len(keys)
         self.totals.batches += 1
         self.totals.result.merge(result)
@@ -302,6 +324,8 @@ class Daemon:
                 {"last_reconcile_at": str(now_us()), "last_reconcile": json.dumps(rec.summary())}, now_us()
             )
             log.info("reconcile.done", **rec.summary(), next_in_s=interval)
+            if not self.ready.is_set():
+                self.notifier.ready(self._status_line())
             self.ready.set()
 
     def _heartbeat(self) -> None:
@@ -321,7 +345,7 @@ class Daemon:
                     "events": self.dirty.events,
                     "keys_read": self.totals.keys_read,
                     "written": sum(self.totals.result.written.values()),
-                    "quarantined": len(self.totals.result.quarantined),
+                    "quarantined": self.totals.result.new_quarantined,
                     "tombstoned": self.totals.result.tombstoned,
                     "reconciles": self.totals.reconciles,
                     "reconnects": self.listener.reconnects if self.listener else 0,
@@ -333,8 +357,40 @@ class Daemon:
             self.store.set_state(state, now_us())
         except sqlite3.Error as exc:
             log.debug("heartbeat.skipped", error=str(exc))
+        if self.notifier.enabled:
+            self.notifier.status(self._status_line())
+
+    def _status_line(self) -> str:
+        """A one-line summary for systemd's STATUS= (shown by systemctl status)."""
+        r = self.totals.result
+        state = "archiving" if self._subscribed.is_set() else "waiting for Redis"
+        if self._failing:
+            state = f"retrying ({self._failing} failing)"
+        return (
+            f"{state}: {self.dirty.events} events, {self.totals.keys_read} keys read, "
+            f"{sum(r.written.values())} rows written, {r.new_quarantined} quarantined, "
+            f"{len(self.dirty)} pending, {self.totals.reconciles} reconciles"
+        )
+
+    def snapshot(self) -> Snapshot:
+        """The counters Prometheus reads (called from the metrics server's thread)."""
+        oldest = self.dirty.oldest_at
+        r = self.totals.result
+        return Snapshot(
+            events=self.dirty.events,
+            keys_read=self.totals.keys_read,
+            written=dict(r.written),
+            quarantined=r.new_quarantined,
+            tombstones=r.tombstoned,
+            reconciles=self.totals.reconciles,
+            reconnects=self.listener.reconnects if self.listener else 0,
+            lag_s=0.0 if oldest is None else max(0.0, time.monotonic() - oldest),
+            pending=len(self.dirty),
+            subscribed=self._subscribed.is_set(),
+        )
 
     def _shutdown(self) -> None:
+        self.notifier.stopping()
         if self.listener is not None:
             self.listener.stop()
         deadline = time.monotonic() + self.settings.shutdown_timeout
@@ -358,6 +414,9 @@ class Daemon:
             self.listener.join(timeout=2)
         if self.source is not None:
             self.source.close()
+        if self.metrics is not None:
+            self.metrics.close()
+        self.notifier.close()
         totals = self.totals
         log.info(
             "archiver.stopped",
@@ -367,7 +426,7 @@ class Daemon:
             keys_read=totals.keys_read,
             written=dict(totals.result.written),
             tombstoned=totals.result.tombstoned,
-            quarantined=len(totals.result.quarantined),
+            quarantined=totals.result.new_quarantined,
             reconciles=totals.reconciles,
             reconnects=self.listener.reconnects if self.listener else 0,
         )

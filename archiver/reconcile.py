@@ -13,7 +13,7 @@ from collections.abc import Iterable, Sequence
 from archiver.dirty import Hints
 from archiver.keys import KeyClass, Kind, ParsedKey, classify, record_key
 from archiver.log import get_logger
-from archiver.models import Outcome, Row, normalize
+from archiver.models import Gone, Outcome, Row, normalize
 from archiver.source import Source
 from archiver.store import Batch, BatchResult, Store
 
@@ -36,6 +36,7 @@ class Reconcile:
         self.started_mono = time.monotonic()
         self.cursor = 0
         self.scanning = True
+        self.sweeping = False
         self.kinds = list(Kind)
         self.after_rowid = 0
         self.done = False
@@ -43,8 +44,10 @@ class Reconcile:
         self.result = BatchResult()
 
     def next_keys(self, store: Store) -> list[bytes]:
-        """The keys of the next step; empty with ``done`` set when the pass is over."""
+        """The keys of the next step; empty with ``done`` set when the pass is over.
+        ``sweeping`` tells which phase the returned keys belong to."""
         while not self.done:
+            self.sweeping = not self.scanning
             if self.scanning:
                 self.cursor, keys = self.source.scan_page(self.cursor, self.page)
                 if self.cursor == 0:
@@ -74,7 +77,7 @@ class Reconcile:
             "written": dict(r.written),
             "unchanged": r.unchanged,
             "tombstoned": r.tombstoned,
-            "quarantined": len(r.quarantined),
+            "quarantined": r.new_quarantined,
             "still_quarantined": r.quarantine_repeats,
             "duration_s": round(time.monotonic() - self.started_mono, 3),
         }
@@ -101,20 +104,26 @@ def archive(
     keys: Sequence[tuple[bytes, ParsedKey]],
     gone_events: dict[bytes, bytes] | None = None,
     hints: Hints | None = None,
+    *,
+    dry_run: bool = False,
+    gone_only: bool = False,
 ) -> BatchResult:
     """The one path from Redis to the file: read the keys atomically, normalize, apply in one
-    transaction. Used by the daemon's flushes, its reconciles and the backfill."""
+    transaction. Used by the daemon's flushes, its reconciles and the backfill. ``dry_run``
+    works the result out and rolls back; ``gone_only`` applies only the keys found missing."""
     outcomes = read_batch(source, keys)
+    if gone_only:
+        outcomes = [o for o in outcomes if isinstance(o, Gone)]
     taken = hints.take(o for o in outcomes if isinstance(o, Row)) if hints is not None else {}
     read_at = max((o.read_at_us for o in outcomes), default=0)
     state = {"last_event_at": str(read_at)} if gone_events is not None else {}
     try:
-        result = store.apply(Batch(outcomes, gone_events or {}, taken, state))
+        result = store.apply(Batch(outcomes, gone_events or {}, taken, state, dry_run))
     except BaseException:
         if hints is not None:
             hints.restore(taken)
         raise
-    for rejected in result.quarantined:
+    for rejected in [] if dry_run else result.quarantined:
         log.warning(
             "record.quarantined",
             key=rejected.key.decode("utf-8", "backslashreplace")[:200],

@@ -41,24 +41,37 @@ class Batch:
     gone_events: Mapping[bytes, bytes] = field(default_factory=dict)  # key -> del/expired/evicted
     hints: Mapping[tuple[Kind, str], Sequence[TimedHint]] = field(default_factory=dict)
     state: Mapping[str, str] = field(default_factory=dict)
+    dry_run: bool = False  # work out the result, then roll back
 
 
 @dataclass
 class BatchResult:
+    records: Counter[str] = field(default_factory=Counter)  # live records read, by kind
     written: Counter[str] = field(default_factory=Counter)  # rows inserted or changed, by kind
     unchanged: int = 0
     stale: int = 0  # a newer read had already landed
     tombstoned: int = 0
-    quarantined: list[Rejected] = field(default_factory=list)  # newly quarantined
+    quarantined: list[Rejected] = field(default_factory=list)  # newly quarantined by this batch
+    quarantined_before: int = 0  # ... and by the batches merged in (counted: their payloads may be big)
     quarantine_repeats: int = 0
     history: int = 0
 
-    def merge(self, other: BatchResult) -> None:
+    @property
+    def new_quarantined(self) -> int:
+        return self.quarantined_before + len(self.quarantined)
+
+    def merge(self, other: BatchResult, keep_quarantined: bool = False) -> None:
+        """Add ``other``'s counts (totals keep counts, not the quarantined payloads, unless asked)."""
+        self.records.update(other.records)
         self.written.update(other.written)
         self.unchanged += other.unchanged
         self.stale += other.stale
         self.tombstoned += other.tombstoned
-        self.quarantined.extend(other.quarantined)
+        if keep_quarantined:
+            self.quarantined.extend(other.quarantined)
+            self.quarantined_before += other.quarantined_before
+        else:
+            self.quarantined_before += other.new_quarantined
         self.quarantine_repeats += other.quarantine_repeats
         self.history += other.history
 
@@ -138,11 +151,11 @@ class Store:
             self.conn.close()
 
     @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
+    def _transaction(self, commit: bool = True) -> Iterator[sqlite3.Connection]:
         self.conn.execute("BEGIN IMMEDIATE")
         try:
             yield self.conn
-            self.conn.execute("COMMIT")
+            self.conn.execute("COMMIT" if commit else "ROLLBACK")
         except BaseException:
             with suppress(sqlite3.Error):
                 self.conn.execute("ROLLBACK")
@@ -209,15 +222,16 @@ class Store:
                 raise
         result = BatchResult()
         for outcome in batch.outcomes:
-            single = Batch([outcome], batch.gone_events, batch.hints, batch.state)
+            single = Batch([outcome], batch.gone_events, batch.hints, batch.state, batch.dry_run)
             try:
-                result.merge(self._apply(single))
+                result.merge(self._apply(single), keep_quarantined=True)
             except sqlite3.OperationalError:
                 raise
             except sqlite3.DatabaseError as exc:
                 if not isinstance(outcome, Row):
                     raise
-                result.merge(self._apply(Batch([_refused(outcome, exc)])))
+                refused = Batch([_refused(outcome, exc)], dry_run=batch.dry_run)
+                result.merge(self._apply(refused), keep_quarantined=True)
         return result
 
     def _apply(self, batch: Batch) -> BatchResult:
@@ -227,7 +241,7 @@ class Store:
         for outcome in batch.outcomes:
             if isinstance(outcome, Row):
                 rows.setdefault(outcome.kind, []).append(outcome)
-        with self._transaction() as conn:
+        with self._transaction(commit=not batch.dry_run) as conn:
             for kind, kind_rows in rows.items():
                 RowWriter(conn, kind, batch.hints, result).write(kind_rows)
                 resolved.update(r.key for r in kind_rows if r.key in self._unresolved)
@@ -247,8 +261,9 @@ class Store:
                 )
             if batch.state:
                 self._put_state(conn, batch.state, max((o.read_at_us for o in batch.outcomes), default=0))
-        self._unresolved.difference_update(resolved)
-        self._unresolved.update(r.key for r in result.quarantined)
+        if not batch.dry_run:
+            self._unresolved.difference_update(resolved)
+            self._unresolved.update(r.key for r in result.quarantined)
         return result
 
     def _tombstone(self, conn: sqlite3.Connection, gone: Gone, event: bytes | None, result: BatchResult) -> None:

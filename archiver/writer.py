@@ -95,6 +95,7 @@ class RowWriter:
     def write(self, rows: list[Row]) -> None:
         existing = self._existing(list({r.record_id for r in rows}))
         for row in rows:
+            self.counts.records[self.kind.value] += 1
             old = existing.get(row.record_id)
             seen = iso_utc(row.read_at_us)
             expires = iso_utc(row.expires_at_us) if row.expires_at_us is not None else None

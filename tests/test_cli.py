@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 import subprocess
 import sys
@@ -11,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from archiver.cli import build_parser
-from tests.helpers import REPO, count, daemon_env, job_hash, row, session_hash
+from tests.helpers import REPO, daemon_env
 from tests.redis_server import free_port
 
 COMMANDS = sorted(build_parser()._subparsers._group_actions[0].choices)  # type: ignore[union-attr]
@@ -40,24 +39,6 @@ def test_version() -> None:
 def test_unknown_command_is_a_usage_error() -> None:
     result = cli("archive-everything")
     assert result.returncode == 2 and "invalid choice" in result.stderr
-
-
-def test_backfill_archives_everything_and_prints_a_summary(redis_server, redis, db_path: Path) -> None:
-    for _ in range(5):
-        record = session_hash()
-        redis.hset(f"desto:session:{record['session_id']}", mapping=record)
-    redis.hset("desto:job:j1", mapping=job_hash("j1"))
-    redis.hset("desto:job:bad", mapping=job_hash("bad", status="exploded"))
-    result = cli("backfill", env=daemon_env(redis_server, db_path))
-    assert result.returncode == 0, result.stderr
-    assert "7 keys read" in result.stdout
-    assert "written: 1 job, 5 session" in result.stdout and "quarantined: 1 new" in result.stdout
-    assert count(db_path, "sessions") == 5 and row(db_path, "jobs", "job_id", "j1") is not None
-
-    again = cli("backfill", "--json", env=daemon_env(redis_server, db_path))
-    summary = json.loads(again.stdout)
-    assert summary["written"] == {} and summary["unchanged"] == 6
-    assert summary["quarantined"] == 0 and summary["still_quarantined"] == 1
 
 
 def test_backfill_with_redis_unreachable_says_what_to_do(db_path: Path) -> None:

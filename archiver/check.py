@@ -1,0 +1,327 @@
+"""``desto-archiver check``: a doctor for the whole set-up, and a verify of the archive against Redis.
+
+The verify compares, for every live desto record, what the archive holds with what the daemon
+would write now (the same fetch and normalize path), like RIOT's ``compare``: records missing
+from the archive, records that differ, and live rows whose keys Redis no longer has. A record
+that changed a moment ago may not be archived yet: suspects are looked at again after a short
+settle time, and only lasting differences are reported.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from archiver.config import Settings
+from archiver.keys import Kind, record_key
+from archiver.models import COLUMNS, Rejected, Row, iso_utc
+from archiver.reader import Reader
+from archiver.reconcile import now_us, read_batch, records_of
+from archiver.schema import SCHEMA_VERSION
+from archiver.source import CONNECTION_ERRORS, Source, flags_sufficient, merge_flags
+from archiver.writer import TABLES
+
+_MAX_SUSPECTS = 10_000  # differences kept in detail (and looked at again); beyond, only counted
+
+
+@dataclass
+class Finding:
+    check: str
+    status: str  # ok, warn, fail
+    detail: str
+    hint: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"check": self.check, "status": self.status, "detail": self.detail, "hint": self.hint}
+
+
+@dataclass
+class Difference:
+    key: str
+    problem: str  # missing, differing, extra
+    columns: dict[str, tuple[Any, Any]] = field(default_factory=dict)  # column: (archive, redis)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "key": self.key,
+            "problem": self.problem,
+            "columns": {c: {"archive": a, "redis": r} for c, (a, r) in self.columns.items()},
+        }
+
+
+@dataclass
+class VerifyReport:
+    records: int = 0
+    quarantined: int = 0
+    missing: int = 0
+    differing: int = 0
+    extra: int = 0
+    differences: list[Difference] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing or self.differing or self.extra)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "records": self.records,
+            "quarantined": self.quarantined,
+            "missing": self.missing,
+            "differing": self.differing,
+            "extra": self.extra,
+            "differences": [d.as_dict() for d in self.differences],
+        }
+
+
+# ─── verify ──────────────────────────────────────────────────────────────────────────────────────
+
+
+def verify(source: Source, conn: sqlite3.Connection, page: int = 500, settle_s: float = 2.0) -> VerifyReport:
+    report = VerifyReport()
+    suspects: dict[bytes, Difference] = {}
+    cursor = 0
+    while True:
+        cursor, keys = source.scan_page(cursor, page)
+        wanted = [(k, p) for k, p in records_of(keys) if p.kind is not None]
+        for difference in _compare(source, conn, wanted, report):
+            _note(report, suspects, difference)
+        if cursor == 0:
+            break
+    for kind in Kind:
+        for difference in _extra(source, conn, kind, page):
+            _note(report, suspects, difference)
+    if suspects and settle_s > 0:
+        time.sleep(settle_s)  # let a running daemon catch up, then look again
+        report = _recheck(source, conn, report, suspects)
+    else:
+        report.differences = list(suspects.values())
+    return report
+
+
+def _note(report: VerifyReport, suspects: dict[bytes, Difference], difference: Difference) -> None:
+    setattr(report, difference.problem, getattr(report, difference.problem) + 1)
+    if len(suspects) < _MAX_SUSPECTS:
+        suspects[difference.key.encode("utf-8", "surrogateescape")] = difference
+
+
+def _recheck(
+    source: Source, conn: sqlite3.Connection, report: VerifyReport, suspects: dict[bytes, Difference]
+) -> VerifyReport:
+    fresh = VerifyReport(records=report.records, quarantined=report.quarantined)
+    overflow = {p: getattr(report, p) - sum(1 for d in suspects.values() if d.problem == p) for p in _PROBLEMS}
+    keys = list(suspects)
+    for start in range(0, len(keys), 500):
+        chunk = records_of(keys[start : start + 500])
+        for difference in _compare(source, conn, chunk, VerifyReport()):
+            setattr(fresh, difference.problem, getattr(fresh, difference.problem) + 1)
+            fresh.differences.append(difference)
+    for problem, count in overflow.items():  # beyond the detail limit: counted, not looked at again
+        setattr(fresh, problem, getattr(fresh, problem) + count)
+    return fresh
+
+
+_PROBLEMS = ("missing", "differing", "extra")
+
+
+def _compare(source: Source, conn: sqlite3.Connection, keys: list[Any], report: VerifyReport) -> list[Difference]:
+    if not keys:
+        return []
+    differences = []
+    outcomes = read_batch(source, keys)
+    rows_by_kind: dict[Kind, list[Row]] = {}
+    for outcome in outcomes:
+        if isinstance(outcome, Row):
+            rows_by_kind.setdefault(outcome.kind, []).append(outcome)
+        elif isinstance(outcome, Rejected):
+            report.quarantined += 1
+            if outcome.kind is not None and not _in_quarantine(conn, outcome.key):
+                differences.append(Difference(_text(outcome.key), "missing", {"quarantine": (None, outcome.reason)}))
+        else:  # gone since it was scanned or listed
+            live = _archived(conn, outcome.kind, [outcome.record_id]) if outcome.kind is not None else {}
+            if live and live[outcome.record_id][-1] is None:
+                differences.append(Difference(_text(outcome.key), "extra"))
+    for kind, rows in rows_by_kind.items():
+        archived = _archived(conn, kind, [r.record_id for r in rows])
+        columns = COLUMNS[kind]
+        for row in rows:
+            report.records += 1
+            found = archived.get(row.record_id)
+            if found is None:
+                differences.append(Difference(_text(row.key), "missing"))
+                continue
+            diff = {c: (a, r) for c, a, r in zip(columns, found[:-1], row.values, strict=True) if a != r}
+            if found[-1] is not None:
+                diff["gone_at"] = (found[-1], None)
+            if diff:
+                differences.append(Difference(_text(row.key), "differing", diff))
+    return differences
+
+
+def _archived(conn: sqlite3.Connection, kind: Kind, ids: list[str]) -> dict[str, tuple[Any, ...]]:
+    columns = COLUMNS[kind]
+    query = (
+        f"SELECT {', '.join(columns)}, gone_at FROM {TABLES[kind]} WHERE {columns[0]} IN ({', '.join('?' * len(ids))})"
+    )
+    return {r[0]: tuple(r) for r in conn.execute(query, ids)}
+
+
+def _in_quarantine(conn: sqlite3.Connection, key: bytes) -> bool:
+    found = conn.execute("SELECT 1 FROM quarantine WHERE key = ? AND resolved_at IS NULL LIMIT 1", (key,)).fetchone()
+    return found is not None
+
+
+def _extra(source: Source, conn: sqlite3.Connection, kind: Kind, page: int) -> list[Difference]:
+    """Live rows whose keys Redis does not have (the daemon would tombstone them)."""
+    differences: list[Difference] = []
+    table, id_col = TABLES[kind], COLUMNS[kind][0]
+    after = 0
+    while True:
+        rows = conn.execute(
+            f"SELECT rowid, {id_col} FROM {table} WHERE gone_at IS NULL AND rowid > ? ORDER BY rowid LIMIT ?",
+            (after, page),
+        ).fetchall()
+        if not rows:
+            return differences
+        after = rows[-1][0]
+        keys = [record_key(kind, r[1]) for r in rows]
+        pipe = source.client.pipeline(transaction=False)
+        for key in keys:
+            pipe.exists(key)
+        for key, exists in zip(keys, pipe.execute(), strict=True):
+            if not exists:
+                differences.append(Difference(_text(key), "extra"))
+
+
+def _text(key: bytes) -> str:
+    return key.decode("utf-8", "surrogateescape")
+
+
+# ─── the doctor ──────────────────────────────────────────────────────────────────────────────────
+
+
+def doctor(settings: Settings, source: Source, with_daemon: bool = True) -> tuple[list[Finding], bool]:
+    """Every check of the set-up; the second value tells whether Redis could be reached."""
+    findings = []
+    redis_ok = True
+    try:
+        source.ping()
+        findings.append(Finding("redis", "ok", f"{settings.redis_address()} (Redis {source.server_version()})"))
+    except CONNECTION_ERRORS as exc:
+        redis_ok = False
+        findings.append(
+            Finding(
+                "redis",
+                "fail",
+                f"cannot reach {settings.redis_address()}: {exc}",
+                "is Redis running? Set REDIS_HOST/REDIS_PORT/REDIS_DB or REDIS_URL",
+            )
+        )
+    if redis_ok:
+        findings.append(_notifications(source, needed=with_daemon))
+    findings += _file(settings.db_path)
+    if with_daemon:
+        findings.append(_daemon(settings))
+    return findings, redis_ok
+
+
+def _notifications(source: Source, needed: bool) -> Finding:
+    try:
+        reply: dict[Any, Any] = dict(source.client.config_get("notify-keyspace-events"))
+    except Exception as exc:  # refused: ACLs, managed Redis, renamed command
+        return Finding(
+            "notifications",
+            "warn",
+            f"CONFIG GET refused ({exc}): cannot tell whether keyspace notifications are on",
+            "the daemon then relies on its fallback reconcile; set notify-keyspace-events KEA in Redis",
+        )
+    raw = reply.get("notify-keyspace-events", reply.get(b"notify-keyspace-events", b""))
+    flags = raw.decode() if isinstance(raw, bytes) else str(raw)
+    try:
+        source.client.config_set("notify-keyspace-events", flags)  # the same value: a no-op
+        config = "CONFIG allowed"
+    except Exception as exc:
+        config = f"CONFIG SET refused ({str(exc)[:80]})"
+    if flags_sufficient(flags):
+        return Finding("notifications", "ok", f"notify-keyspace-events={flags!r}; {config}")
+    return Finding(
+        "notifications",
+        "fail" if needed else "warn",
+        f"notify-keyspace-events={flags!r} lacks {merge_flags(flags)[len(flags) :]!r}; {config}",
+        "a running daemon sets them at start, after reconnects and on each reconcile; else set "
+        "notify-keyspace-events KEA in Redis",
+    )
+
+
+def _file(path: Path) -> list[Finding]:
+    if not path.exists():
+        return [
+            Finding(
+                "file",
+                "fail",
+                f"{path} does not exist",
+                "start 'desto-archiver run' (or 'backfill'), or point SQLITE_DB_PATH at the archive",
+            )
+        ]
+    findings = []
+    writable = os.access(path, os.W_OK) and os.access(path.parent, os.W_OK)
+    size = sum(p.stat().st_size for p in (path, Path(f"{path}-wal")) if p.exists())
+    findings.append(
+        Finding(
+            "file",
+            "ok" if writable else "fail",
+            f"{path} ({size:,} bytes with its WAL){'' if writable else ': not writable'}",
+            None if writable else f"give the archiver's user write access to {path} and its folder",
+        )
+    )
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
+    try:
+        mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+    finally:
+        conn.close()
+    findings.append(
+        Finding("wal", "ok" if mode == "wal" else "fail", f"journal_mode={mode}", "run the archiver once: it sets WAL")
+    )
+    if version == SCHEMA_VERSION:
+        findings.append(Finding("schema", "ok", f"version {version}"))
+    elif version > SCHEMA_VERSION:
+        findings.append(Finding("schema", "fail", f"version {version} > {SCHEMA_VERSION}", "upgrade desto-archiver"))
+    else:
+        findings.append(
+            Finding("schema", "warn", f"version {version} < {SCHEMA_VERSION}", "the next 'run' or 'backfill' migrates")
+        )
+    return findings
+
+
+def _daemon(settings: Settings) -> Finding:
+    try:
+        reader = Reader.open(settings.db_path)
+    except Exception as exc:
+        return Finding("daemon", "fail", f"cannot read its heartbeat: {exc}", "start 'desto-archiver run'")
+    try:
+        state = reader.state()
+    finally:
+        reader.close()
+    beat = json.loads(state.get("heartbeat", "null") or "null")
+    if not beat:
+        return Finding("daemon", "fail", "no daemon has run on this file", "start 'desto-archiver run'")
+    age = (now_us() - int(beat["at_us"])) / 1e6
+    stopped = int(state.get("stopped_at", 0) or 0)
+    limit = max(3 * settings.heartbeat_interval, 15.0)
+    last_event = int(state.get("last_event_at", 0) or 0)
+    lag = f"; last event {(now_us() - last_event) / 1e6:.1f} s ago" if last_event else ""
+    detail = f"pid {beat.get('pid')} on {beat.get('host')}, heartbeat {age:.1f} s ago, {beat.get('pending', 0)} pending"
+    if stopped > int(beat["at_us"]):
+        return Finding("daemon", "fail", f"stopped at {iso_utc(stopped)}", "start 'desto-archiver run'")
+    if age > limit:
+        return Finding("daemon", "fail", detail + lag, f"no heartbeat for {age:.0f} s: is 'desto-archiver run' alive?")
+    if not beat.get("subscribed"):
+        return Finding("daemon", "fail", detail + ": not connected to Redis", "see the daemon's log (redis.*)")
+    if beat.get("failing"):
+        return Finding("daemon", "fail", detail + f": {beat['failing']} failing", "see the daemon's log")
+    return Finding("daemon", "ok", detail + lag)

@@ -1,0 +1,84 @@
+"""Prometheus metrics for the daemon (off unless ARCHIVER_METRICS_PORT is set).
+
+Counters are read from the daemon's own totals when Prometheus scrapes, so the hot path pays
+nothing for them; only the batch latency histogram is observed per batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+PREFIX = "desto_archiver"
+
+
+@dataclass
+class Snapshot:
+    """What the daemon reports at scrape time."""
+
+    events: int = 0
+    keys_read: int = 0
+    written: dict[str, int] = field(default_factory=dict)
+    quarantined: int = 0
+    tombstones: int = 0
+    reconciles: int = 0
+    reconnects: int = 0
+    lag_s: float = 0.0
+    pending: int = 0
+    subscribed: bool = False
+
+
+class _DaemonCollector(Collector):
+    def __init__(self, snapshot: Callable[[], Snapshot]) -> None:
+        self._snapshot = snapshot
+
+    def collect(self) -> Iterator[Metric]:
+        s = self._snapshot()
+        yield _counter("events_received", "Keyspace notifications and desto messages received", s.events)
+        yield _counter("keys_read", "Keys read from Redis", s.keys_read)
+        rows = CounterMetricFamily(
+            f"{PREFIX}_rows_written", "Rows inserted or changed, by record kind", labels=["kind"]
+        )
+        for kind in ("session", "job", "favorite", "atjob"):
+            rows.add_metric([kind], s.written.get(kind, 0))
+        yield rows
+        yield _counter("quarantined", "Records put in quarantine", s.quarantined)
+        yield _counter("tombstones", "Records marked as gone from Redis", s.tombstones)
+        yield _counter("reconciles", "Full reconciles completed", s.reconciles)
+        yield _counter("reconnects", "Reconnections to Redis", s.reconnects)
+        yield GaugeMetricFamily(f"{PREFIX}_lag_seconds", "Age of the oldest change not yet archived", value=s.lag_s)
+        yield GaugeMetricFamily(f"{PREFIX}_pending_keys", "Keys waiting to be read", value=s.pending)
+        yield GaugeMetricFamily(f"{PREFIX}_redis_subscribed", "1 while subscribed to Redis", value=int(s.subscribed))
+
+
+def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+    return CounterMetricFamily(f"{PREFIX}_{name}", doc, value=value)
+
+
+class Metrics:
+    def __init__(self, snapshot: Callable[[], Snapshot]) -> None:
+        self.registry = CollectorRegistry()
+        self.registry.register(_DaemonCollector(snapshot))
+        self.batch_seconds = Histogram(
+            f"{PREFIX}_batch_seconds",
+            "Time to read, normalize and write one batch",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=self.registry,
+        )
+        self._server: Any = None
+
+    def serve(self, host: str, port: int) -> None:
+        self._server = start_http_server(port, addr=host, registry=self.registry)
+
+    def close(self) -> None:
+        if self._server is not None:
+            server, thread = self._server
+            server.shutdown()
+            server.server_close()
+            thread.join(timeout=2)
+            self._server = None

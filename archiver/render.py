@@ -1,0 +1,116 @@
+"""What the commands print for people: tables and aligned summaries (``--json`` prints the data)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from archiver.output import pairs, table
+
+
+def backfill(report: Any) -> str:
+    verb = " would be" if report.dry_run else ""
+    kinds = sorted(set(report.records) | set(report.written))
+    rows = [{"kind": k, "records": report.records.get(k, 0), f"written{verb}": report.written.get(k, 0)} for k in kinds]
+    summary = pairs(
+        [
+            ("keys read", f"{report.keys_read:,} in {report.elapsed_s:.2f} s ({report.keys_per_s:,.0f} keys/s)"),
+            ("unchanged", f"{report.unchanged:,}"),
+            (f"tombstoned{verb}", f"{report.tombstoned:,}"),
+            (f"quarantined{verb}", f"{report.quarantined:,} new, {report.still_quarantined:,} already in quarantine"),
+        ]
+    )
+    title = "backfill (dry run: nothing written):" if report.dry_run else "backfill done:"
+    return "\n".join([title, table(rows, ["kind", "records", f"written{verb}"]), summary])
+
+
+def check(findings: list[Any], report: Any, show_diffs: bool) -> str:
+    rows = [
+        {"check": f.check, "status": "ok" if f.status == "ok" else f.status.upper(), "detail": f.detail}
+        for f in findings
+    ]
+    if report is not None:
+        detail = (
+            f"{report.records:,} live records: {report.missing} missing, {report.differing} differing, "
+            f"{report.extra} extra; {report.quarantined} quarantined"
+        )
+        rows.append({"check": "verify", "status": "ok" if report.ok else "FAIL", "detail": detail})
+    lines = [_last_column_whole(rows, ["check", "status", "detail"])]
+    lines += [f"  {f.check}: {f.hint}" for f in findings if f.status != "ok" and f.hint]
+    if report is not None and not report.ok:
+        lines.append("  verify: the archive differs from Redis; 'desto-archiver backfill' brings it in line")
+        if not show_diffs:
+            lines.append("  (add --show-diffs to list them)")
+        for d in report.differences if show_diffs else []:
+            lines.append(f"  {d.problem}: {d.key}")
+            for column, (archived, in_redis) in d.columns.items():
+                lines.append(f"      {column}: archive {archived!r} != redis {in_redis!r}")
+    return "\n".join(lines)
+
+
+def _last_column_whole(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    """A table whose last column is never cut: a doctor's details are for reading whole."""
+    first = columns[:-1]
+    widths = [max(len(c), *(len(str(r[c])) for r in rows)) for c in first]
+
+    def line(values: list[str], last: str) -> str:
+        return "  ".join(v.ljust(w) for v, w in zip(values, widths, strict=True)) + "  " + last
+
+    return "\n".join([line(first, columns[-1]), *(line([str(r[c]) for c in first], str(r[columns[-1]])) for r in rows)])
+
+
+def stats(stats: dict[str, Any]) -> str:
+    rows = []
+    for kind, data in stats["records"].items():
+        rows.append(
+            {
+                "kind": kind,
+                "total": data["total"],
+                "tombstoned": data["tombstoned"],
+                "by status": ", ".join(f"{s} {n}" for s, n in data["by_status"].items()) or "-",
+                "oldest": data["oldest"],
+                "newest": data["newest"],
+            }
+        )
+    q = stats["quarantine"]
+    summary = pairs(
+        [
+            ("file", f"{stats['file']} ({stats['file_bytes']:,} bytes, schema {stats['schema_version']})"),
+            ("history events", f"{stats['history_events']:,}"),
+            ("quarantine", f"{q['total']:,} ({q['unresolved']:,} unresolved, {q['payload_bytes']:,} bytes)"),
+            ("last event", stats["last_event_at"] or "-"),
+            ("last reconcile", stats["last_reconcile_at"] or "-"),
+            ("last backfill", _backfill_line(stats["last_backfill"])),
+        ]
+    )
+    return table(rows, ["kind", "total", "tombstoned", "by status", "oldest", "newest"]) + "\n\n" + summary
+
+
+def _backfill_line(last: dict[str, Any] | None) -> str:
+    if not last:
+        return "-"
+    return f"{last['keys_read']:,} keys in {last['elapsed_s']} s, {sum(last['written'].values()):,} written"
+
+
+def history(sessions: list[dict[str, Any]]) -> str:
+    rows = [{**s, "id": s["session_id"][:8], "gone": s["gone_reason"] or ""} for s in sessions]
+    return table(rows, ["id", "session_name", "status", "start_time", "end_time", "duration_s", "jobs", "gone"])
+
+
+def show(shown: dict[str, Any]) -> str:
+    s = shown["session"]
+    header = pairs(
+        [
+            ("session", f"{s['session_name']} ({s['session_id']})"),
+            ("status", s["status"]),
+            ("started", s["start_time"] or "-"),
+            ("ended", s["end_time"] or "-"),
+            ("duration", f"{s['duration_s']} s" if s["duration_s"] is not None else "-"),
+            ("tmux session", s["tmux_session_name"] or "-"),
+            ("at job", s["at_job_id"] or "-"),
+            ("in Redis", f"gone: {s['gone_reason']} at {s['gone_at']}" if s["gone_at"] else "yes"),
+        ]
+    )
+    jobs = table(shown["jobs"], ["job_id", "status", "command", "start_time", "end_time", "duration_s", "exit_code"])
+    events = [{**e, "record": f"{e['kind']} {e['record_id'][:8]}"} for e in shown["history"]]
+    columns = ["observed_at", "record", "event", "previous_status", "status", "duration_s", "desto_timestamp"]
+    return "\n".join([header, "", "jobs:", jobs, "", "status history:", table(events, columns)])

@@ -1,0 +1,472 @@
+"""The operators' commands against a real Redis and a real file: backfill, check, stats, history,
+show, export, backup, health."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import pty
+import re
+import sqlite3
+import subprocess
+import sys
+import threading
+import uuid
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import (
+    REPO,
+    atjob_hash,
+    count,
+    daemon_env,
+    daemon_thread,
+    favorite_hash,
+    job_hash,
+    query,
+    row,
+    session_hash,
+    settings_for,
+    wait_for,
+)
+from tests.redis_server import free_port
+
+
+def cli(server, db_path: Path, *args: str, timeout: float = 120, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "archiver", *args],
+        cwd=REPO,
+        env=daemon_env(server, db_path, **env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def load(redis, sessions: int, jobs_per_session: int = 1, favorites: int = 0, bad: int = 0) -> dict[str, list[str]]:
+    """desto-shaped records, pipelined; returns the ids by kind."""
+    ids: dict[str, list[str]] = {"session": [], "job": [], "favorite": [], "bad": []}
+    with redis.pipeline(transaction=False) as pipe:
+        for i in range(sessions):
+            record = session_hash(status=("running", "finished", "failed")[i % 3], session_name=f"run-{i}")
+            jobs = [
+                job_hash(session_id=record["session_id"], status="finished", exit_code="0")
+                for _ in range(jobs_per_session)
+            ]
+            record["job_ids"] = ",".join(j["job_id"] for j in jobs)
+            pipe.hset(f"desto:session:{record['session_id']}", mapping=record)
+            ids["session"].append(record["session_id"])
+            for job in jobs:
+                pipe.hset(f"desto:job:{job['job_id']}", mapping=job)
+                ids["job"].append(job["job_id"])
+        for i in range(favorites):
+            fav = favorite_hash(name=f"fav-{i}", use_count=str(i))
+            pipe.hset(f"desto:favorite:{fav['favorite_id']}", mapping=fav)
+            ids["favorite"].append(fav["favorite_id"])
+        for i in range(bad):
+            pipe.hset(f"desto:job:bad-{i}", mapping=job_hash(f"bad-{i}", status="exploded"))
+            ids["bad"].append(f"bad-{i}")
+        pipe.execute()
+    return ids
+
+
+def dump(db_path: Path, tables=("sessions", "jobs", "favorites", "at_jobs", "quarantine", "status_history")) -> dict:
+    conn = sqlite3.connect(db_path)
+    try:
+        return {t: sorted(map(tuple, conn.execute(f"SELECT * FROM {t}"))) for t in tables}
+    finally:
+        conn.close()
+
+
+# ─── backfill ────────────────────────────────────────────────────────────────────────────────────
+
+
+def test_backfill_of_20000_records_is_complete_idempotent_and_reports(redis_server, redis, db_path: Path) -> None:
+    ids = load(redis, sessions=8_000, jobs_per_session=1, favorites=3_990, bad=10)
+    redis.hset("desto:atjob:5", mapping=atjob_hash("5"))  # 20 001 records in all
+    assert redis.config_get("notify-keyspace-events")["notify-keyspace-events"] == ""
+
+    first = cli(redis_server, db_path, "backfill", ARCHIVER_BATCH_SIZE="1000")
+    assert first.returncode == 0, first.stderr
+    assert "backfill done:" in first.stdout
+    assert "session   8000     8000" in first.stdout and "job       8000     8000" in first.stdout
+    assert "favorite  3990     3990" in first.stdout and "atjob     1        1" in first.stdout
+    assert "quarantined  10 new, 0 already in quarantine" in first.stdout
+    assert "keys/s" in first.stdout
+    progress = [json.loads(line) for line in first.stderr.splitlines() if "backfill.progress" in line]
+    assert progress and progress[0]["keys_read"] > 0  # not a terminal: structured progress lines
+    assert count(db_path, "sessions") == 8_000 and count(db_path, "jobs") == 8_000
+    assert count(db_path, "favorites") == 3_990 and count(db_path, "at_jobs") == 1
+    assert count(db_path, "quarantine") == 10
+    assert redis.config_get("notify-keyspace-events")["notify-keyspace-events"] == ""  # not needed, not set
+
+    before = dump(db_path, tables=("sessions", "jobs", "favorites"))
+    second = cli(redis_server, db_path, "backfill", "--json")
+    summary = json.loads(second.stdout)
+    assert summary["written"] == {} and summary["unchanged"] == 19_991 and summary["quarantined"] == 0
+    assert summary["still_quarantined"] == 10
+    after = dump(db_path, tables=("sessions", "jobs", "favorites"))
+    # only the "last seen" columns moved (read_at_us, last_seen_at, expires_at)
+    moving = {"read_at_us", "last_seen_at", "expires_at"}
+    for table in after:
+        names = [r[1] for r in query(db_path, f"PRAGMA table_info({table})")]
+        keep = [i for i, name in enumerate(names) if name not in moving]
+        assert [tuple(r[i] for i in keep) for r in before[table]] == [tuple(r[i] for i in keep) for r in after[table]]
+
+    # a dry run after changes reports them and writes nothing
+    redis.hset(f"desto:session:{ids['session'][0]}", "status", "failed")
+    redis.delete(f"desto:job:{ids['job'][0]}")
+    unchanged = dump(db_path)
+    dry = json.loads(cli(redis_server, db_path, "backfill", "--dry-run", "--json").stdout)
+    assert dry["dry_run"] is True and dry["written"] == {"session": 1} and dry["tombstoned"] == 1
+    assert dump(db_path) == unchanged
+
+
+def test_backfill_progress_is_a_live_line_on_a_terminal(redis_server, redis, db_path: Path) -> None:
+    load(redis, sessions=3_000)
+    main_fd, child_fd = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "archiver", "backfill", "--batch-size", "100"],
+        cwd=REPO,
+        env=daemon_env(redis_server, db_path),
+        stdout=subprocess.PIPE,
+        stderr=child_fd,
+    )
+    os.close(child_fd)
+    seen = b""
+    while True:
+        try:
+            chunk = os.read(main_fd, 4096)
+        except OSError:
+            break
+        if not chunk:
+            break
+        seen += chunk
+    out, _ = proc.communicate(timeout=60)
+    os.close(main_fd)
+    assert proc.returncode == 0
+    assert b"\rscan: " in seen and b"keys scanned" in seen and b"/s)" in seen
+    assert b"backfill.progress" not in seen  # people get the line, not log records
+    assert b"backfill done:" in out
+
+
+def test_backfill_beside_a_running_daemon(redis_server, redis, db_path: Path) -> None:
+    with daemon_thread(settings_for(redis_server, db_path)):
+        stop = threading.Event()
+
+        def writer() -> None:
+            while not stop.is_set():
+                record = session_hash()
+                redis.hset(f"desto:session:{record['session_id']}", mapping=record)
+
+        thread = threading.Thread(target=writer)
+        thread.start()
+        try:
+            result = cli(redis_server, db_path, "backfill", "--json")
+        finally:
+            stop.set()
+            thread.join()
+        assert result.returncode == 0, result.stderr
+        live = redis.dbsize()
+        wait_for(lambda: count(db_path, "sessions") == live, what="every session archived")
+
+
+# ─── check ───────────────────────────────────────────────────────────────────────────────────────
+
+
+def test_check_passes_on_a_healthy_set_up(redis_server, redis, db_path: Path) -> None:
+    load(redis, sessions=20, favorites=3)
+    with daemon_thread(settings_for(redis_server, db_path)):
+        result = cli(redis_server, db_path, "check", "--json")
+    report = json.loads(result.stdout)
+    assert result.returncode == 0, result.stdout
+    assert report["ok"] is True
+    assert {c["check"]: c["status"] for c in report["checks"]} == {
+        "redis": "ok",
+        "notifications": "ok",
+        "file": "ok",
+        "wal": "ok",
+        "schema": "ok",
+        "daemon": "ok",
+    }
+    assert report["verify"]["records"] == 43 and report["verify"]["missing"] == 0
+
+
+def test_check_catches_a_corrupted_a_missing_and_an_extra_row(redis_server, redis, db_path: Path) -> None:
+    ids = load(redis, sessions=10)
+    assert cli(redis_server, db_path, "backfill").returncode == 0
+    conn = sqlite3.connect(db_path)
+    with conn:
+        conn.execute("UPDATE jobs SET exit_code = 3 WHERE job_id = ?", (ids["job"][0],))
+        conn.execute("DELETE FROM sessions WHERE session_id = ?", (ids["session"][1],))
+        conn.execute(
+            "INSERT INTO sessions (session_id, session_name, status, read_at_us) "
+            "VALUES ('ghost', 'ghost', 'running', 1)"
+        )
+    conn.close()
+    result = cli(redis_server, db_path, "check", "--no-daemon", "--show-diffs", "--settle", "0.2")
+    assert result.returncode == 1
+    assert re.search(r"verify\s+FAIL\s+20 live records: 1 missing, 1 differing, 1 extra", result.stdout)
+    assert f"differing: desto:job:{ids['job'][0]}" in result.stdout
+    assert "exit_code: archive 3 != redis 0" in result.stdout
+    assert f"missing: desto:session:{ids['session'][1]}" in result.stdout
+    assert "extra: desto:session:ghost" in result.stdout
+    assert "'desto-archiver backfill' brings it in line" in result.stdout
+
+
+def test_check_reports_an_unreachable_redis_and_a_dead_daemon(db_path: Path) -> None:
+    class Nowhere:
+        url = f"redis://127.0.0.1:{free_port()}/0"
+
+    result = cli(Nowhere, db_path, "check")
+    assert result.returncode == 1
+    assert re.search(r"redis\s+FAIL\s+cannot reach", result.stdout) and "is Redis running?" in result.stdout
+    assert "does not exist" in result.stdout
+
+
+# ─── stats, history, show ────────────────────────────────────────────────────────────────────────
+
+
+@pytest.fixture
+def archived(redis_server, redis, db_path: Path) -> dict[str, str]:
+    """A small archive made by the daemon: a chained session, a failed one, a deleted one."""
+    nightly, failed, gone = session_hash(session_name="nightly"), session_hash(session_name="etl"), session_hash()
+    first = job_hash(session_id=nightly["session_id"], status="running", start_time="2026-11-20T01:00:00")
+    second = job_hash(session_id=nightly["session_id"], status="queued", start_time="")
+    nightly.update(job_ids=f"{first['job_id']},{second['job_id']}", start_time="2026-11-20T01:00:00")
+    failed.update(start_time="2026-11-25T09:00:00")
+    with daemon_thread(settings_for(redis_server, db_path)):
+        for record in (nightly, failed, gone):
+            redis.hset(f"desto:session:{record['session_id']}", mapping=record)
+        for job in (first, second):
+            redis.hset(f"desto:job:{job['job_id']}", mapping=job)
+        wait_for(lambda: count(db_path, "jobs") == 2 and count(db_path, "sessions") == 3)
+        redis.hset(f"desto:job:{first['job_id']}", mapping={"status": "finished", "end_time": "2026-11-20T01:10:00"})
+        redis.hset(f"desto:job:{second['job_id']}", mapping={"status": "running", "start_time": "2026-11-20T01:10:00"})
+        redis.hset(f"desto:session:{failed['session_id']}", "status", "failed")
+        redis.delete(f"desto:session:{gone['session_id']}")
+        wait_for(lambda: row(db_path, "sessions", "session_id", gone["session_id"])["gone_at"] is not None)
+        wait_for(lambda: row(db_path, "jobs", "job_id", second["job_id"])["status"] == "running")
+        redis.hset(
+            f"desto:session:{nightly['session_id']}", mapping={"status": "finished", "end_time": "2026-11-20T02:00:00"}
+        )
+        wait_for(lambda: row(db_path, "sessions", "session_id", nightly["session_id"])["status"] == "finished")
+    return {"nightly": nightly["session_id"], "failed": failed["session_id"], "gone": gone["session_id"]}
+
+
+def test_stats(redis_server, db_path: Path, archived) -> None:
+    result = cli(redis_server, db_path, "stats", "--json")
+    stats = json.loads(result.stdout)
+    assert stats["records"]["sessions"]["total"] == 3 and stats["records"]["sessions"]["tombstoned"] == 1
+    assert stats["records"]["sessions"]["by_status"] == {"failed": 1, "finished": 1, "running": 1}
+    assert stats["records"]["jobs"]["by_status"] == {"finished": 1, "running": 1}
+    assert stats["schema_version"] >= 2 and stats["file_bytes"] > 0
+    assert stats["last_reconcile_at"] and stats["last_event_at"]
+    text = cli(redis_server, db_path, "stats").stdout
+    assert "sessions   3      1           failed 1, finished 1, running 1" in text
+    assert "last reconcile" in text
+
+
+def test_history_lists_and_filters_sessions(redis_server, db_path: Path, archived) -> None:
+    def names(*args: str) -> list[str]:
+        result = cli(redis_server, db_path, "history", "--json", *args)
+        assert result.returncode == 0, result.stderr
+        return sorted(s["session_name"] for s in json.loads(result.stdout))
+
+    assert len(names()) == 3
+    assert names("--status", "failed") == ["etl"]
+    assert names("--name", "NIGHT") == ["nightly"]
+    recent = names("--since", "2026-11-24")
+    assert "etl" in recent and "nightly" not in recent and len(recent) == 2  # etl, and the one started today
+    assert names("--until", "2026-11-21") == ["nightly"]
+    assert len(names("--limit", "1")) == 1
+    text = cli(redis_server, db_path, "history").stdout
+    assert "nightly" in text and "finished" in text and "deleted" in text  # the gone session says why
+    bad = cli(redis_server, db_path, "history", "--since", "last tuesday")
+    assert bad.returncode == 2 and "neither an ISO date/time nor a span" in bad.stderr
+
+
+def test_show_a_session_with_its_jobs_and_history(redis_server, db_path: Path, archived) -> None:
+    by_name = json.loads(cli(redis_server, db_path, "show", "nightly", "--json").stdout)
+    by_prefix = json.loads(cli(redis_server, db_path, "show", archived["nightly"][:8], "--json").stdout)
+    assert by_name == by_prefix
+    assert by_name["session"]["status"] == "finished" and by_name["session"]["duration_s"] == 3600.0
+    assert [j["status"] for j in by_name["jobs"]] == ["finished", "running"]  # in desto's job order
+    assert by_name["jobs"][0]["duration_s"] == 600.0
+    events = [(e["kind"], e["event"], e["previous_status"], e["status"]) for e in by_name["history"]]
+    assert ("session", "status", "running", "finished") in events
+    assert ("job", "status", "queued", "running") in events
+    durations = [e["duration_s"] for e in by_name["history"] if e["kind"] == "session"]
+    assert durations[0] is not None and durations[-1] is None  # until the next change; the last is open
+    text = cli(redis_server, db_path, "show", "nightly").stdout
+    assert "status history:" in text and "jobs:" in text and "duration      3600.0 s" in text
+    missing = cli(redis_server, db_path, "show", "no-such-session")
+    assert missing.returncode == 1 and "no archived session has the id or name 'no-such-session'" in missing.stderr
+
+
+# ─── export ──────────────────────────────────────────────────────────────────────────────────────
+
+
+@pytest.mark.parametrize("what", ["sessions", "jobs", "favorites", "atjobs", "history", "quarantine"])
+def test_export_round_trips_as_csv_and_jsonl(redis_server, redis, db_path: Path, what: str) -> None:
+    load(redis, sessions=30, favorites=5, bad=2)
+    redis.hset("desto:atjob:9", mapping=atjob_hash("9", arguments='--name "quoted, with comma"\nand a newline'))
+    redis.hset("desto:session:comma", mapping=session_hash("comma", session_name='a,b "c"\nd'))
+    assert cli(redis_server, db_path, "backfill").returncode == 0
+    table = {"atjobs": "at_jobs", "history": "status_history"}.get(what, what)
+    stored = [dict(r) for r in query(db_path, f"SELECT * FROM {table} ORDER BY rowid")]
+
+    jsonl = cli(redis_server, db_path, "export", what, "--format", "jsonl")
+    assert jsonl.returncode == 0, jsonl.stderr
+    lines = [json.loads(line) for line in jsonl.stdout.splitlines()]
+    assert len(lines) == len(stored) > 0
+    key = {"sessions": "session_id", "jobs": "job_id", "favorites": "favorite_id", "atjobs": "at_job_id"}.get(
+        what, "id"
+    )
+    by_key = {r[key]: r for r in stored}
+    for item in lines:
+        expected = dict(by_key[item[key]])
+        if what == "quarantine":
+            from archiver.reader import payload_json
+
+            expected.pop("key")
+            expected["payload"] = payload_json(expected["payload"])
+        assert item == expected  # typed: integers stay integers, NULL is null
+
+    out = db_path.parent / f"{what}.csv"
+    result = cli(redis_server, db_path, "export", what, "--format", "csv", "--output", str(out))
+    assert result.returncode == 0 and f"{len(stored):,} {what} rows written to {out}" in result.stderr
+    with open(out, newline="", encoding="utf-8") as handle:
+        read_back = list(csv.DictReader(handle))
+    assert len(read_back) == len(stored)
+    for item in read_back:
+        expected = by_key[int(item[key]) if key == "id" else item[key]]
+        for column, value in item.items():
+            original = expected.get(column)
+            if column == "payload":
+                from archiver.reader import payload_json
+
+                assert json.loads(value) == payload_json(original)
+            else:
+                assert value == ("" if original is None else str(original)), column
+
+
+def test_export_filters_and_the_spreadsheet_header(redis_server, redis, db_path: Path) -> None:
+    load(redis, sessions=9)
+    assert cli(redis_server, db_path, "backfill").returncode == 0
+    out = db_path.parent / "failed.csv"
+    result = cli(
+        redis_server,
+        db_path,
+        "export",
+        "sessions",
+        "--format",
+        "csv",
+        "--status",
+        "failed",
+        "--limit",
+        "2",
+        "-o",
+        str(out),
+    )
+    assert result.returncode == 0, result.stderr
+    raw = out.read_bytes()
+    rows = list(csv.DictReader(io.StringIO(raw.decode())))
+    assert len(rows) == 2 and {r["status"] for r in rows} == {"failed"}
+    assert raw.startswith(b"session_id,session_name,tmux_session_name,status,")
+    assert raw.count(b"\r\n") == 3  # header and two rows, with the line ending spreadsheets expect
+
+
+# ─── backup ──────────────────────────────────────────────────────────────────────────────────────
+
+
+def test_backup_while_a_writer_is_busy_passes_the_integrity_check(redis_server, redis, db_path: Path, tmp_path) -> None:
+    load(redis, sessions=500)
+    assert cli(redis_server, db_path, "backfill").returncode == 0
+    initial_history = count(db_path, "status_history")
+    stop = threading.Event()
+    writes = [0]
+
+    def busy_writer() -> None:
+        conn = sqlite3.connect(db_path, timeout=30)
+        while not stop.is_set():
+            with conn:
+                conn.execute("BEGIN IMMEDIATE")
+                for _ in range(200):
+                    conn.execute(
+                        "INSERT INTO status_history (kind, record_id, event, observed_at, source) "
+                        "VALUES ('session', ?, 'status', '2026-11-26T00:00:00Z', 'redis')",
+                        (str(uuid.uuid4()),),
+                    )
+            writes[0] += 1
+        conn.close()
+
+    thread = threading.Thread(target=busy_writer)
+    thread.start()
+    try:
+        wait_for(lambda: writes[0] >= 3, what="the writer under way")
+        dest = tmp_path / "backups" / "copy.db"
+        result = cli(redis_server, db_path, "backup", str(dest), "--json")
+    finally:
+        stop.set()
+        thread.join()
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["integrity"] == "ok" and report["bytes"] == dest.stat().st_size
+    copy = sqlite3.connect(dest)
+    try:
+        assert copy.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        assert copy.execute("PRAGMA journal_mode").fetchone()[0] == "delete"  # one self-contained file
+        assert copy.execute("SELECT count(*) FROM sessions").fetchone()[0] == 500
+        history = copy.execute("SELECT count(*) FROM status_history").fetchone()[0]
+    finally:
+        copy.close()
+    assert history > initial_history and (history - initial_history) % 200 == 0  # whole transactions only
+    assert not list(dest.parent.glob(".*partial*"))
+
+    again = cli(redis_server, db_path, "backup", str(dest))
+    assert again.returncode == 1 and "already exists" in again.stderr and "--force" in again.stderr
+    forced = cli(redis_server, db_path, "backup", str(dest), "--force")
+    assert forced.returncode == 0 and "integrity ok" in forced.stdout
+
+
+def test_backup_to_an_unwritable_place_says_so(redis_server, redis, db_path: Path) -> None:
+    assert cli(redis_server, db_path, "backfill").returncode == 0
+    result = cli(redis_server, db_path, "backup", "/sys/desto-backup/copy.db")
+    assert result.returncode == 1 and "cannot create /sys/desto-backup" in result.stderr
+
+
+# ─── errors every command shares ─────────────────────────────────────────────────────────────────
+
+
+@pytest.mark.parametrize(
+    "command", [["stats"], ["history"], ["show", "x"], ["export", "sessions"], ["check", "--no-verify"]]
+)
+def test_a_file_from_a_newer_schema_is_refused(redis_server, redis, db_path: Path, command: list[str]) -> None:
+    db_path.parent.mkdir(parents=True)
+    conn = sqlite3.connect(db_path)
+    conn.execute("PRAGMA user_version = 999")
+    conn.close()
+    result = cli(redis_server, db_path, *command)
+    assert result.returncode == 1
+    assert "upgrade desto-archiver" in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("command", [["stats"], ["history"], ["export", "jobs"]])
+def test_reading_commands_on_a_missing_file_say_what_to_do(redis_server, db_path: Path, command: list[str]) -> None:
+    result = cli(redis_server, db_path, *command)
+    assert result.returncode == 1
+    assert f"no archive at {db_path}" in result.stderr and "backfill" in result.stderr
+    assert not db_path.exists()  # reading never creates a file
+
+
+def test_health_follows_the_daemon(redis_server, redis, db_path: Path) -> None:
+    assert cli(redis_server, db_path, "health").returncode == 1
+    with daemon_thread(settings_for(redis_server, db_path)):
+        wait_for(lambda: cli(redis_server, db_path, "health").returncode == 0, what="healthy")
+        assert cli(redis_server, db_path, "health").stdout.startswith("healthy: ok: pid")
+    result = cli(redis_server, db_path, "health")
+    assert result.returncode == 1 and "stopped" in result.stdout
