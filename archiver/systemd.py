@@ -9,39 +9,50 @@ from pathlib import Path
 from archiver.config import Settings
 
 UNIT_TEMPLATE = """\
+# desto-archiver as a systemd service. Install as /etc/systemd/system/desto-archiver.service, then:
+#   systemctl daemon-reload && systemctl enable --now desto-archiver
+# {user} needs write access to {data_dir} (the database, its -wal/-shm and lock files live there).
+
 [Unit]
-Description=desto-archiver: keeps desto's Redis history in {db}
+Description=desto-archiver: keeps desto's Redis history in desto's SQLite file
 Documentation=https://pypi.org/project/desto/
-After=network-online.target redis-server.service
 Wants=network-online.target
+After=network-online.target redis-server.service redis.service
 
 [Service]
 Type=notify
 NotifyAccess=main
-ExecStart={exec_start} run
-EnvironmentFile=-{env_file}
-Environment=SQLITE_DB_PATH={db}
+WatchdogSec=30
 User={user}
 Group={group}
+# Defaults, overridden by the environment file.
+Environment=DESTO_DATA_DIR={data_dir} SQLITE_DB_PATH={db}
+EnvironmentFile=-{env_file}
+WorkingDirectory={data_dir}
+ExecStart={exec_start} run
+# SIGTERM: flush, commit, exit 0 within ARCHIVER_SHUTDOWN_TIMEOUT (10 s by default).
+KillSignal=SIGTERM
+TimeoutStopSec=30
 Restart=on-failure
 RestartSec=5
-WatchdogSec=30
-TimeoutStopSec=30
-KillSignal=SIGTERM
+SyslogIdentifier=desto-archiver
 
-# Hardening: the archive's folder is the only place it may write.
+# Hardening: the archiver only talks to Redis and writes the archive's folder.
 NoNewPrivileges=yes
 ProtectSystem=strict
 ReadWritePaths={data_dir}
 PrivateTmp=yes
-PrivateDevices=yes
 ProtectHome={protect_home}
+PrivateDevices=yes
 ProtectKernelTunables=yes
 ProtectKernelModules=yes
 ProtectControlGroups=yes
 RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6
 RestrictNamespaces=yes
+RestrictRealtime=yes
+RestrictSUIDSGID=yes
 LockPersonality=yes
+# CPython (without its experimental JIT) never maps writable and executable memory.
 MemoryDenyWriteExecute=yes
 SystemCallArchitectures=native
 
