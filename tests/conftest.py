@@ -1,14 +1,19 @@
-"""Fixtures: a real redis-server per test session (and fresh ones for tests that break them)."""
+"""Fixtures: a real redis-server per test session (and fresh ones for tests that break them), the
+daemon as a process, a desto-like writer, and the reliability report of the fault scenarios."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import json
+import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import structlog
 
 from archiver.log import configure
+from tests.fault_helpers import FULL_SIZE, DaemonProcess, DestoWriter, Reliability, spawn_daemon
 from tests.redis_server import RedisServer
 
 
@@ -39,6 +44,33 @@ def fresh_redis(tmp_path: Path) -> Iterator[RedisServer]:
 
 
 @pytest.fixture
+def volatile_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A server without persistence: a restart empties it."""
+    server = RedisServer(tmp_path / "volatile-redis", appendonly=False).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def configless_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A server that refuses CONFIG (as managed Redis services do), notifications off."""
+    server = RedisServer(tmp_path / "configless-redis", extra=["--rename-command", "CONFIG", ""]).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def tight_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A server that drops a subscriber whose unread output passes 256 kB."""
+    server = RedisServer(tmp_path / "tight-redis").start()
+    client = server.client()
+    client.config_set("client-output-buffer-limit", "pubsub 256kb 64kb 1")
+    client.close()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
 def db_path(tmp_path: Path) -> Path:
     return tmp_path / "desto_data" / "desto.db"
 
@@ -48,3 +80,89 @@ def _logging() -> Iterator[None]:
     configure("json", "debug")
     yield
     structlog.reset_defaults()
+
+
+@pytest.fixture
+def writers() -> Iterator[Callable[..., DestoWriter]]:
+    """Starts desto-like writers; halts whatever still writes at the end."""
+    started: list[DestoWriter] = []
+
+    def start(server: RedisServer, seed: int = 0, pause: float = 0.003) -> DestoWriter:
+        writer = DestoWriter(server, seed, pause)
+        started.append(writer)
+        writer.start()
+        return writer
+
+    yield start
+    for writer in started:
+        if writer.is_alive():
+            writer.halt()
+
+
+@pytest.fixture
+def daemons(tmp_path: Path) -> Iterator[Callable[..., DaemonProcess]]:
+    """Starts ``python -m archiver run`` processes; kills whatever is left at the end, and prints
+    each one's log (shown by pytest when the test fails)."""
+    started: list[DaemonProcess] = []
+
+    def start(server: RedisServer, db_path: Path, *, piped: bool = False, **env: str) -> DaemonProcess:
+        log = tmp_path / f"daemon-{len(started)}.log"
+        daemon = spawn_daemon(server, db_path, log, piped=piped, **env)
+        started.append(daemon)
+        return daemon
+
+    yield start
+    for daemon in started:
+        daemon.close()
+        text = daemon.log.read_text() if daemon.log.exists() else ""
+        print(f"--- {daemon.log.name} (pid {daemon.pid}, exit {daemon.proc.returncode}) ---\n{text[-6000:]}")
+
+
+# ─── the reliability report ──────────────────────────────────────────────────────────────────────
+
+_RELIABILITY = pytest.StashKey[list[Reliability]]()
+_REPORT_STARTED = pytest.StashKey[bool]()
+
+
+def reliability_report_path(config: pytest.Config) -> Path | None:
+    """Where the fault scenarios' rows go: $RELIABILITY_REPORT, else pytest's cache folder."""
+    if os.environ.get("RELIABILITY_REPORT"):
+        return Path(os.environ["RELIABILITY_REPORT"])
+    cache = getattr(config, "cache", None)
+    return None if cache is None else cache.mkdir("reliability") / "results.jsonl"
+
+
+@pytest.fixture
+def reliability(request: pytest.FixtureRequest) -> Callable[[str, str], Reliability]:
+    """Declares the test a fault scenario: ``reliability(fault, injection)`` gives the row to fill in.
+    The row is written, with the test's outcome and duration, when the test has run."""
+    rows = request.node.stash.setdefault(_RELIABILITY, [])
+
+    def declare(fault: str, injection: str) -> Reliability:
+        report = Reliability(fault, injection)
+        rows.append(report)
+        return report
+
+    return declare
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    report = yield
+    rows = item.stash.get(_RELIABILITY, [])
+    if report.when == "call" and rows:
+        path = reliability_report_path(item.config)
+        if path is not None:
+            mode = "a" if item.config.stash.get(_REPORT_STARTED, False) else "w"
+            item.config.stash[_REPORT_STARTED] = True
+            with open(path, mode) as out:
+                for row in rows:
+                    line = {
+                        **row.as_dict(),
+                        "test": item.nodeid,
+                        "outcome": report.outcome,
+                        "duration_s": round(report.duration, 1),
+                        "size": "full" if FULL_SIZE else "ci",
+                    }
+                    out.write(json.dumps(line) + "\n")
+    return report
