@@ -12,15 +12,20 @@ the dry run works on a copy in memory.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import queue
 import sqlite3
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from archiver.config import Settings
-from archiver.reconcile import Reconcile, archive, now_us, records_of
+from archiver.models import Outcome
+from archiver.reconcile import Reconcile, archive, now_us, read_batch, records_of, write_batch
 from archiver.schema import SCHEMA_VERSION
 from archiver.source import Source
 from archiver.store import Store
@@ -100,37 +105,37 @@ def _open(settings: Settings, dry_run: bool) -> Store:
 def backfill(
     settings: Settings, progress: Callable[[Progress], None] | None = None, dry_run: bool = False
 ) -> BackfillReport:
-    """Run one full pass; ``progress`` is called after each page."""
+    """Run one full pass; ``progress`` is called after each page.
+
+    The scan is read in a thread of its own (SCAN, the atomic reads, normalizing) while this
+    one writes: the socket and SQLite both release the GIL, so reading the next page overlaps
+    writing this one. A few pages at most wait between them, so memory stays flat.
+    """
     store = _open(settings, dry_run)
     source = Source(settings)
     try:
         started = time.monotonic()
         rec = Reconcile(source, settings.batch_size, "backfill")
         keys_read = 0
-        while True:
-            keys = rec.next_keys(store)
-            if not keys:
-                break
-            wanted = records_of(keys)
-            # In a dry run nothing records what the scan read, so the sweep meets every row
-            # again: only its missing keys (tombstones) are new information.
-            sweep = rec.sweeping
-            result = archive(source, store, wanted, dry_run=dry_run, gone_only=dry_run and sweep)
-            rec.result.merge(result)
-            if not (dry_run and sweep):
-                keys_read += len(wanted)
+
+        def report_progress(phase: str) -> None:
             if progress is not None:
                 r = rec.result
-                progress(
-                    Progress(
-                        phase="sweep" if sweep else "scan",
-                        keys_scanned=rec.keys_scanned,
-                        keys_read=keys_read,
-                        written=sum(r.written.values()),
-                        quarantined=r.new_quarantined,
-                        elapsed_s=time.monotonic() - started,
-                    )
-                )
+                elapsed = time.monotonic() - started
+                written = sum(r.written.values())
+                progress(Progress(phase, rec.keys_scanned, keys_read, written, r.new_quarantined, elapsed))
+
+        for outcomes in _read_scan(rec, source):
+            rec.result.merge(write_batch(store, outcomes, dry_run=dry_run))
+            keys_read += len(outcomes)
+            report_progress("scan")
+        # The sweep: archived rows the scan did not meet. In a dry run nothing recorded what the
+        # scan read, so the sweep meets every row again: only its missing keys are news.
+        while keys := rec.next_keys(store):
+            wanted = records_of(keys)
+            rec.result.merge(archive(source, store, wanted, dry_run=dry_run, gone_only=dry_run))
+            keys_read += 0 if dry_run else len(wanted)
+            report_progress("sweep")
         result = rec.result
         report = BackfillReport(
             keys_scanned=rec.keys_scanned,
@@ -150,3 +155,37 @@ def backfill(
     finally:
         source.close()
         store.close()
+
+
+_DONE = object()
+
+
+def _read_scan(rec: Reconcile, source: Source) -> Iterator[list[Outcome]]:
+    """The scan's pages, read and normalized in a thread, handed over through a short queue."""
+    pages: queue.Queue[Any] = queue.Queue(maxsize=4)
+    stop = threading.Event()
+
+    def reader() -> None:
+        try:
+            while not stop.is_set() and (keys := rec.next_scan_keys()):
+                wanted = records_of(keys)
+                if wanted:
+                    pages.put(read_batch(source, wanted))
+        except BaseException as exc:  # handed to the writing thread, which raises it
+            pages.put(exc)
+        finally:
+            pages.put(_DONE)
+
+    thread = threading.Thread(target=reader, name="backfill-reader", daemon=True)
+    thread.start()
+    try:
+        while (item := pages.get()) is not _DONE:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a reader waiting on a full queue
+            with contextlib.suppress(queue.Empty):
+                pages.get(timeout=0.05)
+        thread.join()

@@ -40,7 +40,7 @@ class Settings(BaseSettings):
 
     batch_size: int = Field(500, ge=1, le=100_000, validation_alias=_env("batch_size", "ARCHIVER_BATCH_SIZE"))
     flush_interval: float = Field(
-        0.05, gt=0, le=3600, validation_alias=_env("flush_interval", "ARCHIVER_FLUSH_INTERVAL")
+        0.005, ge=0, le=3600, validation_alias=_env("flush_interval", "ARCHIVER_FLUSH_INTERVAL")
     )
     reconcile_interval: float = Field(
         300, gt=0, validation_alias=_env("reconcile_interval", "ARCHIVER_RECONCILE_INTERVAL")

@@ -10,7 +10,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 
-from archiver.keys import Kind
+from archiver.keys import Kind, is_index
 from archiver.models import Row
 from archiver.store import GONE_EVENTS
 from archiver.writer import TimedHint
@@ -52,6 +52,27 @@ class Dirty:
             if self.oldest_at is None:
                 self.oldest_at = time.monotonic()
                 self.wake.set()
+
+    def add_many(self, events: list[tuple[bytes, bytes]]) -> None:
+        """Mark keys from keyspace notifications, under one lock (desto's indexes are not records)."""
+        gone_events = GONE_EVENTS
+        with self._lock:
+            self.events += len(events)
+            keys = self._keys
+            was_empty = not keys
+            for key, event in events:
+                if is_index(key):
+                    continue
+                if key not in keys and len(keys) >= self.limit:
+                    keys.clear()
+                    self.overflows += 1
+                    continue
+                keys[key] = event if event in gone_events else None
+            if keys and (was_empty or self.oldest_at is None):
+                self.oldest_at = time.monotonic()
+                self.wake.set()
+            elif not keys:
+                self.oldest_at = None
 
     def take_overflow(self) -> int:
         with self._lock:

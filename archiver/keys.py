@@ -82,5 +82,10 @@ def classify(key: bytes) -> ParsedKey | None:
     return ParsedKey(key, KeyClass.UNKNOWN)
 
 
+def is_index(key: bytes) -> bool:
+    """desto's derived indexes under desto: (the favorite name index, the favorites set)."""
+    return key.startswith(FAVORITE_NAME_INDEX_PREFIX) or key == FAVORITES_SET
+
+
 def record_key(kind: Kind, record_id: str) -> bytes:
     return RECORD_PREFIXES[kind] + record_id.encode("utf-8")

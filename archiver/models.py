@@ -11,9 +11,10 @@ quarantined with its raw bytes. pydantic's coercion rules differ from desto's (i
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from archiver.keys import CHANNEL_KINDS, DESTO_TTL_SECONDS, ID_FIELDS, Kind, ParsedKey
@@ -27,7 +28,7 @@ class Invalid(ValueError):
     """A field value desto's readers could not read."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Fetched:
     """One key as read from Redis, with Redis' clock at the moment of the read."""
 
@@ -38,7 +39,7 @@ class Fetched:
     read_at_us: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Row:
     """A live record, ready for the store: ``values`` follow ``COLUMNS[kind]``."""
 
@@ -236,42 +237,54 @@ def normalize(parsed: ParsedKey, fetched: Fetched) -> Outcome:
         return _reject(fetched, kind, record_id, str(exc))
 
 
+# Per kind: (column, converter or None for text kept as is, default when absent, required).
+_PLANS: dict[Kind, tuple[tuple[str, Callable[[str], Any] | None, Any, bool], ...]] = {
+    kind: tuple((s.column, None if s.convert is _text else s.convert, s.default, s.required) for s in specs)
+    for kind, specs in SPECS.items()
+}
+
+
 def _row(kind: Kind, record_id: str, fetched: Fetched) -> Row:
-    fields = _decode_hash(fetched.value)
+    flat = fetched.value
+    try:
+        fields = dict(zip([b.decode() for b in flat[::2]], [b.decode() for b in flat[1::2]], strict=True))
+    except (UnicodeDecodeError, ValueError):
+        fields = _decode_hash(flat)  # the slow path says which field is wrong
     id_field = ID_FIELDS[kind]
     claimed = fields.get(id_field, "")
-    if claimed not in ("", record_id):
+    if claimed and claimed != record_id:
         raise Invalid(f"{id_field} field {claimed[:80]!r} does not match the key's id {record_id[:80]!r}")
-    values: list[Any] = [record_id]
-    missing = []
-    for spec in SPECS[kind]:
-        raw = fields.get(spec.column, _MISSING)
+    values: list[Any] = [record_id, record_id] if kind is Kind.ATJOB else [record_id]
+    append, get = values.append, fields.get
+    missing = None
+    for column, convert, default, required in _PLANS[kind]:
+        raw = get(column, _MISSING)
         if raw is _MISSING:
-            if spec.required:
-                missing.append(spec.column)
-            values.append(spec.default)
-            continue
-        assert isinstance(raw, str)
-        try:
-            values.append(spec.convert(raw))
-        except Invalid as exc:
-            raise Invalid(f"{spec.column}: {exc}") from None
+            if required:
+                missing = [*(missing or []), column]
+            append(default)
+        elif convert is None:
+            append(raw)
+        else:
+            try:
+                append(convert(raw))
+            except Invalid as exc:
+                raise Invalid(f"{column}: {exc}") from None
     if missing:
         raise Invalid(f"missing field(s) {', '.join(missing)}: a fragment, not a record desto wrote")
-    if kind is Kind.ATJOB:
-        # the at number lives in both the key and the job_id field; keep the key's.
-        values.insert(1, record_id)
-    unknown = {k: v for k, v in fields.items() if k not in _KNOWN_FIELDS[kind]}
-    extra = json.dumps(unknown, sort_keys=True, ensure_ascii=False) if unknown else None
+    unknown = fields.keys() - _KNOWN_FIELDS[kind]
+    extra = json.dumps({k: fields[k] for k in sorted(unknown)}, ensure_ascii=False) if unknown else None
+    pttl = fetched.pttl_ms
+    read_at = fetched.read_at_us
     return Row(
-        kind=kind,
-        record_id=record_id,
-        key=fetched.key,
-        values=tuple(values),
-        extra=extra,
-        read_at_us=fetched.read_at_us,
-        expires_at_us=fetched.read_at_us + fetched.pttl_ms * 1000 if fetched.pttl_ms >= 0 else None,
-        created_at_us=_created_at_us(kind, fetched),
+        kind,
+        record_id,
+        fetched.key,
+        tuple(values),
+        extra,
+        read_at,
+        read_at + pttl * 1000 if pttl >= 0 else None,
+        _created_at_us(kind, fetched),
     )
 
 
@@ -408,13 +421,9 @@ def _decode_at(data: bytes, pos: int) -> tuple[Any, int]:
 
 def sqlite_utc(us: int) -> str:
     """The form of SQLite's ``datetime('now')``, which desto uses for created_at/updated_at."""
-    return datetime.fromtimestamp(us / 1_000_000, UTC).strftime("%Y-%m-%d %H:%M:%S")
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(us // 1_000_000))
 
 
 def iso_utc(us: int) -> str:
     """The archiver's own timestamps: ISO 8601 in UTC, to the microsecond."""
-    return (
-        datetime.fromtimestamp(us // 1_000_000, UTC)
-        .replace(microsecond=us % 1_000_000)
-        .strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-    )
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(us // 1_000_000)) + f".{us % 1_000_000:06d}Z"

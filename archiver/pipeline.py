@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from archiver.config import Settings
 from archiver.dirty import Dirty, Hints
 from archiver.health import Notifier
-from archiver.keys import KeyClass, ParsedKey, classify, record_key
+from archiver.keys import ParsedKey, record_key
 from archiver.log import get_logger
 from archiver.metrics import Metrics, Snapshot
 from archiver.models import parse_hint
@@ -82,10 +82,8 @@ class Daemon:
 
     # ─── the listener's sink (called from its thread: only cheap, thread-safe work) ──────────
 
-    def key_changed(self, key: bytes, event: bytes) -> None:
-        parsed = classify(key)
-        if parsed is not None and parsed.cls is not KeyClass.INDEX:
-            self.dirty.add(key, event)
+    def keys_changed(self, events: list[tuple[bytes, bytes]]) -> None:
+        self.dirty.add_many(events)
 
     def hint(self, channel: bytes, data: bytes) -> None:
         self._raw_hints.append((channel, data, now_us()))

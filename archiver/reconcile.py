@@ -43,16 +43,25 @@ class Reconcile:
         self.keys_scanned = 0
         self.result = BatchResult()
 
+    def next_scan_keys(self) -> list[bytes]:
+        """The next page of the scan; empty once the scan is over (``scanning`` is then False).
+        Needs no store: a backfill calls it from its reading thread."""
+        while self.scanning:
+            self.cursor, keys = self.source.scan_page(self.cursor, self.page)
+            if self.cursor == 0:
+                self.scanning = False
+            self.keys_scanned += len(keys)
+            if keys:
+                return keys
+        return []
+
     def next_keys(self, store: Store) -> list[bytes]:
         """The keys of the next step; empty with ``done`` set when the pass is over.
         ``sweeping`` tells which phase the returned keys belong to."""
         while not self.done:
             self.sweeping = not self.scanning
             if self.scanning:
-                self.cursor, keys = self.source.scan_page(self.cursor, self.page)
-                if self.cursor == 0:
-                    self.scanning = False
-                self.keys_scanned += len(keys)
+                keys = self.next_scan_keys()
                 if keys:
                     return keys
                 continue
@@ -111,7 +120,19 @@ def archive(
     """The one path from Redis to the file: read the keys atomically, normalize, apply in one
     transaction. Used by the daemon's flushes, its reconciles and the backfill. ``dry_run``
     works the result out and rolls back; ``gone_only`` applies only the keys found missing."""
-    outcomes = read_batch(source, keys)
+    return write_batch(store, read_batch(source, keys), gone_events, hints, dry_run=dry_run, gone_only=gone_only)
+
+
+def write_batch(
+    store: Store,
+    outcomes: list[Outcome],
+    gone_events: dict[bytes, bytes] | None = None,
+    hints: Hints | None = None,
+    *,
+    dry_run: bool = False,
+    gone_only: bool = False,
+) -> BatchResult:
+    """The store's half of :func:`archive`, for callers that read in another thread."""
     if gone_only:
         outcomes = [o for o in outcomes if isinstance(o, Gone)]
     taken = hints.take(o for o in outcomes if isinstance(o, Row)) if hints is not None else {}

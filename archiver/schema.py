@@ -177,6 +177,10 @@ def _migrate_to_2(conn: sqlite3.Connection) -> None:
         if "observed_status" not in _columns(conn, table):
             conn.execute(f"ALTER TABLE {table} ADD COLUMN observed_status TEXT")
         conn.execute(f"UPDATE {table} SET observed_status = status WHERE read_at_us IS NOT NULL")
+    # Every read moves read_at_us: an index on it cost more on each write than it saved the sweep,
+    # which pages through the table by rowid anyway.
+    for table in RECORD_TABLES:
+        conn.execute(f"DROP INDEX IF EXISTS idx_{table}_live")
     conn.execute(
         "CREATE TABLE IF NOT EXISTS archiver_recheck (kind TEXT NOT NULL, record_id TEXT NOT NULL, "
         "PRIMARY KEY (kind, record_id)) WITHOUT ROWID"

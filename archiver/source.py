@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import hiredis
 import redis
 from redis.backoff import NoBackoff
 from redis.exceptions import NoPermissionError, ResponseError
@@ -204,7 +205,7 @@ def make_client(settings: Settings, name: str) -> redis.Redis:
 
 
 class EventSink(Protocol):
-    def key_changed(self, key: bytes, event: bytes) -> None: ...
+    def keys_changed(self, events: list[tuple[bytes, bytes]]) -> None: ...
     def hint(self, channel: bytes, data: bytes) -> None: ...
     def subscribed(self, notify: NotifyState, reconnected: bool) -> None: ...
     def disconnected(self, error: str) -> None: ...
@@ -215,6 +216,51 @@ class DeadConnection(Exception):
 
 
 LISTENER_ERRORS: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, DeadConnection)
+_PING = b"desto-archiver"
+
+
+class Subscription:
+    """One subscribed connection, read raw: redis-py connects it (TCP, TLS or a unix socket,
+    AUTH, client name) and sends the commands; the replies are parsed here with hiredis, every
+    complete message in the socket buffer at once. redis-py's per-message pub/sub machinery
+    costs several times more, and a subscriber that falls behind is one Redis drops."""
+
+    def __init__(self, client: Any, pattern: bytes, channels: Sequence[bytes]) -> None:
+        self.conn = client.connection_pool.make_connection()
+        self.conn.connect()
+        self.sock = self.conn._sock  # redis-py's parser never reads this connection again
+        self.reader = hiredis.Reader()
+        self.conn.send_command("PSUBSCRIBE", pattern)
+        self.conn.send_command("SUBSCRIBE", *channels)
+
+    def read(self, timeout: float) -> list[Any]:
+        """The replies that arrive within ``timeout`` (an empty list when none did)."""
+        reader = self.reader
+        replies: list[Any] = []
+        reply = reader.gets()
+        if reply is False:
+            self.sock.settimeout(timeout)
+            try:
+                data = self.sock.recv(1 << 18)
+            except TimeoutError:
+                return replies
+            if not data:
+                raise redis.ConnectionError("Redis closed the connection")
+            reader.feed(data)
+            reply = reader.gets()
+        while reply is not False:
+            if isinstance(reply, Exception):
+                raise redis.ConnectionError(f"Redis replied with an error: {reply}")
+            replies.append(reply)
+            reply = reader.gets()
+        return replies
+
+    def ping(self) -> None:
+        self.conn.send_command("PING", _PING)
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):  # closing a broken connection may fail
+            self.conn.disconnect()
 
 
 class Listener(threading.Thread):
@@ -232,7 +278,7 @@ class Listener(threading.Thread):
         self.sink = sink
         self._stop_event = threading.Event()
         self._client: Any = make_client(settings, "desto-archiver-events")
-        self._pubsub: Any = None
+        self._subscription: Subscription | None = None
         self._prefix_len = len(keyspace_channel_prefix(settings.db_number))
         self.reconnects = 0
         self.messages = 0
@@ -245,8 +291,9 @@ class Listener(threading.Thread):
         while not self._stop_event.is_set():
             try:
                 notify = self.source.ensure_notifications()
-                pubsub = self._subscribe()
-            except CONNECTION_ERRORS as exc:
+                subscription = self._subscribe()
+            except LISTENER_ERRORS as exc:
+                self._close()
                 attempt += 1
                 if down_since is None:
                     down_since = time.monotonic()
@@ -264,63 +311,65 @@ class Listener(threading.Thread):
             self.sink.subscribed(notify, reconnected=connected_once)
             connected_once = True
             try:
-                self._pump(pubsub)
+                self._pump(subscription)
             except LISTENER_ERRORS as exc:
                 down_since = time.monotonic()
                 self.sink.disconnected(str(exc))
                 log.warning("redis.disconnected", error=str(exc) or type(exc).__name__)
             finally:
-                self._close_pubsub()
+                self._close()
         self._client.close()
 
     def _backoff(self, attempt: int) -> None:
         delay = min(self.settings.reconnect_max_backoff, 0.2 * 2 ** min(attempt, 20))
         self._stop_event.wait(delay * random.uniform(0.5, 1.0))
 
-    def _subscribe(self) -> Any:
-        self._close_pubsub()
-        pubsub = self._client.pubsub()
-        self._pubsub = pubsub
-        pubsub.psubscribe(keyspace_pattern(self.settings.db_number))
-        pubsub.subscribe(SESSION_UPDATES, JOB_UPDATES)
+    def _subscribe(self) -> Subscription:
+        """Subscribe and wait for Redis to confirm all three subscriptions."""
+        self._close()
+        subscription = self._subscription = Subscription(
+            self._client, keyspace_pattern(self.settings.db_number), (SESSION_UPDATES, JOB_UPDATES)
+        )
         deadline = time.monotonic() + self.settings.socket_timeout
         confirmed = 0
         while confirmed < 3:
             if time.monotonic() > deadline:
                 raise DeadConnection("Redis did not confirm the subscriptions")
-            message = pubsub.get_message(timeout=0.1)
-            if message and message["type"] in ("subscribe", "psubscribe"):
-                confirmed += 1
-        return pubsub
+            for reply in subscription.read(0.1):
+                if reply[0] in (b"subscribe", b"psubscribe"):
+                    confirmed += 1
+                # nothing else can come before the confirmations: the commands were just sent
+        return subscription
 
-    def _close_pubsub(self) -> None:
-        if self._pubsub is not None:
-            # closing a broken connection may fail: it is being dropped anyway
-            with contextlib.suppress(Exception):
-                self._pubsub.close()
-            self._pubsub = None
+    def _close(self) -> None:
+        if self._subscription is not None:
+            self._subscription.close()
+            self._subscription = None
 
-    def _pump(self, pubsub: Any) -> None:
+    def _pump(self, subscription: Subscription) -> None:
         interval = self.settings.health_check_interval
         prefix_len = self._prefix_len
-        key_changed, hint = self.sink.key_changed, self.sink.hint
+        keys_changed, hint = self.sink.keys_changed, self.sink.hint
         last_rx = time.monotonic()
         ping_sent: float | None = None
         while not self._stop_event.is_set():
-            message = pubsub.get_message(timeout=0.1)
+            replies = subscription.read(0.1)
             now = time.monotonic()
-            if message is None:
+            if not replies:
                 if ping_sent is not None and now - ping_sent > interval:
                     raise DeadConnection(f"no reply from Redis for {interval:g} s")
                 if ping_sent is None and now - last_rx > interval:
-                    pubsub.ping(b"desto-archiver")
+                    subscription.ping()
                     ping_sent = now
                 continue
             last_rx, ping_sent = now, None
-            kind = message["type"]
-            if kind == "pmessage":
-                self.messages += 1
-                key_changed(message["channel"][prefix_len:], message["data"])
-            elif kind == "message":
-                self.messages += 1
-                hint(message["channel"], message["data"])
+            changed = []
+            for reply in replies:
+                kind = reply[0]
+                if kind == b"pmessage":
+                    changed.append((reply[2][prefix_len:], reply[3]))
+                elif kind == b"message":
+                    hint(reply[1], reply[2])
+            self.messages += len(replies)
+            if changed:
+                keys_changed(changed)

@@ -25,6 +25,10 @@ TABLES: dict[Kind, str] = {
 }
 # Statuses desto's messages may report for a record (at-jobs have no channel).
 _STATUSES: dict[Kind, frozenset[str]] = {Kind.SESSION: SESSION_STATUSES, Kind.JOB: JOB_STATUSES}
+HISTORY_INSERT = (
+    "INSERT INTO status_history (kind, record_id, event, status, previous_status, detail, observed_at, "
+    "desto_timestamp, source) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
 _TRACKING = ("created_at", "updated_at", "read_at_us", "first_seen_at", "last_seen_at", "expires_at", "extra")
 
 
@@ -59,6 +63,7 @@ class RowWriter:
         counts: Any,
     ) -> None:
         self.conn, self.kind, self.hints, self.counts = conn, kind, hints, counts
+        self._history: list[tuple[Any, ...]] = []
         self.table = TABLES[kind]
         self.cols = COLUMNS[kind]
         self.id_col = self.cols[0]
@@ -93,33 +98,64 @@ class RowWriter:
         return row.values[1] if self.favorite else row.status
 
     def write(self, rows: list[Row]) -> None:
-        existing = self._existing(list({r.record_id for r in rows}))
-        for row in rows:
-            self.counts.records[self.kind.value] += 1
+        """Apply ``rows`` (one kind, read in one batch). Statements of a kind go in one
+        executemany each; favorites, whose unique names depend on the order, go one by one."""
+        unique = {r.record_id: r for r in sorted(rows, key=lambda r: r.read_at_us)}  # the newest read
+        existing = self._existing(list(unique))
+        inserts: list[list[Any]] = []
+        updates: list[list[Any]] = []
+        touches: list[tuple[Any, ...]] = []
+        times: dict[int, tuple[str, str]] = {}  # a batch shares one read time: format it once
+        kind = self.kind.value
+        for row in unique.values():
+            self.counts.records[kind] += 1
             old = existing.get(row.record_id)
-            seen = iso_utc(row.read_at_us)
+            read_at = row.read_at_us
+            if read_at not in times:
+                times[read_at] = (iso_utc(read_at), sqlite_utc(read_at))
+            seen, updated_at = times[read_at]
             expires = iso_utc(row.expires_at_us) if row.expires_at_us is not None else None
-            tracking = [sqlite_utc(row.read_at_us), row.read_at_us]
             if old is None:
+                params = [*row.values, sqlite_utc(row.created_at_us), updated_at, read_at, seen, seen, expires]
+                params += [row.extra, self._tail(row)]
                 if self.favorite:
                     self._free_name(row.values[1], row.record_id)
-                params = [*row.values, sqlite_utc(row.created_at_us), *tracking, seen, seen, expires, row.extra]
-                self.conn.execute(self.insert, [*params, self._tail(row)])
-                self.counts.written[self.kind.value] += 1
-            elif old.read_at_us is not None and row.read_at_us < old.read_at_us:
+                    self.conn.execute(self.insert, params)
+                else:
+                    inserts.append(params)
+                self.counts.written[kind] += 1
+            elif old.read_at_us is not None and read_at < old.read_at_us:
                 self.counts.stale += 1
                 continue
             elif old.values != row.values or old.extra != row.extra or old.gone_at is not None:
-                if self.favorite and old.values[1] != row.values[1]:
-                    self._free_name(row.values[1], row.record_id)
-                params = [*row.values[1:], *tracking, seen, expires, row.extra, self._tail(row)]
-                self.conn.execute(self.update, [*params, row.record_id])
-                self.counts.written[self.kind.value] += 1
+                params = [
+                    *row.values[1:],
+                    updated_at,
+                    read_at,
+                    seen,
+                    expires,
+                    row.extra,
+                    self._tail(row),
+                    row.record_id,
+                ]
+                if self.favorite:
+                    if old.values[1] != row.values[1]:
+                        self._free_name(row.values[1], row.record_id)
+                    self.conn.execute(self.update, params)
+                else:
+                    updates.append(params)
+                self.counts.written[kind] += 1
             else:
-                self.conn.execute(self.touch, (row.read_at_us, seen, expires, row.record_id))
+                touches.append((read_at, seen, expires, row.record_id))
                 self.counts.unchanged += 1
             self._record_history(row, old)
-            existing[row.record_id] = _Old(row.values, row.extra, row.read_at_us, None, self._tail(row))
+        if inserts:
+            self.conn.executemany(self.insert, inserts)
+        if updates:
+            self.conn.executemany(self.update, updates)
+        if touches:
+            self.conn.executemany(self.touch, touches)
+        self._flush_history()
 
     def _free_name(self, name: str, owner: str) -> None:
         """desto's favorites.name is UNIQUE: a stale holder of ``name`` (deleted, or renamed in a
@@ -178,13 +214,19 @@ class RowWriter:
 
     def _add(self, record_id: str, event: str, status: str | None, previous: str | None, detail: str | None,
              observed: str, desto_ts: str | None, source: str) -> None:  # fmt: skip
-        add_history(self.conn, self.kind, record_id, event, status, previous, detail, observed, desto_ts, source)
+        self._history.append((self.kind.value, record_id, event, status, previous, detail, observed, desto_ts, source))
         self.counts.history += 1
+
+    def _flush_history(self) -> None:
+        if self._history:
+            self.conn.executemany(HISTORY_INSERT, self._history)
+            self._history.clear()
 
     def _attach_timestamp(self, record_id: str, status: str, timestamp: str | None) -> None:
         """desto's message for a change the archiver already recorded: keep desto's own time."""
         if timestamp is None:
             return
+        self._flush_history()  # the row to complete may be one this batch added
         self.conn.execute(
             "UPDATE status_history SET desto_timestamp = ? WHERE id = (SELECT max(id) FROM status_history "
             "WHERE kind = ? AND record_id = ?) AND status = ? AND desto_timestamp IS NULL",
@@ -205,7 +247,5 @@ def add_history(
     source: str,
 ) -> None:
     conn.execute(
-        "INSERT INTO status_history (kind, record_id, event, status, previous_status, detail, observed_at, "
-        "desto_timestamp, source) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (kind.value, record_id, event, status, previous, detail, observed_at, desto_timestamp, source),
+        HISTORY_INSERT, (kind.value, record_id, event, status, previous, detail, observed_at, desto_timestamp, source)
     )
