@@ -1,14 +1,50 @@
-"""structlog set-up: readable lines on a terminal, one JSON object per line otherwise."""
+"""structlog set-up: readable lines on a terminal, one JSON object per line otherwise.
+
+Writing a log line must never stop the archiving: when stderr cannot be written (its disk is
+full, its reader went away), lines are dropped and counted, and the count is reported once
+writing works again.
+"""
 
 from __future__ import annotations
 
 import logging
 import sys
+import threading
 from typing import Any, TextIO
 
 import structlog
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+
+
+class SafeLogger:
+    """structlog's print logger, without ever raising: a failed write is counted, not fatal."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+        self._lock = threading.Lock()
+        self.dropped = 0
+
+    def msg(self, message: str) -> None:
+        with self._lock:
+            try:
+                if self.dropped:
+                    self._stream.write(f'{{"event": "log.lines_dropped", "count": {self.dropped}}}\n')
+                    self.dropped = 0
+                self._stream.write(message + "\n")
+                self._stream.flush()
+            except (OSError, ValueError):  # ValueError: the stream was closed
+                self.dropped += 1
+
+    log = debug = info = warn = warning = err = error = critical = exception = fatal = failure = msg
+
+
+class SafeLoggerFactory:
+    def __init__(self, stream: TextIO) -> None:
+        self._logger = SafeLogger(stream)
+
+    def __call__(self, *args: Any) -> SafeLogger:
+        return self._logger
 
 
 def configure(fmt: str = "auto", level: str = "info", stream: TextIO | None = None) -> None:
@@ -27,7 +63,7 @@ def configure(fmt: str = "auto", level: str = "info", stream: TextIO | None = No
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
-        logger_factory=structlog.PrintLoggerFactory(out),
+        logger_factory=SafeLoggerFactory(out),
         cache_logger_on_first_use=False,
     )
 

@@ -119,6 +119,14 @@ def _int_or_null(value: str) -> int | None:
     return None if value == "" else _int64(value)
 
 
+def _job_ids(value: str) -> str:
+    # desto's model keeps empty ids ("a,,b" -> a, "", b) where its store drops them: such a value
+    # cannot read back the same, and desto never writes one.
+    if value and "" in value.split(","):
+        raise Invalid(f"an empty job id in {value[:80]!r}")
+    return value
+
+
 def _bool_text(value: str) -> int:
     return 1 if value.lower() == "true" else 0
 
@@ -150,7 +158,7 @@ SPECS: dict[Kind, tuple[FieldSpec, ...]] = {
         FieldSpec("start_time", _time, None),
         FieldSpec("end_time", _time, None),
         FieldSpec("last_heartbeat", _time, None),
-        FieldSpec("job_ids", _text, ""),
+        FieldSpec("job_ids", _job_ids, ""),
         FieldSpec("tmux_active", _bool_text, 0),
         FieldSpec("at_job_id", _text, ""),
     ),

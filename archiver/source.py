@@ -48,6 +48,7 @@ for i = 1, #KEYS do
   elseif ty == 'list' then v = redis.call('LRANGE', k, 0, -1)
   elseif ty == 'set' then v = redis.call('SMEMBERS', k)
   elseif ty == 'zset' then v = redis.call('ZRANGE', k, 0, -1, 'WITHSCORES')
+  elseif ty == 'stream' then v = redis.call('XRANGE', k, '-', '+')
   end
   out[#out + 1] = ty
   out[#out + 1] = v
@@ -170,6 +171,7 @@ class Source:
             "list": lambda: client.lrange(key, 0, -1),
             "set": lambda: sorted(client.smembers(key)),
             "zset": lambda: [x for m, s in client.zrange(key, 0, -1, withscores=True) for x in (m, repr(s))],
+            "stream": lambda: [[i, [x for p in f.items() for x in p]] for i, f in client.xrange(key, "-", "+")],
         }
         reader = readers.get(redis_type)
         return reader() if reader else None
