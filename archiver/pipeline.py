@@ -1,9 +1,10 @@
 """The daemon: coalesce events into dirty keys, flush them in batches, reconcile, shut down cleanly.
 
-Two threads. The listener (source.Listener) only marks keys dirty. The main thread owns the
-store: it flushes the dirty set (on size or age), steps a reconciliation between flushes, and
-writes a heartbeat. A flush takes its keys out of the dirty set *before* reading them, so a
-change that lands during the read marks the key dirty again.
+Three threads. The listener (source.Listener) only marks keys dirty. The fetcher
+(fetcher.Fetcher) takes dirty keys out of the set *before* reading them (so a change that lands
+during the read marks the key dirty again), reads them and reconcile pages from Redis and
+normalizes them. The main thread owns the store: it writes what the fetcher read, steps a
+reconcile's sweep between writes, and keeps the heartbeat, the rechecks and the schedule.
 """
 
 from __future__ import annotations
@@ -11,22 +12,23 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import queue
 import socket
 import sqlite3
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from archiver.config import Settings
 from archiver.dirty import Dirty, Hints
+from archiver.fetcher import Fetcher, Work
 from archiver.health import Notifier
-from archiver.keys import ParsedKey, record_key
+from archiver.keys import record_key
 from archiver.log import get_logger
 from archiver.metrics import Metrics, Snapshot
 from archiver.models import parse_hint
-from archiver.reconcile import Reconcile, archive, now_us, records_of
+from archiver.reconcile import Reconcile, archive, now_us, records_of, write_batch
 from archiver.source import CONNECTION_ERRORS, Listener, NotifyState, Source
 from archiver.store import BatchResult, DaemonLock, Store, StoreError
 from archiver.writer import TimedHint
@@ -34,6 +36,7 @@ from archiver.writer import TimedHint
 log = get_logger("archiver.pipeline")
 
 _TICK = 0.1  # the longest the main loop sleeps: how fast it notices a stop request
+_BUSY_RATE = 1000.0  # events/s beyond which batches are let grow longer than the flush interval
 _FLUSH_ERRORS: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, sqlite3.Error)
 
 
@@ -64,7 +67,10 @@ class Daemon:
         self._reconcile_wanted: str | None = None
         self._notify: NotifyState | None = None
         self._notify_warned = False
-        self._reconcile: Reconcile | None = None
+        self._reconciling = False  # a reconcile's scan or sweep is under way
+        self._sweep: Reconcile | None = None  # the reconcile whose sweep is under way
+        self._pending: Work | None = None  # read, not yet written
+        self.fetcher: Fetcher | None = None
         self._next_reconcile = float("inf")
         self._retry_at = 0.0
         self._failures = 0
@@ -72,6 +78,9 @@ class Daemon:
         self._next_heartbeat = 0.0
         self._next_recheck = 0.0
         self._recheck_more = False
+        self._rate = 0.0  # events/s: rises at once, falls halving each tenth of a second
+        self._rate_at = 0.0
+        self._rate_events = 0
         self.store: Store | None = None
         self.source: Source | None = None
         self.listener: Listener | None = None
@@ -155,10 +164,12 @@ class Daemon:
                     f"{exc.strerror}; choose another ARCHIVER_METRICS_PORT"
                 ) from None
             log.info("metrics.serving", host=self.settings.metrics_host, port=self.settings.metrics_port)
+        self.fetcher = Fetcher(self.settings, self.source, self.dirty, self._flush_interval)
+        self.fetcher.start()
         self.listener = Listener(self.settings, self.source, self)
         self.listener.start()
 
-    # ─── the main loop ─────────────────────────────────────────────────────────────────────────
+    # ─── the main loop: writes what the fetcher read, and everything else that is the store's ──
 
     def _step(self) -> None:
         now = time.monotonic()
@@ -172,6 +183,9 @@ class Daemon:
         if self.notifier.watchdog_interval is not None and now >= self._next_watchdog:
             self._next_watchdog = now + self.notifier.watchdog_interval
             self.notifier.watchdog()
+        assert self.fetcher is not None
+        if not self.fetcher.is_alive():
+            raise RuntimeError(f"the reading thread stopped: {self.fetcher.error!r}")
         if now < self._retry_at:
             time.sleep(min(_TICK, self._retry_at - now))
             return
@@ -180,15 +194,18 @@ class Daemon:
                 self._recheck_foreign_writes(now)
             if self._subscribed.is_set() and self._reconcile_wanted:
                 self._begin_reconcile(self._reconcile_wanted)
-            elif self._subscribed.is_set() and self._reconcile is None and now >= self._next_reconcile:
+            elif self._subscribed.is_set() and not self._reconciling and now >= self._next_reconcile:
                 self._begin_reconcile("timer")
-            if self.dirty.ready(self.settings.batch_size, self.settings.flush_interval):
-                self._flush()
-            elif self._reconcile is not None and self._subscribed.is_set():
-                self._reconcile_step()
-            else:
-                self._idle(now)
-                return
+            if self._pending is None:
+                try:
+                    wait = 0.0 if self._sweep is not None else _TICK
+                    self._pending = self.fetcher.queue.get(timeout=wait) if wait else self.fetcher.queue.get_nowait()
+                except queue.Empty:
+                    if self._sweep is not None and self._subscribed.is_set():
+                        self._sweep_step(self._sweep)
+                    return
+            self._write(self._pending)
+            self._pending = None
         except CONNECTION_ERRORS as exc:
             self._failed("redis", exc)
             return
@@ -198,6 +215,42 @@ class Daemon:
         if self._failing is not None:
             log.info("archiver.recovered", after=self._failing, failures=self._failures)
             self._failing, self._failures = None, 0
+
+    def _write(self, work: Work) -> None:
+        """Apply one batch the fetcher read; a failure leaves it pending, to be tried again (a
+        late write is safe: the version guard keeps the newest read)."""
+        assert self.store is not None
+        self._drain_hints()  # desto's messages that came with these changes go with them
+        started = time.perf_counter()
+        gone_events = {key: event for key, event in work.items if event}
+        result = write_batch(self.store, work.outcomes, gone_events, self.hints)
+        if self.metrics is not None:
+            self.metrics.batch_seconds.observe(work.read_s + time.perf_counter() - started)
+        self.totals.keys_read += work.keys
+        self.totals.batches += 1
+        self.totals.result.merge(result)
+        if work.reconcile is not None:
+            work.reconcile.result.merge(result)
+            if work.scan_done:
+                self._sweep = work.reconcile
+
+    def _sweep_step(self, rec: Reconcile) -> None:
+        """One page of a reconcile's sweep (archived rows its scan did not meet), between writes."""
+        assert self.store is not None and self.source is not None
+        keys = rec.next_keys(self.store)
+        if keys:
+            events = self.dirty.take(keys)
+            gone_events = {k: e for k, e in events.items() if e}
+            try:
+                result = archive(self.source, self.store, records_of(keys), gone_events)
+            except BaseException:
+                self.dirty.requeue(list(events.items()))
+                raise
+            rec.result.merge(result)
+            self.totals.result.merge(result)
+            self.totals.keys_read += len(keys)
+        if rec.done:
+            self._finish_reconcile(rec)
 
     def _recheck_foreign_writes(self, now: float) -> None:
         """Re-read records another program (desto's own store) wrote to the file since the last
@@ -212,17 +265,18 @@ class Daemon:
         for kind, record_id in taken:
             self.dirty.add(record_key(kind, record_id), None)
 
-    def _idle(self, now: float) -> None:
-        """Sleep until a key turns dirty, the oldest dirty key is due, or the next tick."""
-        timeout = _TICK
-        oldest = self.dirty.oldest_at
-        if oldest is not None:
-            timeout = min(timeout, max(0.0, oldest + self.settings.flush_interval - now))
-        self.dirty.wake.clear()
-        if not len(self.dirty) and not self._raw_hints:
-            self.dirty.wake.wait(timeout)
-        elif timeout > 0:
-            time.sleep(timeout)
+    def _flush_interval(self, now: float) -> float:
+        """How long a change may wait to be written: ARCHIVER_FLUSH_INTERVAL while changes are
+        few, up to ten times that under a stream of them. Each batch costs a read round trip and
+        a commit that rewrites the index pages it touched, so under load bigger batches archive
+        more per second, at a latency still well under a second. (Called by the fetcher.)"""
+        if now - self._rate_at >= 0.1:
+            events = self.dirty.events
+            rate = (events - self._rate_events) / (now - self._rate_at)
+            self._rate = rate if rate > self._rate else (self._rate + rate) / 2
+            self._rate_at, self._rate_events = now, events
+        base = self.settings.flush_interval
+        return base * min(10.0, max(1.0, self._rate / _BUSY_RATE))
 
     def _failed(self, what: str, exc: BaseException) -> None:
         self._failures += 1
@@ -243,37 +297,16 @@ class Daemon:
             self.hints.add(hint.kind, hint.record_id, TimedHint(hint.status, hint.timestamp, received))
             self.dirty.add(record_key(hint.kind, hint.record_id), None)
 
-    def _flush(self) -> None:
-        items = self.dirty.pop(self.settings.batch_size)
-        if not items:
-            return
-        wanted = records_of(key for key, _ in items)
-        try:
-            self._apply(wanted, {key: event for key, event in items if event})
-        except BaseException:
-            self.dirty.requeue(items)
-            raise
-
-    def _apply(self, keys: Sequence[tuple[bytes, ParsedKey]], gone_events: dict[bytes, bytes]) -> None:
-        assert self.source is not None and self.store is not None
-        started = time.perf_counter()
-        result = archive(self.source, self.store, keys, gone_events, self.hints)
-        if self.metrics is not None:
-            self.metrics.batch_seconds.observe(time.perf_counter() - started)
-        self.totals.keys_read += len(keys)
-        self.totals.batches += 1
-        self.totals.result.merge(result)
-        if self._reconcile is not None:
-            self._reconcile.result.merge(result)
-
     def _begin_reconcile(self, reason: str) -> None:
-        assert self.source is not None
+        assert self.source is not None and self.fetcher is not None
         if reason == "timer":
             notify = self.source.ensure_notifications()
             self._notify = notify
         self._warn_notifications()
-        self._reconcile = Reconcile(self.source, self.settings.batch_size, reason)
         self._reconcile_wanted = None
+        self._reconciling = True
+        self._sweep = None  # a sweep under way belongs to a pass now replaced
+        self.fetcher.request_scan(reason)
 
     def _warn_notifications(self) -> None:
         notify = self._notify
@@ -298,33 +331,22 @@ class Daemon:
         if notify.set_to:
             log.info("notifications.set", flags_found=notify.found, flags_set=notify.set_to)
 
-    def _reconcile_step(self) -> None:
-        assert self._reconcile is not None and self.store is not None
-        rec = self._reconcile
-        keys = rec.next_keys(self.store)
-        if keys:
-            events = self.dirty.take(keys)
-            wanted = records_of(keys)
-            try:
-                self._apply(wanted, {k: e for k, e in events.items() if e})
-            except BaseException:
-                self.dirty.requeue(list(events.items()))
-                raise
-        if rec.done:
-            self._reconcile = None
-            self.totals.reconciles += 1
-            interval = self.settings.reconcile_interval
-            if self._notify is None or not self._notify.ok:
-                interval = min(interval, self.settings.fallback_reconcile_interval)
-            self._next_reconcile = time.monotonic() + interval
-            assert self.store is not None
-            self.store.set_state(
-                {"last_reconcile_at": str(now_us()), "last_reconcile": json.dumps(rec.summary())}, now_us()
-            )
-            log.info("reconcile.done", **rec.summary(), next_in_s=interval)
-            if not self.ready.is_set():
-                self.notifier.ready(self._status_line())
-            self.ready.set()
+    def _finish_reconcile(self, rec: Reconcile) -> None:
+        assert self.store is not None
+        self._sweep = None
+        self._reconciling = False
+        self.totals.reconciles += 1
+        interval = self.settings.reconcile_interval
+        if self._notify is None or not self._notify.ok:
+            interval = min(interval, self.settings.fallback_reconcile_interval)
+        self._next_reconcile = time.monotonic() + interval
+        self.store.set_state(
+            {"last_reconcile_at": str(now_us()), "last_reconcile": json.dumps(rec.summary())}, now_us()
+        )
+        log.info("reconcile.done", **rec.summary(), next_in_s=interval)
+        if not self.ready.is_set():
+            self.notifier.ready(self._status_line())
+        self.ready.set()
 
     def _heartbeat(self) -> None:
         self._next_heartbeat = time.monotonic() + self.settings.heartbeat_interval
@@ -347,7 +369,7 @@ class Daemon:
                     "tombstoned": self.totals.result.tombstoned,
                     "reconciles": self.totals.reconciles,
                     "reconnects": self.listener.reconnects if self.listener else 0,
-                    "failing": self._failing,
+                    "failing": self._failing or ("redis" if self.fetcher and self.fetcher.failing else None),
                 }
             )
         }
@@ -362,8 +384,9 @@ class Daemon:
         """A one-line summary for systemd's STATUS= (shown by systemctl status)."""
         r = self.totals.result
         state = "archiving" if self._subscribed.is_set() else "waiting for Redis"
-        if self._failing:
-            state = f"retrying ({self._failing} failing)"
+        failing = self._failing or ("redis" if self.fetcher and self.fetcher.failing else None)
+        if failing:
+            state = f"retrying ({failing} failing)"
         return (
             f"{state}: {self.dirty.events} events, {self.totals.keys_read} keys read, "
             f"{sum(r.written.values())} rows written, {r.new_quarantined} quarantined, "
@@ -391,19 +414,31 @@ class Daemon:
         self.notifier.stopping()
         if self.listener is not None:
             self.listener.stop()
+        self._drain_hints()
         deadline = time.monotonic() + self.settings.shutdown_timeout
         flushed = 0
-        while len(self.dirty) and time.monotonic() < deadline:
-            self._drain_hints()
-            before = len(self.dirty)
-            try:
-                self._flush()
-            except _FLUSH_ERRORS as exc:
-                log.warning("shutdown.flush_failed", error=str(exc), pending=len(self.dirty))
-                time.sleep(0.1)
-                continue
-            flushed += before - len(self.dirty)
-        left = len(self.dirty)
+        fetcher = self.fetcher
+        if fetcher is not None:
+            fetcher.drain()
+            while time.monotonic() < deadline and (
+                fetcher.is_alive() or self._pending is not None or not fetcher.queue.empty()
+            ):
+                try:
+                    if self._pending is None:
+                        self._pending = fetcher.queue.get(timeout=_TICK)
+                    self._write(self._pending)
+                    flushed += self._pending.keys
+                    self._pending = None
+                except queue.Empty:
+                    continue
+                except sqlite3.Error as exc:
+                    log.warning("shutdown.flush_failed", error=str(exc), pending=len(self.dirty))
+                    time.sleep(_TICK)
+            fetcher.stop_now()
+            fetcher.join(timeout=2)
+        left = len(self.dirty) + (self._pending.keys if self._pending is not None else 0)
+        if fetcher is not None:
+            left += sum(work.keys for work in list(fetcher.queue.queue))
         if self.store is not None:
             with contextlib.suppress(sqlite3.Error):
                 self.store.set_state({"stopped_at": str(now_us())}, now_us())

@@ -1,0 +1,164 @@
+"""The daemon's reading thread: dirty keys and reconcile pages, read from Redis and normalized.
+
+It hands each batch to the writing (main) thread through a short queue. Reading a batch (a
+socket round trip, normalizing in Python) overlaps writing the previous one (SQLite, which
+releases the GIL), and a writer that falls behind holds the reader back instead of letting
+memory grow: the queue is short, the dirty set bounded.
+"""
+
+from __future__ import annotations
+
+import queue
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from archiver.config import Settings
+from archiver.dirty import Dirty
+from archiver.log import get_logger
+from archiver.models import Outcome
+from archiver.reconcile import Reconcile, read_batch, records_of
+from archiver.source import CONNECTION_ERRORS, Source
+
+log = get_logger("archiver.fetcher")
+
+_TICK = 0.1
+_QUEUE_DEPTH = 2
+
+
+@dataclass
+class Work:
+    """One batch read from Redis, waiting to be written."""
+
+    items: list[tuple[bytes, bytes | None]]  # the dirty entries taken (put back if writing fails)
+    outcomes: list[Outcome]
+    read_s: float
+    reconcile: Reconcile | None = None  # a page of this reconcile's scan
+    scan_done: bool = False  # the scan is over: its sweep may begin once this page is written
+    keys: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.keys = len(self.outcomes)
+
+
+class Fetcher(threading.Thread):
+    def __init__(self, settings: Settings, source: Source, dirty: Dirty, interval: Callable[[float], float]) -> None:
+        super().__init__(name="archiver-fetcher", daemon=True)
+        self.settings = settings
+        self.source = source
+        self.dirty = dirty
+        self.interval = interval  # how long a change may wait, now
+        self.queue: queue.Queue[Work] = queue.Queue(maxsize=_QUEUE_DEPTH)
+        self._scan_request: str | None = None
+        self._scan: Reconcile | None = None
+        self._draining = False
+        self._stop_now = False
+        self.failing = False
+        self._failures = 0
+        self.error: BaseException | None = None
+
+    # ─── asked by the main thread ─────────────────────────────────────────────────────────────
+
+    def request_scan(self, reason: str) -> None:
+        """Start a reconcile's scan (replacing one under way: Redis' clock starts anew)."""
+        self._scan_request = reason
+        self.dirty.wake.set()
+
+    def drain(self) -> None:
+        """Read what is dirty now, then end (shutdown)."""
+        self._draining = True
+        self.dirty.wake.set()
+
+    def stop_now(self) -> None:
+        self._stop_now = True
+        self.dirty.wake.set()
+
+    # ─── the loop ──────────────────────────────────────────────────────────────────────────────
+
+    def run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as exc:  # a bug: the main thread sees the thread gone and stops
+            self.error = exc
+            log.exception("fetcher.crashed", error=repr(exc))
+
+    def _loop(self) -> None:
+        batch = self.settings.batch_size
+        while not self._stop_now:
+            now = time.monotonic()
+            try:
+                if self._scan_request is not None and not self._draining:
+                    reason = self._scan_request
+                    self._scan = Reconcile(self.source, batch, reason)  # reads Redis' clock: may fail
+                    if self._scan_request == reason:
+                        self._scan_request = None
+                if self.dirty.ready(batch, 0.0 if self._draining else self.interval(now)):
+                    self._read_dirty()
+                elif self._scan is not None and not self._draining:
+                    self._read_scan_page(self._scan)
+                elif self._draining:
+                    return
+                else:
+                    self._idle(now)
+                    continue
+            except CONNECTION_ERRORS as exc:
+                self._failed(exc)
+                continue
+            if self.failing:
+                log.info("archiver.recovered", after="redis", failures=self._failures)
+                self.failing, self._failures = False, 0
+
+    def _idle(self, now: float) -> None:
+        timeout = _TICK
+        oldest = self.dirty.oldest_at
+        if oldest is not None:
+            timeout = min(timeout, max(0.0, oldest + self.interval(now) - now))
+        self.dirty.wake.clear()
+        if not len(self.dirty) and self._scan_request is None:
+            self.dirty.wake.wait(timeout)
+        elif timeout > 0:
+            time.sleep(timeout)
+
+    def _failed(self, exc: BaseException) -> None:
+        self._failures += 1
+        delay = min(self.settings.reconnect_max_backoff, 0.1 * 2 ** min(self._failures, 10))
+        if not self.failing or self._failures % 20 == 0:
+            log.warning("redis.read_failed", error=str(exc) or type(exc).__name__, failures=self._failures)
+        self.failing = True
+        deadline = time.monotonic() + delay * random.uniform(0.5, 1.0)
+        while time.monotonic() < deadline and not self._stop_now and self._scan_request is None:
+            time.sleep(min(_TICK, max(0.0, deadline - time.monotonic())))
+
+    def _read_dirty(self) -> None:
+        items = self.dirty.pop(self.settings.batch_size)
+        if items:
+            self._read(items, [key for key, _ in items], None, False)
+
+    def _read_scan_page(self, rec: Reconcile) -> None:
+        keys = rec.next_scan_keys()
+        done = not rec.scanning
+        if done:
+            self._scan = None
+        # the keys about to be read need no separate flush: take them (and their events) along
+        items = list(self.dirty.take(keys).items())
+        self._read(items, keys, rec, done)
+
+    def _read(
+        self, items: list[tuple[bytes, bytes | None]], keys: list[bytes], rec: Reconcile | None, done: bool
+    ) -> None:
+        started = time.perf_counter()
+        try:
+            outcomes = read_batch(self.source, records_of(keys))
+        except BaseException:
+            self.dirty.requeue(items)
+            raise
+        work = Work(items, outcomes, time.perf_counter() - started, rec, done)
+        while not self._stop_now:
+            try:
+                self.queue.put(work, timeout=_TICK)
+                return
+            except queue.Full:
+                continue
+        self.dirty.requeue(items)
