@@ -158,6 +158,7 @@ def backfill(
 
 
 _DONE = object()
+_JOIN = 4  # pages per transaction at most
 
 
 def _read_scan(rec: Reconcile, source: Source) -> Iterator[list[Outcome]]:
@@ -179,10 +180,28 @@ def _read_scan(rec: Reconcile, source: Source) -> Iterator[list[Outcome]]:
     thread = threading.Thread(target=reader, name="backfill-reader", daemon=True)
     thread.start()
     try:
-        while (item := pages.get()) is not _DONE:
-            if isinstance(item, BaseException):
-                raise item
-            yield item
+        carry: Any = None
+        while True:
+            item = carry if carry is not None else pages.get()
+            carry, batch = None, []
+            # pages already waiting join this one in a single transaction (up to _JOIN of them)
+            while item is not _DONE:
+                if isinstance(item, BaseException):
+                    raise item
+                batch.extend(item)
+                try:
+                    item = pages.get_nowait()
+                except queue.Empty:
+                    item = None
+                    break
+                if len(batch) >= _JOIN * rec.page:
+                    carry = item
+                    item = None
+                    break
+            if batch:
+                yield batch
+            if item is _DONE:
+                return
     finally:
         stop.set()
         while thread.is_alive():  # unblock a reader waiting on a full queue

@@ -25,7 +25,8 @@ from archiver.source import CONNECTION_ERRORS, Source
 log = get_logger("archiver.fetcher")
 
 _TICK = 0.1
-_QUEUE_DEPTH = 2
+_QUEUE_DEPTH = 4
+_STALLED_S = 0.05  # a batch waiting this long: the writer is stuck (a lock, a slow disk)
 
 
 @dataclass
@@ -38,9 +39,11 @@ class Work:
     reconcile: Reconcile | None = None  # a page of this reconcile's scan
     scan_done: bool = False  # the scan is over: its sweep may begin once this page is written
     keys: int = field(init=False)
+    queued_at: float = field(init=False)
 
     def __post_init__(self) -> None:
         self.keys = len(self.outcomes)
+        self.queued_at = time.monotonic()
 
 
 class Fetcher(threading.Thread):
@@ -94,6 +97,10 @@ class Fetcher(threading.Thread):
                     self._scan = Reconcile(self.source, batch, reason)  # reads Redis' clock: may fail
                     if self._scan_request == reason:
                         self._scan_request = None
+                if self._writer_stalled(now):
+                    # read later rather than now: changes meanwhile coalesce in the dirty set
+                    time.sleep(_STALLED_S / 5)
+                    continue
                 if self.dirty.ready(batch, 0.0 if self._draining else self.interval(now)):
                     self._read_dirty()
                 elif self._scan is not None and not self._draining:
@@ -109,6 +116,13 @@ class Fetcher(threading.Thread):
             if self.failing:
                 log.info("archiver.recovered", after="redis", failures=self._failures)
                 self.failing, self._failures = False, 0
+
+    def _writer_stalled(self, now: float) -> bool:
+        try:
+            head: Work = self.queue.queue[0]
+        except IndexError:
+            return False
+        return now - head.queued_at > _STALLED_S
 
     def _idle(self, now: float) -> None:
         timeout = _TICK

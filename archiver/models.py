@@ -255,7 +255,8 @@ _PLANS: dict[Kind, tuple[tuple[str, Callable[[str], Any] | None, Any, bool], ...
 def _row(kind: Kind, record_id: str, fetched: Fetched) -> Row:
     flat = fetched.value
     try:
-        fields = dict(zip([b.decode() for b in flat[::2]], [b.decode() for b in flat[1::2]], strict=True))
+        text = [b.decode() for b in flat]
+        fields = dict(zip(text[::2], text[1::2], strict=True))
     except (UnicodeDecodeError, ValueError):
         fields = _decode_hash(flat)  # the slow path says which field is wrong
     id_field = ID_FIELDS[kind]
@@ -427,11 +428,28 @@ def _decode_at(data: bytes, pos: int) -> tuple[Any, int]:
 # ─── time formats ────────────────────────────────────────────────────────────────────────────────
 
 
+def _cached_seconds(fmt: str) -> Callable[[int], str]:
+    """strftime of whole seconds, remembering the last one: the rows of a batch share their times'
+    seconds far more often than not (one read time, records created close together)."""
+    last: list[Any] = [None, ""]
+
+    def format_seconds(seconds: int) -> str:
+        if seconds != last[0]:
+            last[0], last[1] = seconds, time.strftime(fmt, time.gmtime(seconds))
+        return str(last[1])
+
+    return format_seconds
+
+
+_sqlite_seconds = _cached_seconds("%Y-%m-%d %H:%M:%S")
+_iso_seconds = _cached_seconds("%Y-%m-%dT%H:%M:%S")
+
+
 def sqlite_utc(us: int) -> str:
     """The form of SQLite's ``datetime('now')``, which desto uses for created_at/updated_at."""
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(us // 1_000_000))
+    return _sqlite_seconds(us // 1_000_000)
 
 
 def iso_utc(us: int) -> str:
     """The archiver's own timestamps: ISO 8601 in UTC, to the microsecond."""
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(us // 1_000_000)) + f".{us % 1_000_000:06d}Z"
+    return f"{_iso_seconds(us // 1_000_000)}.{us % 1_000_000:06d}Z"

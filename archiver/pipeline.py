@@ -36,6 +36,7 @@ from archiver.writer import TimedHint
 log = get_logger("archiver.pipeline")
 
 _TICK = 0.1  # the longest the main loop sleeps: how fast it notices a stop request
+_JOIN_LIMIT = 4  # at most this many batches in one transaction
 _BUSY_RATE = 1000.0  # events/s beyond which batches are let grow longer than the flush interval
 _FLUSH_ERRORS: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, sqlite3.Error)
 
@@ -204,6 +205,7 @@ class Daemon:
                     if self._sweep is not None and self._subscribed.is_set():
                         self._sweep_step(self._sweep)
                     return
+                self._pending = self._join_waiting(self._pending)
             self._write(self._pending)
             self._pending = None
         except CONNECTION_ERRORS as exc:
@@ -215,6 +217,22 @@ class Daemon:
         if self._failing is not None:
             log.info("archiver.recovered", after=self._failing, failures=self._failures)
             self._failing, self._failures = None, 0
+
+    def _join_waiting(self, work: Work) -> Work:
+        """Batches of changes waiting behind this one join it in one transaction: when the writer
+        is behind, fewer, bigger commits (each rewrites the index pages it touched) catch up faster."""
+        assert self.fetcher is not None
+        limit = _JOIN_LIMIT * self.settings.batch_size
+        while work.reconcile is None and work.keys < limit:
+            try:
+                nxt = self.fetcher.queue.queue[0]  # a peek: only changes join, never a reconcile page
+            except IndexError:
+                break
+            if nxt.reconcile is not None:
+                break
+            self.fetcher.queue.get_nowait()
+            work = Work(work.items + nxt.items, work.outcomes + nxt.outcomes, work.read_s + nxt.read_s)
+        return work
 
     def _write(self, work: Work) -> None:
         """Apply one batch the fetcher read; a failure leaves it pending, to be tried again (a

@@ -13,6 +13,7 @@ import hashlib
 import os
 import socket
 import sqlite3
+import threading
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
@@ -110,11 +111,43 @@ class DaemonLock:
             self._fd = None
 
 
+class Checkpointer(threading.Thread):
+    """Copies the WAL back into the database from a connection of its own, a PASSIVE checkpoint
+    each second: it never blocks the writer, so commits rarely carry a checkpoint's writes and
+    fsyncs. (Starting the WAL over is the writer's: see Store.restart_wal_if_big.)"""
+
+    def __init__(self, path: Path, interval: float = 1.0) -> None:
+        super().__init__(name="archiver-checkpointer", daemon=True)
+        self._conn = sqlite3.connect(path, timeout=1, isolation_level=None, check_same_thread=False)
+        self._interval = interval
+        self._stop_event = threading.Event()
+        self.wrote = True  # set by the writer after each commit
+
+    def run(self) -> None:
+        while not self._stop_event.wait(self._interval):
+            if self.wrote:  # nothing new in the WAL: no need to wake SQLite
+                self.wrote = False
+                self.checkpoint()
+
+    def checkpoint(self) -> None:
+        with suppress(sqlite3.Error):  # busy or full now: the next round copies what is left
+            self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join(timeout=5)
+        self.checkpoint()
+        with suppress(sqlite3.Error):
+            self._conn.close()
+
+
 class Store:
     def __init__(self, conn: sqlite3.Connection, path: Path, schema_found: int) -> None:
         self.conn = conn
         self.path = path
         self.schema_found = schema_found
+        self.checkpointer: Checkpointer | None = None
+        self._wal = Path(f"{path}-wal")
         self._data_version = -1
         self._unresolved: set[bytes] = {
             bytes(row[0]) for row in conn.execute("SELECT DISTINCT key FROM quarantine WHERE resolved_at IS NULL")
@@ -136,10 +169,10 @@ class Store:
             if mode != "wal":
                 raise StoreError(f"{path}: SQLite refused WAL mode (got {mode}); is it on a network filesystem?")
             conn.execute("PRAGMA synchronous=NORMAL")
-            # A batch dirties pages all over desto's random-keyed indexes: checkpoint every ~40 MB
-            # of WAL rather than every 4 MB (which meant a checkpoint and its fsyncs per batch).
-            conn.execute("PRAGMA wal_autocheckpoint=10000")
-            conn.execute("PRAGMA cache_size=-32000")
+            # A batch dirties pages all over desto's random-keyed indexes; copying them back from
+            # the WAL (with its fsyncs) is the checkpointer thread's work, not the commit's.
+            conn.execute("PRAGMA wal_autocheckpoint=0")
+            conn.execute("PRAGMA cache_size=-8000")
             conn.execute("PRAGMA foreign_keys=OFF")
             found, _ = migrate(conn)
         except NewerSchemaError as exc:
@@ -148,9 +181,14 @@ class Store:
         except sqlite3.DatabaseError as exc:
             conn.close()
             raise StoreError(f"cannot use {path}: {exc}; is it a SQLite file, and writable?") from None
-        return cls(conn, path, found)
+        store = cls(conn, path, found)
+        store.checkpointer = Checkpointer(path)
+        store.checkpointer.start()
+        return store
 
     def close(self) -> None:
+        if self.checkpointer is not None:
+            self.checkpointer.stop()
         with suppress(sqlite3.Error):
             self.conn.close()
 
@@ -160,6 +198,8 @@ class Store:
         try:
             yield self.conn
             self.conn.execute("COMMIT" if commit else "ROLLBACK")
+            if commit and self.checkpointer is not None:
+                self.checkpointer.wrote = True
         except BaseException:
             with suppress(sqlite3.Error):
                 self.conn.execute("ROLLBACK")
@@ -268,7 +308,22 @@ class Store:
         if not batch.dry_run:
             self._unresolved.difference_update(resolved)
             self._unresolved.update(r.key for r in result.quarantined)
+            self.restart_wal_if_big()
         return result
+
+    MAX_WAL_BYTES = 64 * 1024 * 1024
+
+    def restart_wal_if_big(self) -> None:
+        """A writer that never pauses keeps the WAL from starting over (a checkpoint from another
+        connection never finds a moment without it): past 64 MB, checkpoint from here, between
+        two transactions, and truncate. The checkpointer thread has copied most pages already."""
+        try:
+            big = self._wal.stat().st_size > self.MAX_WAL_BYTES
+        except OSError:
+            return
+        if big:
+            with suppress(sqlite3.Error):  # readers on an old snapshot: the next batch tries again
+                self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
 
     def _tombstone(self, conn: sqlite3.Connection, gone: Gone, event: bytes | None, result: BatchResult) -> None:
         assert gone.kind is not None

@@ -12,6 +12,7 @@ import json
 import sqlite3
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import Any
 
 from archiver.keys import Kind
@@ -30,6 +31,9 @@ HISTORY_INSERT = (
     "desto_timestamp, source) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 _TRACKING = ("created_at", "updated_at", "read_at_us", "first_seen_at", "last_seen_at", "expires_at", "extra")
+
+
+_first, _second, _last = itemgetter(0), itemgetter(1), itemgetter(-1)
 
 
 def tail_column(kind: Kind) -> str:
@@ -94,67 +98,64 @@ class RowWriter:
                 found[r[0]] = _Old(tuple(r[:n]), r[n], r[n + 1], r[n + 2], r[n + 3])
         return found
 
-    def _tail(self, row: Row) -> Any:
-        return row.values[1] if self.favorite else row.status
-
     def write(self, rows: list[Row]) -> None:
         """Apply ``rows`` (one kind, read in one batch). Statements of a kind go in one
         executemany each; favorites, whose unique names depend on the order, go one by one."""
-        unique = {r.record_id: r for r in sorted(rows, key=lambda r: r.read_at_us)}  # the newest read
+        unique: dict[str, Row] = {}
+        for row in rows:  # one row per record: the newest read
+            seen_row = unique.get(row.record_id)
+            if seen_row is None or seen_row.read_at_us <= row.read_at_us:
+                unique[row.record_id] = row
         existing = self._existing(list(unique))
         inserts: list[list[Any]] = []
         updates: list[list[Any]] = []
         touches: list[tuple[Any, ...]] = []
-        times: dict[int, tuple[str, str]] = {}  # a batch shares one read time: format it once
-        kind = self.kind.value
+        favorite, tail_is_name = self.favorite, self.favorite
+        status_idx = self.status_idx
+        written = stale = 0
         for row in unique.values():
-            self.counts.records[kind] += 1
-            old = existing.get(row.record_id)
-            read_at = row.read_at_us
-            if read_at not in times:
-                times[read_at] = (iso_utc(read_at), sqlite_utc(read_at))
-            seen, updated_at = times[read_at]
+            record_id, values, read_at = row.record_id, row.values, row.read_at_us
+            old = existing.get(record_id)
+            seen, updated_at = iso_utc(read_at), sqlite_utc(read_at)
             expires = iso_utc(row.expires_at_us) if row.expires_at_us is not None else None
+            tail = values[1] if tail_is_name else (values[status_idx] if status_idx is not None else None)
             if old is None:
-                params = [*row.values, sqlite_utc(row.created_at_us), updated_at, read_at, seen, seen, expires]
-                params += [row.extra, self._tail(row)]
-                if self.favorite:
-                    self._free_name(row.values[1], row.record_id)
+                params = [*values, sqlite_utc(row.created_at_us), updated_at, read_at, seen, seen, expires, row.extra]
+                params.append(tail)
+                if favorite:
+                    self._free_name(values[1], record_id)
                     self.conn.execute(self.insert, params)
                 else:
                     inserts.append(params)
-                self.counts.written[kind] += 1
+                written += 1
             elif old.read_at_us is not None and read_at < old.read_at_us:
-                self.counts.stale += 1
+                stale += 1
                 continue
-            elif old.values != row.values or old.extra != row.extra or old.gone_at is not None:
-                params = [
-                    *row.values[1:],
-                    updated_at,
-                    read_at,
-                    seen,
-                    expires,
-                    row.extra,
-                    self._tail(row),
-                    row.record_id,
-                ]
-                if self.favorite:
-                    if old.values[1] != row.values[1]:
-                        self._free_name(row.values[1], row.record_id)
+            elif old.values != values or old.extra != row.extra or old.gone_at is not None:
+                params = [*values[1:], updated_at, read_at, seen, expires, row.extra, tail, record_id]
+                if favorite:
+                    if old.values[1] != values[1]:
+                        self._free_name(values[1], record_id)
                     self.conn.execute(self.update, params)
                 else:
                     updates.append(params)
-                self.counts.written[kind] += 1
+                written += 1
             else:
-                touches.append((read_at, seen, expires, row.record_id))
-                self.counts.unchanged += 1
+                touches.append((read_at, seen, expires, record_id))
             self._record_history(row, old)
+        counts, kind = self.counts, self.kind.value
+        counts.records[kind] += len(unique)
+        if written:
+            counts.written[kind] += written
+        counts.stale += stale
+        counts.unchanged += len(touches)
+        # In key order, the B-tree pages of the (random) ids are met one after another.
         if inserts:
-            self.conn.executemany(self.insert, inserts)
+            self.conn.executemany(self.insert, sorted(inserts, key=_first))
         if updates:
-            self.conn.executemany(self.update, updates)
+            self.conn.executemany(self.update, sorted(updates, key=_last))
         if touches:
-            self.conn.executemany(self.touch, touches)
+            self.conn.executemany(self.touch, sorted(touches, key=_last))
         self._flush_history()
 
     def _free_name(self, name: str, owner: str) -> None:
@@ -219,7 +220,7 @@ class RowWriter:
 
     def _flush_history(self) -> None:
         if self._history:
-            self.conn.executemany(HISTORY_INSERT, self._history)
+            self.conn.executemany(HISTORY_INSERT, sorted(self._history, key=_second))
             self._history.clear()
 
     def _attach_timestamp(self, record_id: str, status: str, timestamp: str | None) -> None:

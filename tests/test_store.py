@@ -321,3 +321,25 @@ def test_writes_by_another_program_are_noted_for_a_re_read(store: Store, db_path
     store.apply(Batch([read(Kind.SESSION, mine["session_id"], mine, T0 + 1)]))
     assert row(db_path, "sessions", "session_id", mine["session_id"])["status"] == "running"
     assert [h[0] for h in history(db_path, mine["session_id"])] == ["first_seen"]
+
+
+def test_the_wal_starts_over_while_the_writer_never_pauses(db_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Readers and the checkpointer never find a moment without the writer during a backfill: the
+    # writer itself must start the WAL over, or it grows with every row ever written.
+    monkeypatch.setattr(Store, "MAX_WAL_BYTES", 256 * 1024)
+    store = Store.open(db_path)
+    wal = Path(f"{db_path}-wal")
+    try:
+        largest = 0
+        for n in range(40):
+            batch = [read(Kind.SESSION, f"s-{n}-{i}", session_hash(f"s-{n}-{i}"), T0 + n) for i in range(200)]
+            store.apply(Batch(batch))
+            largest = max(largest, wal.stat().st_size)
+        assert count_rows(db_path) == 8000
+        assert largest < 4 * 1024 * 1024, f"the WAL grew to {largest:,} bytes"
+    finally:
+        store.close()
+
+
+def count_rows(db_path: Path) -> int:
+    return int(query(db_path, "SELECT count(*) FROM sessions")[0][0])

@@ -1,0 +1,158 @@
+"""The benchmark suite at smoke size, so it never rots: every benchmark runs to the end and
+reports its figures with sane values (zero loss, every change seen, counts that add up).
+
+Speeds are not asserted: the machine is shared, and the targets are for ``python -m bench``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bench.profile import render, summarize
+from tests.helpers import REPO
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    out = tmp_path_factory.mktemp("bench")
+    results = out / "results.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--smoke", "--json", str(results), "--workdir", str(out / "work")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=280,
+    )
+    assert proc.returncode == 0, f"python -m bench --smoke failed:\n{proc.stderr[-4000:]}"
+    document: dict[str, Any] = json.loads(results.read_text())
+    document["stdout"] = proc.stdout
+    return document
+
+
+def figures(document: dict[str, Any], benchmark: str) -> dict[str, dict[str, Any]]:
+    return {f["figure"]: f for f in document["figures"] if f["benchmark"] == benchmark}
+
+
+def test_the_run_prints_the_table_and_writes_every_figure_as_json(smoke: dict[str, Any]) -> None:
+    assert smoke["mode"] == "smoke" and not smoke["errors"]
+    assert smoke["duration_s"] < 120
+    assert "| benchmark | figure | value | baseline | ratio | target | met? |" in smoke["stdout"]
+    assert {f["benchmark"] for f in smoke["figures"]} == {"ceilings", "ingest", "latency", "backfill", "desto", "idle"}
+    for figure in smoke["figures"]:
+        assert figure["figure"] in smoke["stdout"]
+        assert not figure["error"]
+        if figure["baseline"] and figure["value"] is not None and not figure["ratio_is_paired"]:
+            assert figure["ratio"] == pytest.approx(figure["value"] / figure["baseline"])
+    assert smoke["machine"]["nproc"] >= 1
+
+
+def test_ceilings_are_measured_and_the_smaller_is_the_ceiling(smoke: dict[str, Any]) -> None:
+    found = figures(smoke, "ceilings")
+    values = [f["value"] for f in found.values()]
+    assert len(values) == 3 and all(v > 0 for v in values)
+    ceilings = smoke["ceilings"]
+    assert ceilings["min"] == min(ceilings["redis"], ceilings["sqlite"]) > 0
+
+
+def test_ingest_loses_nothing(smoke: dict[str, Any]) -> None:
+    trials = smoke["details"]["ingest"]["trials"]
+    assert trials and trials[0]["rate"] == 1_000
+    assert trials[0]["lost"] == 0, "the slowest rung must be archived whole (it may be slow, never lossy)"
+    for trial in trials:
+        assert trial["sent"] > 0 and trial["exit_code"] == 0
+        if trial["lost"] is not None:  # caught up: every key archived with its final value
+            assert trial["lost"] == 0 and trial["archived"] == trial["sent"]
+            assert trial["compared"] == trial["sent"] and trial["mismatched"] == 0, trial["mismatch_examples"]
+        if trial["sustained"]:
+            assert not trial["problems"] and trial["catch_up_s"] <= 2.0
+    headline = figures(smoke, "ingest")["highest sustained rate (zero loss, catch-up ≤ 2 s)"]
+    assert headline["baseline"] == smoke["ceilings"]["min"]
+    assert [t["threshold"] for t in headline["targets"]] == [40_000, 0.4]
+
+
+def test_latency_sees_every_change_at_every_rate(smoke: dict[str, Any]) -> None:
+    latency = smoke["details"]["latency"]
+    assert [run["rate"] for run in latency["runs"]] == [100, 1_000, 10_000]
+    for run in latency["runs"]:
+        assert run["lost"] == 0 and run["seen"] == run["sent"] > 0
+        ms = run["latency_ms"]
+        assert 0 < ms["p50"] <= ms["p95"] <= ms["p99"] <= ms["max"]
+        assert run["floor_samples"] > 0 and run["floor_ms"]["p50"] > 0
+    assert latency["daemon_exit_code"] == 0
+    found = figures(smoke, "latency")
+    assert sum(1 for name in found if name.startswith("p")) == 9
+    assert found["p50 at 1,000 changes/s"]["targets"] == [{"on": "value", "op": "<=", "threshold": 20.0}]
+
+
+def test_backfill_reads_every_record_and_reports_its_memory(smoke: dict[str, Any]) -> None:
+    details = smoke["details"]["backfill"]
+    runs = details["runs"]
+    assert [run["records"] for run in runs] == [2_000, 10_000]
+    for run in runs:
+        assert run["keys_read"] == run["written"] == run["rows"] == run["records"] and run["lost"] == 0
+        assert run["keys_per_s"] > 0
+        assert details["import_only_rss_mb"] < run["peak_rss_mb"] < 1_000
+    assert len(figures(smoke, "backfill")) == 4
+
+
+def test_desto_runs_in_all_three_configurations_and_the_archive_keeps_up(smoke: dict[str, Any]) -> None:
+    details = smoke["details"]["desto"]
+    for config in ("none", "desto-store", "archiver"):
+        rounds = details["results"][config]
+        assert len(rounds) == details["rounds"]
+        assert all(r["ops"] == details["ops_per_round"] and r["ops_per_s"] > 0 for r in rounds)
+    for r in details["results"]["archiver"]:
+        assert r["archive_matches"], r["archive_differences"]
+        assert r["daemon_exit_code"] == 0 and not r["daemon_problems"]
+    ratio = figures(smoke, "desto")["ops/s, archiver daemon beside desto"]["ratio"]
+    assert ratio is not None and math.isfinite(ratio) and ratio > 0
+
+
+def test_idle_cpu_is_measured_against_the_busy_daemon(smoke: dict[str, Any]) -> None:
+    details = smoke["details"]["idle"]
+    assert details["idle_cpu_s_per_min"] >= 0
+    assert details["busy_cpu_s_per_min"] > 0
+    assert details["daemon_exit_code"] == 0 and not details["daemon_problems"]
+    assert figures(smoke, "idle")["daemon CPU with no changes"]["baseline"] == details["busy_cpu_s_per_min"]
+
+
+def test_profile_summary_counts_self_and_total_time() -> None:
+    raw = (
+        "thread (1): MainThread;run (archiver/pipeline.py:10);flush (archiver/pipeline.py:20) 6\n"
+        "thread (1): MainThread;run (archiver/pipeline.py:10);write (archiver/store.py:5) 3\n"
+        "thread (2): archiver-listener;pump (archiver/source.py:300) 1\n"
+    )
+    summary = summarize(raw)
+    assert summary["samples"] == 10
+    assert dict(summary["threads"]) == {"MainThread": 90.0, "archiver-listener": 10.0}
+    assert dict(summary["self"])["flush (archiver/pipeline.py)"] == 60.0
+    assert dict(summary["total"])["run (archiver/pipeline.py)"] == 90.0
+    assert "top functions by self time" in render(summary)
+
+
+@pytest.mark.skipif(
+    shutil.which("py-spy", path=str(Path(sys.executable).parent)) is None, reason="py-spy (the bench extra)"
+)
+def test_profile_writes_a_profile_and_its_summary(tmp_path: Path) -> None:
+    out = tmp_path / "ingest.txt"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--profile", "--smoke", "--profile-out", str(out), "--workdir", str(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = Path(f"{out}.top.txt").read_text()
+    assert out.stat().st_size > 0
+    assert "top functions by self time" in summary and "(archiver/pipeline.py)" in summary
