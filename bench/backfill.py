@@ -1,0 +1,196 @@
+"""4. Backfill: ``desto-archiver backfill`` over 100 000 and 1 000 000 records (smoke: 2 000 and
+10 000), keys/s and peak RSS.
+
+Redis is loaded with desto-shaped records, half sessions and half jobs (``tests.helpers``
+shapes), each with desto's 7-day TTL, through raw pipelines of HSET + EXPIRE; the larger size
+adds records to the smaller one's. For each size the backfill runs as its own process
+(``python -m archiver backfill --json``, so ``archiver.backfill.backfill``) into a fresh file.
+
+- keys/s: the backfill's own report (keys read / its elapsed time, interpreter start-up
+  excluded); the process's wall time is in the details. Ratio against ceiling 1(a) (pipelined
+  HGETALL of the same shapes). Target: ≥ 50 000 keys/s.
+- peak RSS: the backfill process's own high-water mark (``VmHWM``), read by the process itself
+  once the backfill is done (``python -m bench.peak_rss``, which runs ``python -m archiver``
+  in-process): exact, not sampled. The smaller size's baseline is a process that only imports
+  ``archiver.backfill`` (the fixed cost of Python and its libraries); the larger size's
+  baseline is the smaller size's RSS, so the ratio says whether memory grows with the
+  keyspace. Targets at the larger size: ≤ 100 MB and ratio ≤ 1.2 (flat).
+
+Zero loss is checked: the report's keys read and rows written, and the rows in the file, must
+all equal the number of records loaded.
+
+A second baseline shows which ceiling stops a backfill: SQLite itself, at the same size. Ceiling
+1(b) is measured on 100 000 rows; the same upsert (sessions rows with random uuid4-shaped ids,
+500 per transaction, into a fresh archive file) slows down as desto's random-keyed indexes
+outgrow SQLite's page cache, so each size is also compared with that upsert over as many rows.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sqlite3
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from archiver.store import Store
+from bench.ceilings import SESSION_COLUMNS, UPSERT
+from bench.common import Context, Figure, Target, archiver_env
+from bench.records import load_records
+from tests.redis_server import RedisServer
+
+NAME = "backfill"
+FULL_SIZES = (100_000, 1_000_000)
+SMOKE_SIZES = (2_000, 10_000)
+
+
+def _label(n: int) -> str:
+    return f"{n // 1_000_000}M" if n >= 1_000_000 and n % 1_000_000 == 0 else f"{n // 1000}k"
+
+
+def peak_rss_run(ctx: Context, directory: Path, args: list[str], env: dict[str, str] | None = None) -> float:
+    """Run ``python -m <args>`` under ``bench.peak_rss``; its peak RSS in MB."""
+    rss_file = directory / "peak-rss.json"
+    stdout_path, stderr_path = directory / "stdout.txt", directory / "stderr.txt"
+    with open(stdout_path, "wb") as out_file, open(stderr_path, "wb") as err_file:
+        proc = ctx.procs.spawn(
+            [sys.executable, "-m", "bench.peak_rss", str(rss_file), *args],
+            env=env,
+            stdout=out_file,
+            stderr=err_file,
+            stdin=subprocess.DEVNULL,
+        )
+        try:
+            code = proc.wait(timeout=3600)
+        finally:
+            ctx.procs.stop(proc)
+    if code != 0:
+        raise RuntimeError(f"python -m {' '.join(args)} exited with {code}:\n{stderr_path.read_text()[-2000:]}")
+    return float(json.loads(rss_file.read_text())["vm_hwm_kb"]) / 1024
+
+
+def import_only_rss(ctx: Context) -> float:
+    """Peak RSS of a Python process that imports ``archiver.backfill`` (and so what it uses), and stops."""
+    return peak_rss_run(ctx, ctx.fresh_dir("backfill-imports"), ["archiver.backfill"])
+
+
+def backfill_once(ctx: Context, server: RedisServer, size: int) -> dict[str, Any]:
+    directory = ctx.fresh_dir(NAME)
+    db_path = directory / "desto.db"
+    ctx.log(f"backfill: {size:,} records")
+    rss_mb = peak_rss_run(ctx, directory, ["archiver", "backfill", "--json"], env=archiver_env(server, db_path))
+    report = json.loads((directory / "stdout.txt").read_text())
+    conn = sqlite3.connect(db_path)
+    try:
+        rows = sum(int(conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0]) for t in ("sessions", "jobs"))
+    finally:
+        conn.close()
+    written = sum(report["written"].values())
+    out = {
+        "records": size,
+        "keys_read": report["keys_read"],
+        "written": written,
+        "rows": rows,
+        "lost": size - rows,
+        "keys_per_s": report["keys_per_s"],
+        "elapsed_s": report["elapsed_s"],
+        "peak_rss_mb": rss_mb,
+        "report": report,
+    }
+    ctx.log(f"backfill: {size:,} records at {report['keys_per_s']:,.0f} keys/s, peak RSS {rss_mb:.1f} MB")
+    if not (report["keys_read"] == written == rows == size):
+        raise AssertionError(f"backfill of {size} records: read {report['keys_read']}, wrote {written}, rows {rows}")
+    return out
+
+
+def sqlite_ceiling_at(path: Path, rows: int) -> float:
+    """Ceiling 1(b)'s upsert over ``rows`` rows (generated batch by batch: memory stays flat)."""
+    store = Store.open(path)
+    conn = store.conn
+    rng = random.Random(rows)
+    tail = ("2026-11-26 10:00:00", "2026-11-26 10:00:00", 1, "x", "x", None, None, "running")
+    try:
+        started = time.perf_counter()
+        for _ in range(0, rows, 500):
+            batch = []
+            for _ in range(500):
+                sid = str(uuid.UUID(int=rng.getrandbits(128), version=4))
+                stamp = "2026-11-26T10:00:00.000000"
+                batch.append((sid, f"s-{sid[:8]}", f"s-{sid[:8]}", "running", stamp, None, stamp, "", 1, "", *tail))
+            conn.execute("BEGIN IMMEDIATE")
+            conn.executemany(UPSERT, batch)
+            conn.execute("COMMIT")
+        rate = rows / (time.perf_counter() - started)
+    finally:
+        store.close()
+    assert len(SESSION_COLUMNS) == 18
+    return rate
+
+
+def run(ctx: Context) -> None:
+    sizes = SMOKE_SIZES if ctx.smoke else FULL_SIZES
+    tag = ctx.tag()
+    runs: list[dict[str, Any]] = []
+    base_rss = import_only_rss(ctx)
+    with ctx.redis(NAME) as server:
+        loaded = 0
+        for size in sizes:
+            ctx.log(f"backfill: loading records {loaded:,}..{size:,}")
+            load_records(server.port, loaded, size - loaded, tag, jobs=True, ttl=True)
+            loaded = size
+            runs.append(backfill_once(ctx, server, size))
+    ceilings_at = {}
+    for size in sizes:
+        ctx.log(f"backfill: SQLite's ceiling at {size:,} rows")
+        ceilings_at[size] = sqlite_ceiling_at(ctx.fresh_dir("backfill-sqlite-ceiling") / "desto.db", size)
+    ctx.details[NAME] = {"runs": runs, "import_only_rss_mb": base_rss, "sqlite_ceiling_at": ceilings_at}
+    redis_ceiling = ctx.ceilings.get("redis")
+    for out in runs:
+        ctx.add(
+            Figure(
+                NAME,
+                f"keys/s over {_label(out['records'])} records",
+                out["keys_per_s"],
+                "keys/s",
+                baseline=redis_ceiling,
+                baseline_name="ceiling 1(a)",
+                targets=[Target("value", ">=", 50_000)],
+            )
+        )
+    for out in runs:
+        ctx.add(
+            Figure(
+                NAME,
+                f"keys/s over {_label(out['records'])} records vs SQLite's ceiling at that size",
+                out["keys_per_s"],
+                "keys/s",
+                baseline=ceilings_at[out["records"]],
+                baseline_name=f"1(b) over {_label(out['records'])} rows",
+            )
+        )
+    small, large = runs[0], runs[-1]
+    ctx.add(
+        Figure(
+            NAME,
+            f"peak RSS over {_label(small['records'])} records",
+            small["peak_rss_mb"],
+            "MB",
+            baseline=base_rss,
+            baseline_name="imports only",
+        )
+    )
+    ctx.add(
+        Figure(
+            NAME,
+            f"peak RSS over {_label(large['records'])} records (flat: vs {_label(small['records'])})",
+            large["peak_rss_mb"],
+            "MB",
+            baseline=small["peak_rss_mb"],
+            baseline_name=_label(small["records"]),
+            targets=[Target("value", "<=", 100.0), Target("ratio", "<=", 1.2)],
+        )
+    )

@@ -1,0 +1,237 @@
+"""2. Live ingest: the highest rate of desto-shaped changes the daemon sustains with zero loss.
+
+Each trial starts from an empty Redis (``notify-keyspace-events`` reset, so the daemon sets it as
+it would on a fresh desto Redis) and a fresh archive file, and runs the daemon as a real process
+(``python -m archiver run``) with the shipped defaults (batch 500, flush interval 0.05 s, ...).
+When it is ready (its first reconcile is done), a separate writer process
+(``python -m bench.writer``) writes distinct session keys, one pipelined HSET of a whole
+desto-shaped hash each, at the trial's rate for 30 s (smoke: 3 s). While it writes, the archived
+row count is sampled (``max(rowid)`` of ``sessions``, read-only connection) to record the
+backlog; after it stops, the count is polled every 5 ms until every key is archived.
+
+A rate is **sustained** when all of these hold:
+
+1. the writer kept its schedule (it sent at >= 95 % of the rate: otherwise the trial says
+   nothing about the daemon, and the search stops there, reported as bound by the writer);
+2. every change is archived within 2.0 s of the writer's last send (the catch-up: a daemon
+   that falls behind by more than ~6 % over 30 s cannot make it);
+3. zero loss: the archive holds exactly one ``sessions`` row per key written, and every
+   compared row equals the hash Redis holds (a random sample of 2 000 keys; smoke: every key);
+4. the daemon stayed clean: no ``redis.disconnected``, ``events.overflow``, failed read or
+   write, quarantine, or reconcile other than the first in its log, and it exits 0 on SIGTERM.
+
+The search climbs a doubling ladder (2k, 4k, 8k, 16k, 32k, 64k changes/s; smoke: 1k, 3k) until a
+rate fails, then bisects twice, to the nearest 500, between the last rate sustained (or 0) and
+the first that failed (smoke: no bisection). The figure is the highest sustained rate (as the writer achieved it),
+with its ratio to ceiling 1(a), to 1(b) and to the smaller of the two (the ceiling).
+"""
+
+from __future__ import annotations
+
+import random
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from bench.common import Context, DaemonProcess, Figure, Target, WriterProcess, max_rowid, ro_connect
+from bench.records import record_id, session_key
+from tests.redis_server import RedisServer
+
+NAME = "ingest"
+CATCH_UP_LIMIT_S = 2.0
+WRITER_SLACK = 0.95
+SAMPLE_PERIOD_S = 0.2
+FULL_LADDER = (2_000, 4_000, 8_000, 16_000, 32_000, 64_000)
+SMOKE_LADDER = (1_000, 3_000)
+
+_COMPARED = ("session_name", "tmux_session_name", "status", "start_time", "last_heartbeat", "job_ids", "at_job_id")
+
+
+def compare(server: RedisServer, db_path: Path, ids: list[bytes]) -> list[str]:
+    """Rows that differ from the hash Redis holds for their key (desto's reading of each field)."""
+    client = redis.Redis(port=server.port, decode_responses=True, socket_timeout=30)
+    conn = ro_connect(db_path)
+    conn.row_factory = sqlite3.Row
+    wrong: list[str] = []
+    try:
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            pipe = client.pipeline(transaction=False)
+            for rid in chunk:
+                pipe.hgetall(session_key(rid))
+            hashes = pipe.execute()
+            names = [rid.decode() for rid in chunk]
+            rows = {
+                r["session_id"]: r
+                for r in conn.execute(
+                    f"SELECT * FROM sessions WHERE session_id IN ({', '.join('?' * len(names))})", names
+                )
+            }
+            for name, fields in zip(names, hashes, strict=True):
+                row = rows.get(name)
+                if row is None:
+                    wrong.append(f"{name}: not archived")
+                    continue
+                for column in _COMPARED:
+                    if (fields[column] or None) != (row[column] or None):
+                        wrong.append(f"{name}.{column}: archive {row[column]!r}, Redis {fields[column]!r}")
+                if (fields["end_time"] or None) != row["end_time"]:
+                    wrong.append(f"{name}.end_time: archive {row['end_time']!r}, Redis {fields['end_time']!r}")
+                if int(fields["tmux_active"].lower() == "true") != row["tmux_active"]:
+                    wrong.append(f"{name}.tmux_active differs")
+                if row["gone_at"] is not None:
+                    wrong.append(f"{name}: tombstoned while in Redis")
+    finally:
+        conn.close()
+        client.close()
+    return wrong
+
+
+def trial(ctx: Context, server: RedisServer, rate: float, seconds: float, settle_s: float) -> dict[str, Any]:
+    """One rate, from a clean Redis and a fresh file; every field of the result is reported."""
+    client = server.client()
+    try:
+        client.flushall()
+        client.config_set("notify-keyspace-events", "")
+    finally:
+        client.close()
+    tag = ctx.tag()
+    out: dict[str, Any] = {"rate": rate, "seconds": seconds, "tag": tag}
+    ctx.log(f"ingest: {rate:,.0f} changes/s for {seconds:g} s")
+    with DaemonProcess(ctx, server, ctx.fresh_dir("ingest")) as daemon:
+        daemon.start()
+        conn = ro_connect(daemon.db_path)
+        try:
+            writer = WriterProcess(ctx, server.port, rate, seconds, tag)
+            cpu0, t_started = daemon.cpu_seconds(), writer.started["started"]
+            samples: list[tuple[float, int]] = []
+            while writer.running():
+                time.sleep(SAMPLE_PERIOD_S)
+                samples.append((time.time(), max_rowid(conn)))
+            result = writer.result()
+            cpu1 = daemon.cpu_seconds()
+            sent, wall_last = int(result["sent"]), float(result["wall_last"])
+            caught_at = None
+            deadline = wall_last + settle_s
+            while time.time() < deadline:
+                if max_rowid(conn) >= sent:
+                    caught_at = time.time()
+                    break
+                time.sleep(0.005)
+            archived = int(conn.execute("SELECT count(*) FROM sessions").fetchone()[0])
+        finally:
+            conn.close()
+        backlog = [(t - t_started, max(0, min(sent, round((t - t_started) * rate)) - rows)) for t, rows in samples]
+        out.update(
+            sent=sent,
+            achieved_rate=result["achieved_rate"],
+            writer_max_behind=result["max_behind"],
+            archived=archived,
+            catch_up_s=None if caught_at is None else max(0.0, caught_at - wall_last),
+            daemon_cpu_cores=(cpu1 - cpu0) / max(1e-9, result["elapsed_s"]),
+            max_backlog=max((b for _, b in backlog), default=0),
+            backlog_at_end=backlog[-1][1] if backlog else 0,
+            backlog_samples=[(round(t, 2), b) for t, b in backlog],
+        )
+        if caught_at is not None:
+            ids = [record_id(i, tag) for i in range(sent)]
+            if not ctx.smoke and len(ids) > 2000:
+                ids = random.Random(rate).sample(ids, 2000)
+            wrong = compare(server, daemon.db_path, ids)
+            out.update(compared=len(ids), mismatched=len(wrong), mismatch_examples=wrong[:5])
+        out["exit_code"] = daemon.stop()
+        out["problems"] = daemon.problems()
+    out["lost"] = None if caught_at is None else sent - archived
+    reasons = []
+    if out["achieved_rate"] < WRITER_SLACK * rate:
+        reasons.append("writer-bound")
+    if out["catch_up_s"] is None or out["catch_up_s"] > CATCH_UP_LIMIT_S:
+        reasons.append("catch-up over 2 s" if out["catch_up_s"] is not None else f"not caught up after {settle_s:g} s")
+    if out["lost"]:
+        reasons.append(f"{out['lost']} lost")
+    if out.get("mismatched"):
+        reasons.append(f"{out['mismatched']} rows differ")
+    if out["problems"]:
+        reasons.append("log: " + ", ".join(sorted(set(out["problems"]))))
+    if out["exit_code"] != 0:
+        reasons.append(f"exit code {out['exit_code']}")
+    out["sustained"] = not reasons
+    out["why_not"] = reasons
+    catch_up = "—" if out["catch_up_s"] is None else f"{out['catch_up_s']:.2f} s"
+    ctx.log(
+        f"ingest: {rate:,.0f}/s -> {'sustained' if not reasons else 'NOT sustained: ' + '; '.join(reasons)} "
+        f"(catch-up {catch_up}, max backlog {out['max_backlog']:,}, daemon CPU {out['daemon_cpu_cores']:.2f} cores)"
+    )
+    return out
+
+
+def search(ctx: Context, server: RedisServer) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+    ladder = SMOKE_LADDER if ctx.smoke else FULL_LADDER
+    seconds = 3.0 if ctx.smoke else 30.0
+    settle = 10.0 if ctx.smoke else 15.0
+    steps = 0 if ctx.smoke else 2
+    trials: list[dict[str, Any]] = []
+    best: dict[str, Any] | None = None
+    failed: dict[str, Any] | None = None
+    for rate in ladder:
+        t = trial(ctx, server, rate, seconds, settle)
+        trials.append(t)
+        if t["sustained"]:
+            best = t
+            continue
+        failed = t
+        break
+    if failed is not None and "writer-bound" not in failed["why_not"]:
+        lo = best["rate"] if best else 0.0
+        hi = failed["rate"]
+        for _ in range(steps):
+            mid = round((lo + hi) / 2 / 500) * 500
+            if mid <= lo or mid >= hi:
+                break
+            t = trial(ctx, server, mid, seconds, settle)
+            trials.append(t)
+            if t["sustained"]:
+                best, lo = t, mid
+            else:
+                hi = mid
+    return best, trials
+
+
+def run(ctx: Context) -> None:
+    with ctx.redis(NAME) as server:
+        best, trials = search(ctx, server)
+    ctx.details[NAME] = {"trials": trials, "best_rate": best["rate"] if best else None}
+    value = best["achieved_rate"] if best else None
+    note = "" if best else "no rate of the ladder was sustained"
+    ceilings = ctx.ceilings
+    ctx.add(
+        Figure(
+            NAME,
+            "highest sustained rate (zero loss, catch-up ≤ 2 s)",
+            value,
+            "changes/s",
+            baseline=ceilings.get("min"),
+            baseline_name="ceiling min(1a, 1b)",
+            targets=[Target("value", ">=", 40_000), Target("ratio", ">=", 0.4)],
+            note=note,
+        )
+    )
+    ctx.add(Figure(NAME, "sustained rate vs ceiling 1(a)", value, "changes/s", ceilings.get("redis"), "1(a)"))
+    ctx.add(Figure(NAME, "sustained rate vs ceiling 1(b)", value, "changes/s", ceilings.get("sqlite"), "1(b)"))
+    if best:
+        ctx.add(Figure(NAME, "daemon CPU at the sustained rate", best["daemon_cpu_cores"], "cores"))
+    failing = [t for t in trials if not t["sustained"] and (not best or t["rate"] > best["rate"])]
+    if failing:
+        first_fail = min(failing, key=lambda t: t["rate"])
+        ctx.add(
+            Figure(
+                NAME,
+                "lowest rate tried that was not sustained",
+                first_fail["rate"],
+                "changes/s",
+                note="; ".join(first_fail["why_not"]),
+            )
+        )

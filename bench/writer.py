@@ -1,0 +1,82 @@
+"""The load generator: a separate process writing desto-shaped session hashes at a set rate.
+
+``python -m bench.writer --port P --rate R --seconds S --tag T`` writes ``R * S`` distinct
+session keys (one HSET each, pipelined), paced against a monotonic clock: whenever it is behind
+schedule it sends everything due (at most ``--chunk`` commands per round trip), otherwise it
+sleeps until the next change is due. Every hash carries the wall time of its send in
+``start_time`` and ``last_heartbeat`` (desto's naive local ISO form, to the microsecond), so a
+reader of the archive can date each change. It prints one JSON line when it starts sending and one when done.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable
+
+from bench.records import RawRedis, iso_now, record_id, session_command
+
+
+def run(
+    port: int,
+    rate: float,
+    seconds: float,
+    tag: str,
+    chunk: int = 1000,
+    on_start: Callable[[float], None] | None = None,
+) -> dict[str, float]:
+    total = max(1, round(rate * seconds))
+    sent = 0
+    max_behind = 0
+    with RawRedis(port) as conn:
+        t0 = time.perf_counter()
+        wall_first = time.time()
+        if on_start is not None:
+            on_start(wall_first)
+        while sent < total:
+            elapsed = time.perf_counter() - t0
+            due = min(total, int(elapsed * rate) + 1)
+            n = due - sent
+            if n <= 0:
+                time.sleep(min(0.002, max(0.0, (sent / rate) - elapsed)))
+                continue
+            max_behind = max(max_behind, n)
+            n = min(n, chunk)
+            ts = iso_now()
+            commands = [session_command(record_id(i, tag), ts) for i in range(sent, sent + n)]
+            conn.pipeline(commands, n)
+            sent += n
+        elapsed = time.perf_counter() - t0
+        wall_last = time.time()
+    return {
+        "sent": sent,
+        "rate": rate,
+        "achieved_rate": sent / elapsed if elapsed > 0 else 0.0,
+        "elapsed_s": elapsed,
+        "wall_first": wall_first,
+        "wall_last": wall_last,
+        "max_behind": max_behind,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.writer", description=__doc__.splitlines()[0])
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--rate", type=float, required=True, help="changes per second")
+    parser.add_argument("--seconds", type=float, required=True)
+    parser.add_argument("--tag", required=True, help="4 hex digits that make this run's keys distinct")
+    parser.add_argument("--chunk", type=int, default=1000, help="most commands per round trip")
+    args = parser.parse_args(argv)
+
+    def started(wall: float) -> None:
+        print(json.dumps({"started": wall}), flush=True)
+
+    result = run(args.port, args.rate, args.seconds, args.tag, args.chunk, started)
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
