@@ -24,7 +24,7 @@ from archiver.source import CONNECTION_ERRORS, Source
 
 log = get_logger("archiver.fetcher")
 
-_TICK = 0.1
+_TICK = 0.25  # the longest the reader sleeps between looks at the stop flag
 _QUEUE_DEPTH = 4
 _STALLED_S = 0.05  # a batch waiting this long: the writer is stuck (a lock, a slow disk)
 

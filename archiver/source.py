@@ -219,6 +219,7 @@ class DeadConnection(Exception):
 
 LISTENER_ERRORS: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, DeadConnection)
 _PING = b"desto-archiver"
+_IDLE_READ_S = 0.25  # a quiet subscription is looked at this often (the stop flag, the health check)
 
 
 class Subscription:
@@ -355,7 +356,7 @@ class Listener(threading.Thread):
         last_rx = time.monotonic()
         ping_sent: float | None = None
         while not self._stop_event.is_set():
-            replies = subscription.read(0.1)
+            replies = subscription.read(_IDLE_READ_S)
             now = time.monotonic()
             if not replies:
                 if ping_sent is not None and now - ping_sent > interval:

@@ -102,7 +102,9 @@ def test_backfill_reads_every_record_and_reports_its_memory(smoke: dict[str, Any
         assert run["keys_read"] == run["written"] == run["rows"] == run["records"] and run["lost"] == 0
         assert run["keys_per_s"] > 0
         assert details["import_only_rss_mb"] < run["peak_rss_mb"] < 1_000
-    assert len(figures(smoke, "backfill")) == 4
+    assert len(figures(smoke, "backfill")) == 6
+    for size, rate in details["sqlite_ceiling_at"].items():  # SQLite's own ceiling at each size
+        assert int(size) in (2_000, 10_000) and rate > 0
 
 
 def test_desto_runs_in_all_three_configurations_and_the_archive_keeps_up(smoke: dict[str, Any]) -> None:
