@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import sys
 from collections.abc import Iterable, Sequence
 from typing import Any, TextIO
 
@@ -70,7 +69,3 @@ def write_jsonl(rows: Iterable[dict[str, Any]], out: TextIO) -> int:
         out.write("\n")
         count += 1
     return count
-
-
-def is_tty(stream: TextIO | None = None) -> bool:
-    return (stream or sys.stdout).isatty()

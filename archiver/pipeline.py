@@ -38,14 +38,12 @@ log = get_logger("archiver.pipeline")
 _TICK = 0.25  # the longest the main loop sleeps: how fast it notices a stop request
 _JOIN_LIMIT = 4  # at most this many batches in one transaction
 _BUSY_RATE = 1000.0  # events/s beyond which batches are let grow longer than the flush interval
-_FLUSH_ERRORS: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, sqlite3.Error)
 
 
 @dataclass
 class Totals:
     """What the daemon has done since it started."""
 
-    events: int = 0
     keys_read: int = 0
     batches: int = 0
     reconciles: int = 0
