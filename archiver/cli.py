@@ -417,50 +417,32 @@ def _filters(args: argparse.Namespace) -> Any:
     return Filters(status=args.status, name=args.name, since=since, until=until, limit=args.limit)
 
 
-def cmd_stats(settings: Settings, args: argparse.Namespace) -> int:
+def _report(
+    settings: Settings, args: argparse.Namespace, query: Callable[[Any], Any], show: Callable[[Any], str]
+) -> int:
+    """Read something from the archive (read-only), then print it as JSON or for people."""
     from archiver.reader import Reader
 
     reader = Reader.open(settings.db_path)
     try:
-        stats = reader.stats()
+        data = query(reader)
     finally:
         reader.close()
-    if args.json:
-        print(to_json(stats))
-        return EXIT_OK
-    print(render.stats(stats))
+    print(to_json(data) if args.json else show(data))
     return EXIT_OK
+
+
+def cmd_stats(settings: Settings, args: argparse.Namespace) -> int:
+    return _report(settings, args, lambda reader: reader.stats(), render.stats)
 
 
 def cmd_history(settings: Settings, args: argparse.Namespace) -> int:
-    from archiver.reader import Reader
-
     filters = _filters(args)
-    reader = Reader.open(settings.db_path)
-    try:
-        sessions = reader.sessions(filters)
-    finally:
-        reader.close()
-    if args.json:
-        print(to_json(sessions))
-        return EXIT_OK
-    print(render.history(sessions))
-    return EXIT_OK
+    return _report(settings, args, lambda reader: reader.sessions(filters), render.history)
 
 
 def cmd_show(settings: Settings, args: argparse.Namespace) -> int:
-    from archiver.reader import Reader
-
-    reader = Reader.open(settings.db_path)
-    try:
-        shown = reader.show(args.session)
-    finally:
-        reader.close()
-    if args.json:
-        print(to_json(shown))
-        return EXIT_OK
-    print(render.show(shown))
-    return EXIT_OK
+    return _report(settings, args, lambda reader: reader.show(args.session), render.show)
 
 
 def cmd_export(settings: Settings, args: argparse.Namespace) -> int:
