@@ -39,22 +39,11 @@ class Dirty:
         return len(self._keys)
 
     def add(self, key: bytes, event: bytes | None) -> None:
-        gone = event if event in GONE_EVENTS else None
-        with self._lock:
-            self.events += 1
-            keys = self._keys
-            if key not in keys and len(keys) >= self.limit:
-                keys.clear()
-                self.overflows += 1
-                self.oldest_at = None
-                return
-            keys[key] = gone
-            if self.oldest_at is None:
-                self.oldest_at = time.monotonic()
-                self.wake.set()
+        self.add_many([(key, event)])
 
-    def add_many(self, events: list[tuple[bytes, bytes]]) -> None:
-        """Mark keys from keyspace notifications, under one lock (desto's indexes are not records)."""
+    def add_many(self, events: Sequence[tuple[bytes, bytes | None]]) -> None:
+        """Mark keys (a socket read's worth of notifications at once) under one lock; desto's
+        indexes are not records and are left out."""
         gone_events = GONE_EVENTS
         with self._lock:
             self.events += len(events)
@@ -111,6 +100,7 @@ class Dirty:
                     self.overflows += 1
             if self._keys and self.oldest_at is None:
                 self.oldest_at = time.monotonic()
+                self.wake.set()
 
     def ready(self, batch_size: int, max_age: float) -> bool:
         oldest = self.oldest_at

@@ -12,7 +12,6 @@ import queue
 import random
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from archiver.config import Settings
@@ -26,6 +25,7 @@ log = get_logger("archiver.fetcher")
 
 _TICK = 0.25  # the longest the reader sleeps between looks at the stop flag
 _QUEUE_DEPTH = 4
+_BUSY_RATE = 1000.0  # events/s beyond which batches may wait longer than the flush interval
 _STALLED_S = 0.05  # a batch waiting this long: the writer is stuck (a lock, a slow disk)
 
 
@@ -47,12 +47,14 @@ class Work:
 
 
 class Fetcher(threading.Thread):
-    def __init__(self, settings: Settings, source: Source, dirty: Dirty, interval: Callable[[float], float]) -> None:
+    def __init__(self, settings: Settings, source: Source, dirty: Dirty) -> None:
         super().__init__(name="archiver-fetcher", daemon=True)
         self.settings = settings
         self.source = source
         self.dirty = dirty
-        self.interval = interval  # how long a change may wait, now
+        self._rate = 0.0  # events/s: rises at once, falls halving each tenth of a second
+        self._rate_at = 0.0
+        self._rate_events = 0
         self.queue: queue.Queue[Work] = queue.Queue(maxsize=_QUEUE_DEPTH)
         self._scan_request: str | None = None
         self._scan: Reconcile | None = None
@@ -101,7 +103,7 @@ class Fetcher(threading.Thread):
                     # read later rather than now: changes meanwhile coalesce in the dirty set
                     time.sleep(_STALLED_S / 5)
                     continue
-                if self.dirty.ready(batch, 0.0 if self._draining else self.interval(now)):
+                if self.dirty.ready(batch, 0.0 if self._draining else self._interval(now)):
                     self._read_dirty()
                 elif self._scan is not None and not self._draining:
                     self._read_scan_page(self._scan)
@@ -117,6 +119,18 @@ class Fetcher(threading.Thread):
                 log.info("archiver.recovered", after="redis", failures=self._failures)
                 self.failing, self._failures = False, 0
 
+    def _interval(self, now: float) -> float:
+        """How long a change may wait to be read: ARCHIVER_FLUSH_INTERVAL while changes are few, up
+        to ten times that under a stream of them. Each batch costs a read round trip and a commit
+        that rewrites the index pages it touched, so under load bigger batches archive more per
+        second, at a latency still well under a second."""
+        if now - self._rate_at >= 0.1:
+            events = self.dirty.events
+            rate = (events - self._rate_events) / (now - self._rate_at)
+            self._rate = rate if rate > self._rate else (self._rate + rate) / 2
+            self._rate_at, self._rate_events = now, events
+        return self.settings.flush_interval * min(10.0, max(1.0, self._rate / _BUSY_RATE))
+
     def _writer_stalled(self, now: float) -> bool:
         try:
             head: Work = self.queue.queue[0]
@@ -128,7 +142,7 @@ class Fetcher(threading.Thread):
         timeout = _TICK
         oldest = self.dirty.oldest_at
         if oldest is not None:
-            timeout = min(timeout, max(0.0, oldest + self.interval(now) - now))
+            timeout = min(timeout, max(0.0, oldest + self._interval(now) - now))
         self.dirty.wake.clear()
         if not len(self.dirty) and self._scan_request is None:
             self.dirty.wake.wait(timeout)

@@ -37,7 +37,6 @@ log = get_logger("archiver.pipeline")
 
 _TICK = 0.25  # the longest the main loop sleeps: how fast it notices a stop request
 _JOIN_LIMIT = 4  # at most this many batches in one transaction
-_BUSY_RATE = 1000.0  # events/s beyond which batches are let grow longer than the flush interval
 
 
 @dataclass
@@ -45,7 +44,6 @@ class Totals:
     """What the daemon has done since it started."""
 
     keys_read: int = 0
-    batches: int = 0
     reconciles: int = 0
     result: BatchResult = field(default_factory=BatchResult)
 
@@ -77,9 +75,6 @@ class Daemon:
         self._next_heartbeat = 0.0
         self._next_recheck = 0.0
         self._recheck_more = False
-        self._rate = 0.0  # events/s: rises at once, falls halving each tenth of a second
-        self._rate_at = 0.0
-        self._rate_events = 0
         self.store: Store | None = None
         self.source: Source | None = None
         self.listener: Listener | None = None
@@ -163,7 +158,7 @@ class Daemon:
                     f"{exc.strerror}; choose another ARCHIVER_METRICS_PORT"
                 ) from None
             log.info("metrics.serving", host=self.settings.metrics_host, port=self.settings.metrics_port)
-        self.fetcher = Fetcher(self.settings, self.source, self.dirty, self._flush_interval)
+        self.fetcher = Fetcher(self.settings, self.source, self.dirty)
         self.fetcher.start()
         self.listener = Listener(self.settings, self.source, self)
         self.listener.start()
@@ -197,8 +192,8 @@ class Daemon:
                 self._begin_reconcile("timer")
             if self._pending is None:
                 try:
-                    wait = 0.0 if self._sweep is not None else _TICK
-                    self._pending = self.fetcher.queue.get(timeout=wait) if wait else self.fetcher.queue.get_nowait()
+                    # while a sweep is under way, a batch waits for no one: the sweep steps meanwhile
+                    self._pending = self.fetcher.queue.get(timeout=0 if self._sweep is not None else _TICK)
                 except queue.Empty:
                     if self._sweep is not None and self._subscribed.is_set():
                         self._sweep_step(self._sweep)
@@ -243,7 +238,6 @@ class Daemon:
         if self.metrics is not None:
             self.metrics.batch_seconds.observe(work.read_s + time.perf_counter() - started)
         self.totals.keys_read += work.keys
-        self.totals.batches += 1
         self.totals.result.merge(result)
         if work.reconcile is not None:
             work.reconcile.result.merge(result)
@@ -280,19 +274,6 @@ class Daemon:
         self._recheck_more = len(taken) == limit
         for kind, record_id in taken:
             self.dirty.add(record_key(kind, record_id), None)
-
-    def _flush_interval(self, now: float) -> float:
-        """How long a change may wait to be written: ARCHIVER_FLUSH_INTERVAL while changes are
-        few, up to ten times that under a stream of them. Each batch costs a read round trip and
-        a commit that rewrites the index pages it touched, so under load bigger batches archive
-        more per second, at a latency still well under a second. (Called by the fetcher.)"""
-        if now - self._rate_at >= 0.1:
-            events = self.dirty.events
-            rate = (events - self._rate_events) / (now - self._rate_at)
-            self._rate = rate if rate > self._rate else (self._rate + rate) / 2
-            self._rate_at, self._rate_events = now, events
-        base = self.settings.flush_interval
-        return base * min(10.0, max(1.0, self._rate / _BUSY_RATE))
 
     def _failed(self, what: str, exc: BaseException) -> None:
         self._failures += 1
