@@ -24,9 +24,12 @@ from archiver.source import CONNECTION_ERRORS, Source
 log = get_logger("archiver.fetcher")
 
 _TICK = 0.25  # the longest the reader sleeps between looks at the stop flag
-_QUEUE_DEPTH = 4
+# Batches read ahead of the writer, at most. Under load the writer joins every batch waiting into
+# one transaction: a commit's cost is mostly the index pages it rewrites, and with desto's random
+# ids a transaction of 8,000 rows rewrites far fewer pages per row than one of 500.
+QUEUE_DEPTH = 16
 _BUSY_RATE = 1000.0  # events/s beyond which batches may wait longer than the flush interval
-_STALLED_S = 0.05  # a batch waiting this long: the writer is stuck (a lock, a slow disk)
+_STALLED_S = 0.5  # the oldest batch waiting this long: the writer is stuck (a lock, a slow disk)
 
 
 @dataclass
@@ -55,7 +58,7 @@ class Fetcher(threading.Thread):
         self._rate = 0.0  # events/s: rises at once, falls halving each tenth of a second
         self._rate_at = 0.0
         self._rate_events = 0
-        self.queue: queue.Queue[Work] = queue.Queue(maxsize=_QUEUE_DEPTH)
+        self.queue: queue.Queue[Work] = queue.Queue(maxsize=QUEUE_DEPTH)
         self._scan_request: str | None = None
         self._scan: Reconcile | None = None
         self._draining = False

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from enum import StrEnum
+from typing import NamedTuple
 
 
 class Kind(StrEnum):
@@ -53,8 +53,7 @@ CHANNEL_KINDS: dict[bytes, Kind] = {SESSION_UPDATES: Kind.SESSION, JOB_UPDATES: 
 DESTO_TTL_SECONDS = 7 * 86400
 
 
-@dataclass(frozen=True, slots=True)
-class ParsedKey:
+class ParsedKey(NamedTuple):
     key: bytes
     cls: KeyClass
     kind: Kind | None = None
@@ -70,15 +69,21 @@ def keyspace_channel_prefix(db: int) -> bytes:
     return b"__keyspace@%d__:" % db
 
 
+_KINDS_BY_NAME: dict[bytes, Kind] = {prefix.split(b":")[1]: kind for kind, prefix in RECORD_PREFIXES.items()}
+_NAME_INDEX_ID = FAVORITE_NAME_INDEX_PREFIX[len(RECORD_PREFIXES[Kind.FAVORITE]) :]
+
+
 def classify(key: bytes) -> ParsedKey | None:
     """Classify a Redis key; ``None`` when it is not under ``desto:`` at all."""
     if not key.startswith(PREFIX):
         return None
-    if key == FAVORITES_SET or key.startswith(FAVORITE_NAME_INDEX_PREFIX):
+    parts = key.split(b":", 2)  # desto, kind, id (the id may hold colons)
+    if len(parts) == 3:
+        kind = _KINDS_BY_NAME.get(parts[1])
+        if kind is not None and not (kind is Kind.FAVORITE and parts[2].startswith(_NAME_INDEX_ID)):
+            return ParsedKey(key, KeyClass.RECORD, kind, parts[2])
+    if is_index(key):
         return ParsedKey(key, KeyClass.INDEX)
-    for kind, prefix in RECORD_PREFIXES.items():
-        if key.startswith(prefix):
-            return ParsedKey(key, KeyClass.RECORD, kind, key[len(prefix) :])
     return ParsedKey(key, KeyClass.UNKNOWN)
 
 

@@ -215,6 +215,9 @@ STATUS_INDEX: dict[Kind, int] = {kind: cols.index("status") for kind, cols in CO
 _KNOWN_FIELDS: dict[Kind, frozenset[str]] = {
     kind: frozenset({ID_FIELDS[kind], *(spec.column for spec in specs)}) for kind, specs in SPECS.items()
 }
+# desto sets its 7-day TTL once, when it creates a session or job: the TTL left dates the creation.
+_TTL_MS = DESTO_TTL_SECONDS * 1000
+_TTL_KINDS = frozenset({Kind.SESSION, Kind.JOB})
 
 
 # ─── normalize ──────────────────────────────────────────────────────────────────────────────────
@@ -254,9 +257,9 @@ _PLANS: dict[Kind, tuple[tuple[str, Callable[[str], Any] | None, Any, bool], ...
 
 def _row(kind: Kind, record_id: str, fetched: Fetched) -> Row:
     flat = fetched.value
+    fields: dict[str, Any]
     try:
-        text = [b.decode() for b in flat]
-        fields = dict(zip(text[::2], text[1::2], strict=True))
+        fields = dict(zip(map(bytes.decode, flat[::2]), map(bytes.decode, flat[1::2]), strict=True))
     except (UnicodeDecodeError, ValueError):
         fields = _decode_hash(flat)  # the slow path says which field is wrong
     id_field = ID_FIELDS[kind]
@@ -267,7 +270,7 @@ def _row(kind: Kind, record_id: str, fetched: Fetched) -> Row:
     append, get = values.append, fields.get
     missing = None
     for column, convert, default, required in _PLANS[kind]:
-        raw = get(column, _MISSING)
+        raw: Any = get(column, _MISSING)
         if raw is _MISSING:
             if required:
                 missing = [*(missing or []), column]
@@ -283,18 +286,12 @@ def _row(kind: Kind, record_id: str, fetched: Fetched) -> Row:
         raise Invalid(f"missing field(s) {', '.join(missing)}: a fragment, not a record desto wrote")
     unknown = fields.keys() - _KNOWN_FIELDS[kind]
     extra = json.dumps({k: fields[k] for k in sorted(unknown)}, ensure_ascii=False) if unknown else None
-    pttl = fetched.pttl_ms
-    read_at = fetched.read_at_us
-    return Row(
-        kind,
-        record_id,
-        fetched.key,
-        tuple(values),
-        extra,
-        read_at,
-        read_at + pttl * 1000 if pttl >= 0 else None,
-        _created_at_us(kind, fetched),
-    )
+    pttl, read_at = fetched.pttl_ms, fetched.read_at_us
+    created_at = read_at
+    if 0 < pttl <= _TTL_MS and kind in _TTL_KINDS:  # desto's 7-day TTL, set once at creation, dates it
+        created_at = read_at - (_TTL_MS - pttl) * 1000
+    expires_at = read_at + pttl * 1000 if pttl >= 0 else None
+    return Row(kind, record_id, fetched.key, tuple(values), extra, read_at, expires_at, created_at)
 
 
 def _decode_hash(flat: Sequence[bytes]) -> dict[str, str]:
@@ -309,14 +306,6 @@ def _decode_hash(flat: Sequence[bytes]) -> dict[str, str]:
         except UnicodeDecodeError:
             raise Invalid(f"{name[:80]}: value is not valid UTF-8") from None
     return fields
-
-
-def _created_at_us(kind: Kind, fetched: Fetched) -> int:
-    """desto sets a 7-day TTL once, at creation: the TTL left dates the creation on Redis' clock."""
-    ttl_ms = DESTO_TTL_SECONDS * 1000
-    if kind in (Kind.SESSION, Kind.JOB) and 0 < fetched.pttl_ms <= ttl_ms:
-        return fetched.read_at_us - (ttl_ms - fetched.pttl_ms) * 1000
-    return fetched.read_at_us
 
 
 def _reject(fetched: Fetched, kind: Kind | None, record_id: str | None, reason: str) -> Rejected:
@@ -428,21 +417,29 @@ def _decode_at(data: bytes, pos: int) -> tuple[Any, int]:
 # ─── time formats ────────────────────────────────────────────────────────────────────────────────
 
 
-def _cached_seconds(fmt: str) -> Callable[[int], str]:
-    """strftime of whole seconds, remembering the last one: the rows of a batch share their times'
-    seconds far more often than not (one read time, records created close together)."""
-    last: list[Any] = [None, ""]
+class _SecondsFormat:
+    """strftime of whole seconds, remembered: a batch's rows share a few seconds far more often
+    than not (one read time, records created and expiring close together). The memory is
+    dropped whole when it fills, which a long-running daemon reaches only every few hours."""
 
-    def format_seconds(seconds: int) -> str:
-        if seconds != last[0]:
-            last[0], last[1] = seconds, time.strftime(fmt, time.gmtime(seconds))
-        return str(last[1])
+    __slots__ = ("fmt", "memo")
+    _LIMIT = 4096
 
-    return format_seconds
+    def __init__(self, fmt: str) -> None:
+        self.fmt = fmt
+        self.memo: dict[int, str] = {}
+
+    def __call__(self, seconds: int) -> str:
+        text = self.memo.get(seconds)
+        if text is None:
+            if len(self.memo) >= self._LIMIT:
+                self.memo.clear()
+            text = self.memo[seconds] = time.strftime(self.fmt, time.gmtime(seconds))
+        return text
 
 
-_sqlite_seconds = _cached_seconds("%Y-%m-%d %H:%M:%S")
-_iso_seconds = _cached_seconds("%Y-%m-%dT%H:%M:%S")
+_sqlite_seconds = _SecondsFormat("%Y-%m-%d %H:%M:%S")
+_iso_seconds = _SecondsFormat("%Y-%m-%dT%H:%M:%S")
 
 
 def sqlite_utc(us: int) -> str:
@@ -452,4 +449,5 @@ def sqlite_utc(us: int) -> str:
 
 def iso_utc(us: int) -> str:
     """The archiver's own timestamps: ISO 8601 in UTC, to the microsecond."""
-    return f"{_iso_seconds(us // 1_000_000)}.{us % 1_000_000:06d}Z"
+    seconds, micros = divmod(us, 1_000_000)
+    return f"{_iso_seconds(seconds)}.{micros:06d}Z"

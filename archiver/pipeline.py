@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 from archiver.config import Settings
 from archiver.dirty import Dirty, Hints
-from archiver.fetcher import Fetcher, Work
+from archiver.fetcher import QUEUE_DEPTH, Fetcher, Work
 from archiver.health import Notifier
 from archiver.keys import record_key
 from archiver.log import get_logger
@@ -36,7 +36,6 @@ from archiver.writer import TimedHint
 log = get_logger("archiver.pipeline")
 
 _TICK = 0.25  # the longest the main loop sleeps: how fast it notices a stop request
-_JOIN_LIMIT = 4  # at most this many batches in one transaction
 
 
 @dataclass
@@ -215,7 +214,7 @@ class Daemon:
         """Batches of changes waiting behind this one join it in one transaction: when the writer
         is behind, fewer, bigger commits (each rewrites the index pages it touched) catch up faster."""
         assert self.fetcher is not None
-        limit = _JOIN_LIMIT * self.settings.batch_size
+        limit = QUEUE_DEPTH * self.settings.batch_size
         while work.reconcile is None and work.keys < limit:
             try:
                 nxt = self.fetcher.queue.queue[0]  # a peek: only changes join, never a reconcile page

@@ -113,10 +113,12 @@ class RowWriter:
         favorite, tail_is_name = self.favorite, self.favorite
         status_idx = self.status_idx
         written = stale = 0
+        last_read, seen, updated_at = -1, "", ""  # a batch's rows share their read time
         for row in unique.values():
             record_id, values, read_at = row.record_id, row.values, row.read_at_us
             old = existing.get(record_id)
-            seen, updated_at = iso_utc(read_at), sqlite_utc(read_at)
+            if read_at != last_read:
+                last_read, seen, updated_at = read_at, iso_utc(read_at), sqlite_utc(read_at)
             expires = iso_utc(row.expires_at_us) if row.expires_at_us is not None else None
             tail = values[1] if tail_is_name else (values[status_idx] if status_idx is not None else None)
             if old is None:
@@ -142,7 +144,7 @@ class RowWriter:
                 written += 1
             else:
                 touches.append((read_at, seen, expires, record_id))
-            self._record_history(row, old)
+            self._record_history(row, old, seen)
         counts, kind = self.counts, self.kind.value
         counts.records[kind] += len(unique)
         if written:
@@ -175,11 +177,11 @@ class RowWriter:
             (candidate, name, holder[0]),
         )
 
-    def _record_history(self, row: Row, old: _Old | None) -> None:
+    def _record_history(self, row: Row, old: _Old | None, observed: str) -> None:
+        """``observed``: the row's read time, as iso_utc gives it."""
         # A row desto's own store inserted has never been read by the archiver: first sight.
         is_new = old is None or old.read_at_us is None
         reappeared = old is not None and old.gone_at is not None
-        observed = iso_utc(row.read_at_us)
         if self.favorite:
             if is_new:
                 self._add(row.record_id, "first_seen", None, None, None, observed, None, "redis")
