@@ -24,10 +24,18 @@ The search climbs a doubling ladder (2k, 4k, 8k, 16k, 32k, 64k changes/s; smoke:
 rate fails, then bisects twice, to the nearest 500, between the last rate sustained (or 0) and
 the first that failed (smoke: no bisection). The figure is the highest sustained rate (as the writer achieved it),
 with its ratio to ceiling 1(a), to 1(b) and to the smaller of the two (the ceiling).
+
+The machine limit: Redis, the load writer and the daemon run on the same cores. Each trial
+records the CPU time each of them spent per change, from the first send until the last change
+is archived (Redis' includes serving the daemon's reads). At the sustained rate, the machine's
+cores divided by the CPU per change of Redis and the writer alone is a rate that no archiver,
+however cheap, could be shown to sustain here; divided by all three, it is the rate at which the
+machine runs out of cores, against which the sustained rate is compared.
 """
 
 from __future__ import annotations
 
+import os
 import random
 import sqlite3
 import time
@@ -36,7 +44,7 @@ from typing import Any
 
 import redis
 
-from bench.common import Context, DaemonProcess, Figure, Target, WriterProcess, max_rowid, ro_connect
+from bench.common import Context, DaemonProcess, Figure, Target, WriterProcess, cpu_seconds, max_rowid, ro_connect
 from bench.records import record_id, session_key
 from tests.redis_server import RedisServer
 
@@ -105,6 +113,9 @@ def trial(ctx: Context, server: RedisServer, rate: float, seconds: float, settle
         daemon.start()
         conn = ro_connect(daemon.db_path)
         try:
+            assert server.proc is not None
+            redis_pid = server.proc.pid
+            redis_cpu0 = cpu_seconds(redis_pid)
             writer = WriterProcess(ctx, server.port, rate, seconds, tag)
             cpu0, t_started = daemon.cpu_seconds(), writer.started["started"]
             samples: list[tuple[float, int]] = []
@@ -121,6 +132,12 @@ def trial(ctx: Context, server: RedisServer, rate: float, seconds: float, settle
                     caught_at = time.time()
                     break
                 time.sleep(0.005)
+            # each process's CPU per change, from the first send until every change is archived
+            cpu_us = {
+                "redis_server": (cpu_seconds(redis_pid) - redis_cpu0) / sent * 1e6,
+                "load_writer": float(result["cpu_s"]) / sent * 1e6,
+                "daemon": (daemon.cpu_seconds() - cpu0) / sent * 1e6,
+            }
             archived = int(conn.execute("SELECT count(*) FROM sessions").fetchone()[0])
         finally:
             conn.close()
@@ -132,6 +149,7 @@ def trial(ctx: Context, server: RedisServer, rate: float, seconds: float, settle
             archived=archived,
             catch_up_s=None if caught_at is None else max(0.0, caught_at - wall_last),
             daemon_cpu_cores=(cpu1 - cpu0) / max(1e-9, result["elapsed_s"]),
+            cpu_us_per_change=cpu_us,
             max_backlog=max((b for _, b in backlog), default=0),
             backlog_at_end=backlog[-1][1] if backlog else 0,
             backlog_samples=[(round(t, 2), b) for t, b in backlog],
@@ -223,6 +241,7 @@ def run(ctx: Context) -> None:
     ctx.add(Figure(NAME, "sustained rate vs ceiling 1(b)", value, "changes/s", ceilings.get("sqlite"), "1(b)"))
     if best:
         ctx.add(Figure(NAME, "daemon CPU at the sustained rate", best["daemon_cpu_cores"], "cores"))
+        add_machine_limit(ctx, best, value)
     failing = [t for t in trials if not t["sustained"] and (not best or t["rate"] > best["rate"])]
     if failing:
         first_fail = min(failing, key=lambda t: t["rate"])
@@ -235,3 +254,33 @@ def run(ctx: Context) -> None:
                 note="; ".join(first_fail["why_not"]),
             )
         )
+
+
+def add_machine_limit(ctx: Context, best: dict[str, Any], sustained: float | None) -> None:
+    """What the machine itself allows: Redis, the load writer and the daemon share its cores, so
+    their CPU per change (measured at the sustained rate) bounds the rate any archiver on this
+    machine could be shown to sustain."""
+    cpu = best["cpu_us_per_change"]
+    cores = os.cpu_count() or 1
+    for name, label in (("redis_server", "redis-server"), ("load_writer", "load writer"), ("daemon", "daemon")):
+        ctx.add(Figure(NAME, f"CPU per change at the sustained rate: {label}", cpu[name], "µs"))
+    others = cpu["redis_server"] + cpu["load_writer"]
+    ctx.add(
+        Figure(
+            NAME,
+            f"machine limit: redis-server and the load writer alone fill {cores} cores",
+            cores * 1e6 / others,
+            "changes/s",
+            note="an archiver that cost nothing could not be shown faster than this here",
+        )
+    )
+    ctx.add(
+        Figure(
+            NAME,
+            f"sustained rate vs the machine limit of all three processes ({cores} cores)",
+            sustained,
+            "changes/s",
+            baseline=cores * 1e6 / (others + cpu["daemon"]),
+            baseline_name="cores / CPU per change",
+        )
+    )

@@ -58,6 +58,7 @@ def run(
         "wall_first": wall_first,
         "wall_last": wall_last,
         "max_behind": max_behind,
+        "cpu_s": time.process_time(),  # this process's own CPU: its cost per change
     }
 
 
