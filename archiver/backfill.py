@@ -33,7 +33,8 @@ from archiver.store import Store
 
 @dataclass
 class Progress:
-    phase: str  # "scan": reading every desto key; "sweep": archived rows whose keys are gone
+    phase: str  # "scan": reading every desto key; "sweep": archived rows whose keys are gone;
+    # "index": building the indexes a first backfill left for the end
     keys_scanned: int
     keys_read: int
     written: int
@@ -113,8 +114,12 @@ def backfill(
     """
     store = _open(settings, dry_run)
     source = Source(settings)
+    deferred = False
     try:
         started = time.monotonic()
+        # Into an empty archive, the secondary indexes are built once at the end (a sort each)
+        # rather than row by row; a run killed half-way leaves them to the next Store.open.
+        deferred = not dry_run and store.is_empty() and store.defer_indexes() > 0
         rec = Reconcile(source, settings.batch_size, "backfill")
         keys_read = 0
 
@@ -136,6 +141,10 @@ def backfill(
             rec.result.merge(archive(source, store, wanted, dry_run=dry_run, gone_only=dry_run))
             keys_read += 0 if dry_run else len(wanted)
             report_progress("sweep")
+        if deferred:
+            report_progress("index")
+            store.restore_indexes()
+            deferred = False
         result = rec.result
         report = BackfillReport(
             keys_scanned=rec.keys_scanned,
@@ -153,17 +162,20 @@ def backfill(
             store.set_state({"last_backfill": json.dumps(report.as_dict())}, now_us())
         return report
     finally:
+        if deferred:  # failed or interrupted: the indexes must not stay missing
+            with contextlib.suppress(sqlite3.Error):
+                store.restore_indexes()
         source.close()
         store.close()
 
 
 _DONE = object()
-_JOIN = 4  # pages per transaction at most
+_JOIN = 10  # pages per transaction at most
 
 
 def _read_scan(rec: Reconcile, source: Source) -> Iterator[list[Outcome]]:
     """The scan's pages, read and normalized in a thread, handed over through a short queue."""
-    pages: queue.Queue[Any] = queue.Queue(maxsize=4)
+    pages: queue.Queue[Any] = queue.Queue(maxsize=_JOIN)
     stop = threading.Event()
 
     def reader() -> None:

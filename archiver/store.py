@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import json
 import os
 import socket
 import sqlite3
@@ -22,7 +23,7 @@ from pathlib import Path
 
 from archiver.keys import Kind
 from archiver.models import COLUMNS, Gone, Outcome, Rejected, Row, encode_resp, iso_utc
-from archiver.schema import NewerSchemaError, migrate
+from archiver.schema import RECORD_TABLES, NewerSchemaError, migrate
 from archiver.writer import TABLES, RowWriter, TimedHint, add_history
 
 GONE_EVENTS = {b"del": "deleted", b"expired": "expired", b"evicted": "evicted"}
@@ -182,6 +183,10 @@ class Store:
             conn.close()
             raise StoreError(f"cannot use {path}: {exc}; is it a SQLite file, and writable?") from None
         store = cls(conn, path, found)
+        # A bulk load that never finished (killed) left its indexes out. When the file is busy,
+        # the bulk load's own end, or the next open, builds them.
+        with suppress(sqlite3.OperationalError):
+            store.restore_indexes()
         store.checkpointer = Checkpointer(path)
         store.checkpointer.start()
         return store
@@ -221,6 +226,54 @@ class Store:
 
     def get_state(self) -> dict[str, str]:
         return dict(self.conn.execute("SELECT name, value FROM archiver_state").fetchall())
+
+    # ─── bulk loads: secondary indexes built once, at the end ──────────────────────────────────
+
+    _DEFERRED = "deferred_indexes"
+    _BULK_TABLES = (*RECORD_TABLES, "status_history")
+
+    def is_empty(self) -> bool:
+        """No record and no history yet: a first backfill, which may defer the indexes."""
+        return not any(self.conn.execute(f"SELECT EXISTS (SELECT 1 FROM {t})").fetchone()[0] for t in self._BULK_TABLES)
+
+    def defer_indexes(self) -> int:
+        """Drop the secondary indexes of the record and history tables (the unique ones stay:
+        they enforce desto's constraints) and note their definitions in the file, in one
+        transaction. With desto's random ids each index costs a random page write per row;
+        built at the end, an index is one sort. Returns how many were deferred."""
+        with self._transaction() as conn:
+            marks = ", ".join("?" * len(self._BULK_TABLES))
+            found = conn.execute(
+                f"SELECT name, sql FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL "
+                f"AND tbl_name IN ({marks}) AND sql NOT LIKE 'CREATE UNIQUE%' ORDER BY name",
+                self._BULK_TABLES,
+            ).fetchall()
+            if not found:
+                return 0
+            conn.execute(
+                "INSERT INTO archiver_state (name, value, updated_at) VALUES (?, ?, strftime('%Y-%m-%dT%H:%M:%fZ')) "
+                "ON CONFLICT(name) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
+                (self._DEFERRED, json.dumps(found)),
+            )
+            for name, _ in found:
+                conn.execute(f'DROP INDEX "{name}"')
+        return len(found)
+
+    def restore_indexes(self) -> int:
+        """Build the indexes :meth:`defer_indexes` dropped (those nobody built meanwhile:
+        desto's own store recreates its own when it opens the file). Returns how many."""
+        row = self.conn.execute("SELECT value FROM archiver_state WHERE name = ?", (self._DEFERRED,)).fetchone()
+        if row is None:
+            return 0
+        built = 0
+        with self._transaction() as conn:
+            for name, sql in json.loads(row[0]):
+                if conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'index' AND name = ?", (name,)).fetchone():
+                    continue
+                conn.execute(sql)
+                built += 1
+            conn.execute("DELETE FROM archiver_state WHERE name = ?", (self._DEFERRED,))
+        return built
 
     # ─── writes by other programs (desto's own store) ────────────────────────────────────────
 

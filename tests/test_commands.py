@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from archiver.backfill import backfill
+from archiver.store import Store
 from tests.helpers import (
     REPO,
     atjob_hash,
@@ -123,6 +125,66 @@ def test_backfill_of_20000_records_is_complete_idempotent_and_reports(redis_serv
     dry = json.loads(cli(redis_server, db_path, "backfill", "--dry-run", "--json").stdout)
     assert dry["dry_run"] is True and dry["written"] == {"session": 1} and dry["tombstoned"] == 1
     assert dump(db_path) == unchanged
+
+
+def indexes(db_path: Path) -> list[tuple[str, str]]:
+    return [tuple(r) for r in query(db_path, "SELECT name, sql FROM sqlite_master WHERE type = 'index' ORDER BY name")]
+
+
+def test_a_first_backfill_builds_every_index_at_the_end_even_ones_it_did_not_create(
+    redis_server, redis, db_path: Path
+) -> None:
+    load(redis, sessions=2_000, jobs_per_session=1, favorites=5)
+    Store.open(db_path).close()
+    with sqlite3.connect(db_path) as conn:  # an index of the user's own survives too
+        conn.execute("CREATE INDEX my_jobs_by_end ON jobs(end_time) WHERE end_time IS NOT NULL")
+    expected = indexes(db_path)
+    assert ("my_jobs_by_end", "CREATE INDEX my_jobs_by_end ON jobs(end_time) WHERE end_time IS NOT NULL") in expected
+
+    result = cli(redis_server, db_path, "backfill", "--json", ARCHIVER_BATCH_SIZE="200")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["written"] == {"session": 2_000, "job": 2_000, "favorite": 5}
+    assert indexes(db_path) == expected
+    assert count(db_path, "archiver_state", "name = 'deferred_indexes'") == 0
+    plan = query(db_path, "EXPLAIN QUERY PLAN SELECT * FROM status_history WHERE kind = 'job' AND record_id = 'x'")
+    assert "idx_status_history_record" in " ".join(str(tuple(r)) for r in plan)
+    with sqlite3.connect(db_path) as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+
+
+def test_indexes_a_killed_first_backfill_left_out_are_built_by_the_next_open(
+    redis_server, redis, db_path: Path
+) -> None:
+    Store.open(db_path).close()
+    expected = indexes(db_path)
+    store = Store.open(db_path)
+    assert store.is_empty() and store.defer_indexes() == len([i for i in expected if i[1] is not None]) - 1
+    store.close()  # as a SIGKILL leaves it: indexes dropped, their definitions noted in the file
+    assert len(indexes(db_path)) < len(expected)
+    assert "idx_status_history_record" not in dict(indexes(db_path))
+    Store.open(db_path).close()
+    assert indexes(db_path) == expected
+    assert count(db_path, "archiver_state", "name = 'deferred_indexes'") == 0
+
+
+def test_a_backfill_into_an_archive_that_holds_records_keeps_its_indexes(
+    redis_server, redis, db_path: Path, monkeypatch
+) -> None:
+    load(redis, sessions=50)
+    assert cli(redis_server, db_path, "backfill").returncode == 0
+    load(redis, sessions=50)
+    calls: list[str] = []
+    original = Store.defer_indexes
+
+    def spy(self: Store) -> int:
+        calls.append("defer")
+        return original(self)
+
+    monkeypatch.setattr(Store, "defer_indexes", spy)
+    expected = indexes(db_path)
+    report = backfill(settings_for(redis_server, db_path))
+    assert report.written == {"session": 50, "job": 50} and calls == []
+    assert indexes(db_path) == expected
 
 
 def test_backfill_progress_is_a_live_line_on_a_terminal(redis_server, redis, db_path: Path) -> None:
