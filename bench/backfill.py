@@ -28,11 +28,17 @@ first and built at the end, and up to 5 000 keys per transaction; the third comp
 the same upsert done that way (index building included in its time). Both SQLite figures write
 only sessions rows, where the backfill also writes a status-history row per record: they bound
 it from above.
+
+The machine limit: the backfill process and redis-server (serving its SCAN and reads) share the
+machine's cores; their CPU time per key, measured over each run, divided into the cores is the
+rate at which the machine runs out of CPU, however the work were spread over threads or
+processes. The CPU time of a process that only imports the backfill is taken off the backfill's.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import random
 import sqlite3
 import subprocess
@@ -44,7 +50,7 @@ from typing import Any
 
 from archiver.store import Store
 from bench.ceilings import SESSION_COLUMNS, UPSERT
-from bench.common import Context, Figure, Target, archiver_env
+from bench.common import Context, Figure, Target, archiver_env, cpu_seconds
 from bench.records import load_records
 from tests.redis_server import RedisServer
 
@@ -58,8 +64,8 @@ def _label(n: int) -> str:
     return f"{n // 1_000_000}M" if n >= 1_000_000 and n % 1_000_000 == 0 else f"{n // 1000}k"
 
 
-def peak_rss_run(ctx: Context, directory: Path, args: list[str], env: dict[str, str] | None = None) -> float:
-    """Run ``python -m <args>`` under ``bench.peak_rss``; its peak RSS in MB."""
+def measured_run(ctx: Context, directory: Path, args: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run ``python -m <args>`` under ``bench.peak_rss``; what it measured of itself."""
     rss_file = directory / "peak-rss.json"
     stdout_path, stderr_path = directory / "stdout.txt", directory / "stderr.txt"
     with open(stdout_path, "wb") as out_file, open(stderr_path, "wb") as err_file:
@@ -76,19 +82,26 @@ def peak_rss_run(ctx: Context, directory: Path, args: list[str], env: dict[str, 
             ctx.procs.stop(proc)
     if code != 0:
         raise RuntimeError(f"python -m {' '.join(args)} exited with {code}:\n{stderr_path.read_text()[-2000:]}")
-    return float(json.loads(rss_file.read_text())["vm_hwm_kb"]) / 1024
+    measured: dict[str, Any] = json.loads(rss_file.read_text())
+    return measured
 
 
-def import_only_rss(ctx: Context) -> float:
-    """Peak RSS of a Python process that imports ``archiver.backfill`` (and so what it uses), and stops."""
-    return peak_rss_run(ctx, ctx.fresh_dir("backfill-imports"), ["archiver.backfill"])
+def import_only(ctx: Context) -> dict[str, Any]:
+    """A Python process that imports ``archiver.backfill`` (and so what it uses), and stops: its
+    peak RSS and CPU time are the fixed costs of Python and the libraries."""
+    return measured_run(ctx, ctx.fresh_dir("backfill-imports"), ["archiver.backfill"])
 
 
-def backfill_once(ctx: Context, server: RedisServer, size: int) -> dict[str, Any]:
+def backfill_once(ctx: Context, server: RedisServer, size: int, start_cpu_s: float) -> dict[str, Any]:
     directory = ctx.fresh_dir(NAME)
     db_path = directory / "desto.db"
     ctx.log(f"backfill: {size:,} records")
-    rss_mb = peak_rss_run(ctx, directory, ["archiver", "backfill", "--json"], env=archiver_env(server, db_path))
+    assert server.proc is not None
+    redis_cpu0 = cpu_seconds(server.proc.pid)
+    measured = measured_run(ctx, directory, ["archiver", "backfill", "--json"], env=archiver_env(server, db_path))
+    redis_cpu = cpu_seconds(server.proc.pid) - redis_cpu0
+    rss_mb = float(measured["vm_hwm_kb"]) / 1024
+    cpu_s = max(0.0, float(measured["cpu_s"]) - start_cpu_s)  # the start-up's imports left out
     report = json.loads((directory / "stdout.txt").read_text())
     conn = sqlite3.connect(db_path)
     try:
@@ -105,6 +118,11 @@ def backfill_once(ctx: Context, server: RedisServer, size: int) -> dict[str, Any
         "keys_per_s": report["keys_per_s"],
         "elapsed_s": report["elapsed_s"],
         "peak_rss_mb": rss_mb,
+        "cpu_us_per_key": {
+            "backfill": cpu_s / size * 1e6,
+            "redis_server": redis_cpu / size * 1e6,
+        },
+        "backfill_cores": cpu_s / report["elapsed_s"],
         "report": report,
     }
     ctx.log(f"backfill: {size:,} records at {report['keys_per_s']:,.0f} keys/s, peak RSS {rss_mb:.1f} MB")
@@ -147,14 +165,15 @@ def run(ctx: Context) -> None:
     sizes = SMOKE_SIZES if ctx.smoke else FULL_SIZES
     tag = ctx.tag()
     runs: list[dict[str, Any]] = []
-    base_rss = import_only_rss(ctx)
+    imports = import_only(ctx)
+    base_rss = float(imports["vm_hwm_kb"]) / 1024
     with ctx.redis(NAME) as server:
         loaded = 0
         for size in sizes:
             ctx.log(f"backfill: loading records {loaded:,}..{size:,}")
             load_records(server.port, loaded, size - loaded, tag, jobs=True, ttl=True)
             loaded = size
-            runs.append(backfill_once(ctx, server, size))
+            runs.append(backfill_once(ctx, server, size, float(imports["cpu_s"])))
     ceilings_at, bulk_at = {}, {}
     for size in sizes:
         ctx.log(f"backfill: SQLite's ceiling at {size:,} rows")
@@ -202,6 +221,23 @@ def run(ctx: Context) -> None:
                 "keys/s",
                 baseline=bulk_at[out["records"]],
                 baseline_name=f"bulk load of {_label(out['records'])} rows",
+            )
+        )
+    cores = os.cpu_count() or 1
+    for out in runs:
+        cpu = out["cpu_us_per_key"]
+        label = _label(out["records"])
+        ctx.add(Figure(NAME, f"CPU per key over {label}: the backfill process", cpu["backfill"], "µs"))
+        ctx.add(Figure(NAME, f"CPU per key over {label}: redis-server", cpu["redis_server"], "µs"))
+        ctx.add(Figure(NAME, f"backfill process CPU over {label}", out["backfill_cores"], "cores"))
+        ctx.add(
+            Figure(
+                NAME,
+                f"keys/s over {label} records vs the machine limit ({cores} cores / CPU per key of both)",
+                out["keys_per_s"],
+                "keys/s",
+                baseline=cores * 1e6 / (cpu["backfill"] + cpu["redis_server"]),
+                baseline_name="cores / CPU per key",
             )
         )
     small, large = runs[0], runs[-1]

@@ -1,5 +1,5 @@
 """``python -m bench.peak_rss OUT MODULE [ARGS...]``: run ``MODULE`` as ``python -m`` would, then
-write the process's peak RSS to ``OUT`` as JSON.
+write the process's peak RSS (and its CPU time, start-up included) to ``OUT`` as JSON.
 
 The peak is the kernel's high-water mark of this process's own memory (``VmHWM`` in
 ``/proc/self/status``), read after the module is done, so it is exact. ``ru_maxrss`` from
@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import runpy
 import sys
+import time
 
 
 def vm_hwm_kb() -> int:
@@ -32,7 +33,7 @@ def main() -> int:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     sys.stdout.flush()
     with open(out, "w") as f:
-        json.dump({"vm_hwm_kb": vm_hwm_kb(), "exit_code": code}, f)
+        json.dump({"vm_hwm_kb": vm_hwm_kb(), "cpu_s": time.process_time(), "exit_code": code}, f)
     return code
 
 

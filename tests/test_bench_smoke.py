@@ -75,9 +75,17 @@ def test_ingest_loses_nothing(smoke: dict[str, Any]) -> None:
             assert trial["compared"] == trial["sent"] and trial["mismatched"] == 0, trial["mismatch_examples"]
         if trial["sustained"]:
             assert not trial["problems"] and trial["catch_up_s"] <= 2.0
-    headline = figures(smoke, "ingest")["highest sustained rate (zero loss, catch-up ≤ 2 s)"]
+        assert all(trial["cpu_us_per_change"][p] > 0 for p in ("redis_server", "load_writer", "daemon"))
+    found = figures(smoke, "ingest")
+    headline = found["highest sustained rate (zero loss, catch-up ≤ 2 s)"]
     assert headline["baseline"] == smoke["ceilings"]["min"]
     assert [t["threshold"] for t in headline["targets"]] == [40_000, 0.4]
+    if headline["value"] is not None:  # the machine's cores, against what each process spent
+        best = max((t for t in trials if t["sustained"]), key=lambda t: t["rate"])
+        cpu = best["cpu_us_per_change"]
+        cores = smoke["machine"]["nproc"]
+        limit = found[f"machine limit: redis-server and the load writer alone fill {cores} cores"]
+        assert limit["value"] == pytest.approx(cores * 1e6 / (cpu["redis_server"] + cpu["load_writer"]))
 
 
 def test_latency_sees_every_change_at_every_rate(smoke: dict[str, Any]) -> None:
@@ -102,9 +110,16 @@ def test_backfill_reads_every_record_and_reports_its_memory(smoke: dict[str, Any
         assert run["keys_read"] == run["written"] == run["rows"] == run["records"] and run["lost"] == 0
         assert run["keys_per_s"] > 0
         assert details["import_only_rss_mb"] < run["peak_rss_mb"] < 1_000
-    assert len(figures(smoke, "backfill")) == 6
-    for size, rate in details["sqlite_ceiling_at"].items():  # SQLite's own ceiling at each size
-        assert int(size) in (2_000, 10_000) and rate > 0
+        assert run["cpu_us_per_key"]["backfill"] > 0 and run["cpu_us_per_key"]["redis_server"] > 0
+    found = figures(smoke, "backfill")
+    assert len(found) == 16
+    for ceilings in ("sqlite_ceiling_at", "sqlite_bulk_ceiling_at"):  # SQLite's own, at each size
+        assert {int(size) for size in details[ceilings]} == {2_000, 10_000}
+        assert all(rate > 0 for rate in details[ceilings].values())
+    cores = smoke["machine"]["nproc"]
+    limit = found[f"keys/s over 10k records vs the machine limit ({cores} cores / CPU per key of both)"]
+    cpu = runs[1]["cpu_us_per_key"]
+    assert limit["baseline"] == pytest.approx(cores * 1e6 / (cpu["backfill"] + cpu["redis_server"]))
 
 
 def test_desto_runs_in_all_three_configurations_and_the_archive_keeps_up(smoke: dict[str, Any]) -> None:
