@@ -79,10 +79,16 @@ class BackfillReport:
         }
 
 
+# A first backfill builds its indexes at the end, so a small page cache costs it little, and
+# keeps its memory low at any keyspace size.
+BACKFILL_CACHE_MB = 8
+
+
 def _open(settings: Settings, dry_run: bool) -> Store:
     path = settings.db_path
+    cache_mb = settings.sqlite_cache_mb or BACKFILL_CACHE_MB
     if not dry_run:
-        return Store.open(path, settings.sqlite_busy_timeout)
+        return Store.open(path, settings.sqlite_busy_timeout, cache_mb=cache_mb)
     if path.exists():
         probe = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
         try:
@@ -90,7 +96,8 @@ def _open(settings: Settings, dry_run: bool) -> Store:
         finally:
             probe.close()
         if version == SCHEMA_VERSION:
-            return Store.open(path, settings.sqlite_busy_timeout)  # every batch rolls back
+            # every batch rolls back
+            return Store.open(path, settings.sqlite_busy_timeout, cache_mb=cache_mb, build_deferred=False)
     # Nothing may be written: work on a copy in memory (migrated there, if it needs to be).
     memory = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
     if path.exists():

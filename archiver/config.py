@@ -66,6 +66,10 @@ class Settings(BaseSettings):
     sqlite_busy_timeout: float = Field(
         5, ge=0, validation_alias=_env("sqlite_busy_timeout", "ARCHIVER_SQLITE_BUSY_TIMEOUT")
     )
+    # SQLite's page cache; None: each command's own default (DAEMON_CACHE_MB, BACKFILL_CACHE_MB).
+    sqlite_cache_mb: int | None = Field(
+        None, ge=1, le=65_536, validation_alias=_env("sqlite_cache_mb", "ARCHIVER_SQLITE_CACHE_MB")
+    )
     metrics_port: int | None = Field(
         None, ge=1, le=65535, validation_alias=_env("metrics_port", "ARCHIVER_METRICS_PORT")
     )

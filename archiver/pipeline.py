@@ -35,6 +35,11 @@ from archiver.writer import TimedHint
 
 log = get_logger("archiver.pipeline")
 
+# The archive only grows, and desto's random ids spread every insert over its indexes: once those
+# outgrow SQLite's page cache, each insert reads pages back from the OS. A cache that holds the
+# indexes of a few hundred thousand records keeps the writer well ahead of desto.
+DAEMON_CACHE_MB = 64
+
 _TICK = 0.25  # the longest the main loop sleeps: how fast it notices a stop request
 
 
@@ -117,7 +122,9 @@ class Daemon:
         lock = DaemonLock(settings.db_path)
         lock.acquire()
         try:
-            self.store = Store.open(settings.db_path, settings.sqlite_busy_timeout)
+            self.store = Store.open(
+                settings.db_path, settings.sqlite_busy_timeout, cache_mb=settings.sqlite_cache_mb or DAEMON_CACHE_MB
+            )
         except BaseException:
             lock.release()
             raise

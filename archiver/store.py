@@ -155,8 +155,10 @@ class Store:
         }
 
     @classmethod
-    def open(cls, path: Path, busy_timeout: float = 5.0) -> Store:
-        """Open (creating or migrating) the archive; StoreError with a clear message when it cannot."""
+    def open(cls, path: Path, busy_timeout: float = 5.0, *, cache_mb: int = 8, build_deferred: bool = True) -> Store:
+        """Open (creating or migrating) the archive; StoreError with a clear message when it cannot.
+        ``cache_mb``: SQLite's page cache. ``build_deferred``: build the indexes a killed bulk load
+        left out (a dry run must not)."""
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -173,7 +175,7 @@ class Store:
             # A batch dirties pages all over desto's random-keyed indexes; copying them back from
             # the WAL (with its fsyncs) is the checkpointer thread's work, not the commit's.
             conn.execute("PRAGMA wal_autocheckpoint=0")
-            conn.execute("PRAGMA cache_size=-8000")
+            conn.execute(f"PRAGMA cache_size=-{int(cache_mb) * 1024}")
             conn.execute("PRAGMA foreign_keys=OFF")
             found, _ = migrate(conn)
         except NewerSchemaError as exc:
@@ -185,8 +187,9 @@ class Store:
         store = cls(conn, path, found)
         # A bulk load that never finished (killed) left its indexes out. When the file is busy,
         # the bulk load's own end, or the next open, builds them.
-        with suppress(sqlite3.OperationalError):
-            store.restore_indexes()
+        if build_deferred:
+            with suppress(sqlite3.OperationalError):
+                store.restore_indexes()
         store.checkpointer = Checkpointer(path)
         store.checkpointer.start()
         return store

@@ -79,6 +79,7 @@ def test_archiver_knobs_and_flags_override_environment(monkeypatch: pytest.Monke
         ("REDIS_PORT", "70000", "REDIS_PORT: Input should be less than or equal to 65535"),
         ("REDIS_DB", "-1", "REDIS_DB: Input should be greater than or equal to 0"),
         ("ARCHIVER_BATCH_SIZE", "0", "ARCHIVER_BATCH_SIZE"),
+        ("ARCHIVER_SQLITE_CACHE_MB", "0", "ARCHIVER_SQLITE_CACHE_MB: Input should be greater than or equal to 1"),
         ("ARCHIVER_FLUSH_INTERVAL", "soon", "ARCHIVER_FLUSH_INTERVAL"),
         ("ARCHIVER_LOG_LEVEL", "loud", "ARCHIVER_LOG_LEVEL"),
         ("REDIS_URL", "http://localhost", "REDIS_URL: Value error, must start with redis://"),

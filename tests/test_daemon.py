@@ -168,3 +168,12 @@ def test_an_event_burst_beyond_the_dirty_limit_is_reconciled_not_lost(redis_serv
             what="the reconcile that replaced the forgotten keys",
         )
     assert any(e["event"] == "events.overflow" for e in logs)
+
+
+def test_the_page_cache_is_the_daemons_own_size_unless_set(redis_server, redis, db_path: Path) -> None:
+    with daemon_thread(settings_for(redis_server, db_path)) as daemon:
+        assert daemon.store is not None
+        assert daemon.store.conn.execute("PRAGMA cache_size").fetchone()[0] == -64 * 1024
+    with daemon_thread(settings_for(redis_server, db_path, sqlite_cache_mb=16)) as daemon:
+        assert daemon.store is not None
+        assert daemon.store.conn.execute("PRAGMA cache_size").fetchone()[0] == -16 * 1024
