@@ -5,6 +5,7 @@ Both are filled by the listener thread and drained by the main loop; both are bo
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from collections import OrderedDict
@@ -81,6 +82,11 @@ class Dirty:
             if not keys:
                 self.oldest_at = None
             return taken
+
+    def peek(self, n: int) -> list[bytes]:
+        """The ``n`` keys waiting longest, left in place."""
+        with self._lock:
+            return list(itertools.islice(self._keys, n))
 
     def take(self, keys: Iterable[bytes]) -> dict[bytes, bytes | None]:
         """Remove ``keys`` that are dirty (a reconcile is about to read them); their events."""

@@ -29,7 +29,8 @@ _TICK = 0.25  # the longest the reader sleeps between looks at the stop flag
 # ids a transaction of 8,000 rows rewrites far fewer pages per row than one of 500.
 QUEUE_DEPTH = 16
 _BUSY_RATE = 1000.0  # events/s beyond which batches may wait longer than the flush interval
-_STALLED_S = 0.5  # the oldest batch waiting this long: the writer is stuck (a lock, a slow disk)
+_STALLED_S = 0.05  # the oldest batch waiting this long: the writer is behind
+_PEEK = 64  # dirty keys looked at to tell whether reading ahead would read them twice
 
 
 @dataclass
@@ -59,6 +60,8 @@ class Fetcher(threading.Thread):
         self._rate_at = 0.0
         self._rate_events = 0
         self.queue: queue.Queue[Work] = queue.Queue(maxsize=QUEUE_DEPTH)
+        self._queued: dict[bytes, int] = {}  # keys of the batches in the queue, and how many hold each
+        self._queued_lock = threading.Lock()
         self._scan_request: str | None = None
         self._scan: Reconcile | None = None
         self._draining = False
@@ -82,6 +85,40 @@ class Fetcher(threading.Thread):
     def stop_now(self) -> None:
         self._stop_now = True
         self.dirty.wake.set()
+
+    def take(self, timeout: float) -> Work | None:
+        """The next batch for the writer (None when none came within ``timeout``), with the
+        batches of changes waiting behind it joined in: when the writer is behind, fewer, bigger
+        commits (each rewrites the index pages it touched) catch up faster. A reconcile page is
+        never joined, so its scan's progress stays its own."""
+        try:
+            work = self.queue.get(timeout=timeout) if timeout > 0 else self.queue.get_nowait()
+        except queue.Empty:
+            return None
+        taken, join_limit = [work], QUEUE_DEPTH * self.settings.batch_size
+        while work.reconcile is None and work.keys < join_limit:
+            try:
+                nxt = self.queue.queue[0]  # a peek: only the fetcher puts, only the writer takes
+            except IndexError:
+                break
+            if nxt.reconcile is not None:
+                break
+            self.queue.get_nowait()
+            taken.append(nxt)
+            work = Work(work.items + nxt.items, work.outcomes + nxt.outcomes, work.read_s + nxt.read_s)
+        with self._queued_lock:
+            queued = self._queued
+            for each in taken:
+                for key, _ in each.items:
+                    left = queued[key] - 1
+                    if left:
+                        queued[key] = left
+                    else:
+                        del queued[key]
+        return work
+
+    def queued_keys(self) -> int:
+        return sum(work.keys for work in list(self.queue.queue))
 
     # ─── the loop ──────────────────────────────────────────────────────────────────────────────
 
@@ -135,11 +172,21 @@ class Fetcher(threading.Thread):
         return self.settings.flush_interval * min(10.0, max(1.0, self._rate / _BUSY_RATE))
 
     def _writer_stalled(self, now: float) -> bool:
+        """The writer is behind, and the keys waiting were read already and are still queued:
+        reading them again now would be wasted, as they may change again before the writer gets
+        to them (a hot key on a slow disk). Better leave them to coalesce in the dirty set. Keys
+        not read yet (a stream of new records) are read ahead, for the writer's next, bigger,
+        transaction."""
         try:
             head: Work = self.queue.queue[0]
         except IndexError:
             return False
-        return now - head.queued_at > _STALLED_S
+        if now - head.queued_at <= _STALLED_S:
+            return False
+        waiting = self.dirty.peek(_PEEK)
+        with self._queued_lock:
+            again = sum(1 for key in waiting if key in self._queued)
+        return again * 2 > len(waiting)
 
     def _idle(self, now: float) -> None:
         timeout = _TICK
@@ -186,10 +233,21 @@ class Fetcher(threading.Thread):
             self.dirty.requeue(items)
             raise
         work = Work(items, outcomes, time.perf_counter() - started, rec, done)
+        with self._queued_lock:
+            queued = self._queued
+            for key, _ in items:
+                queued[key] = queued.get(key, 0) + 1
         while not self._stop_now:
             try:
                 self.queue.put(work, timeout=_TICK)
                 return
             except queue.Full:
                 continue
+        with self._queued_lock:
+            for key, _ in items:
+                left = self._queued[key] - 1
+                if left:
+                    self._queued[key] = left
+                else:
+                    del self._queued[key]
         self.dirty.requeue(items)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import queue
 import socket
 import sqlite3
 import threading
@@ -22,7 +21,7 @@ from dataclasses import dataclass, field
 
 from archiver.config import Settings
 from archiver.dirty import Dirty, Hints
-from archiver.fetcher import QUEUE_DEPTH, Fetcher, Work
+from archiver.fetcher import Fetcher, Work
 from archiver.health import Notifier
 from archiver.keys import record_key
 from archiver.log import get_logger
@@ -197,14 +196,12 @@ class Daemon:
             elif self._subscribed.is_set() and not self._reconciling and now >= self._next_reconcile:
                 self._begin_reconcile("timer")
             if self._pending is None:
-                try:
-                    # while a sweep is under way, a batch waits for no one: the sweep steps meanwhile
-                    self._pending = self.fetcher.queue.get(timeout=0 if self._sweep is not None else _TICK)
-                except queue.Empty:
+                # while a sweep is under way, a batch waits for no one: the sweep steps meanwhile
+                self._pending = self.fetcher.take(0 if self._sweep is not None else _TICK)
+                if self._pending is None:
                     if self._sweep is not None and self._subscribed.is_set():
                         self._sweep_step(self._sweep)
                     return
-                self._pending = self._join_waiting(self._pending)
             self._write(self._pending)
             self._pending = None
         except CONNECTION_ERRORS as exc:
@@ -216,22 +213,6 @@ class Daemon:
         if self._failing is not None:
             log.info("archiver.recovered", after=self._failing, failures=self._failures)
             self._failing, self._failures = None, 0
-
-    def _join_waiting(self, work: Work) -> Work:
-        """Batches of changes waiting behind this one join it in one transaction: when the writer
-        is behind, fewer, bigger commits (each rewrites the index pages it touched) catch up faster."""
-        assert self.fetcher is not None
-        limit = QUEUE_DEPTH * self.settings.batch_size
-        while work.reconcile is None and work.keys < limit:
-            try:
-                nxt = self.fetcher.queue.queue[0]  # a peek: only changes join, never a reconcile page
-            except IndexError:
-                break
-            if nxt.reconcile is not None:
-                break
-            self.fetcher.queue.get_nowait()
-            work = Work(work.items + nxt.items, work.outcomes + nxt.outcomes, work.read_s + nxt.read_s)
-        return work
 
     def _write(self, work: Work) -> None:
         """Apply one batch the fetcher read; a failure leaves it pending, to be tried again (a
@@ -428,12 +409,12 @@ class Daemon:
             ):
                 try:
                     if self._pending is None:
-                        self._pending = fetcher.queue.get(timeout=_TICK)
+                        self._pending = fetcher.take(_TICK)
+                        if self._pending is None:
+                            continue
                     self._write(self._pending)
                     flushed += self._pending.keys
                     self._pending = None
-                except queue.Empty:
-                    continue
                 except sqlite3.Error as exc:
                     log.warning("shutdown.flush_failed", error=str(exc), pending=len(self.dirty))
                     time.sleep(_TICK)
@@ -441,7 +422,7 @@ class Daemon:
             fetcher.join(timeout=2)
         left = len(self.dirty) + (self._pending.keys if self._pending is not None else 0)
         if fetcher is not None:
-            left += sum(work.keys for work in list(fetcher.queue.queue))
+            left += fetcher.queued_keys()
         if self.store is not None:
             with contextlib.suppress(sqlite3.Error):
                 self.store.set_state({"stopped_at": str(now_us())}, now_us())
