@@ -7,6 +7,7 @@ configuration error. Every command honours the same configuration as ``run``.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import signal
 import sys
@@ -295,9 +296,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 # ─── run, backfill ───────────────────────────────────────────────────────────────────────────────
 
 
+def collect_less_often() -> None:
+    """Every batch allocates thousands of small containers (rows, tuples, lists), and Python's
+    default threshold runs a garbage collection every 700 of them: measured on the read,
+    normalize and write path in one thread, a fifth of its CPU per record. The archiver makes
+    almost no reference cycles (reference counting frees its rows), so collecting every 10,000
+    allocations costs no memory to speak of."""
+    gc.set_threshold(10_000, 10, 10)
+
+
 def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
     from archiver.pipeline import Daemon
 
+    collect_less_often()
     daemon = Daemon(settings)
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -315,6 +326,7 @@ def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_backfill(settings: Settings, args: argparse.Namespace) -> int:
     from archiver.backfill import Progress, backfill
 
+    collect_less_often()
     live = sys.stderr.isatty() and not args.json
     last = [0.0]
 
