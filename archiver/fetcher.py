@@ -106,16 +106,25 @@ class Fetcher(threading.Thread):
             self.queue.get_nowait()
             taken.append(nxt)
             work = Work(work.items + nxt.items, work.outcomes + nxt.outcomes, work.read_s + nxt.read_s)
+        for each in taken:
+            self._unnote(each.items)
+        return work
+
+    def _note(self, items: list[tuple[bytes, bytes | None]]) -> None:
         with self._queued_lock:
             queued = self._queued
-            for each in taken:
-                for key, _ in each.items:
-                    left = queued[key] - 1
-                    if left:
-                        queued[key] = left
-                    else:
-                        del queued[key]
-        return work
+            for key, _ in items:
+                queued[key] = queued.get(key, 0) + 1
+
+    def _unnote(self, items: list[tuple[bytes, bytes | None]]) -> None:
+        with self._queued_lock:
+            queued = self._queued
+            for key, _ in items:
+                left = queued[key] - 1
+                if left:
+                    queued[key] = left
+                else:
+                    del queued[key]
 
     def queued_keys(self) -> int:
         return sum(work.keys for work in list(self.queue.queue))
@@ -233,21 +242,12 @@ class Fetcher(threading.Thread):
             self.dirty.requeue(items)
             raise
         work = Work(items, outcomes, time.perf_counter() - started, rec, done)
-        with self._queued_lock:
-            queued = self._queued
-            for key, _ in items:
-                queued[key] = queued.get(key, 0) + 1
+        self._note(items)
         while not self._stop_now:
             try:
                 self.queue.put(work, timeout=_TICK)
                 return
             except queue.Full:
                 continue
-        with self._queued_lock:
-            for key, _ in items:
-                left = self._queued[key] - 1
-                if left:
-                    self._queued[key] = left
-                else:
-                    del self._queued[key]
+        self._unnote(items)
         self.dirty.requeue(items)

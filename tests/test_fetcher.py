@@ -37,9 +37,7 @@ def queue_batch(fetcher: Fetcher, batch: list[bytes], age_s: float = 0.0, reconc
     """What the reading loop does with a batch it read: note its keys, queue it."""
     work = Work([(key, None) for key in batch], [gone(key) for key in batch], 0.001, reconcile)
     work.queued_at -= age_s
-    with fetcher._queued_lock:
-        for key in batch:
-            fetcher._queued[key] = fetcher._queued.get(key, 0) + 1
+    fetcher._note(work.items)
     fetcher.queue.put_nowait(work)
     return work
 
