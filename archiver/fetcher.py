@@ -29,8 +29,9 @@ _TICK = 0.25  # the longest the reader sleeps between looks at the stop flag
 # ids a transaction of 8,000 rows rewrites far fewer pages per row than one of 500.
 QUEUE_DEPTH = 16
 _BUSY_RATE = 1000.0  # events/s beyond which batches may wait longer than the flush interval
-_STALLED_S = 0.05  # the oldest batch waiting this long: the writer is behind
-_PEEK = 64  # dirty keys looked at to tell whether reading ahead would read them twice
+_HOLD_S = 0.01  # how often the reader looks again while it holds back
+_PEEK = 64  # dirty keys looked at to tell whether they were read a moment ago
+_RECENT_S = 0.5  # "a moment ago": keys read within the last one or two of these
 
 
 @dataclass
@@ -43,11 +44,9 @@ class Work:
     reconcile: Reconcile | None = None  # a page of this reconcile's scan
     scan_done: bool = False  # the scan is over: its sweep may begin once this page is written
     keys: int = field(init=False)
-    queued_at: float = field(init=False)
 
     def __post_init__(self) -> None:
         self.keys = len(self.outcomes)
-        self.queued_at = time.monotonic()
 
 
 class Fetcher(threading.Thread):
@@ -60,8 +59,10 @@ class Fetcher(threading.Thread):
         self._rate_at = 0.0
         self._rate_events = 0
         self.queue: queue.Queue[Work] = queue.Queue(maxsize=QUEUE_DEPTH)
-        self._queued: dict[bytes, int] = {}  # keys of the batches in the queue, and how many hold each
-        self._queued_lock = threading.Lock()
+        # keys read in this period and the one before (only this thread touches them)
+        self._recent: set[bytes] = set()
+        self._older: set[bytes] = set()
+        self._recent_since = 0.0
         self._scan_request: str | None = None
         self._scan: Reconcile | None = None
         self._draining = False
@@ -95,7 +96,7 @@ class Fetcher(threading.Thread):
             work = self.queue.get(timeout=timeout) if timeout > 0 else self.queue.get_nowait()
         except queue.Empty:
             return None
-        taken, join_limit = [work], QUEUE_DEPTH * self.settings.batch_size
+        join_limit = QUEUE_DEPTH * self.settings.batch_size
         while work.reconcile is None and work.keys < join_limit:
             try:
                 nxt = self.queue.queue[0]  # a peek: only the fetcher puts, only the writer takes
@@ -104,27 +105,8 @@ class Fetcher(threading.Thread):
             if nxt.reconcile is not None:
                 break
             self.queue.get_nowait()
-            taken.append(nxt)
             work = Work(work.items + nxt.items, work.outcomes + nxt.outcomes, work.read_s + nxt.read_s)
-        for each in taken:
-            self._unnote(each.items)
         return work
-
-    def _note(self, items: list[tuple[bytes, bytes | None]]) -> None:
-        with self._queued_lock:
-            queued = self._queued
-            for key, _ in items:
-                queued[key] = queued.get(key, 0) + 1
-
-    def _unnote(self, items: list[tuple[bytes, bytes | None]]) -> None:
-        with self._queued_lock:
-            queued = self._queued
-            for key, _ in items:
-                left = queued[key] - 1
-                if left:
-                    queued[key] = left
-                else:
-                    del queued[key]
 
     def queued_keys(self) -> int:
         return sum(work.keys for work in list(self.queue.queue))
@@ -148,14 +130,14 @@ class Fetcher(threading.Thread):
                     self._scan = Reconcile(self.source, batch, reason)  # reads Redis' clock: may fail
                     if self._scan_request == reason:
                         self._scan_request = None
-                if self._writer_stalled(now):
-                    # read later rather than now: changes meanwhile coalesce in the dirty set
-                    time.sleep(_STALLED_S / 5)
-                    continue
-                if self.dirty.ready(batch, 0.0 if self._draining else self._interval(now)):
+                hold = self._read_later()
+                if not hold and self.dirty.ready(batch, 0.0 if self._draining else self._interval(now)):
                     self._read_dirty()
                 elif self._scan is not None and not self._draining:
                     self._read_scan_page(self._scan)
+                elif hold:
+                    time.sleep(_HOLD_S)  # changes meanwhile coalesce in the dirty set
+                    continue
                 elif self._draining:
                     return
                 else:
@@ -180,22 +162,23 @@ class Fetcher(threading.Thread):
             self._rate_at, self._rate_events = now, events
         return self.settings.flush_interval * min(10.0, max(1.0, self._rate / _BUSY_RATE))
 
-    def _writer_stalled(self, now: float) -> bool:
-        """The writer is behind, and the keys waiting were read already and are still queued:
-        reading them again now would be wasted, as they may change again before the writer gets
-        to them (a hot key on a slow disk). Better leave them to coalesce in the dirty set. Keys
-        not read yet (a stream of new records) are read ahead, for the writer's next, bigger,
-        transaction."""
-        try:
-            head: Work = self.queue.queue[0]
-        except IndexError:
-            return False
-        if now - head.queued_at <= _STALLED_S:
+    def _read_later(self) -> bool:
+        """Batches wait for the writer, and most keys waiting were read a moment ago: hot keys,
+        changing faster than the writer writes. Reading them again now would be wasted, as they
+        may change again before the writer gets to them; they coalesce in the dirty set until
+        the writer has taken what is queued. Keys not read yet (a stream of new records) are
+        read ahead, for the writer's next, bigger, transaction."""
+        if self.queue.empty():
             return False
         waiting = self.dirty.peek(_PEEK)
-        with self._queued_lock:
-            again = sum(1 for key in waiting if key in self._queued)
+        recent, older = self._recent, self._older
+        again = sum(1 for key in waiting if key in recent or key in older)
         return again * 2 > len(waiting)
+
+    def _note_read(self, items: list[tuple[bytes, bytes | None]], now: float) -> None:
+        if now - self._recent_since >= _RECENT_S:
+            self._older, self._recent, self._recent_since = self._recent, set(), now
+        self._recent.update(key for key, _ in items)
 
     def _idle(self, now: float) -> None:
         timeout = _TICK
@@ -242,12 +225,11 @@ class Fetcher(threading.Thread):
             self.dirty.requeue(items)
             raise
         work = Work(items, outcomes, time.perf_counter() - started, rec, done)
-        self._note(items)
+        self._note_read(items, time.monotonic())
         while not self._stop_now:
             try:
                 self.queue.put(work, timeout=_TICK)
                 return
             except queue.Full:
                 continue
-        self._unnote(items)
         self.dirty.requeue(items)

@@ -1,7 +1,7 @@
 """The fetcher's hand-off to the writer: joined batches, and when it reads ahead of a slow writer.
 
 No Redis here: batches are put in its queue as its reading loop would, and the decisions that
-depend on what is queued are asked directly.
+depend on what it read and queued are asked directly.
 """
 
 from __future__ import annotations
@@ -33,16 +33,15 @@ def fetcher(tmp_path: Path) -> Fetcher:
     return Fetcher(settings, source=None, dirty=Dirty(1000))  # type: ignore[arg-type]
 
 
-def queue_batch(fetcher: Fetcher, batch: list[bytes], age_s: float = 0.0, reconcile: Reconcile | None = None) -> Work:
-    """What the reading loop does with a batch it read: note its keys, queue it."""
+def queue_batch(fetcher: Fetcher, batch: list[bytes], reconcile: Reconcile | None = None) -> Work:
+    """What the reading loop does with a batch it read: note its keys as read, queue it."""
     work = Work([(key, None) for key in batch], [gone(key) for key in batch], 0.001, reconcile)
-    work.queued_at -= age_s
-    fetcher._note(work.items)
+    fetcher._note_read(work.items, time.monotonic())
     fetcher.queue.put_nowait(work)
     return work
 
 
-def test_waiting_batches_join_into_one_up_to_the_limit_and_leave_nothing_noted(fetcher: Fetcher) -> None:
+def test_waiting_batches_join_into_one_up_to_the_limit(fetcher: Fetcher) -> None:
     batches = [keys(f"b{i}", 10) for i in range(QUEUE_DEPTH)]
     for batch in batches:
         queue_batch(fetcher, batch)
@@ -50,7 +49,7 @@ def test_waiting_batches_join_into_one_up_to_the_limit_and_leave_nothing_noted(f
     assert first is not None
     assert [key for key, _ in first.items] == [key for batch in batches for key in batch]
     assert first.keys == 10 * QUEUE_DEPTH
-    assert fetcher.take(0) is None and fetcher._queued == {}
+    assert fetcher.take(0) is None
 
 
 def test_a_reconcile_page_is_never_joined(fetcher: Fetcher) -> None:
@@ -63,31 +62,24 @@ def test_a_reconcile_page_is_never_joined(fetcher: Fetcher) -> None:
     assert first.keys == 3 and second.reconcile is page and third.keys == 3
 
 
-def test_a_key_queued_twice_stays_noted_until_both_batches_are_taken(fetcher: Fetcher) -> None:
-    hot = b"desto:session:hot"
-    queue_batch(fetcher, [hot])
-    fetcher.take(0)
-    queue_batch(fetcher, [hot], reconcile=object.__new__(Reconcile))
-    queue_batch(fetcher, [hot])
-    assert fetcher._queued == {hot: 2}
-    fetcher.take(0)
-    assert fetcher._queued == {hot: 1}
-    fetcher.take(0)
-    assert fetcher._queued == {}
-
-
-def test_behind_a_slow_writer_keys_already_queued_wait_and_new_keys_are_read_ahead(fetcher: Fetcher) -> None:
-    now = time.monotonic()
+def test_behind_a_busy_writer_hot_keys_wait_and_new_keys_are_read_ahead(fetcher: Fetcher) -> None:
     hot = keys("hot", 20)
-    queue_batch(fetcher, hot, age_s=1.0)  # read a second ago; the writer has not taken it yet
+    queue_batch(fetcher, hot)  # read; the writer has not taken it yet
     fetcher.dirty.add_many([(key, None) for key in hot])  # ... and every key changed again since
-    assert fetcher._writer_stalled(now)  # reading them again now would be wasted
+    assert fetcher._read_later()  # reading them again now would be wasted
 
     fetcher.dirty.pop(1000)
     fetcher.dirty.add_many([(key, None) for key in keys("new", 20)])  # a stream of new records
-    assert not fetcher._writer_stalled(now)
+    assert not fetcher._read_later()
 
-    fetcher.take(0)
-    queue_batch(fetcher, hot)  # a fresh batch: the writer is not behind
+
+def test_hot_keys_are_read_once_the_writer_took_the_queue_or_their_read_is_old(fetcher: Fetcher) -> None:
+    hot = keys("hot", 20)
+    queue_batch(fetcher, hot)
     fetcher.dirty.add_many([(key, None) for key in hot])
-    assert not fetcher._writer_stalled(now)
+    fetcher.take(0)  # the writer took everything queued: the newer state is worth reading now
+    assert not fetcher._read_later()
+    queue_batch(fetcher, keys("other", 5))  # busy again, but the hot keys' read is old:
+    fetcher._note_read([], time.monotonic() + 0.6)  # two periods on, it is forgotten
+    fetcher._note_read([], time.monotonic() + 1.2)
+    assert not fetcher._read_later()
