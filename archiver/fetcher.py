@@ -1,9 +1,9 @@
 """The daemon's reading thread: dirty keys and reconcile pages, read from Redis and normalized.
 
-It hands each batch to the writing (main) thread through a short queue. Reading a batch (a
+It hands each batch to the writing (main) thread through a bounded queue. Reading a batch (a
 socket round trip, normalizing in Python) overlaps writing the previous one (SQLite, which
 releases the GIL), and a writer that falls behind holds the reader back instead of letting
-memory grow: the queue is short, the dirty set bounded.
+memory grow: the queue holds at most QUEUE_DEPTH batches, the dirty set is bounded.
 """
 
 from __future__ import annotations
