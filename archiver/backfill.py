@@ -199,28 +199,21 @@ def _read_scan(rec: Reconcile, source: Source) -> Iterator[list[Outcome]]:
     thread = threading.Thread(target=reader, name="backfill-reader", daemon=True)
     thread.start()
     try:
-        carry: Any = None
-        while True:
-            item = carry if carry is not None else pages.get()
-            carry, batch = None, []
+        item = pages.get()
+        while item is not _DONE:
+            batch: list[Outcome] = []
             # pages already waiting join this one in a single transaction (up to _JOIN of them)
             while item is not _DONE:
                 if isinstance(item, BaseException):
                     raise item
                 batch.extend(item)
-                try:
-                    item = pages.get_nowait()
-                except queue.Empty:
+                if len(batch) >= _JOIN * rec.page or pages.empty():
                     item = None
                     break
-                if len(batch) >= _JOIN * rec.page:
-                    carry = item
-                    item = None
-                    break
-            if batch:
-                yield batch
-            if item is _DONE:
-                return
+                item = pages.get_nowait()  # this thread alone takes: what is there stays there
+            yield batch
+            if item is None:
+                item = pages.get()
     finally:
         stop.set()
         while thread.is_alive():  # unblock a reader waiting on a full queue

@@ -96,17 +96,25 @@ class Fetcher(threading.Thread):
             work = self.queue.get(timeout=timeout) if timeout > 0 else self.queue.get_nowait()
         except queue.Empty:
             return None
-        join_limit = QUEUE_DEPTH * self.settings.batch_size
-        while work.reconcile is None and work.keys < join_limit:
+        if work.reconcile is not None:
+            return work
+        joined, keys = [work], work.keys
+        while keys < QUEUE_DEPTH * self.settings.batch_size:
             try:
                 nxt = self.queue.queue[0]  # a peek: only the fetcher puts, only the writer takes
             except IndexError:
                 break
             if nxt.reconcile is not None:
                 break
-            self.queue.get_nowait()
-            work = Work(work.items + nxt.items, work.outcomes + nxt.outcomes, work.read_s + nxt.read_s)
-        return work
+            joined.append(self.queue.get_nowait())
+            keys += nxt.keys
+        if len(joined) == 1:
+            return work
+        return Work(
+            [item for w in joined for item in w.items],
+            [outcome for w in joined for outcome in w.outcomes],
+            sum(w.read_s for w in joined),
+        )
 
     def queued_keys(self) -> int:
         return sum(work.keys for work in list(self.queue.queue))

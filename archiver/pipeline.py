@@ -353,7 +353,7 @@ class Daemon:
                     "tombstoned": self.totals.result.tombstoned,
                     "reconciles": self.totals.reconciles,
                     "reconnects": self.listener.reconnects if self.listener else 0,
-                    "failing": self._failing or ("redis" if self.fetcher and self.fetcher.failing else None),
+                    "failing": self._failing_now(),
                 }
             )
         }
@@ -364,11 +364,15 @@ class Daemon:
         if self.notifier.enabled:
             self.notifier.status(self._status_line())
 
+    def _failing_now(self) -> str | None:
+        """What is failing: the writer's own failure, else the fetcher's reads from Redis."""
+        return self._failing or ("redis" if self.fetcher is not None and self.fetcher.failing else None)
+
     def _status_line(self) -> str:
         """A one-line summary for systemd's STATUS= (shown by systemctl status)."""
         r = self.totals.result
         state = "archiving" if self._subscribed.is_set() else "waiting for Redis"
-        failing = self._failing or ("redis" if self.fetcher and self.fetcher.failing else None)
+        failing = self._failing_now()
         if failing:
             state = f"retrying ({failing} failing)"
         return (

@@ -15,6 +15,7 @@ import os
 import socket
 import sqlite3
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
@@ -253,11 +254,7 @@ class Store:
             ).fetchall()
             if not found:
                 return 0
-            conn.execute(
-                "INSERT INTO archiver_state (name, value, updated_at) VALUES (?, ?, strftime('%Y-%m-%dT%H:%M:%fZ')) "
-                "ON CONFLICT(name) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
-                (self._DEFERRED, json.dumps(found)),
-            )
+            self._put_state(conn, {self._DEFERRED: json.dumps(found)}, time.time_ns() // 1000)
             for name, _ in found:
                 conn.execute(f'DROP INDEX "{name}"')
         return len(found)

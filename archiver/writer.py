@@ -72,7 +72,8 @@ class RowWriter:
         self.cols = COLUMNS[kind]
         self.id_col = self.cols[0]
         self.favorite = kind is Kind.FAVORITE
-        self.status_idx = self.cols.index("status") if "status" in self.cols else None
+        # the tail column's value: a favorite's name, else the status (every other kind has one)
+        self.tail_idx = 1 if self.favorite else self.cols.index("status")
         tail = tail_column(kind)
         self.select = (
             f"SELECT {', '.join(self.cols)}, extra, read_at_us, gone_at, {tail} FROM {self.table} "
@@ -110,8 +111,7 @@ class RowWriter:
         inserts: list[list[Any]] = []
         updates: list[list[Any]] = []
         touches: list[tuple[Any, ...]] = []
-        favorite, tail_is_name = self.favorite, self.favorite
-        status_idx = self.status_idx
+        favorite, tail_idx = self.favorite, self.tail_idx
         written = stale = 0
         last_read, seen, updated_at = -1, "", ""  # a batch's rows share their read time
         for row in unique.values():
@@ -120,10 +120,10 @@ class RowWriter:
             if read_at != last_read:
                 last_read, seen, updated_at = read_at, iso_utc(read_at), sqlite_utc(read_at)
             expires = iso_utc(row.expires_at_us) if row.expires_at_us is not None else None
-            tail = values[1] if tail_is_name else (values[status_idx] if status_idx is not None else None)
+            tail = values[tail_idx]
             if old is None:
-                params = [*values, sqlite_utc(row.created_at_us), updated_at, read_at, seen, seen, expires, row.extra]
-                params.append(tail)
+                created = sqlite_utc(row.created_at_us)
+                params = [*values, created, updated_at, read_at, seen, seen, expires, row.extra, tail]
                 if favorite:
                     self._free_name(values[1], record_id)
                     self.conn.execute(self.insert, params)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from archiver.backfill import backfill
+from archiver.backfill import Progress, backfill
 from archiver.store import Store
 from tests.helpers import (
     REPO,
@@ -141,10 +141,16 @@ def test_a_first_backfill_builds_every_index_at_the_end_even_ones_it_did_not_cre
     expected = indexes(db_path)
     assert ("my_jobs_by_end", "CREATE INDEX my_jobs_by_end ON jobs(end_time) WHERE end_time IS NOT NULL") in expected
 
-    result = cli(redis_server, db_path, "backfill", "--json", ARCHIVER_BATCH_SIZE="200")
-    assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout)["written"] == {"session": 2_000, "job": 2_000, "favorite": 5}
-    assert indexes(db_path) == expected
+    during: dict[str, set[str]] = {}  # the indexes there while each phase ran
+
+    def progress(p: Progress) -> None:
+        during.setdefault(p.phase, {name for name, _ in indexes(db_path)})
+
+    report = backfill(settings_for(redis_server, db_path, batch_size=200), progress)
+    assert report.written == {"session": 2_000, "job": 2_000, "favorite": 5}
+    assert list(during)[0] == "scan" and list(during)[-1] == "index"  # the load ran without them ...
+    assert "idx_status_history_record" not in during["scan"] and "my_jobs_by_end" not in during["scan"]
+    assert indexes(db_path) == expected  # ... and every one is back
     assert count(db_path, "archiver_state", "name = 'deferred_indexes'") == 0
     plan = query(db_path, "EXPLAIN QUERY PLAN SELECT * FROM status_history WHERE kind = 'job' AND record_id = 'x'")
     assert "idx_status_history_record" in " ".join(str(tuple(r)) for r in plan)
