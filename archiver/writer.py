@@ -40,6 +40,11 @@ def tail_column(kind: Kind) -> str:
     return "real_name" if kind is Kind.FAVORITE else "observed_status"
 
 
+def insert_columns(kind: Kind) -> tuple[str, ...]:
+    """The columns a new row of ``kind`` is written with: desto's, then the archiver's own."""
+    return (*COLUMNS[kind], *_TRACKING, tail_column(kind))
+
+
 @dataclass(frozen=True, slots=True)
 class TimedHint:
     """One of desto's pub/sub status messages, with when the archiver received it."""
@@ -79,7 +84,7 @@ class RowWriter:
             f"SELECT {', '.join(self.cols)}, extra, read_at_us, gone_at, {tail} FROM {self.table} "
             f"WHERE {self.id_col} IN "
         )
-        insert_cols = [*self.cols, *_TRACKING, tail]
+        insert_cols = insert_columns(kind)
         self.insert = (
             f"INSERT INTO {self.table} ({', '.join(insert_cols)}) VALUES ({', '.join('?' * len(insert_cols))})"
         )

@@ -201,28 +201,20 @@ def run(ctx: Context) -> None:
                 targets=[Target("value", ">=", 50_000)],
             )
         )
-    for out in runs:
-        ctx.add(
-            Figure(
-                NAME,
-                f"keys/s over {_label(out['records'])} records vs SQLite's ceiling at that size",
-                out["keys_per_s"],
-                "keys/s",
-                baseline=ceilings_at[out["records"]],
-                baseline_name=f"1(b) over {_label(out['records'])} rows",
+    compared = (("SQLite's ceiling", ceilings_at, "1(b) over"), ("SQLite's bulk load", bulk_at, "bulk load of"))
+    for what, baselines, baseline_name in compared:
+        for out in runs:
+            label = _label(out["records"])
+            ctx.add(
+                Figure(
+                    NAME,
+                    f"keys/s over {label} records vs {what} at that size",
+                    out["keys_per_s"],
+                    "keys/s",
+                    baseline=baselines[out["records"]],
+                    baseline_name=f"{baseline_name} {label} rows",
+                )
             )
-        )
-    for out in runs:
-        ctx.add(
-            Figure(
-                NAME,
-                f"keys/s over {_label(out['records'])} records vs SQLite's bulk load at that size",
-                out["keys_per_s"],
-                "keys/s",
-                baseline=bulk_at[out["records"]],
-                baseline_name=f"bulk load of {_label(out['records'])} rows",
-            )
-        )
     cores = os.cpu_count() or 1
     for out in runs:
         cpu = out["cpu_us_per_key"]

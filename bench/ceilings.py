@@ -27,35 +27,18 @@ from typing import Any
 import redis
 
 from archiver.config import load_settings
+from archiver.keys import Kind
 from archiver.models import sqlite_utc
 from archiver.source import Source
 from archiver.store import Store
+from archiver.writer import insert_columns
 from bench.common import Context, Figure, median
 from bench.records import load_records, record_id, session_key
 
 NAME = "ceilings"
 BATCH = 500
 
-SESSION_COLUMNS = (
-    "session_id",
-    "session_name",
-    "tmux_session_name",
-    "status",
-    "start_time",
-    "end_time",
-    "last_heartbeat",
-    "job_ids",
-    "tmux_active",
-    "at_job_id",
-    "created_at",
-    "updated_at",
-    "read_at_us",
-    "first_seen_at",
-    "last_seen_at",
-    "expires_at",
-    "extra",
-    "observed_status",
-)
+SESSION_COLUMNS = insert_columns(Kind.SESSION)  # the order session_row builds its values in
 _KEEP_ON_UPDATE = {"session_id", "created_at", "first_seen_at"}
 UPSERT = (
     f"INSERT INTO sessions ({', '.join(SESSION_COLUMNS)}) VALUES ({', '.join('?' * len(SESSION_COLUMNS))}) "

@@ -260,6 +260,17 @@ class Processes:
 # ─── the archiver as a real process ─────────────────────────────────────────────────────────────
 
 
+def fresh_redis(server: RedisServer) -> None:
+    """Empty the benchmark's Redis and turn notifications off, as on a fresh desto Redis: the
+    daemon then sets the flags itself, as it would there."""
+    client = server.client()
+    try:
+        client.flushall()
+        client.config_set("notify-keyspace-events", "")
+    finally:
+        client.close()
+
+
 def archiver_env(server: RedisServer, db_path: Path, **extra: str) -> dict[str, str]:
     """The daemon's environment: the shipped defaults, only Redis, the file and JSON logs set."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("REDIS_", "ARCHIVER_", "SQLITE_", "DESTO_"))}

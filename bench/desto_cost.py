@@ -40,7 +40,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import Context, DaemonProcess, Figure, Target, median, percentile
+from bench.common import Context, DaemonProcess, Figure, Target, fresh_redis, median, percentile
 from tests.redis_server import RedisServer
 
 NAME = "desto"
@@ -114,15 +114,6 @@ def main(argv: list[str] | None = None) -> int:
 # ─── the benchmark ─────────────────────────────────────────────────────────────────────────────
 
 
-def _reset(server: RedisServer) -> None:
-    client = server.client()
-    try:
-        client.flushall()
-        client.config_set("notify-keyspace-events", "")
-    finally:
-        client.close()
-
-
 class WorkloadProcess:
     def __init__(self, ctx: Context, server: RedisServer) -> None:
         self.ctx = ctx
@@ -188,7 +179,7 @@ def archive_matches(server: RedisServer, db_path: Path, favorites: int) -> list[
 def one_round(
     ctx: Context, server: RedisServer, workload: WorkloadProcess, config: str, sessions: int, favorites: int
 ) -> dict[str, Any]:
-    _reset(server)
+    fresh_redis(server)
     directory = ctx.fresh_dir(f"desto-{config}")
     if config == "none":
         return workload.round(sessions, favorites, None)

@@ -44,7 +44,17 @@ from typing import Any
 
 import redis
 
-from bench.common import Context, DaemonProcess, Figure, Target, WriterProcess, cpu_seconds, max_rowid, ro_connect
+from bench.common import (
+    Context,
+    DaemonProcess,
+    Figure,
+    Target,
+    WriterProcess,
+    cpu_seconds,
+    fresh_redis,
+    max_rowid,
+    ro_connect,
+)
 from bench.records import record_id, session_key
 from tests.redis_server import RedisServer
 
@@ -100,12 +110,7 @@ def compare(server: RedisServer, db_path: Path, ids: list[bytes]) -> list[str]:
 
 def trial(ctx: Context, server: RedisServer, rate: float, seconds: float, settle_s: float) -> dict[str, Any]:
     """One rate, from a clean Redis and a fresh file; every field of the result is reported."""
-    client = server.client()
-    try:
-        client.flushall()
-        client.config_set("notify-keyspace-events", "")
-    finally:
-        client.close()
+    fresh_redis(server)
     tag = ctx.tag()
     out: dict[str, Any] = {"rate": rate, "seconds": seconds, "tag": tag}
     ctx.log(f"ingest: {rate:,.0f} changes/s for {seconds:g} s")
