@@ -148,7 +148,8 @@ def test_a_first_backfill_builds_every_index_at_the_end_even_ones_it_did_not_cre
 
     report = backfill(settings_for(redis_server, db_path, batch_size=200), progress)
     assert report.written == {"session": 2_000, "job": 2_000, "favorite": 5}
-    assert list(during)[0] == "scan" and list(during)[-1] == "index"  # the load ran without them ...
+    phases = list(during)
+    assert phases[0] == "scan" and phases[-1] == "index"  # the load ran without them ...
     assert "idx_status_history_record" not in during["scan"] and "my_jobs_by_end" not in during["scan"]
     assert indexes(db_path) == expected  # ... and every one is back
     assert count(db_path, "archiver_state", "name = 'deferred_indexes'") == 0
