@@ -28,6 +28,7 @@ _TICK = 0.25  # the longest the reader sleeps between looks at the stop flag
 # one transaction: a commit's cost is mostly the index pages it rewrites, and with desto's random
 # ids a transaction of 8,000 rows rewrites far fewer pages per row than one of 500.
 QUEUE_DEPTH = 16
+LINGER_S = 0.25  # the longest the writer waits for a stream's batches to fill a transaction
 _BUSY_RATE = 1000.0  # events/s beyond which batches may wait longer than the flush interval
 _HOLD_S = 0.01  # how often the reader looks again while it holds back
 _PEEK = 64  # dirty keys looked at to tell whether they were read a moment ago
@@ -59,6 +60,7 @@ class Fetcher(threading.Thread):
         self._rate_at = 0.0
         self._rate_events = 0
         self.queue: queue.Queue[Work] = queue.Queue(maxsize=QUEUE_DEPTH)
+        self._held: Work | None = None  # a reconcile page taken while joining: the next to write
         # keys read in this period and the one before (only this thread touches them)
         self._recent: set[bytes] = set()
         self._older: set[bytes] = set()
@@ -89,24 +91,34 @@ class Fetcher(threading.Thread):
 
     def take(self, timeout: float) -> Work | None:
         """The next batch for the writer (None when none came within ``timeout``), with the
-        batches of changes waiting behind it joined in: when the writer is behind, fewer, bigger
-        commits (each rewrites the index pages it touched) catch up faster. A reconcile page is
-        never joined, so its scan's progress stays its own."""
-        try:
-            work = self.queue.get(timeout=timeout) if timeout > 0 else self.queue.get_nowait()
-        except queue.Empty:
-            return None
+        batches of changes behind it joined in. A commit's cost is mostly the index pages it
+        rewrites, and with desto's random ids a transaction of 8,000 rows rewrites far fewer
+        pages per row than one of 500: so when the first batch is full (a stream of changes),
+        the writer waits up to LINGER_S for the join to fill. A reconcile page is never joined,
+        so its scan's progress stays its own."""
+        work = self._held
+        if work is not None:
+            self._held = None
+        else:
+            try:
+                work = self.queue.get(timeout=timeout) if timeout > 0 else self.queue.get_nowait()
+            except queue.Empty:
+                return None
         if work.reconcile is not None:
             return work
         joined, keys = [work], work.keys
-        while keys < QUEUE_DEPTH * self.settings.batch_size:
+        limit = QUEUE_DEPTH * self.settings.batch_size
+        deadline = time.monotonic() + LINGER_S if work.keys >= self.settings.batch_size else 0.0
+        while keys < limit:
+            remaining = 0.0 if self._draining else deadline - time.monotonic()
             try:
-                nxt = self.queue.queue[0]  # a peek: only the fetcher puts, only the writer takes
-            except IndexError:
+                nxt = self.queue.get(timeout=remaining) if remaining > 0 else self.queue.get_nowait()
+            except queue.Empty:
                 break
             if nxt.reconcile is not None:
+                self._held = nxt
                 break
-            joined.append(self.queue.get_nowait())
+            joined.append(nxt)
             keys += nxt.keys
         if len(joined) == 1:
             return work
@@ -116,8 +128,13 @@ class Fetcher(threading.Thread):
             sum(w.read_s for w in joined),
         )
 
+    def queued(self) -> list[Work]:
+        """The batches read and not yet taken by the writer."""
+        held = self._held
+        return [*([] if held is None else [held]), *list(self.queue.queue)]
+
     def queued_keys(self) -> int:
-        return sum(work.keys for work in list(self.queue.queue))
+        return sum(work.keys for work in self.queued())
 
     # ─── the loop ──────────────────────────────────────────────────────────────────────────────
 
@@ -176,7 +193,7 @@ class Fetcher(threading.Thread):
         may change again before the writer gets to them; they coalesce in the dirty set until
         the writer has taken what is queued. Keys not read yet (a stream of new records) are
         read ahead, for the writer's next, bigger, transaction."""
-        if self.queue.empty():
+        if not self.queued():
             return False
         waiting = self.dirty.peek(_PEEK)
         recent, older = self._recent, self._older

@@ -408,9 +408,7 @@ class Daemon:
         fetcher = self.fetcher
         if fetcher is not None:
             fetcher.drain()
-            while time.monotonic() < deadline and (
-                fetcher.is_alive() or self._pending is not None or not fetcher.queue.empty()
-            ):
+            while time.monotonic() < deadline and (fetcher.is_alive() or self._pending is not None or fetcher.queued()):
                 try:
                     if self._pending is None:
                         self._pending = fetcher.take(_TICK)

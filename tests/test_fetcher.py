@@ -6,11 +6,15 @@ depend on what it read and queued are asked directly.
 
 from __future__ import annotations
 
+import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
+from archiver import fetcher as fetcher_module
 from archiver.config import load_settings
 from archiver.dirty import Dirty
 from archiver.fetcher import QUEUE_DEPTH, Fetcher, Work
@@ -83,3 +87,66 @@ def test_hot_keys_are_read_once_the_writer_took_the_queue_or_their_read_is_old(f
     fetcher._note_read([], time.monotonic() + 0.6)  # two periods on, it is forgotten
     fetcher._note_read([], time.monotonic() + 1.2)
     assert not fetcher._read_later()
+
+
+@pytest.fixture
+def long_linger(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A linger far longer than any test waits: a take that lingered would time the test out."""
+    monkeypatch.setattr(fetcher_module, "LINGER_S", 60.0)
+
+
+@contextmanager
+def later(delay: float, action: Callable[[], object]) -> Iterator[None]:
+    """Run ``action`` in another thread ``delay`` seconds from now, as the reading loop would."""
+    timer = threading.Timer(delay, action)
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.join()
+
+
+def test_behind_a_full_batch_the_writer_waits_for_a_stream_to_fill_its_transaction(
+    fetcher: Fetcher, long_linger: None
+) -> None:
+    batches = [keys(f"s{i}", 10) for i in range(QUEUE_DEPTH)]
+    queue_batch(fetcher, batches[0])  # full (batch_size 10): a stream of changes
+
+    def the_rest_arrive() -> None:
+        for batch in batches[1:]:
+            queue_batch(fetcher, batch)
+            time.sleep(0.005)
+
+    with later(0.05, the_rest_arrive):
+        work = fetcher.take(0.1)
+    assert work is not None
+    assert work.keys == 10 * QUEUE_DEPTH  # everything that came, and no longer than until it was full
+    assert [key for key, _ in work.items] == [key for batch in batches for key in batch]
+
+
+def test_a_part_batch_is_written_at_once(fetcher: Fetcher, long_linger: None) -> None:
+    queue_batch(fetcher, keys("few", 3))  # the fetcher read what was dirty: changes are few
+    with later(0.05, lambda: queue_batch(fetcher, keys("next", 10))):
+        work = fetcher.take(0.1)
+    assert work is not None and work.keys == 3
+    assert fetcher.queued_keys() == 10  # the later batch waits for the next take
+
+
+def test_a_reconcile_page_met_while_lingering_is_written_next(fetcher: Fetcher, long_linger: None) -> None:
+    page = object.__new__(Reconcile)
+    queue_batch(fetcher, keys("a", 10))
+    with later(0.05, lambda: queue_batch(fetcher, keys("p", 4), reconcile=page)):
+        first = fetcher.take(0.1)
+    assert first is not None and first.keys == 10 and first.reconcile is None
+    assert fetcher.queued_keys() == 4  # the page still counts as queued
+    second = fetcher.take(0)
+    assert second is not None and second.reconcile is page
+    assert fetcher.queued_keys() == 0
+
+
+def test_a_draining_writer_does_not_linger(fetcher: Fetcher, long_linger: None) -> None:
+    queue_batch(fetcher, keys("a", 10))
+    queue_batch(fetcher, keys("b", 10))
+    fetcher.drain()
+    work = fetcher.take(0.1)  # joins what is there, waits for nothing more
+    assert work is not None and work.keys == 20
