@@ -61,6 +61,7 @@ class Fetcher(threading.Thread):
         self._rate_events = 0
         self.queue: queue.Queue[Work] = queue.Queue(maxsize=QUEUE_DEPTH)
         self._held: Work | None = None  # a reconcile page taken while joining: the next to write
+        self._taken_at = time.monotonic()  # when the writer last took a batch
         # keys read in this period and the one before (only this thread touches them)
         self._recent: set[bytes] = set()
         self._older: set[bytes] = set()
@@ -94,8 +95,16 @@ class Fetcher(threading.Thread):
         batches of changes behind it joined in. A commit's cost is mostly the index pages it
         rewrites, and with desto's random ids a transaction of 8,000 rows rewrites far fewer
         pages per row than one of 500: so when the first batch is full (a stream of changes),
-        the writer waits up to LINGER_S for the join to fill. A reconcile page is never joined,
-        so its scan's progress stays its own."""
+        the writer waits for the join to fill, as long as it spent writing the last batch (at
+        most LINGER_S): a busy writer gathers bigger transactions, an idle one adds no delay.
+        A reconcile page is never joined, so its scan's progress stays its own."""
+        writing_s = time.monotonic() - self._taken_at  # the writer's time with the last batch
+        try:
+            return self._take(timeout, writing_s)
+        finally:
+            self._taken_at = time.monotonic()
+
+    def _take(self, timeout: float, writing_s: float) -> Work | None:
         work = self._held
         if work is not None:
             self._held = None
@@ -108,7 +117,8 @@ class Fetcher(threading.Thread):
             return work
         joined, keys = [work], work.keys
         limit = QUEUE_DEPTH * self.settings.batch_size
-        deadline = time.monotonic() + LINGER_S if work.keys >= self.settings.batch_size else 0.0
+        linger = min(LINGER_S, writing_s) if work.keys >= self.settings.batch_size else 0.0
+        deadline = time.monotonic() + linger
         while keys < limit:
             remaining = 0.0 if self._draining else deadline - time.monotonic()
             try:

@@ -91,7 +91,7 @@ def test_hot_keys_are_read_once_the_writer_took_the_queue_or_their_read_is_old(f
 
 @pytest.fixture
 def long_linger(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A linger far longer than any test waits: a take that lingered would time the test out."""
+    """A linger cap far longer than any test waits: a take that lingered too long would show."""
     monkeypatch.setattr(fetcher_module, "LINGER_S", 60.0)
 
 
@@ -106,34 +106,52 @@ def later(delay: float, action: Callable[[], object]) -> Iterator[None]:
         timer.join()
 
 
-def test_behind_a_full_batch_the_writer_waits_for_a_stream_to_fill_its_transaction(
+def busy_writer(fetcher: Fetcher, seconds: float) -> None:
+    """The writer takes a batch and spends ``seconds`` writing it."""
+    queue_batch(fetcher, keys("earlier", 10))
+    assert fetcher.take(0) is not None
+    time.sleep(seconds)
+
+
+def test_a_busy_writer_waits_behind_a_full_batch_for_a_stream_to_fill_its_transaction(
     fetcher: Fetcher, long_linger: None
 ) -> None:
+    busy_writer(fetcher, 0.5)  # it may now wait up to 0.5 s
     batches = [keys(f"s{i}", 10) for i in range(QUEUE_DEPTH)]
     queue_batch(fetcher, batches[0])  # full (batch_size 10): a stream of changes
 
     def the_rest_arrive() -> None:
         for batch in batches[1:]:
             queue_batch(fetcher, batch)
-            time.sleep(0.005)
 
     with later(0.05, the_rest_arrive):
         work = fetcher.take(0.1)
     assert work is not None
-    assert work.keys == 10 * QUEUE_DEPTH  # everything that came, and no longer than until it was full
+    assert work.keys == 10 * QUEUE_DEPTH
     assert [key for key, _ in work.items] == [key for batch in batches for key in batch]
 
 
+def test_an_idle_writer_writes_a_full_batch_at_once(fetcher: Fetcher, long_linger: None) -> None:
+    assert fetcher.take(0.2) is None  # nothing to write: the writer waited idle
+    queue_batch(fetcher, keys("first", 10))
+    with later(0.1, lambda: queue_batch(fetcher, keys("next", 10))):
+        work = fetcher.take(0.1)
+    assert work is not None and work.keys == 10
+    assert fetcher.queued_keys() == 10  # the later batch waits for the next take
+
+
 def test_a_part_batch_is_written_at_once(fetcher: Fetcher, long_linger: None) -> None:
+    busy_writer(fetcher, 0.5)
     queue_batch(fetcher, keys("few", 3))  # the fetcher read what was dirty: changes are few
     with later(0.05, lambda: queue_batch(fetcher, keys("next", 10))):
         work = fetcher.take(0.1)
     assert work is not None and work.keys == 3
-    assert fetcher.queued_keys() == 10  # the later batch waits for the next take
+    assert fetcher.queued_keys() == 10
 
 
 def test_a_reconcile_page_met_while_lingering_is_written_next(fetcher: Fetcher, long_linger: None) -> None:
     page = object.__new__(Reconcile)
+    busy_writer(fetcher, 0.5)
     queue_batch(fetcher, keys("a", 10))
     with later(0.05, lambda: queue_batch(fetcher, keys("p", 4), reconcile=page)):
         first = fetcher.take(0.1)
@@ -145,8 +163,10 @@ def test_a_reconcile_page_met_while_lingering_is_written_next(fetcher: Fetcher, 
 
 
 def test_a_draining_writer_does_not_linger(fetcher: Fetcher, long_linger: None) -> None:
+    busy_writer(fetcher, 0.5)
     queue_batch(fetcher, keys("a", 10))
     queue_batch(fetcher, keys("b", 10))
     fetcher.drain()
-    work = fetcher.take(0.1)  # joins what is there, waits for nothing more
+    with later(0.05, lambda: queue_batch(fetcher, keys("c", 10))):
+        work = fetcher.take(0.1)  # joins what is there, waits for nothing more
     assert work is not None and work.keys == 20
