@@ -39,17 +39,13 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import sqlite3
 import subprocess
 import sys
-import time
-import uuid
 from pathlib import Path
 from typing import Any
 
-from archiver.store import Store
-from bench.ceilings import SESSION_COLUMNS, UPSERT
+from bench.ceilings import sqlite_ceiling_at
 from bench.common import Context, Figure, Target, archiver_env, cpu_seconds
 from bench.records import load_records
 from tests.redis_server import RedisServer
@@ -129,36 +125,6 @@ def backfill_once(ctx: Context, server: RedisServer, size: int, start_cpu_s: flo
     if not (report["keys_read"] == written == rows == size):
         raise AssertionError(f"backfill of {size} records: read {report['keys_read']}, wrote {written}, rows {rows}")
     return out
-
-
-def sqlite_ceiling_at(path: Path, rows: int, per_transaction: int = 500, bulk: bool = False) -> float:
-    """Ceiling 1(b)'s upsert over ``rows`` rows (generated batch by batch: memory stays flat).
-    ``bulk``: as a first backfill loads a file, the secondary indexes dropped first and built
-    at the end (``Store.defer_indexes``/``restore_indexes``), the building timed too."""
-    store = Store.open(path)
-    conn = store.conn
-    rng = random.Random(rows)
-    tail = ("2026-11-26 10:00:00", "2026-11-26 10:00:00", 1, "x", "x", None, None, "running")
-    try:
-        started = time.perf_counter()
-        if bulk:
-            store.defer_indexes()
-        for _ in range(0, rows, per_transaction):
-            batch = []
-            for _ in range(per_transaction):
-                sid = str(uuid.UUID(int=rng.getrandbits(128), version=4))
-                stamp = "2026-11-26T10:00:00.000000"
-                batch.append((sid, f"s-{sid[:8]}", f"s-{sid[:8]}", "running", stamp, None, stamp, "", 1, "", *tail))
-            conn.execute("BEGIN IMMEDIATE")
-            conn.executemany(UPSERT, batch)
-            conn.execute("COMMIT")
-        if bulk:
-            store.restore_indexes()
-        rate = rows / (time.perf_counter() - started)
-    finally:
-        store.close()
-    assert len(SESSION_COLUMNS) == 18
-    return rate
 
 
 def run(ctx: Context) -> None:

@@ -20,7 +20,9 @@ per key), whose one reply per batch avoids redis-py's per-command pipeline cost.
 
 from __future__ import annotations
 
+import random
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +47,36 @@ UPSERT = (
     "ON CONFLICT(session_id) DO UPDATE SET "
     + ", ".join(f"{c} = excluded.{c}" for c in SESSION_COLUMNS if c not in _KEEP_ON_UPDATE)
 )
+
+
+def sqlite_ceiling_at(path: Path, rows: int, per_transaction: int = 500, bulk: bool = False) -> float:
+    """Ceiling 1(b)'s upsert over ``rows`` rows (generated batch by batch: memory stays flat).
+    ``bulk``: as a first backfill loads a file, the secondary indexes dropped first and built
+    at the end (``Store.defer_indexes``/``restore_indexes``), the building timed too."""
+    store = Store.open(path)
+    conn = store.conn
+    rng = random.Random(rows)
+    tail = ("2026-11-26 10:00:00", "2026-11-26 10:00:00", 1, "x", "x", None, None, "running")
+    try:
+        started = time.perf_counter()
+        if bulk:
+            store.defer_indexes()
+        for _ in range(0, rows, per_transaction):
+            batch = []
+            for _ in range(per_transaction):
+                sid = str(uuid.UUID(int=rng.getrandbits(128), version=4))
+                stamp = "2026-11-26T10:00:00.000000"
+                batch.append((sid, f"s-{sid[:8]}", f"s-{sid[:8]}", "running", stamp, None, stamp, "", 1, "", *tail))
+            conn.execute("BEGIN IMMEDIATE")
+            conn.executemany(UPSERT, batch)
+            conn.execute("COMMIT")
+        if bulk:
+            store.restore_indexes()
+        rate = rows / (time.perf_counter() - started)
+    finally:
+        store.close()
+    assert len(SESSION_COLUMNS) == 18
+    return rate
 
 
 def session_row(fields: dict[bytes, bytes], read_at_us: int) -> tuple[Any, ...]:

@@ -86,6 +86,11 @@ def test_ingest_loses_nothing(smoke: dict[str, Any]) -> None:
         cores = smoke["machine"]["nproc"]
         limit = found[f"machine limit: redis-server and the load writer alone fill {cores} cores"]
         assert limit["value"] == pytest.approx(cores * 1e6 / (cpu["redis_server"] + cpu["load_writer"]))
+        # SQLite's own upsert over as many rows as the sustained trial wrote
+        at_size = smoke["details"]["ingest"]["sqlite_ceiling_at_sustained_size"]
+        assert at_size["rows"] == best["sent"] and at_size["rows_per_s"] > 0
+        versus = found["sustained rate vs 1(b)'s upsert over as many rows as its trial wrote"]
+        assert versus["baseline"] == at_size["rows_per_s"]
 
 
 def test_latency_sees_every_change_at_every_rate(smoke: dict[str, Any]) -> None:
