@@ -91,6 +91,11 @@ def test_ingest_loses_nothing(smoke: dict[str, Any]) -> None:
         assert at_size["rows"] == best["sent"] and at_size["rows_per_s"] > 0
         versus = found["sustained rate vs 1(b)'s upsert over as many rows as its trial wrote"]
         assert versus["baseline"] == at_size["rows_per_s"]
+    # ... and over as many rows as a trial at the target rate writes (smoke: 3 s of 40,000/s)
+    at_target = smoke["details"]["ingest"]["sqlite_ceiling_at_target_size"]
+    assert at_target["rows"] == 120_000 and at_target["rows_per_s"] > 0
+    target_size = found["SQLite's own upsert over the 120,000 rows a trial at 40,000/s writes"]
+    assert target_size["value"] == at_target["rows_per_s"] and target_size["baseline"] == 40_000
 
 
 def test_latency_sees_every_change_at_every_rate(smoke: dict[str, Any]) -> None:
