@@ -183,3 +183,22 @@ def test_profile_writes_a_profile_and_its_summary(tmp_path: Path) -> None:
     summary = Path(f"{out}.top.txt").read_text()
     assert out.stat().st_size > 0
     assert "top functions by self time" in summary and "(archiver/pipeline.py)" in summary
+
+
+def test_write_cost_times_every_statement_of_the_write_path(tmp_path: Path) -> None:
+    out = tmp_path / "write-cost.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.write_cost", "--rows", "3000", "--per-transaction", "1000", "--json", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    assert result["rows"] == 3000 and result["per_transaction"] == 1000
+    statements = result["statements_us_per_row"]
+    assert {"INSERT sessions", "INSERT status_history", "SELECT sessions", "COMMIT"} <= set(statements)
+    assert all(us > 0 for us in statements.values())
+    assert result["us_per_row"] == pytest.approx(sum(statements.values()) + result["python_us_per_row"])
+    assert "INSERT sessions" in proc.stdout and "Python" in proc.stdout
