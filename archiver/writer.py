@@ -72,6 +72,7 @@ class RowWriter:
         counts: Any,
     ) -> None:
         self.conn, self.kind, self.hints, self.counts = conn, kind, hints, counts
+        self.kind_name = kind.value  # an Enum's .value is a descriptor call: read it once
         self._history: list[tuple[Any, ...]] = []
         self.table = TABLES[kind]
         self.cols = COLUMNS[kind]
@@ -150,7 +151,7 @@ class RowWriter:
             else:
                 touches.append((read_at, seen, expires, record_id))
             self._record_history(row, old, seen)
-        counts, kind = self.counts, self.kind.value
+        counts, kind = self.counts, self.kind_name
         counts.records[kind] += len(unique)
         if written:
             counts.written[kind] += written
@@ -222,7 +223,7 @@ class RowWriter:
 
     def _add(self, record_id: str, event: str, status: str | None, previous: str | None, detail: str | None,
              observed: str, desto_ts: str | None, source: str) -> None:  # fmt: skip
-        self._history.append((self.kind.value, record_id, event, status, previous, detail, observed, desto_ts, source))
+        self._history.append((self.kind_name, record_id, event, status, previous, detail, observed, desto_ts, source))
         self.counts.history += 1
 
     def _flush_history(self) -> None:
@@ -238,7 +239,7 @@ class RowWriter:
         self.conn.execute(
             "UPDATE status_history SET desto_timestamp = ? WHERE id = (SELECT max(id) FROM status_history "
             "WHERE kind = ? AND record_id = ?) AND status = ? AND desto_timestamp IS NULL",
-            (timestamp, self.kind.value, record_id, status),
+            (timestamp, self.kind_name, record_id, status),
         )
 
 
