@@ -3,9 +3,11 @@ desto-shaped records, and reading the archive back."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import sqlite3
+import struct
 import subprocess
 import sys
 import threading
@@ -123,6 +125,47 @@ def log_events(log_path: Path) -> list[dict[str, Any]]:
         except ValueError:
             continue
     return events
+
+
+def write_lock_holder(db_path: Path) -> int | None:
+    """The pid holding SQLite's WAL write lock on ``db_path`` (byte 120 of the ``-shm`` file, taken
+    by BEGIN IMMEDIATE and released at COMMIT or ROLLBACK), or None. Takes no lock itself."""
+    try:
+        fd = os.open(f"{db_path}-shm", os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        probe = struct.pack("hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET, 120, 1, 0)
+        lock_type, _, _, _, pid = struct.unpack("hhqqi4x", fcntl.fcntl(fd, fcntl.F_GETLK, probe))
+    finally:
+        os.close(fd)
+    return None if lock_type == fcntl.F_UNLCK else pid
+
+
+_LOCK_HOLDER = """
+import sqlite3, sys, time
+conn = sqlite3.connect(sys.argv[1], timeout=30, isolation_level=None)
+hold, gap = float(sys.argv[2]), float(sys.argv[3])
+while True:
+    conn.execute("BEGIN IMMEDIATE")
+    time.sleep(hold)
+    conn.execute("COMMIT")
+    time.sleep(gap)
+"""
+
+
+@contextmanager
+def lock_holder(db_path: Path, hold_s: float, gap_s: float) -> Iterator[subprocess.Popen[bytes]]:
+    """Another process taking the archive's write lock, holding it ``hold_s``, letting go of it
+    for ``gap_s``, over and over; yielded once it holds the lock."""
+    holder = subprocess.Popen([sys.executable, "-c", _LOCK_HOLDER, str(db_path), str(hold_s), str(gap_s)])
+    try:
+        wait_for(lambda: write_lock_holder(db_path) == holder.pid, 10, interval=0.001, what="the lock holder")
+        yield holder
+        assert holder.poll() is None, "the lock holder stopped"
+    finally:
+        holder.kill()
+        holder.wait(timeout=10)
 
 
 def wait_for_log(log_path: Path, event: str, timeout: float = 15.0, count: int = 1) -> list[dict[str, Any]]:

@@ -22,15 +22,11 @@ How the faults are made:
 
 from __future__ import annotations
 
-import fcntl
-import os
 import random
 import resource
 import signal
 import sqlite3
-import struct
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -47,7 +43,7 @@ from tests.fault_helpers import (
     settle,
     start_ready,
 )
-from tests.helpers import job_hash, log_events, now_iso, session_hash, wait_for
+from tests.helpers import job_hash, lock_holder, log_events, now_iso, session_hash, wait_for, write_lock_holder
 from tests.redis_server import RedisServer
 
 KILLS = 20
@@ -99,21 +95,6 @@ def peak_rss_mb(pid: int) -> float:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     raise AssertionError(f"no VmHWM in /proc/{pid}/status")
-
-
-def write_lock_holder(db_path: Path) -> int | None:
-    """The pid holding SQLite's WAL write lock on ``db_path`` (byte 120 of the ``-shm`` file, taken
-    by BEGIN IMMEDIATE and released at COMMIT or ROLLBACK), or None. Takes no lock itself."""
-    try:
-        fd = os.open(f"{db_path}-shm", os.O_RDONLY)
-    except FileNotFoundError:
-        return None
-    try:
-        probe = struct.pack("hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET, 120, 1, 0)
-        lock_type, _, _, _, pid = struct.unpack("hhqqi4x", fcntl.fcntl(fd, fcntl.F_GETLK, probe))
-    finally:
-        os.close(fd)
-    return None if lock_type == fcntl.F_UNLCK else pid
 
 
 def kill_inside_write_transaction(daemon: DaemonProcess, db_path: Path, timeout: float) -> None:
@@ -285,28 +266,12 @@ def test_disk_full_is_logged_retried_and_recovered(log_to, redis_server, redis, 
 
 # ─── 4. a burst on a slow disk ───────────────────────────────────────────────────────────────────
 
-_LOCK_HOLDER = """
-import sqlite3, sys, time
-conn = sqlite3.connect(sys.argv[1], timeout=30, isolation_level=None)
-while True:
-    conn.execute("BEGIN IMMEDIATE")
-    time.sleep(0.040)
-    conn.execute("COMMIT")
-    time.sleep(0.010)
-"""
-
 
 @contextmanager
 def slow_disk(db_path: Path) -> Iterator[subprocess.Popen[bytes]]:
     """Another process holding the archive's write lock 40 ms of every 50 ms."""
-    holder = subprocess.Popen([sys.executable, "-c", _LOCK_HOLDER, str(db_path)])
-    try:
-        wait_for(lambda: write_lock_holder(db_path) == holder.pid, 10, interval=0.001, what="the lock holder")
+    with lock_holder(db_path, hold_s=0.040, gap_s=0.010) as holder:
         yield holder
-        assert holder.poll() is None, "the lock holder stopped"
-    finally:
-        holder.kill()
-        holder.wait(timeout=10)
 
 
 @pytest.mark.parametrize("spread", ["hot-keys", "one-key-per-change"])

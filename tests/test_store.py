@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import random
 import sqlite3
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +17,7 @@ from archiver.models import Fetched, Outcome, normalize
 from archiver.schema import SCHEMA_VERSION
 from archiver.store import AlreadyRunning, Batch, DaemonLock, Store, StoreError
 from archiver.writer import TimedHint
-from tests.helpers import favorite_hash, job_hash, query, row, session_hash
+from tests.helpers import favorite_hash, job_hash, lock_holder, query, row, session_hash
 
 T0 = 1_795_000_000_000_000
 
@@ -343,3 +345,33 @@ def test_the_wal_starts_over_while_the_writer_never_pauses(db_path: Path, monkey
 
 def count_rows(db_path: Path) -> int:
     return int(query(db_path, "SELECT count(*) FROM sessions")[0][0])
+
+
+def test_a_write_takes_the_brief_gaps_another_writer_leaves(db_path: Path) -> None:
+    """SQLite's own busy handler sleeps up to 100 ms between tries and misses most 10 ms gaps:
+    with a 0.3 s timeout, several of these writes would fail."""
+    store = Store.open(db_path, busy_timeout=0.3)
+    pauses = random.Random(7)
+    try:
+        with lock_holder(db_path, hold_s=0.040, gap_s=0.010):
+            for i in range(20):
+                time.sleep(pauses.uniform(0.0, 0.05))  # the next write meets the lock anywhere in its cycle
+                store.set_state({"probe": str(i)}, T0)
+        assert store.get_state()["probe"] == "19"
+    finally:
+        store.close()
+
+
+def test_a_write_gives_up_after_the_busy_timeout_and_keeps_its_setting(db_path: Path) -> None:
+    store = Store.open(db_path, busy_timeout=0.2)
+    try:
+        with lock_holder(db_path, hold_s=60, gap_s=0):
+            started = time.monotonic()
+            with pytest.raises(sqlite3.OperationalError, match="locked"):
+                store.set_state({"probe": "1"}, T0)
+            assert time.monotonic() - started >= 0.2
+        assert store.conn.execute("PRAGMA busy_timeout").fetchone()[0] == 200
+        store.set_state({"probe": "2"}, T0)  # the lock is free again
+        assert store.get_state()["probe"] == "2"
+    finally:
+        store.close()
