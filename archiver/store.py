@@ -145,12 +145,12 @@ class Checkpointer(threading.Thread):
 
 
 class Store:
-    def __init__(self, conn: sqlite3.Connection, path: Path, schema_found: int) -> None:
+    def __init__(self, conn: sqlite3.Connection, path: Path, schema_found: int, busy_timeout: float = 5.0) -> None:
         self.conn = conn
         self.path = path
         self.schema_found = schema_found
         self.checkpointer: Checkpointer | None = None
-        self.busy_timeout = 5.0  # seconds a write waits for another writer's lock
+        self.busy_timeout = busy_timeout  # seconds a write waits for another writer's lock
         self._wal = Path(f"{path}-wal")
         self._data_version = -1
         self._unresolved: set[bytes] = {
@@ -187,8 +187,7 @@ class Store:
         except sqlite3.DatabaseError as exc:
             conn.close()
             raise StoreError(f"cannot use {path}: {exc}; is it a SQLite file, and writable?") from None
-        store = cls(conn, path, found)
-        store.busy_timeout = busy_timeout
+        store = cls(conn, path, found, busy_timeout)
         # A bulk load that never finished (killed) left its indexes out. When the file is busy,
         # the bulk load's own end, or the next open, builds them.
         if build_deferred:

@@ -35,10 +35,10 @@ from archiver.models import Fetched, Outcome, normalize
 from archiver.pipeline import DAEMON_CACHE_MB
 from archiver.reconcile import write_batch
 from archiver.store import Store
-from bench.records import record_id, session_key
+from bench.records import DESTO_TTL_SECONDS, record_id, session_key
 from tests.helpers import session_hash
 
-_TTL_MS = 7 * 86400 * 1000
+_TTL_MS = DESTO_TTL_SECONDS * 1000
 _STAMP = "2026-11-27T05:00:00.123456"
 
 
