@@ -41,6 +41,10 @@ is archived (Redis' includes serving the daemon's reads). At the sustained rate,
 cores divided by the CPU per change of Redis and the writer alone is a rate that no archiver,
 however cheap, could be shown to sustain here; divided by all three, it is the rate at which the
 machine runs out of cores, against which the sustained rate is compared.
+
+Memory: each trial reads the daemon's peak resident memory (``VmHWM``) when it is ready and
+again once every change is archived. The figure at the sustained rate (no target) is the second,
+against the first: what a stream of changes costs in memory, the SQLite page cache included.
 """
 
 from __future__ import annotations
@@ -68,6 +72,7 @@ from bench.common import (
     max_rowid,
     ro_connect,
 )
+from bench.peak_rss import vm_hwm_kb
 from bench.records import record_id, session_key
 from tests.redis_server import RedisServer
 
@@ -132,6 +137,7 @@ def trial(ctx: Context, server: RedisServer, rate: float, seconds: float, settle
     ctx.log(f"ingest: {rate:,.0f} changes/s for {seconds:g} s")
     with DaemonProcess(ctx, server, ctx.fresh_dir("ingest")) as daemon:
         daemon.start()
+        ready_rss_mb = vm_hwm_kb(daemon.pid) / 1024
         conn = ro_connect(daemon.db_path)
         try:
             assert server.proc is not None
@@ -160,6 +166,7 @@ def trial(ctx: Context, server: RedisServer, rate: float, seconds: float, settle
                 "daemon": (daemon.cpu_seconds() - cpu0) / sent * 1e6,
             }
             archived = int(conn.execute("SELECT count(*) FROM sessions").fetchone()[0])
+            peak_rss_mb = vm_hwm_kb(daemon.pid) / 1024
         finally:
             conn.close()
         backlog = [(t - t_started, max(0, min(sent, round((t - t_started) * rate)) - rows)) for t, rows in samples]
@@ -170,6 +177,7 @@ def trial(ctx: Context, server: RedisServer, rate: float, seconds: float, settle
             archived=archived,
             catch_up_s=None if caught_at is None else max(0.0, caught_at - wall_last),
             daemon_cpu_cores=(cpu1 - cpu0) / max(1e-9, result["elapsed_s"]),
+            daemon_rss_mb={"ready": ready_rss_mb, "peak": peak_rss_mb},
             cpu_us_per_change=cpu_us,
             max_backlog=max((b for _, b in backlog), default=0),
             backlog_at_end=backlog[-1][1] if backlog else 0,
@@ -202,7 +210,8 @@ def trial(ctx: Context, server: RedisServer, rate: float, seconds: float, settle
     catch_up = "—" if out["catch_up_s"] is None else f"{out['catch_up_s']:.2f} s"
     ctx.log(
         f"ingest: {rate:,.0f}/s -> {'sustained' if not reasons else 'NOT sustained: ' + '; '.join(reasons)} "
-        f"(catch-up {catch_up}, max backlog {out['max_backlog']:,}, daemon CPU {out['daemon_cpu_cores']:.2f} cores)"
+        f"(catch-up {catch_up}, max backlog {out['max_backlog']:,}, daemon CPU {out['daemon_cpu_cores']:.2f} cores, "
+        f"peak RSS {out['daemon_rss_mb']['peak']:.0f} MB)"
     )
     return out
 
@@ -280,6 +289,10 @@ def run(ctx: Context) -> None:
             )
         )
         ctx.add(Figure(NAME, "daemon CPU at the sustained rate", best["daemon_cpu_cores"], "cores"))
+        rss = best["daemon_rss_mb"]
+        ctx.add(
+            Figure(NAME, "daemon peak RSS at the sustained rate", rss["peak"], "MB", rss["ready"], "when it was ready")
+        )
         add_machine_limit(ctx, best, value)
     rows = round(TARGET_RATE * trial_seconds(ctx))
     ctx.log(f"ingest: SQLite's ceiling at {rows:,} rows, what a trial at the target rate writes")

@@ -76,6 +76,8 @@ def test_ingest_loses_nothing(smoke: dict[str, Any]) -> None:
         if trial["sustained"]:
             assert not trial["problems"] and trial["catch_up_s"] <= 2.0
         assert all(trial["cpu_us_per_change"][p] > 0 for p in ("redis_server", "load_writer", "daemon"))
+        rss = trial["daemon_rss_mb"]  # the daemon's own high-water mark, ready and after the stream
+        assert 10 < rss["ready"] <= rss["peak"] < 1_000
     found = figures(smoke, "ingest")
     headline = found["highest sustained rate (zero loss, catch-up ≤ 2 s)"]
     assert headline["baseline"] == smoke["ceilings"]["min"]
@@ -91,6 +93,8 @@ def test_ingest_loses_nothing(smoke: dict[str, Any]) -> None:
         assert at_size["rows"] == best["sent"] and at_size["rows_per_s"] > 0
         versus = found["sustained rate vs 1(b)'s upsert over as many rows as its trial wrote"]
         assert versus["baseline"] == at_size["rows_per_s"]
+        memory = found["daemon peak RSS at the sustained rate"]
+        assert (memory["value"], memory["baseline"]) == (best["daemon_rss_mb"]["peak"], best["daemon_rss_mb"]["ready"])
     # ... and over as many rows as a trial at the target rate writes (smoke: 3 s of 40,000/s)
     at_target = smoke["details"]["ingest"]["sqlite_ceiling_at_target_size"]
     assert at_target["rows"] == 120_000 and at_target["rows_per_s"] > 0

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.peak_rss import vm_hwm_kb
 from tests.fault_helpers import (
     DESTO_TTL,
     FULL_SIZE,
@@ -87,14 +88,6 @@ def burst(client, keys: list[str], changes: int, *, transaction: bool = False, b
         if (i + 1) % block == 0:
             pipe.execute()
     pipe.execute()
-
-
-def peak_rss_mb(pid: int) -> float:
-    """The process's peak resident memory (VmHWM), in MB."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError(f"no VmHWM in /proc/{pid}/status")
 
 
 def kill_inside_write_transaction(daemon: DaemonProcess, db_path: Path, timeout: float) -> None:
@@ -289,7 +282,7 @@ def test_burst_on_a_slow_disk_keeps_memory_bounded_and_loses_nothing(
         burst(redis, keys, SLOW_DISK_BURST)
         settle(report, redis, db_path, keys, timeout=600 if FULL_SIZE else 60)
         caught_up = time.monotonic() - started
-    peak = peak_rss_mb(daemon.pid)
+    peak = vm_hwm_kb(daemon.pid) / 1024
     daemon.signal(signal.SIGTERM)
     assert daemon.proc.wait(timeout=15) == 0
     stopped = daemon.events("archiver.stopped")[0]
