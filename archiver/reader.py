@@ -33,6 +33,7 @@ EXPORTS: dict[str, tuple[str, str | None, str | None, str]] = {
 _UTC_TIME_COLUMNS = {"observed_at", "first_seen_at"}
 _RELATIVE = re.compile(r"^(\d+)\s*([smhdw])$")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+_TOP = "\U0010ffff"  # the highest code point: a prefix followed by it sorts after every text it starts
 
 
 class ReadError(StoreError):
@@ -175,8 +176,9 @@ class Reader:
             "SELECT * FROM sessions WHERE session_id = ?", (ident,)
         ).fetchone()
         if found is None and len(ident) >= 6:
+            # a range of the primary key, so the index finds it: every id that starts with ident
             matches = self.conn.execute(
-                "SELECT * FROM sessions WHERE substr(session_id, 1, ?) = ? LIMIT 2", (len(ident), ident)
+                "SELECT * FROM sessions WHERE session_id >= ? AND session_id < ? LIMIT 2", (ident, ident + _TOP)
             ).fetchall()
             if len(matches) == 1:
                 found = matches[0]
@@ -196,10 +198,13 @@ class Reader:
         ordered = [j for j in (session["job_ids"] or "").split(",") if j]
         jobs = {r["job_id"]: r for r in self.conn.execute("SELECT * FROM jobs WHERE session_id = ?", (sid,))}
         job_list = [jobs.pop(j) for j in ordered if j in jobs] + sorted(jobs.values(), key=lambda r: r["created_at"])
-        record_ids = [sid, *(j["job_id"] for j in job_list)]
+        job_ids = [j["job_id"] for j in job_list]
+        # by kind and id, what the history's index is keyed by: without the kind SQLite reads it all
+        where = "kind = 'session' AND record_id = ?"
+        if job_ids:
+            where = f"({where}) OR (kind = 'job' AND record_id IN ({', '.join('?' * len(job_ids))}))"
         history = self.conn.execute(
-            f"SELECT * FROM status_history WHERE record_id IN ({', '.join('?' * len(record_ids))}) ORDER BY id",
-            record_ids,
+            f"SELECT * FROM status_history WHERE {where} ORDER BY id", [sid, *job_ids]
         ).fetchall()
         return {
             "session": {**_plain(session), "duration_s": _seconds(session["start_time"], session["end_time"])},

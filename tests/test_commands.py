@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from archiver.backfill import Progress, backfill
+from archiver.reader import Reader
 from archiver.store import Store
 from tests.helpers import (
     REPO,
@@ -382,6 +383,43 @@ def test_show_a_session_with_its_jobs_and_history(redis_server, db_path: Path, a
     assert "status history:" in text and "jobs:" in text and "duration      3600.0 s" in text
     missing = cli(redis_server, db_path, "show", "no-such-session")
     assert missing.returncode == 1 and "no archived session has the id or name 'no-such-session'" in missing.stderr
+
+
+def test_show_does_not_read_the_whole_archive(redis_server, db_path: Path, archived) -> None:
+    """Finding a session by id prefix and reading its history go through the indexes: the work
+    (SQLite's virtual-machine steps) stays the same when the archive holds 20,000 more sessions."""
+
+    def shown(ident: str) -> tuple[int, dict[str, object]]:
+        reader = Reader.open(db_path)
+        steps = [0]
+
+        def tick() -> int:
+            steps[0] += 1
+            return 0
+
+        reader.conn.set_progress_handler(tick, 100)
+        try:
+            found = reader.show(ident)
+        finally:
+            reader.close()
+        return steps[0], found
+
+    prefix = archived["nightly"][:8]
+    small_steps, small = shown(prefix)
+    with sqlite3.connect(db_path) as conn:  # as the archiver writes them: a job and two events each
+        for i in range(20_000):
+            sid, jid = f"{i:08x}-0000-4000-8000-000000000000", f"{i:08x}-1111-4000-8000-000000000000"
+            conn.execute("INSERT INTO sessions (session_id, session_name) VALUES (?, ?)", (sid, f"other-{i}"))
+            conn.execute("INSERT INTO jobs (job_id, session_id) VALUES (?, ?)", (jid, sid))
+            for kind, rid in (("session", sid), ("job", jid)):
+                conn.execute(
+                    "INSERT INTO status_history (kind, record_id, event, status, observed_at, source) "
+                    "VALUES (?, ?, 'first_seen', 'running', '2026-11-27T00:00:00.000000Z', 'redis')",
+                    (kind, rid),
+                )
+    big_steps, big = shown(prefix)
+    assert big == small
+    assert big_steps <= 2 * small_steps + 10, (small_steps, big_steps)  # reading it all: thousands
 
 
 # ─── export ──────────────────────────────────────────────────────────────────────────────────────
