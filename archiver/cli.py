@@ -7,7 +7,9 @@ configuration error. Every command honours the same configuration as ``run``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
+import io
 import os
 import signal
 import sys
@@ -20,7 +22,7 @@ from typing import Any
 from archiver import __version__, render
 from archiver.config import ConfigError, Settings, load_settings
 from archiver.log import configure, get_logger
-from archiver.output import to_json, write_csv, write_jsonl
+from archiver.output import to_json, write_csv, write_json_array, write_jsonl, write_table
 from archiver.source import CONNECTION_ERRORS
 from archiver.store import StoreError
 
@@ -31,6 +33,33 @@ log = get_logger("archiver.cli")
 
 class UsageError(Exception):
     """A command-line value the command cannot use (exit 2)."""
+
+
+class OutputClosed(Exception):
+    """The program reading the output stopped reading (``| head``): not a failure."""
+
+
+class _Stdout:
+    """``sys.stdout`` for the length of a command. A closed pipe and a broken Redis connection
+    both raise BrokenPipeError; this tells the first apart, so it is not reported as the second."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return int(self._stream.write(text))
+        except BrokenPipeError:
+            raise OutputClosed from None
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            raise OutputClosed from None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
 
 
 def _config_options() -> argparse.ArgumentParser:
@@ -272,9 +301,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"desto-archiver: {exc}", file=sys.stderr)
         return EXIT_USAGE
     configure(settings.log_format, settings.log_level)
+    stdout, sys.stdout = sys.stdout, _Stdout(sys.stdout)
     try:
         code: int = args.handler(settings, args)
+        sys.stdout.flush()
         return code
+    except OutputClosed:  # e.g. `desto-archiver history | head`
+        with contextlib.suppress(OSError, ValueError, io.UnsupportedOperation):
+            # what is still buffered has nowhere to go: let Python's own flush at exit succeed
+            os.dup2(os.open(os.devnull, os.O_WRONLY), stdout.fileno())
+        return EXIT_OK
     except UsageError as exc:
         print(f"desto-archiver {args.command}: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -288,9 +324,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return EXIT_FAILURE
-    except BrokenPipeError:  # e.g. `desto-archiver export sessions | head`
-        sys.stderr.close()
-        return EXIT_OK
+    finally:
+        sys.stdout = stdout
 
 
 # ─── run, backfill ───────────────────────────────────────────────────────────────────────────────
@@ -449,8 +484,19 @@ def cmd_stats(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_history(settings: Settings, args: argparse.Namespace) -> int:
+    from archiver.reader import Reader
+
     filters = _filters(args)
-    return _report(settings, args, lambda reader: reader.sessions(filters), render.history)
+    reader = Reader.open(settings.db_path)
+    try:  # streamed: an archive of a million sessions prints in flat memory
+        sessions = reader.sessions(filters)
+        if args.json:
+            write_json_array(sessions, sys.stdout)
+        else:
+            write_table(render.history(sessions), render.HISTORY_COLUMNS, sys.stdout)
+    finally:
+        reader.close()
+    return EXIT_OK
 
 
 def cmd_show(settings: Settings, args: argparse.Namespace) -> int:

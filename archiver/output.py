@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 from collections.abc import Iterable, Sequence
+from itertools import islice
 from typing import Any, TextIO
 
 _MAX_CELL = 60
@@ -33,6 +34,43 @@ def table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
     lines.append("  ".join("-" * w for w in widths))
     lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip() for row in cells]
     return "\n".join(lines)
+
+
+def write_table(rows: Iterable[dict[str, Any]], columns: Sequence[str], out: TextIO, page: int = 1000) -> int:
+    """:func:`table`, written as the rows come: the columns' widths are those of the first
+    ``page`` rows (a wider cell further down only shifts its own line), so memory stays flat."""
+    it = iter(rows)
+    first = list(islice(it, page))
+    if not first:
+        out.write("(none)\n")
+        return 0
+    cells = [[cell(r.get(c)) for c in columns] for r in first]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+
+    def line(values: Sequence[str]) -> str:
+        return "  ".join(v.ljust(w) for v, w in zip(values, widths, strict=True)).rstrip() + "\n"
+
+    out.write(line(columns))
+    out.write("  ".join("-" * w for w in widths) + "\n")
+    for row in cells:
+        out.write(line(row))
+    count = len(first)
+    for r in it:
+        out.write(line([cell(r.get(c)) for c in columns]))
+        count += 1
+    return count
+
+
+def write_json_array(items: Iterable[Any], out: TextIO) -> int:
+    """A JSON array written item by item: the same text as ``to_json(list(items))``."""
+    count = 0
+    out.write("[")
+    for item in items:
+        out.write(", " if count else "")
+        out.write(to_json(item))
+        count += 1
+    out.write("]\n")
+    return count
 
 
 def pairs(items: Iterable[tuple[str, Any]]) -> str:

@@ -153,22 +153,22 @@ class Reader:
 
     # ─── sessions ────────────────────────────────────────────────────────────────────────────
 
-    def sessions(self, filters: Filters) -> list[dict[str, Any]]:
+    def sessions(self, filters: Filters) -> Iterator[dict[str, Any]]:
+        """The sessions, newest first, read in pages: memory stays flat however many there are."""
         where, params = self._where("sessions", filters)
         limit = f" LIMIT {int(filters.limit)}" if filters.limit else ""
-        rows = self.conn.execute(
+        cursor = self.conn.execute(
             "SELECT session_id, session_name, status, start_time, end_time, job_ids, gone_at, gone_reason "
             f"FROM sessions WHERE {where} ORDER BY created_at DESC, session_id{limit}",
             params,
-        ).fetchall()
-        out = []
-        for r in rows:
-            item = dict(r)
-            item["jobs"] = len([j for j in (r["job_ids"] or "").split(",") if j])
-            item["duration_s"] = _seconds(r["start_time"], r["end_time"])
-            del item["job_ids"]
-            out.append(item)
-        return out
+        )
+        while page := cursor.fetchmany(500):
+            for r in page:
+                item = dict(r)
+                item["jobs"] = len([j for j in (r["job_ids"] or "").split(",") if j])
+                item["duration_s"] = _seconds(r["start_time"], r["end_time"])
+                del item["job_ids"]
+                yield item
 
     def find_session(self, ident: str) -> sqlite3.Row:
         """A session by id, by unique id prefix (6+ characters), or by name (the most recent)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from archiver.output import pairs, table
@@ -91,9 +92,13 @@ def _backfill_line(last: dict[str, Any] | None) -> str:
     return f"{last['keys_read']:,} keys in {last['elapsed_s']} s, {sum(last['written'].values()):,} written"
 
 
-def history(sessions: list[dict[str, Any]]) -> str:
-    rows = [{**s, "id": s["session_id"][:8], "gone": s["gone_reason"] or ""} for s in sessions]
-    return table(rows, ["id", "session_name", "status", "start_time", "end_time", "duration_s", "jobs", "gone"])
+HISTORY_COLUMNS = ["id", "session_name", "status", "start_time", "end_time", "duration_s", "jobs", "gone"]
+
+
+def history(sessions: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """The rows of ``history``'s table (HISTORY_COLUMNS), one per session, as they come."""
+    for s in sessions:
+        yield {**s, "id": s["session_id"][:8], "gone": s["gone_reason"] or ""}
 
 
 def show(shown: dict[str, Any]) -> str:

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import io
 import re
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from archiver.cli import build_parser
+from archiver.output import to_json, write_json_array, write_table
 from tests.helpers import REPO, daemon_env
 from tests.redis_server import free_port
 
@@ -71,3 +74,37 @@ def test_run_refuses_a_file_from_a_newer_schema(redis_server, db_path: Path) -> 
     result = cli("run", env=daemon_env(redis_server, db_path))
     assert result.returncode == 1
     assert "upgrade desto-archiver" in result.stderr
+
+
+def test_tables_and_json_arrays_are_written_as_their_rows_come() -> None:
+    """A long listing is never held whole: the first row is out once the first page is read."""
+    produced: list[int] = []
+
+    def rows(n: int) -> Iterator[dict[str, object]]:
+        for i in range(n):
+            produced.append(i)
+            yield {"id": i, "name": "long name here" if i == 1500 else "short"}
+
+    class Out(io.StringIO):
+        read_before_first_row: int | None = None
+
+        def write(self, text: str) -> int:
+            if self.read_before_first_row is None and text.startswith("0 "):
+                self.read_before_first_row = len(produced)
+            return super().write(text)
+
+    out = Out()
+    assert write_table(rows(5_000), ["id", "name"], out, page=1_000) == 5_000
+    assert out.read_before_first_row == 1_000
+    lines = out.getvalue().splitlines()
+    assert lines[:3] == ["id   name", "---  -----", "0    short"] and len(lines) == 5_002  # widths of page 1
+    assert lines[2 + 1500] == "1500  long name here"  # wider than the first page: only its own line shifts
+    assert lines[2 + 1501] == "1501  short"
+    empty = io.StringIO()
+    assert write_table(iter([]), ["id"], empty) == 0 and empty.getvalue() == "(none)\n"
+
+    produced.clear()
+    array = io.StringIO()
+    assert write_json_array(rows(3), array) == 3
+    assert array.getvalue() == to_json(list(rows(3))) + "\n"
+    assert write_json_array(iter([]), array) == 0 and array.getvalue().endswith("[]\n")

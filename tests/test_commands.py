@@ -422,6 +422,61 @@ def test_show_does_not_read_the_whole_archive(redis_server, db_path: Path, archi
     assert big_steps <= 2 * small_steps + 10, (small_steps, big_steps)  # reading it all: thousands
 
 
+def many_sessions(db_path: Path, n: int) -> None:
+    """``n`` archived sessions, written straight into a new archive (no Redis needed to read them)."""
+    Store.open(db_path).close()
+    with sqlite3.connect(db_path) as conn:
+        conn.executemany(
+            "INSERT INTO sessions (session_id, session_name, status, created_at) VALUES (?, ?, 'finished', ?)",
+            [
+                (f"{i:08x}-0000-4000-8000-000000000000", f"run-{i}", f"2026-11-27 00:{i // 60 % 60:02d}:{i % 60:02d}")
+                for i in range(n)
+            ],
+        )
+
+
+@pytest.mark.parametrize(
+    "args", [("history",), ("history", "--json"), ("export", "sessions"), ("export", "history", "--format", "csv")]
+)
+def test_a_reader_that_stops_early_is_not_an_error(redis_server, db_path: Path, args: tuple[str, ...]) -> None:
+    """`desto-archiver history | head`: the command stops writing, exits 0, and says nothing."""
+    many_sessions(db_path, 20_000)
+    with sqlite3.connect(db_path) as conn:
+        conn.execute(
+            "INSERT INTO status_history (kind, record_id, event, observed_at, source) "
+            "SELECT 'session', session_id, 'first_seen', created_at, 'redis' FROM sessions"
+        )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "archiver", *args],
+        cwd=REPO,
+        env=daemon_env(redis_server, db_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    assert proc.stdout.readline()  # the first line, as `head -1` reads it
+    proc.stdout.close()
+    errors = proc.stderr.read().decode()
+    proc.stderr.close()
+    assert proc.wait(timeout=60) == 0, errors
+    assert errors == ""
+
+
+def test_history_prints_every_session_as_it_reads_them(redis_server, db_path: Path) -> None:
+    many_sessions(db_path, 3_000)
+    text = cli(redis_server, db_path, "history")
+    assert text.returncode == 0, text.stderr
+    lines = text.stdout.splitlines()
+    assert lines[0].split() == ["id", "session_name", "status", "start_time", "end_time", "duration_s", "jobs", "gone"]
+    assert len(lines) == 2 + 3_000
+    newest_first = [line.split()[1] for line in lines[2:]]
+    assert newest_first[:2] == ["run-2999", "run-2998"] and newest_first[-1] == "run-0"
+    listed = json.loads(cli(redis_server, db_path, "history", "--json").stdout)
+    assert [s["session_name"] for s in listed] == newest_first
+    assert cli(redis_server, db_path, "history", "--status", "running").stdout == "(none)\n"
+    assert json.loads(cli(redis_server, db_path, "history", "--json", "--status", "running").stdout) == []
+
+
 # ─── export ──────────────────────────────────────────────────────────────────────────────────────
 
 
