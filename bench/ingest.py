@@ -137,7 +137,7 @@ def trial(ctx: Context, server: RedisServer, rate: float, seconds: float, settle
     ctx.log(f"ingest: {rate:,.0f} changes/s for {seconds:g} s")
     with DaemonProcess(ctx, server, ctx.fresh_dir("ingest")) as daemon:
         daemon.start()
-        ready_rss_mb = vm_hwm_kb(daemon.pid) / 1024
+        ready_rss_mb = peak_rss_mb(daemon.pid)
         conn = ro_connect(daemon.db_path)
         try:
             assert server.proc is not None
@@ -166,7 +166,7 @@ def trial(ctx: Context, server: RedisServer, rate: float, seconds: float, settle
                 "daemon": (daemon.cpu_seconds() - cpu0) / sent * 1e6,
             }
             archived = int(conn.execute("SELECT count(*) FROM sessions").fetchone()[0])
-            peak_rss_mb = vm_hwm_kb(daemon.pid) / 1024
+            end_rss_mb = peak_rss_mb(daemon.pid)
         finally:
             conn.close()
         backlog = [(t - t_started, max(0, min(sent, round((t - t_started) * rate)) - rows)) for t, rows in samples]
@@ -177,7 +177,7 @@ def trial(ctx: Context, server: RedisServer, rate: float, seconds: float, settle
             archived=archived,
             catch_up_s=None if caught_at is None else max(0.0, caught_at - wall_last),
             daemon_cpu_cores=(cpu1 - cpu0) / max(1e-9, result["elapsed_s"]),
-            daemon_rss_mb={"ready": ready_rss_mb, "peak": peak_rss_mb},
+            daemon_rss_mb={"ready": ready_rss_mb, "peak": end_rss_mb},
             cpu_us_per_change=cpu_us,
             max_backlog=max((b for _, b in backlog), default=0),
             backlog_at_end=backlog[-1][1] if backlog else 0,
@@ -211,9 +211,17 @@ def trial(ctx: Context, server: RedisServer, rate: float, seconds: float, settle
     ctx.log(
         f"ingest: {rate:,.0f}/s -> {'sustained' if not reasons else 'NOT sustained: ' + '; '.join(reasons)} "
         f"(catch-up {catch_up}, max backlog {out['max_backlog']:,}, daemon CPU {out['daemon_cpu_cores']:.2f} cores, "
-        f"peak RSS {out['daemon_rss_mb']['peak']:.0f} MB)"
+        f"peak RSS {out['daemon_rss_mb']['peak'] or 0:.0f} MB)"
     )
     return out
+
+
+def peak_rss_mb(pid: int) -> float | None:
+    """The daemon's peak RSS so far; None once it has died (a failed trial, reported as such)."""
+    try:
+        return vm_hwm_kb(pid) / 1024
+    except (OSError, RuntimeError):
+        return None
 
 
 def trial_seconds(ctx: Context) -> float:
