@@ -295,7 +295,9 @@ def test_check_catches_a_corrupted_a_missing_and_an_extra_row(redis_server, redi
     assert "'desto-archiver backfill' brings it in line" in result.stdout
 
 
-def test_check_counts_a_hundred_thousand_extra_rows_in_flat_memory(redis_server, db_path: Path, tmp_path) -> None:
+def test_check_counts_a_hundred_thousand_extra_rows_in_flat_memory(
+    redis_server, redis, db_path: Path, tmp_path
+) -> None:
     """Rows Redis forgot (an archive kept far longer than Redis' 7 days, with no daemon to mark
     them gone) are counted page by page, never held: check's peak memory barely moves."""
 
