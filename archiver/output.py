@@ -61,14 +61,15 @@ def write_table(rows: Iterable[dict[str, Any]], columns: Sequence[str], out: Tex
     return count
 
 
-def write_json_array(items: Iterable[Any], out: TextIO) -> int:
-    """A JSON array written item by item: the same text as ``to_json(list(items))``."""
+def write_json_array(items: Iterable[Any], out: TextIO, page: int = 500) -> int:
+    """A JSON array written ``page`` items at a time: the same text as ``to_json(list(items))``."""
+    it = iter(items)
     count = 0
     out.write("[")
-    for item in items:
+    while chunk := list(islice(it, page)):
         out.write(", " if count else "")
-        out.write(to_json(item))
-        count += 1
+        out.write(to_json(chunk)[1:-1])
+        count += len(chunk)
     out.write("]\n")
     return count
 

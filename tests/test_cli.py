@@ -107,4 +107,7 @@ def test_tables_and_json_arrays_are_written_as_their_rows_come() -> None:
     array = io.StringIO()
     assert write_json_array(rows(3), array) == 3
     assert array.getvalue() == to_json(list(rows(3))) + "\n"
+    pages = io.StringIO()  # several pages join into one array
+    assert write_json_array(rows(1_234), pages, page=500) == 1_234
+    assert pages.getvalue() == to_json(list(rows(1_234))) + "\n"
     assert write_json_array(iter([]), array) == 0 and array.getvalue().endswith("[]\n")
