@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 from collections.abc import Iterable, Sequence
 from itertools import islice
@@ -26,14 +27,9 @@ def cell(value: Any) -> str:
 
 def table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
     """An aligned text table with a header row; '-' for absent values."""
-    if not rows:
-        return "(none)"
-    cells = [[cell(r.get(c)) for c in columns] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip()]
-    lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip() for row in cells]
-    return "\n".join(lines)
+    out = io.StringIO()
+    write_table(rows, columns, out, page=max(1, len(rows)))  # one page: every row sets the widths
+    return out.getvalue().removesuffix("\n")
 
 
 def write_table(rows: Iterable[dict[str, Any]], columns: Sequence[str], out: TextIO, page: int = 1000) -> int:
