@@ -198,14 +198,15 @@ class Reader:
         ordered = [j for j in (session["job_ids"] or "").split(",") if j]
         jobs = {r["job_id"]: r for r in self.conn.execute("SELECT * FROM jobs WHERE session_id = ?", (sid,))}
         job_list = [jobs.pop(j) for j in ordered if j in jobs] + sorted(jobs.values(), key=lambda r: r["created_at"])
+        # by kind and id, what the history's index is keyed by (without the kind SQLite reads it
+        # all); a long chain's jobs in pages, within SQLite's limit on a statement's parameters
+        query = "SELECT * FROM status_history WHERE kind = ? AND record_id IN "
+        history = self.conn.execute(query + "(?)", ("session", sid)).fetchall()
         job_ids = [j["job_id"] for j in job_list]
-        # by kind and id, what the history's index is keyed by: without the kind SQLite reads it all
-        where = "kind = 'session' AND record_id = ?"
-        if job_ids:
-            where = f"({where}) OR (kind = 'job' AND record_id IN ({', '.join('?' * len(job_ids))}))"
-        history = self.conn.execute(
-            f"SELECT * FROM status_history WHERE {where} ORDER BY id", [sid, *job_ids]
-        ).fetchall()
+        for start in range(0, len(job_ids), 500):
+            page = job_ids[start : start + 500]
+            history += self.conn.execute(query + f"({', '.join('?' * len(page))})", ("job", *page)).fetchall()
+        history.sort(key=lambda h: h["id"])
         return {
             "session": {**_plain(session), "duration_s": _seconds(session["start_time"], session["end_time"])},
             "jobs": [{**_plain(j), "duration_s": _seconds(j["start_time"], j["end_time"])} for j in job_list],

@@ -448,6 +448,34 @@ def test_show_does_not_read_the_whole_archive(redis_server, db_path: Path, archi
     assert big_steps <= 2 * small_steps + 10, (small_steps, big_steps)  # reading it all: thousands
 
 
+def test_show_a_session_with_more_jobs_than_sqlite_takes_parameters(db_path: Path) -> None:
+    """A chain of 5,000 jobs, read where SQLite takes 999 parameters per statement (its default
+    before 3.32; builds differ)."""
+    Store.open(db_path).close()
+    sid, jobs = "chain-session", [f"job-{i:05d}" for i in range(5_000)]
+    event = (
+        "INSERT INTO status_history (kind, record_id, event, status, observed_at, source) "
+        "VALUES (?, ?, 'first_seen', 'finished', '2026-11-27T00:00:00.000000Z', 'redis')"
+    )
+    with sqlite3.connect(db_path) as conn:
+        conn.execute(
+            "INSERT INTO sessions (session_id, session_name, job_ids) VALUES (?, 'chain', ?)", (sid, ",".join(jobs))
+        )
+        conn.executemany("INSERT INTO jobs (job_id, session_id) VALUES (?, ?)", [(j, sid) for j in jobs])
+        conn.execute(event, ("session", sid))
+        conn.executemany(event, [("job", j) for j in reversed(jobs)])
+    reader = Reader.open(db_path)
+    reader.conn.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 999)
+    try:
+        shown = reader.show("chain")
+    finally:
+        reader.close()
+    assert [j["job_id"] for j in shown["jobs"]] == jobs  # in the chain's order
+    history = shown["history"]
+    assert len(history) == 5_001 and history[0]["record_id"] == sid and history[-1]["record_id"] == jobs[0]
+    assert [h["id"] for h in history] == sorted(h["id"] for h in history)
+
+
 def many_sessions(db_path: Path, n: int) -> None:
     """``n`` archived sessions, written straight into a new archive (no Redis needed to read them)."""
     Store.open(db_path).close()
