@@ -25,7 +25,7 @@ from archiver.reader import Reader
 from archiver.reconcile import now_us, read_batch, records_of
 from archiver.schema import SCHEMA_VERSION
 from archiver.source import CONNECTION_ERRORS, Source, flags_sufficient, merge_flags
-from archiver.writer import TABLES
+from archiver.writer import TABLES, select_in
 
 _MAX_SUSPECTS = 10_000  # differences kept in detail (and looked at again); beyond, only counted
 
@@ -165,10 +165,8 @@ def _compare(source: Source, conn: sqlite3.Connection, keys: list[Any], report: 
 
 def _archived(conn: sqlite3.Connection, kind: Kind, ids: list[str]) -> dict[str, tuple[Any, ...]]:
     columns = COLUMNS[kind]
-    query = (
-        f"SELECT {', '.join(columns)}, gone_at FROM {TABLES[kind]} WHERE {columns[0]} IN ({', '.join('?' * len(ids))})"
-    )
-    return {r[0]: tuple(r) for r in conn.execute(query, ids)}
+    query = f"SELECT {', '.join(columns)}, gone_at FROM {TABLES[kind]} WHERE {columns[0]} IN"
+    return {r[0]: tuple(r) for r in select_in(conn, query, ids)}
 
 
 def _in_quarantine(conn: sqlite3.Connection, key: bytes) -> bool:

@@ -18,6 +18,7 @@ from typing import Any
 from archiver.models import decode_resp
 from archiver.schema import SCHEMA_VERSION
 from archiver.store import StoreError
+from archiver.writer import select_in
 
 # What each export can hold, and the column its --since/--until and --name filters apply to.
 # desto's own times are its naive local ISO text; the archiver's are UTC ISO text.
@@ -200,12 +201,14 @@ class Reader:
         job_list = [jobs.pop(j) for j in ordered if j in jobs] + sorted(jobs.values(), key=lambda r: r["created_at"])
         # by kind and id, what the history's index is keyed by (without the kind SQLite reads it
         # all); a long chain's jobs in pages, within SQLite's limit on a statement's parameters
-        query = "SELECT * FROM status_history WHERE kind = ? AND record_id IN "
-        history = self.conn.execute(query + "(?)", ("session", sid)).fetchall()
-        job_ids = [j["job_id"] for j in job_list]
-        for start in range(0, len(job_ids), 500):
-            page = job_ids[start : start + 500]
-            history += self.conn.execute(query + f"({', '.join('?' * len(page))})", ("job", *page)).fetchall()
+        history = [
+            *select_in(self.conn, "SELECT * FROM status_history WHERE kind = 'session' AND record_id IN", [sid]),
+            *select_in(
+                self.conn,
+                "SELECT * FROM status_history WHERE kind = 'job' AND record_id IN",
+                [j["job_id"] for j in job_list],
+            ),
+        ]
         history.sort(key=lambda h: h["id"])
         return {
             "session": {**_plain(session), "duration_s": _seconds(session["start_time"], session["end_time"])},

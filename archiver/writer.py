@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from operator import itemgetter
 from typing import Any
@@ -34,6 +34,14 @@ _TRACKING = ("created_at", "updated_at", "read_at_us", "first_seen_at", "last_se
 
 
 _first, _second, _last = itemgetter(0), itemgetter(1), itemgetter(-1)
+
+
+def select_in(conn: sqlite3.Connection, query: str, values: Sequence[Any], size: int = 500) -> Iterator[Any]:
+    """The rows of ``query`` (ending in ``IN``) for every one of ``values``, asked ``size`` at a
+    time: SQLite builds limit a statement's parameters (999 before 3.32, 32,766 since)."""
+    for start in range(0, len(values), size):
+        chunk = values[start : start + size]
+        yield from conn.execute(f"{query} ({', '.join('?' * len(chunk))})", chunk)
 
 
 def tail_column(kind: Kind) -> str:
@@ -99,10 +107,8 @@ class RowWriter:
     def _existing(self, ids: list[str]) -> dict[str, _Old]:
         found: dict[str, _Old] = {}
         n = len(self.cols)
-        for start in range(0, len(ids), 500):
-            chunk = ids[start : start + 500]
-            for r in self.conn.execute(self.select + f"({', '.join('?' * len(chunk))})", chunk):
-                found[r[0]] = _Old(tuple(r[:n]), r[n], r[n + 1], r[n + 2], r[n + 3])
+        for r in select_in(self.conn, self.select, ids):
+            found[r[0]] = _Old(tuple(r[:n]), r[n], r[n + 1], r[n + 2], r[n + 3])
         return found
 
     def write(self, rows: list[Row]) -> None:

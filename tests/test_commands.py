@@ -321,6 +321,25 @@ def test_check_counts_a_hundred_thousand_extra_rows_in_flat_memory(
     assert many - few < 8, (few, many)  # holding a difference per row: about 28 MB more
 
 
+def test_check_with_a_big_batch_size_stays_within_sqlites_parameter_limit(redis_server, redis, db_path: Path) -> None:
+    """ARCHIVER_BATCH_SIZE=5000: a SCAN page of thousands of keys, compared where SQLite takes
+    999 parameters per statement (its default before 3.32; builds differ)."""
+    from archiver.check import verify
+    from archiver.source import Source
+
+    load(redis, sessions=1_500)
+    assert cli(redis_server, db_path, "backfill").returncode == 0
+    source = Source(settings_for(redis_server, db_path, batch_size=5_000))
+    conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+    conn.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 999)
+    try:
+        report = verify(source, conn, 5_000, settle_s=0)
+    finally:
+        conn.close()
+        source.close()
+    assert report.ok and report.records == 3_000
+
+
 def test_check_reports_an_unreachable_redis_and_a_dead_daemon(db_path: Path) -> None:
     class Nowhere:
         url = f"redis://127.0.0.1:{free_port()}/0"
