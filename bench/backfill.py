@@ -33,18 +33,35 @@ The machine limit: the backfill process and redis-server (serving its SCAN and r
 machine's cores; their CPU time per key, measured over each run, divided into the cores is the
 rate at which the machine runs out of CPU, however the work were spread over threads or
 processes. The CPU time of a process that only imports the backfill is taken off the backfill's.
+
+The two-process limit: after the smaller size's run, the same keys are backfilled again by this
+process, in one thread, stage by stage (``stage_costs``): SCAN, the atomic read, normalizing and
+writing (a bulk load into a fresh file), each timed in CPU per key, plus pickling each page's rows
+and unpickling them, which a reading process and a writing process would add between them. The
+machine's cores divided by all of that and redis-server's CPU per key is the fastest a backfill
+split over two processes could go here, however well they shared the cores; it is compared with
+the 50 000 keys/s target.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import sqlite3
 import subprocess
 import sys
+import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from archiver.backfill import BACKFILL_CACHE_MB
+from archiver.config import load_settings
+from archiver.models import normalize
+from archiver.reconcile import Reconcile, records_of, write_batch
+from archiver.source import Source
+from archiver.store import Store
 from bench.ceilings import sqlite_ceiling_at
 from bench.common import Context, Figure, Target, archiver_env, cpu_seconds
 from bench.records import load_records
@@ -127,6 +144,86 @@ def backfill_once(ctx: Context, server: RedisServer, size: int, start_cpu_s: flo
     return out
 
 
+STAGES = ("scan", "read", "normalize", "write", "pickle send", "pickle receive")
+
+
+def stage_costs(server: RedisServer, db_path: Path, records: int) -> dict[str, float]:
+    """The backfill's work, stage by stage, in one thread of this process: CPU time per key
+    (``time.process_time``) of SCAN, the atomic read, normalizing, and writing (a bulk load into
+    a fresh file, as a first backfill does, its indexes built at the end), plus what a split into
+    a reading and a writing process would add: pickling each page's rows and unpickling them."""
+    settings = load_settings(redis_url=server.url, sqlite_db_path=db_path)
+    source = Source(settings)
+    store = Store.open(db_path, cache_mb=BACKFILL_CACHE_MB)
+    totals: Counter[str] = Counter()
+    clock = time.process_time
+
+    def write(rows: list[Any]) -> None:
+        started = clock()
+        write_batch(store, rows)
+        totals["write"] += clock() - started
+
+    try:
+        store.defer_indexes()
+        rec = Reconcile(source, settings.batch_size, "bench")
+        joined: list[Any] = []
+        read = 0
+        while True:
+            started = clock()
+            keys = rec.next_scan_keys()
+            wanted = records_of(keys)
+            totals["scan"] += clock() - started
+            if not keys:
+                break
+            started = clock()
+            fetched = source.fetch([key for key, _ in wanted])
+            totals["read"] += clock() - started
+            started = clock()
+            outcomes = [normalize(parsed, f) for (_, parsed), f in zip(wanted, fetched, strict=True)]
+            totals["normalize"] += clock() - started
+            started = clock()
+            sent = pickle.dumps(outcomes, protocol=pickle.HIGHEST_PROTOCOL)
+            totals["pickle send"] += clock() - started
+            started = clock()
+            joined += pickle.loads(sent)
+            totals["pickle receive"] += clock() - started
+            read += len(outcomes)
+            if len(joined) >= BULK_PER_TRANSACTION:
+                write(joined)
+                joined = []
+        if joined:
+            write(joined)
+        started = clock()
+        store.restore_indexes()
+        totals["write"] += clock() - started
+    finally:
+        store.close()
+        source.close()
+    if read != records:
+        raise AssertionError(f"the stage measurement read {read} keys of {records}")
+    return {stage: totals[stage] / records * 1e6 for stage in STAGES}
+
+
+def add_two_process_limit(ctx: Context, label: str, stages: dict[str, float], redis_us: float) -> None:
+    """The best a backfill split into a reading and a writing process could do on this machine:
+    its cores, divided by the CPU per key of both processes and of redis-server."""
+    for stage in STAGES:
+        ctx.add(Figure(NAME, f"CPU per key over {label}, one thread: {stage}", stages[stage], "µs"))
+    per_key = sum(stages.values()) + redis_us
+    cores = os.cpu_count() or 1
+    ctx.add(
+        Figure(
+            NAME,
+            f"two-process backfill limit over {label} ({cores} cores / CPU per key of its stages and redis-server)",
+            cores * 1e6 / per_key,
+            "keys/s",
+            baseline=50_000,
+            baseline_name="the target",
+            note=f"{per_key:.1f} µs per key in all, with redis-server's {redis_us:.1f}",
+        )
+    )
+
+
 def run(ctx: Context) -> None:
     sizes = SMOKE_SIZES if ctx.smoke else FULL_SIZES
     tag = ctx.tag()
@@ -140,6 +237,9 @@ def run(ctx: Context) -> None:
             load_records(server.port, loaded, size - loaded, tag, jobs=True, ttl=True)
             loaded = size
             runs.append(backfill_once(ctx, server, size, float(imports["cpu_s"])))
+            if size == sizes[0]:
+                ctx.log(f"backfill: the stages' CPU per key over {size:,} records, in one thread")
+                stages = stage_costs(server, ctx.fresh_dir("backfill-stages") / "desto.db", size)
     ceilings_at, bulk_at = {}, {}
     for size in sizes:
         ctx.log(f"backfill: SQLite's ceiling at {size:,} rows")
@@ -153,6 +253,7 @@ def run(ctx: Context) -> None:
         "import_only_rss_mb": base_rss,
         "sqlite_ceiling_at": ceilings_at,
         "sqlite_bulk_ceiling_at": bulk_at,
+        "stage_cpu_us_per_key": stages,
     }
     redis_ceiling = ctx.ceilings.get("redis")
     for out in runs:
@@ -199,6 +300,7 @@ def run(ctx: Context) -> None:
             )
         )
     small, large = runs[0], runs[-1]
+    add_two_process_limit(ctx, _label(small["records"]), stages, small["cpu_us_per_key"]["redis_server"])
     ctx.add(
         Figure(
             NAME,

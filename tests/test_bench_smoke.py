@@ -126,11 +126,18 @@ def test_backfill_reads_every_record_and_reports_its_memory(smoke: dict[str, Any
         assert details["import_only_rss_mb"] < run["peak_rss_mb"] < 1_000
         assert run["cpu_us_per_key"]["backfill"] > 0 and run["cpu_us_per_key"]["redis_server"] > 0
     found = figures(smoke, "backfill")
-    assert len(found) == 16
+    assert len(found) == 23
+    stages = details["stage_cpu_us_per_key"]  # the same keys, stage by stage, in one thread
+    assert set(stages) == {"scan", "read", "normalize", "write", "pickle send", "pickle receive"}
+    assert all(us > 0 for us in stages.values())
+    cores = smoke["machine"]["nproc"]
+    redis_us = runs[0]["cpu_us_per_key"]["redis_server"]
+    split = found[f"two-process backfill limit over 2k ({cores} cores / CPU per key of its stages and redis-server)"]
+    assert split["value"] == pytest.approx(cores * 1e6 / (sum(stages.values()) + redis_us))
+    assert split["baseline"] == 50_000
     for ceilings in ("sqlite_ceiling_at", "sqlite_bulk_ceiling_at"):  # SQLite's own, at each size
         assert {int(size) for size in details[ceilings]} == {2_000, 10_000}
         assert all(rate > 0 for rate in details[ceilings].values())
-    cores = smoke["machine"]["nproc"]
     limit = found[f"keys/s over 10k records vs the machine limit ({cores} cores / CPU per key of both)"]
     cpu = runs[1]["cpu_us_per_key"]
     assert limit["baseline"] == pytest.approx(cores * 1e6 / (cpu["backfill"] + cpu["redis_server"]))
