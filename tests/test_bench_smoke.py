@@ -100,6 +100,12 @@ def test_ingest_loses_nothing(smoke: dict[str, Any]) -> None:
     assert at_target["rows"] == 120_000 and at_target["rows_per_s"] > 0
     target_size = found["SQLite's own upsert over the 120,000 rows a trial at 40,000/s writes"]
     assert target_size["value"] == at_target["rows_per_s"] and target_size["baseline"] == 40_000
+    # ... and over as many rows as a trial at 0.4 of the ceiling writes
+    at_ratio = smoke["details"]["ingest"]["sqlite_ceiling_at_ratio_size"]
+    assert at_ratio["rate"] == pytest.approx(0.4 * smoke["ceilings"]["min"])
+    assert at_ratio["rows"] == round(at_ratio["rate"] * 3) and at_ratio["rows_per_s"] > 0
+    ratio_size = found["SQLite's own upsert over the rows a trial at 0.4 of the ceiling writes"]
+    assert (ratio_size["value"], ratio_size["baseline"]) == (at_ratio["rows_per_s"], at_ratio["rate"])
 
 
 def test_latency_sees_every_change_at_every_rate(smoke: dict[str, Any]) -> None:
