@@ -138,13 +138,15 @@ class Fetcher(threading.Thread):
             sum(w.read_s for w in joined),
         )
 
-    def queued(self) -> list[Work]:
-        """The batches read and not yet taken by the writer."""
-        held = self._held
-        return [*([] if held is None else [held]), *list(self.queue.queue)]
+    def has_queued(self) -> bool:
+        """Whether batches read are waiting for the writer."""
+        return self._held is not None or not self.queue.empty()
 
     def queued_keys(self) -> int:
-        return sum(work.keys for work in self.queued())
+        """The keys of the batches read and not yet taken by the writer."""
+        waiting: list[Work] = list(self.queue.queue)
+        held = self._held
+        return (0 if held is None else held.keys) + sum(work.keys for work in waiting)
 
     # ─── the loop ──────────────────────────────────────────────────────────────────────────────
 
@@ -203,7 +205,7 @@ class Fetcher(threading.Thread):
         may change again before the writer gets to them; they coalesce in the dirty set until
         the writer has taken what is queued. Keys not read yet (a stream of new records) are
         read ahead, for the writer's next, bigger, transaction."""
-        if not self.queued():
+        if not self.has_queued():
             return False
         waiting = self.dirty.peek(_PEEK)
         recent, older = self._recent, self._older

@@ -408,7 +408,9 @@ class Daemon:
         fetcher = self.fetcher
         if fetcher is not None:
             fetcher.drain()
-            while time.monotonic() < deadline and (fetcher.is_alive() or self._pending is not None or fetcher.queued()):
+            while time.monotonic() < deadline and (
+                fetcher.is_alive() or self._pending is not None or fetcher.has_queued()
+            ):
                 try:
                     if self._pending is None:
                         self._pending = fetcher.take(_TICK)
