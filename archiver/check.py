@@ -302,10 +302,8 @@ def _daemon(settings: Settings) -> Finding:
         reader = Reader.open(settings.db_path)
     except Exception as exc:
         return Finding("daemon", "fail", f"cannot read its heartbeat: {exc}", "start 'desto-archiver run'")
-    try:
+    with reader:
         state = reader.state()
-    finally:
-        reader.close()
     beat = json.loads(state.get("heartbeat", "null") or "null")
     if not beat:
         return Finding("daemon", "fail", "no daemon has run on this file", "start 'desto-archiver run'")

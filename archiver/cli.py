@@ -470,11 +470,8 @@ def _report(
     """Read something from the archive (read-only), then print it as JSON or for people."""
     from archiver.reader import Reader
 
-    reader = Reader.open(settings.db_path)
-    try:
+    with Reader.open(settings.db_path) as reader:
         data = query(reader)
-    finally:
-        reader.close()
     print(to_json(data) if args.json else show(data))
     return EXIT_OK
 
@@ -487,15 +484,12 @@ def cmd_history(settings: Settings, args: argparse.Namespace) -> int:
     from archiver.reader import Reader
 
     filters = _filters(args)
-    reader = Reader.open(settings.db_path)
-    try:  # streamed: an archive of a million sessions prints in flat memory
+    with Reader.open(settings.db_path) as reader:  # streamed: a million sessions print in flat memory
         sessions = reader.sessions(filters)
         if args.json:
             write_json_array(sessions, sys.stdout)
         else:
             write_table(render.history(sessions), render.HISTORY_COLUMNS, sys.stdout)
-    finally:
-        reader.close()
     return EXIT_OK
 
 
@@ -507,21 +501,19 @@ def cmd_export(settings: Settings, args: argparse.Namespace) -> int:
     from archiver.reader import Reader
 
     filters = _filters(args)
-    reader = Reader.open(settings.db_path)
-    try:
+    with Reader.open(settings.db_path) as reader:
         columns, rows = reader.export(args.what, filters)
         if args.format == "csv" and args.what == "quarantine":
             rows = (_flat_payload(r) for r in rows)
-        out = open(args.output, "w", newline="", encoding="utf-8") if args.output else sys.stdout  # noqa: SIM115
         try:
-            count = write_csv(columns, rows, out) if args.format == "csv" else write_jsonl(rows, out)
-        finally:
-            if args.output:
-                out.close()
-    except OSError as exc:
-        raise StoreError(f"cannot write {args.output}: {exc.strerror}") from None
-    finally:
-        reader.close()
+            out = open(args.output, "w", newline="", encoding="utf-8") if args.output else sys.stdout  # noqa: SIM115
+            try:
+                count = write_csv(columns, rows, out) if args.format == "csv" else write_jsonl(rows, out)
+            finally:
+                if args.output:
+                    out.close()
+        except OSError as exc:
+            raise StoreError(f"cannot write {args.output}: {exc.strerror}") from None
     if args.output:
         print(f"{count:,} {args.what} rows written to {args.output}", file=sys.stderr)
     return EXIT_OK

@@ -22,10 +22,8 @@ def health(settings: Settings) -> tuple[bool, str]:
         reader = Reader.open(settings.db_path)
     except Exception as exc:
         return False, str(exc)
-    try:
+    with reader:
         state = reader.state()
-    finally:
-        reader.close()
     beat: dict[str, Any] | None = json.loads(state.get("heartbeat") or "null")
     if not beat:
         return False, f"no daemon has written a heartbeat in {settings.db_path}"

@@ -102,6 +102,12 @@ class Reader:
     def close(self) -> None:
         self.conn.close()
 
+    def __enter__(self) -> Reader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def state(self) -> dict[str, str]:
         return {r["name"]: r["value"] for r in self.conn.execute("SELECT name, value FROM archiver_state")}
 
