@@ -308,22 +308,13 @@ def run(ctx: Context) -> None:
         )
         add_machine_limit(ctx, best, value)
     rows = round(TARGET_RATE * trial_seconds(ctx))
-    ctx.log(f"ingest: SQLite's ceiling at {rows:,} rows, what a trial at the target rate writes")
-    at_target = sqlite_ceiling_at(ctx.fresh_dir("ingest-sqlite-target") / "desto.db", rows, TARGET_TRANSACTION)
-    ctx.details[NAME]["sqlite_ceiling_at_target_size"] = {"rows": rows, "rows_per_s": at_target}
-    ctx.add(
-        Figure(
-            NAME,
-            f"SQLite's own upsert over the {rows:,} rows a trial at {TARGET_RATE:,}/s writes",
-            at_target,
-            "rows/s",
-            TARGET_RATE,
-            "the target rate",
-            note=f"{TARGET_TRANSACTION:,} rows per transaction, sessions rows only",
-        )
+    add_sqlite_at_rate(
+        ctx, "target", TARGET_RATE, f"the {rows:,} rows a trial at {TARGET_RATE:,}/s writes", "the target rate"
     )
     if ceilings.get("min"):
-        add_ratio_size(ctx, float(ceilings["min"]))
+        ratio = f"{TARGET_RATIO:g} of the ceiling"
+        rate = TARGET_RATIO * float(ceilings["min"])
+        add_sqlite_at_rate(ctx, "ratio", rate, f"the rows a trial at {ratio} writes", ratio)
     failing = [t for t in trials if not t["sustained"] and (not best or t["rate"] > best["rate"])]
     if failing:
         first_fail = min(failing, key=lambda t: t["rate"])
@@ -338,23 +329,22 @@ def run(ctx: Context) -> None:
         )
 
 
-def add_ratio_size(ctx: Context, ceiling: float) -> None:
-    """SQLite's own upsert over as many rows as a trial at the ratio target (0.4 of the ceiling)
-    writes: when SQLite alone cannot write them that fast, no archiver of desto's tables could
-    be shown meeting the ratio on this run's ceiling."""
-    rate = TARGET_RATIO * ceiling
+def add_sqlite_at_rate(ctx: Context, name: str, rate: float, what: str, rate_name: str) -> None:
+    """SQLite's own upsert over as many rows as a trial at ``rate`` writes, in the daemon's biggest
+    transactions: when SQLite alone cannot write them that fast, no archiver of desto's tables
+    could be shown sustaining ``rate`` on this machine."""
     rows = round(rate * trial_seconds(ctx))
-    ctx.log(f"ingest: SQLite's ceiling at {rows:,} rows, what a trial at {TARGET_RATIO:g} of the ceiling writes")
-    at_ratio = sqlite_ceiling_at(ctx.fresh_dir("ingest-sqlite-ratio") / "desto.db", rows, TARGET_TRANSACTION)
-    ctx.details[NAME]["sqlite_ceiling_at_ratio_size"] = {"rows": rows, "rate": rate, "rows_per_s": at_ratio}
+    ctx.log(f"ingest: SQLite's own upsert over {what} ({rows:,} rows)")
+    rows_per_s = sqlite_ceiling_at(ctx.fresh_dir(f"ingest-sqlite-{name}") / "desto.db", rows, TARGET_TRANSACTION)
+    ctx.details[NAME][f"sqlite_ceiling_at_{name}_size"] = {"rows": rows, "rate": rate, "rows_per_s": rows_per_s}
     ctx.add(
         Figure(
             NAME,
-            f"SQLite's own upsert over the rows a trial at {TARGET_RATIO:g} of the ceiling writes",
-            at_ratio,
+            f"SQLite's own upsert over {what}",
+            rows_per_s,
             "rows/s",
             rate,
-            f"{TARGET_RATIO:g} of the ceiling",
+            rate_name,
             note=f"{rows:,} rows, {TARGET_TRANSACTION:,} per transaction, sessions rows only",
         )
     )
