@@ -33,7 +33,7 @@ from archiver.keys import Kind
 from archiver.models import sqlite_utc
 from archiver.source import Source
 from archiver.store import Store
-from archiver.writer import insert_columns
+from archiver.writer import HISTORY_INSERT, insert_columns
 from bench.common import Context, Figure, median
 from bench.records import load_records, record_id, session_key
 
@@ -49,11 +49,16 @@ UPSERT = (
 )
 
 
-def sqlite_ceiling_at(path: Path, rows: int, per_transaction: int = 500, bulk: bool = False) -> float:
+def sqlite_ceiling_at(
+    path: Path, rows: int, per_transaction: int = 500, bulk: bool = False, history: bool = False
+) -> float:
     """Ceiling 1(b)'s upsert over ``rows`` rows, generated one transaction's worth at a time
     (memory stays flat) off the clock, as 1(b)'s rows are built before its clock starts.
     ``bulk``: as a first backfill loads a file, the secondary indexes dropped first and built
-    at the end (``Store.defer_indexes``/``restore_indexes``), the building timed too."""
+    at the end (``Store.defer_indexes``/``restore_indexes``), the building timed too.
+    ``history``: each row also gets the status-history row that records its creation, in the
+    same transaction and in id order, as the archiver's writer adds them: what the archive must
+    hold for every new record."""
     store = Store.open(path)
     conn = store.conn
     rng = random.Random(rows)
@@ -70,15 +75,25 @@ def sqlite_ceiling_at(path: Path, rows: int, per_transaction: int = 500, bulk: b
             for _ in range(min(per_transaction, rows - done)):
                 sid = str(uuid.UUID(int=rng.getrandbits(128), version=4))
                 batch.append((sid, f"s-{sid[:8]}", f"s-{sid[:8]}", "running", stamp, None, stamp, "", 1, "", *tail))
+            created = (
+                sorted(("session", row[0], "first_seen", "running", None, None, stamp, None, "redis") for row in batch)
+                if history
+                else []
+            )
             started = time.perf_counter()
             conn.execute("BEGIN IMMEDIATE")
             conn.executemany(UPSERT, batch)
+            if created:
+                conn.executemany(HISTORY_INSERT, created)
             conn.execute("COMMIT")
         if bulk:
             store.restore_indexes()
         elapsed += time.perf_counter() - started
+        stored = [conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in ("sessions", "status_history")]
     finally:
         store.close()
+    if stored != [rows, rows if history else 0]:
+        raise AssertionError(f"{rows} rows upserted, {stored} rows in sessions and status_history")
     assert len(SESSION_COLUMNS) == 18
     return rows / elapsed
 

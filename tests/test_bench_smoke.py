@@ -106,6 +106,11 @@ def test_ingest_loses_nothing(smoke: dict[str, Any]) -> None:
     assert at_ratio["rows"] == round(at_ratio["rate"] * 3) and at_ratio["rows_per_s"] > 0
     ratio_size = found["SQLite's own upsert over the rows a trial at 0.4 of the ceiling writes"]
     assert (ratio_size["value"], ratio_size["baseline"]) == (at_ratio["rows_per_s"], at_ratio["rate"])
+    # ... and the same with each record's first status-history row, as the archive holds it
+    with_history = smoke["details"]["ingest"]["sqlite_ceiling_at_ratio_with_history_size"]
+    assert {k: with_history[k] for k in ("rows", "rate")} == {k: at_ratio[k] for k in ("rows", "rate")}
+    named = "SQLite's own upsert over the rows a trial at 0.4 of the ceiling writes and their first history rows"
+    assert (found[named]["value"], found[named]["unit"]) == (with_history["rows_per_s"], "records/s")
 
 
 def test_latency_sees_every_change_at_every_rate(smoke: dict[str, Any]) -> None:
@@ -132,7 +137,7 @@ def test_backfill_reads_every_record_and_reports_its_memory(smoke: dict[str, Any
         assert details["import_only_rss_mb"] < run["peak_rss_mb"] < 1_000
         assert run["cpu_us_per_key"]["backfill"] > 0 and run["cpu_us_per_key"]["redis_server"] > 0
     found = figures(smoke, "backfill")
-    assert len(found) == 23
+    assert len(found) == 25
     stages = details["stage_cpu_us_per_key"]  # the same keys, stage by stage, in one thread
     assert set(stages) == {"scan", "read", "normalize", "write", "pickle send", "pickle receive"}
     assert all(us > 0 for us in stages.values())
@@ -141,7 +146,8 @@ def test_backfill_reads_every_record_and_reports_its_memory(smoke: dict[str, Any
     split = found[f"two-process backfill limit over 2k ({cores} cores / CPU per key of its stages and redis-server)"]
     assert split["value"] == pytest.approx(cores * 1e6 / (sum(stages.values()) + redis_us))
     assert split["baseline"] == 50_000
-    for ceilings in ("sqlite_ceiling_at", "sqlite_bulk_ceiling_at"):  # SQLite's own, at each size
+    # SQLite's own, at each size
+    for ceilings in ("sqlite_ceiling_at", "sqlite_bulk_ceiling_at", "sqlite_bulk_with_history_ceiling_at"):
         assert {int(size) for size in details[ceilings]} == {2_000, 10_000}
         assert all(rate > 0 for rate in details[ceilings].values())
     limit = found[f"keys/s over 10k records vs the machine limit ({cores} cores / CPU per key of both)"]
