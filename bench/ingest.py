@@ -48,7 +48,10 @@ with the machine, so this figure says, for this run, whether SQLite itself could
 Every record the daemon meets for the first time also gets the status-history row that records
 its creation (the archive keeps each record's history from its first sighting), so the same
 upsert is also run at that size with that row added to each transaction: SQLite's own write of
-what the archive must hold for each new record, still without a version guard or Redis.
+what the archive must hold for each new record, still without a version guard or Redis. Last, the
+daemon's own write path (``bench.write_cost``) writes as many new records in one thread, with no
+Redis and no other thread beside it. SQLite takes one writer at a time, so the time of its
+statements alone bounds the daemon however its work were split between threads or processes.
 
 Memory: each trial reads the daemon's peak resident memory (``VmHWM``) when it is ready and
 again once every change is archived. The figure at the sustained rate (no target) is the second,
@@ -68,6 +71,7 @@ import redis
 
 from archiver.config import Settings
 from archiver.fetcher import QUEUE_DEPTH
+from archiver.pipeline import DAEMON_CACHE_MB
 from bench.ceilings import sqlite_ceiling_at
 from bench.common import (
     Context,
@@ -82,6 +86,7 @@ from bench.common import (
 )
 from bench.peak_rss import vm_hwm_kb
 from bench.records import record_id, session_key
+from bench.write_cost import measure as measure_write_path
 from tests.redis_server import RedisServer
 
 NAME = "ingest"
@@ -321,6 +326,7 @@ def run(ctx: Context) -> None:
         what = f"the rows a trial at {ratio} writes"
         add_sqlite_at_rate(ctx, "ratio", rate, what, ratio)
         add_sqlite_at_rate(ctx, "ratio_with_history", rate, what, ratio, history=True)
+        add_write_path_at_rate(ctx, rate, what, ratio)
     failing = [t for t in trials if not t["sustained"] and (not best or t["rate"] > best["rate"])]
     if failing:
         first_fail = min(failing, key=lambda t: t["rate"])
@@ -356,6 +362,43 @@ def add_sqlite_at_rate(ctx: Context, name: str, rate: float, what: str, rate_nam
             rate_name,
             note=f"{rows:,} rows, {TARGET_TRANSACTION:,} per transaction, "
             + ("each with its status-history row" if history else "sessions rows only"),
+        )
+    )
+
+
+def add_write_path_at_rate(ctx: Context, rate: float, what: str, rate_name: str) -> None:
+    """The daemon's own write path (``bench.write_cost``: normalized records through
+    ``write_batch``, in one thread, no Redis) over as many new records as a trial at ``rate``
+    writes. SQLite takes one writer at a time, so however the daemon's work were split between
+    threads or processes, its statements run one after another: their time alone (the WAL's
+    restarts left out, which a checkpointing thread mostly takes over) bounds the rate of any
+    such split."""
+    rows = round(rate * trial_seconds(ctx))
+    ctx.log(f"ingest: the daemon's write path over {what} ({rows:,} records)")
+    found = measure_write_path(
+        ctx.fresh_dir("ingest-write-path") / "desto.db", rows, TARGET_TRANSACTION, DAEMON_CACHE_MB
+    )
+    statements = found["statements_us_per_row"]
+    restarts = statements.get("PRAGMA wal_checkpoint", 0.0)
+    sql_rate = 1e6 / (sum(statements.values()) - restarts)
+    path_rate = 1e6 / (found["us_per_row"] - restarts)
+    ctx.details[NAME]["write_path_at_ratio_size"] = {
+        "rows": rows,
+        "rate": rate,
+        "statements_records_per_s": sql_rate,
+        "write_path_records_per_s": path_rate,
+        "measured": found,
+    }
+    ctx.add(
+        Figure(
+            NAME,
+            f"the daemon's write path over {what}, one thread: its SQLite statements alone",
+            sql_rate,
+            "records/s",
+            rate,
+            rate_name,
+            note=f"{rows:,} records, {TARGET_TRANSACTION:,} per transaction; the whole write path, its Python "
+            f"included: {path_rate:,.0f} records/s",
         )
     )
 

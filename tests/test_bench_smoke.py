@@ -111,6 +111,18 @@ def test_ingest_loses_nothing(smoke: dict[str, Any]) -> None:
     assert {k: with_history[k] for k in ("rows", "rate")} == {k: at_ratio[k] for k in ("rows", "rate")}
     named = "SQLite's own upsert over the rows a trial at 0.4 of the ceiling writes and their first history rows"
     assert (found[named]["value"], found[named]["unit"]) == (with_history["rows_per_s"], "records/s")
+    # ... and the daemon's own write path in one thread: its SQLite statements bound any split
+    write_path = smoke["details"]["ingest"]["write_path_at_ratio_size"]
+    assert write_path["rows"] == at_ratio["rows"] and write_path["measured"]["rows"] == at_ratio["rows"]
+    assert 0 < write_path["write_path_records_per_s"] < write_path["statements_records_per_s"]
+    named = (
+        "the daemon's write path over the rows a trial at 0.4 of the ceiling writes, one thread: "
+        "its SQLite statements alone"
+    )
+    assert (found[named]["value"], found[named]["baseline"]) == (
+        write_path["statements_records_per_s"],
+        at_ratio["rate"],
+    )
 
 
 def test_latency_sees_every_change_at_every_rate(smoke: dict[str, Any]) -> None:
