@@ -208,7 +208,7 @@ class Reader:
         # by kind and id, what the history's index is keyed by (without the kind SQLite reads it
         # all); a long chain's jobs in pages, within SQLite's limit on a statement's parameters
         history = [
-            *select_in(self.conn, "SELECT * FROM status_history WHERE kind = 'session' AND record_id IN", [sid]),
+            *self.conn.execute("SELECT * FROM status_history WHERE kind = 'session' AND record_id = ?", (sid,)),
             *select_in(
                 self.conn,
                 "SELECT * FROM status_history WHERE kind = 'job' AND record_id IN",
