@@ -442,18 +442,15 @@ def test_show_does_not_read_the_whole_archive(redis_server, db_path: Path, archi
     (SQLite's virtual-machine steps) stays the same when the archive holds 20,000 more sessions."""
 
     def shown(ident: str) -> tuple[int, dict[str, object]]:
-        reader = Reader.open(db_path)
         steps = [0]
 
         def tick() -> int:
             steps[0] += 1
             return 0
 
-        reader.conn.set_progress_handler(tick, 100)
-        try:
+        with Reader.open(db_path) as reader:
+            reader.conn.set_progress_handler(tick, 100)
             found = reader.show(ident)
-        finally:
-            reader.close()
         return steps[0], found
 
     prefix = archived["nightly"][:8]
@@ -490,12 +487,9 @@ def test_show_a_session_with_more_jobs_than_sqlite_takes_parameters(db_path: Pat
         conn.executemany("INSERT INTO jobs (job_id, session_id) VALUES (?, ?)", [(j, sid) for j in jobs])
         conn.execute(event, ("session", sid))
         conn.executemany(event, [("job", j) for j in reversed(jobs)])
-    reader = Reader.open(db_path)
-    reader.conn.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 999)
-    try:
+    with Reader.open(db_path) as reader:
+        reader.conn.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 999)
         shown = reader.show("chain")
-    finally:
-        reader.close()
     assert [j["job_id"] for j in shown["jobs"]] == jobs  # in the chain's order
     history = shown["history"]
     assert len(history) == 5_001 and history[0]["record_id"] == sid and history[-1]["record_id"] == jobs[0]
