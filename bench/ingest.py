@@ -326,7 +326,7 @@ def run(ctx: Context) -> None:
         what = f"the rows a trial at {ratio} writes"
         add_sqlite_at_rate(ctx, "ratio", rate, what, ratio)
         add_sqlite_at_rate(ctx, "ratio_with_history", rate, what, ratio, history=True)
-        add_write_path_at_rate(ctx, rate, what, ratio)
+        add_write_path_at_rate(ctx, "ratio", rate, what, ratio)
     failing = [t for t in trials if not t["sustained"] and (not best or t["rate"] > best["rate"])]
     if failing:
         first_fail = min(failing, key=lambda t: t["rate"])
@@ -366,7 +366,7 @@ def add_sqlite_at_rate(ctx: Context, name: str, rate: float, what: str, rate_nam
     )
 
 
-def add_write_path_at_rate(ctx: Context, rate: float, what: str, rate_name: str) -> None:
+def add_write_path_at_rate(ctx: Context, name: str, rate: float, what: str, rate_name: str) -> None:
     """The daemon's own write path (``bench.write_cost``: normalized records through
     ``write_batch``, in one thread, no Redis) over as many new records as a trial at ``rate``
     writes. SQLite takes one writer at a time, so however the daemon's work were split between
@@ -376,13 +376,13 @@ def add_write_path_at_rate(ctx: Context, rate: float, what: str, rate_name: str)
     rows = round(rate * trial_seconds(ctx))
     ctx.log(f"ingest: the daemon's write path over {what} ({rows:,} records)")
     found = measure_write_path(
-        ctx.fresh_dir("ingest-write-path") / "desto.db", rows, TARGET_TRANSACTION, DAEMON_CACHE_MB
+        ctx.fresh_dir(f"ingest-write-path-{name}") / "desto.db", rows, TARGET_TRANSACTION, DAEMON_CACHE_MB
     )
     statements = found["statements_us_per_row"]
     restarts = statements.get("PRAGMA wal_checkpoint", 0.0)
     sql_rate = 1e6 / (sum(statements.values()) - restarts)
     path_rate = 1e6 / (found["us_per_row"] - restarts)
-    ctx.details[NAME]["write_path_at_ratio_size"] = {
+    ctx.details[NAME][f"write_path_at_{name}_size"] = {
         "rows": rows,
         "rate": rate,
         "statements_records_per_s": sql_rate,

@@ -115,6 +115,12 @@ def test_ingest_loses_nothing(smoke: dict[str, Any]) -> None:
     write_path = smoke["details"]["ingest"]["write_path_at_ratio_size"]
     assert write_path["rows"] == at_ratio["rows"] and write_path["measured"]["rows"] == at_ratio["rows"]
     assert 0 < write_path["write_path_records_per_s"] < write_path["statements_records_per_s"]
+    statements = dict(write_path["measured"]["statements_us_per_row"])
+    restarts = statements.pop("PRAGMA wal_checkpoint", 0.0)  # the checkpointing thread's, in the daemon
+    assert write_path["statements_records_per_s"] == pytest.approx(1e6 / sum(statements.values()))
+    assert write_path["write_path_records_per_s"] == pytest.approx(
+        1e6 / (write_path["measured"]["us_per_row"] - restarts)
+    )
     named = (
         "the daemon's write path over the rows a trial at 0.4 of the ceiling writes, one thread: "
         "its SQLite statements alone"
@@ -162,6 +168,11 @@ def test_backfill_reads_every_record_and_reports_its_memory(smoke: dict[str, Any
     for ceilings in ("sqlite_ceiling_at", "sqlite_bulk_ceiling_at", "sqlite_bulk_with_history_ceiling_at"):
         assert {int(size) for size in details[ceilings]} == {2_000, 10_000}
         assert all(rate > 0 for rate in details[ceilings].values())
+    for size, label in ((2_000, "2k"), (10_000, "10k")):  # each comparison against its own baseline
+        history = found[f"keys/s over {label} records vs SQLite's bulk load with history rows at that size"]
+        assert history["baseline"] == details["sqlite_bulk_with_history_ceiling_at"][str(size)]
+        bulk = found[f"keys/s over {label} records vs SQLite's bulk load at that size"]
+        assert bulk["baseline"] == details["sqlite_bulk_ceiling_at"][str(size)]
     limit = found[f"keys/s over 10k records vs the machine limit ({cores} cores / CPU per key of both)"]
     cpu = runs[1]["cpu_us_per_key"]
     assert limit["baseline"] == pytest.approx(cores * 1e6 / (cpu["backfill"] + cpu["redis_server"]))
