@@ -40,6 +40,7 @@ log = get_logger("archiver.pipeline")
 DAEMON_CACHE_MB = 64
 
 _TICK = 0.25  # the longest the main loop sleeps: how fast it notices a stop request
+_FILE_CHECK_S = 1.0  # how often the daemon checks that the archive's path still names its file
 
 
 @dataclass
@@ -79,6 +80,8 @@ class Daemon:
         self._next_recheck = 0.0
         self._recheck_more = False
         self.store: Store | None = None
+        self._lock: DaemonLock | None = None
+        self._next_file_check = 0.0
         self.source: Source | None = None
         self.listener: Listener | None = None
         self.ready = threading.Event()  # subscribed and first reconcile done
@@ -117,24 +120,59 @@ class Daemon:
 
     def run(self) -> None:
         """Run until :meth:`request_stop`; raises StoreError when the file cannot be used."""
-        settings = self.settings
-        lock = DaemonLock(settings.db_path)
-        lock.acquire()
-        try:
-            self.store = Store.open(
-                settings.db_path, settings.sqlite_busy_timeout, cache_mb=settings.sqlite_cache_mb or DAEMON_CACHE_MB
-            )
-        except BaseException:
-            lock.release()
-            raise
-        self.source = Source(settings)
+        self._open_store()
+        self.source = Source(self.settings)
         try:
             self._start()
             while not self._stop_requested:
                 self._step()
         finally:
             self._shutdown()
-            lock.release()
+            if self._lock is not None:
+                self._lock.release()
+
+    def _open_store(self) -> None:
+        settings = self.settings
+        self._lock = DaemonLock(settings.db_path)
+        self._lock.acquire()
+        try:
+            self.store = Store.open(
+                settings.db_path, settings.sqlite_busy_timeout, cache_mb=settings.sqlite_cache_mb or DAEMON_CACHE_MB
+            )
+        except BaseException:
+            self._lock.release()
+            self._lock = None
+            raise
+        self._next_file_check = time.monotonic() + _FILE_CHECK_S
+
+    def _check_file(self) -> None:
+        """The archive's file removed or replaced under the daemon (rm, mv, a restore moved into
+        place) would go on taking every write, unseen by desto and by every other reader of the
+        path. Open the path again instead, and reconcile: Redis still holds the last 7 days.
+        Raises StoreError when the file now at the path cannot be used."""
+        assert self.store is not None and self._lock is not None
+        self._next_file_check = time.monotonic() + _FILE_CHECK_S
+        reason = self.store.file_lost()
+        if reason is None:
+            return
+        removed = self.store.release_lost_file()
+        self.store = None
+        self._lock.release()
+        self._lock = None
+        log.error(
+            "archive.file_lost",
+            db=str(self.settings.db_path),
+            reason=reason,
+            removed=removed,
+            detail="what the daemon wrote since the file was opened stays in that file, wherever it went; "
+            "opening the path again and reconciling from Redis",
+        )
+        self._open_store()
+        assert self.store is not None
+        self._sweep = None  # it swept the lost file; the reconcile below replaces it
+        self._reconcile_wanted = self._reconcile_wanted or "reopened"
+        self._next_heartbeat = 0.0
+        log.info("archive.reopened", db=str(self.settings.db_path), schema_found=self.store.schema_found)
 
     def _start(self) -> None:
         assert self.source is not None and self.store is not None
@@ -177,6 +215,8 @@ class Daemon:
         if overflowed:
             log.warning("events.overflow", limit=self.settings.max_dirty, detail="dirty keys forgotten: reconciling")
             self._reconcile_wanted = self._reconcile_wanted or "overflow"
+        if now >= self._next_file_check:
+            self._check_file()
         if now >= self._next_heartbeat:
             self._heartbeat()
         if self.notifier.watchdog_interval is not None and now >= self._next_watchdog:
@@ -408,8 +448,11 @@ class Daemon:
         fetcher = self.fetcher
         if fetcher is not None:
             fetcher.drain()
-            while time.monotonic() < deadline and (
-                fetcher.is_alive() or self._pending is not None or fetcher.has_queued()
+            # no store: a file that was lost, then refused when opened again
+            while (
+                self.store is not None
+                and time.monotonic() < deadline
+                and (fetcher.is_alive() or self._pending is not None or fetcher.has_queued())
             ):
                 try:
                     if self._pending is None:

@@ -144,10 +144,21 @@ class Checkpointer(threading.Thread):
             self._conn.close()
 
 
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
 class Store:
     def __init__(self, conn: sqlite3.Connection, path: Path, schema_found: int, busy_timeout: float = 5.0) -> None:
         self.conn = conn
         self.path = path
+        # The file, its WAL and its shared memory as opened: SQLite holds them by descriptor, so a
+        # file removed or moved away under it goes on taking writes nobody will read.
+        self._opened = {suffix: _identity(Path(f"{path}{suffix}")) for suffix in ("", "-wal", "-shm")}
         self.schema_found = schema_found
         self.checkpointer: Checkpointer | None = None
         self.busy_timeout = busy_timeout  # seconds a write waits for another writer's lock
@@ -202,6 +213,37 @@ class Store:
             self.checkpointer.stop()
         with suppress(sqlite3.Error):
             self.conn.close()
+
+    def file_lost(self) -> str | None:
+        """Why the path no longer names the file this store writes (``removed``, or ``replaced``
+        by another file, e.g. moved away or a restore moved over it), or None while it does. The
+        same test as SQLite's own: the path's inode against the one opened."""
+        try:
+            found = os.stat(self.path)
+        except FileNotFoundError:
+            return "removed"
+        except OSError:
+            return None  # cannot tell right now: the next look decides
+        if (found.st_dev, found.st_ino) != self._opened[""]:
+            return "replaced"
+        return None
+
+    def release_lost_file(self) -> list[str]:
+        """Once :meth:`file_lost`: remove the WAL and shared-memory files of the lost file that
+        are still at the path (only those this store opened, by inode), then close. SQLite pairs
+        them with a database by name: left there, they would be read as the log of whatever file
+        the path names next, and a restore moved into place would be overwritten by the lost
+        file's pages. Returns the names removed."""
+        removed = []
+        for suffix in ("-wal", "-shm"):
+            side = Path(f"{self.path}{suffix}")
+            opened = self._opened[suffix]
+            if opened is not None and _identity(side) == opened:
+                with suppress(FileNotFoundError):
+                    side.unlink()
+                    removed.append(side.name)
+        self.close()
+        return removed
 
     def _begin(self) -> None:
         """BEGIN IMMEDIATE, trying for the write lock every millisecond until the busy timeout.

@@ -9,6 +9,7 @@ scenario also adds a row to the reliability report (README's "Reliability" table
 
 from __future__ import annotations
 
+import os
 import signal
 import sqlite3
 import time
@@ -17,6 +18,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 import redis as redis_lib
 
+from archiver.backup import backup
 from tests.fault_helpers import (
     KEYSPACE_PATTERN,
     archived,
@@ -380,3 +382,94 @@ def test_expired_and_deleted_keys_become_tombstones(redis_server, redis, db_path
         session_row = archived(db_path, skey)
         assert utc(session_row["gone_at"]) >= expire_from + timedelta(milliseconds=250)  # when the TTL ran out
         assert_archive_equals_redis(redis, db_path, [skey, jkey], timeout=2)
+
+
+# ─── 11. the archive's file removed or replaced under the daemon ─────────────────────────────────
+
+
+def _integrity(db_path) -> str:
+    conn = sqlite3.connect(db_path)
+    try:
+        return conn.execute("PRAGMA integrity_check").fetchone()[0]
+    finally:
+        conn.close()
+
+
+def test_archive_removed_under_the_daemon_is_started_again_from_redis(
+    redis_server, redis, db_path, daemons, writers, reliability
+):
+    report = reliability(
+        "archive file removed, twice",
+        "`rm desto.db` (its WAL and shared memory left in place) under a desto-like writer, twice",
+    )
+    writer = writers(redis_server, seed=11)
+    daemon = start_ready(daemons, redis_server, db_path)
+    for n in range(1, 3):
+        writer.wait_steps(100)
+        db_path.unlink()
+        lost = daemon.wait_log("archive.file_lost", count=n, timeout=5)[n - 1]
+        assert lost["reason"] == "removed"
+        # the removed file's own log, which the next opener of the path would take for its own
+        assert sorted(lost["removed"]) == ["desto.db-shm", "desto.db-wal"]
+        daemon.wait_reconcile("reopened", count=n, timeout=15)
+    writer.wait_steps(100)
+    written = writer.finish()
+
+    settle(report, redis, db_path, written, timeout=20)
+    assert _integrity(db_path) == "ok"
+    wait_for(lambda: heartbeat(db_path)["pid"] == daemon.pid, 10, what="the daemon's heartbeat in the new file")
+    report.measured["reopened"] = len(daemon.events("archive.reopened"))
+    assert daemon.proc.poll() is None
+
+
+def test_a_restore_moved_over_the_archive_is_opened_and_brought_up_to_date(
+    redis_server, redis, db_path, daemons, reliability, tmp_path
+):
+    report = reliability(
+        "archive replaced by a restore",
+        "a copy made earlier by `desto-archiver backup` moved over the archive (`mv`) while the daemon runs",
+    )
+    daemon = start_ready(daemons, redis_server, db_path)
+    gone_key, _ = write_session(redis, status="finished", end_time=now_iso())
+    kept = [write_session(redis)[0] for _ in range(2)]
+    assert_archive_equals_redis(redis, db_path, [gone_key, *kept], timeout=5)
+    redis.delete(gone_key)
+    wait_for(lambda: archived(db_path, gone_key)["gone_at"] is not None, 5, what="the deleted session's tombstone")
+
+    copy = tmp_path / "backup.db"
+    backup(db_path, copy)
+    # A row only the copy holds: after the move, the path must name the copy, not the lost file's log.
+    conn = sqlite3.connect(copy)
+    conn.execute("INSERT INTO archiver_state (name, value, updated_at) VALUES ('restored_from', 'the backup', '')")
+    conn.commit()
+    conn.close()
+    later = [write_session(redis)[0] for _ in range(2)]
+    assert_archive_equals_redis(redis, db_path, later, timeout=5)  # into the file about to be replaced
+
+    os.replace(copy, db_path)
+    lost = daemon.wait_log("archive.file_lost", timeout=5)[0]
+    assert lost["reason"] == "replaced"
+    assert sorted(lost["removed"]) == ["desto.db-shm", "desto.db-wal"]
+    daemon.wait_reconcile("reopened", timeout=10)
+
+    settle(report, redis, db_path, [gone_key, *kept, *later], timeout=10)
+    assert query(db_path, "SELECT value FROM archiver_state WHERE name = 'restored_from'")[0]["value"] == "the backup"
+    assert archived(db_path, gone_key)["gone_reason"] == "deleted"  # history only the copy held
+    assert _integrity(db_path) == "ok"
+    report.measured["reopened"] = len(daemon.events("archive.reopened"))
+    assert daemon.proc.poll() is None
+
+
+def test_a_file_moved_over_the_archive_that_is_not_sqlite_stops_the_daemon_with_the_reason(
+    redis_server, redis, db_path, daemons, tmp_path
+):
+    daemon = start_ready(daemons, redis_server, db_path)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a database\n" * 100)
+    os.replace(notes, db_path)
+    assert daemon.proc.wait(timeout=10) == 1
+    text = daemon.log.read_text()
+    assert daemon.events("archive.file_lost", reason="replaced")
+    assert f"cannot use {db_path}" in text and "is it a SQLite file" in text, text
+    assert daemon.events("archiver.stopped")
+    assert db_path.read_text() == "not a database\n" * 100  # left as it was

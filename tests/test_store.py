@@ -268,6 +268,33 @@ def test_one_daemon_per_file(db_path: Path) -> None:
     second.release()
 
 
+def test_the_file_moved_away_or_replaced_is_told_and_only_its_own_side_files_go(db_path: Path) -> None:
+    store = Store.open(db_path)
+    wal, shm = Path(f"{db_path}-wal"), Path(f"{db_path}-shm")
+    try:
+        assert wal.exists() and shm.exists()
+        assert store.file_lost() is None
+        moved = db_path.with_name("moved.db")
+        os.rename(db_path, moved)
+        assert store.file_lost() == "removed"
+        db_path.write_bytes(b"")  # whatever is put at the path next
+        assert store.file_lost() == "replaced"
+        # A WAL at the path that is not the one this store opened belongs to someone else.
+        os.rename(wal, db_path.with_name("moved.db-wal"))
+        wal.write_bytes(b"another file's log")
+    finally:
+        removed = store.release_lost_file()
+    assert removed == [shm.name]
+    assert not shm.exists()
+    assert wal.read_bytes() == b"another file's log"
+    assert db_path.read_bytes() == b""
+    conn = sqlite3.connect(moved)  # the lost file itself is untouched, and whole
+    try:
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    finally:
+        conn.close()
+
+
 def test_a_row_the_file_refuses_is_quarantined_alone(store: Store, db_path: Path) -> None:
     conn = sqlite3.connect(db_path)
     conn.execute(
