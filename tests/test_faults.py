@@ -1,5 +1,6 @@
 """Fault injection: the archive stays complete, and equal to Redis, through crashes and restarts of
-the archiver, restarts and freezes of Redis, dropped connections, a locked file, and key expiry.
+the archiver, restarts and freezes of Redis, dropped connections, a locked file, the file removed
+or replaced under the daemon, and key expiry.
 
 Every scenario ends with the same check: each desto session, job and favorite hash in Redis has an
 archived row that desto's own readers turn into the same object desto's ``from_dict`` makes of the
