@@ -1,6 +1,6 @@
 """desto-archiver's benchmark suite.
 
-    .venv/bin/python -m bench                     # full size, ~10 minutes
+    .venv/bin/python -m bench                     # full size, about 20 minutes
     .venv/bin/python -m bench --smoke             # tiny sizes, under a minute
     .venv/bin/python -m bench --json results.json # also write every figure and raw detail as JSON
     .venv/bin/python -m bench --only ingest,idle  # some benchmarks (ceilings run too when needed)
@@ -17,5 +17,6 @@ numbers are printed too. One module per benchmark, each with its method in its d
 - ``bench.backfill``: 4. ``desto-archiver backfill``: keys/s and peak RSS
 - ``bench.desto_cost``: 5. desto's own operations/s with and without the archiver beside it
 - ``bench.idle``: 6. the daemon's CPU time when nothing changes
+- ``bench.soak``: 7. the daemon's memory over a few hundred thousand changes to live records
 - ``bench.profile``: the daemon under a sampling profiler at a fixed ingest rate
 """

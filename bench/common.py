@@ -363,15 +363,17 @@ def cpu_seconds(pid: int) -> float:
 
 
 class WriterProcess:
-    """``python -m bench.writer``: desto-shaped HSETs of distinct keys at a set rate."""
+    """``python -m bench.writer``: desto-shaped HSETs of distinct keys at a set rate (of ``keys``
+    keys in turn, when given)."""
 
-    def __init__(self, ctx: Context, port: int, rate: float, seconds: float, tag: str) -> None:
+    def __init__(self, ctx: Context, port: int, rate: float, seconds: float, tag: str, keys: int | None = None) -> None:
         self.ctx = ctx
         self.rate = rate
         self.proc = ctx.procs.spawn(
             [
                 sys.executable, "-m", "bench.writer",
                 "--port", str(port), "--rate", str(rate), "--seconds", str(seconds), "--tag", tag,
+                *(["--keys", str(keys)] if keys is not None else []),
             ],
             stdout=subprocess.PIPE,
             text=True,

@@ -1,7 +1,8 @@
 """The load generator: a separate process writing desto-shaped session hashes at a set rate.
 
 ``python -m bench.writer --port P --rate R --seconds S --tag T`` writes ``R * S`` distinct
-session keys (one HSET each, pipelined), paced against a monotonic clock: once at least a
+session keys (one HSET each, pipelined; with ``--keys K``, K keys in turn, each change rewriting a
+live record as desto's heartbeats do), paced against a monotonic clock: once at least a
 millisecond's worth of changes is due, it sends everything due (at most ``--chunk`` commands per
 round trip), otherwise it sleeps until then. Every hash carries the wall time of its send in
 ``start_time`` and ``last_heartbeat`` (desto's naive local ISO form, to the microsecond), so a
@@ -33,8 +34,11 @@ def run(
     tag: str,
     chunk: int = 1000,
     on_start: Callable[[float], None] | None = None,
+    keys: int | None = None,
 ) -> dict[str, float]:
     total = max(1, round(rate * seconds))
+    if keys is not None:
+        chunk = min(chunk, keys)  # a key at most once per round trip: each change has its own time
     tick = max(1, int(rate * TICK_S))  # the fewest commands per round trip
     sent = 0
     max_behind = 0
@@ -53,7 +57,7 @@ def run(
             max_behind = max(max_behind, n)
             n = min(n, chunk)
             ts = iso_now()
-            commands = [session_command(record_id(i, tag), ts) for i in range(sent, sent + n)]
+            commands = [session_command(record_id(i % keys if keys else i, tag), ts) for i in range(sent, sent + n)]
             conn.pipeline(commands, n)
             sent += n
         elapsed = time.perf_counter() - t0
@@ -77,12 +81,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, required=True)
     parser.add_argument("--tag", required=True, help="4 hex digits that make this run's keys distinct")
     parser.add_argument("--chunk", type=int, default=1000, help="most commands per round trip")
+    parser.add_argument("--keys", type=int, help="write these many keys in turn (default: a new key per change)")
     args = parser.parse_args(argv)
 
     def started(wall: float) -> None:
         print(json.dumps({"started": wall}), flush=True)
 
-    result = run(args.port, args.rate, args.seconds, args.tag, args.chunk, started)
+    result = run(args.port, args.rate, args.seconds, args.tag, args.chunk, started, args.keys)
     print(json.dumps(result), flush=True)
     return 0
 

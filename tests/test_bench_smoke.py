@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from bench.profile import render, summarize
+from bench.soak import slope
 from tests.helpers import REPO
 
 pytestmark = pytest.mark.timeout(300)
@@ -47,7 +48,8 @@ def test_the_run_prints_the_table_and_writes_every_figure_as_json(smoke: dict[st
     assert smoke["mode"] == "smoke" and not smoke["errors"]
     assert smoke["duration_s"] < 120
     assert "| benchmark | figure | value | baseline | ratio | target | met? |" in smoke["stdout"]
-    assert {f["benchmark"] for f in smoke["figures"]} == {"ceilings", "ingest", "latency", "backfill", "desto", "idle"}
+    benchmarks = {"ceilings", "ingest", "latency", "backfill", "desto", "idle", "soak"}
+    assert {f["benchmark"] for f in smoke["figures"]} == benchmarks
     for figure in smoke["figures"]:
         assert figure["figure"] in smoke["stdout"]
         assert not figure["error"]
@@ -197,6 +199,32 @@ def test_idle_cpu_is_measured_against_the_busy_daemon(smoke: dict[str, Any]) -> 
     assert details["busy_cpu_s_per_min"] > 0
     assert details["daemon_exit_code"] == 0 and not details["daemon_problems"]
     assert figures(smoke, "idle")["daemon CPU with no changes"]["baseline"] == details["busy_cpu_s_per_min"]
+
+
+def test_soak_samples_the_daemons_memory_while_every_key_ends_as_in_redis(smoke: dict[str, Any]) -> None:
+    details = smoke["details"]["soak"]
+    assert details["sent"] == round(details["rate"] * details["seconds"]) > details["keys"]
+    # the writer rewrote the same keys: the file holds one row per key, each as Redis has it
+    assert details["rows"] == details["compared"] == details["keys"]
+    assert details["mismatched"] == 0, details["mismatch_examples"]
+    assert details["daemon_exit_code"] == 0 and not details["daemon_problems"]
+    assert details["reconciles"] >= 2  # the first, and the periodic ones the run goes through
+    sent_by = [x for x, _ in details["samples"]]
+    assert len(sent_by) >= 5 and sent_by == sorted(sent_by) and sent_by[-1] == details["sent"]
+    assert all(mb > 10 for _, mb in details["samples"])
+    assert len(details["wal_mb"]) == len(sent_by) and details["db_mb"] > 0
+    warm = next(mb for x, mb in details["samples"] if x >= 0.2 * details["sent"])
+    figure = figures(smoke, "soak")[f"daemon RSS after {details['sent']:,} changes to {details['keys']:,} records"]
+    assert (figure["value"], figure["baseline"]) == (details["end_rss_mb"], details["warm_rss_mb"])
+    assert details["warm_rss_mb"] == pytest.approx(warm, abs=0.01)
+    assert details["end_rss_mb"] == pytest.approx(details["samples"][-1][1], abs=0.01)
+
+
+def test_soak_growth_is_the_least_squares_slope() -> None:
+    assert slope([(0, 1.0), (1, 3.0), (2, 5.0)]) == pytest.approx(2.0)
+    assert slope([(0, 5.0), (10, 5.0), (20, 5.0)]) == 0.0
+    assert slope([(0, 0.0), (1, 1.0), (2, 0.0), (3, 1.0)]) == pytest.approx(0.2)
+    assert slope([(3, 7.0)]) == 0.0 and slope([(3, 7.0), (3, 9.0)]) == 0.0
 
 
 def test_profile_summary_counts_self_and_total_time() -> None:

@@ -16,7 +16,7 @@ from archiver.keys import Kind, classify, record_key
 from archiver.models import Fetched, Outcome, normalize
 from archiver.schema import SCHEMA_VERSION
 from archiver.store import AlreadyRunning, Batch, DaemonLock, Store, StoreError
-from archiver.writer import TimedHint
+from archiver.writer import TimedHint, select_in
 from tests.helpers import favorite_hash, job_hash, lock_holder, query, row, session_hash
 
 T0 = 1_795_000_000_000_000
@@ -293,6 +293,26 @@ def test_the_file_moved_away_or_replaced_is_told_and_only_its_own_side_files_go(
         assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     finally:
         conn.close()
+
+
+def test_lookups_by_id_find_each_row_once_with_a_few_statement_texts(tmp_path: Path) -> None:
+    conn = sqlite3.connect(tmp_path / "lookups.db")
+    conn.execute("CREATE TABLE t (id TEXT PRIMARY KEY, n INTEGER)")
+    conn.executemany("INSERT INTO t VALUES (?, ?)", [(f"id{i}", i) for i in range(2000)])
+    texts: set[str] = set()
+    conn.set_trace_callback(texts.add)
+    try:
+        for count in range(0, 1200, 7):
+            wanted = [f"id{i}" for i in random.Random(count).sample(range(2100), count)]
+            found = list(select_in(conn, "SELECT id, n FROM t WHERE id IN", wanted))
+            assert sorted(found) == sorted((w, int(w[2:])) for w in wanted if int(w[2:]) < 2000)
+    finally:
+        conn.close()
+    # Every length of list the daemon meets shares one of ten statements, so its cache of
+    # prepared statements stays small and keeps them. (The trace shows the values bound: count them.)
+    lengths = {text.split(" IN (", 1)[1].count(",") + 1 for text in texts if " IN (" in text}
+    assert lengths <= {1 << k for k in range(10)}, sorted(lengths)
+    assert len(lengths) >= 5  # the loop above met lists of many lengths
 
 
 def test_a_row_the_file_refuses_is_quarantined_alone(store: Store, db_path: Path) -> None:
