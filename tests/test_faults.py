@@ -28,6 +28,7 @@ from tests.fault_helpers import (
     desto_view,
     entity_of,
     heartbeat,
+    integrity,
     notify_flags,
     pubsub_clients,
     settle,
@@ -388,14 +389,6 @@ def test_expired_and_deleted_keys_become_tombstones(redis_server, redis, db_path
 # ─── 11. the archive's file removed or replaced under the daemon ─────────────────────────────────
 
 
-def _integrity(db_path) -> str:
-    conn = sqlite3.connect(db_path)
-    try:
-        return conn.execute("PRAGMA integrity_check").fetchone()[0]
-    finally:
-        conn.close()
-
-
 def test_archive_removed_under_the_daemon_is_started_again_from_redis(
     redis_server, redis, db_path, daemons, writers, reliability
 ):
@@ -417,7 +410,7 @@ def test_archive_removed_under_the_daemon_is_started_again_from_redis(
     written = writer.finish()
 
     settle(report, redis, db_path, written, timeout=20)
-    assert _integrity(db_path) == "ok"
+    assert integrity(db_path) == "ok"
     wait_for(lambda: heartbeat(db_path)["pid"] == daemon.pid, 10, what="the daemon's heartbeat in the new file")
     report.measured["reopened"] = len(daemon.events("archive.reopened"))
     assert daemon.proc.poll() is None
@@ -456,7 +449,7 @@ def test_a_restore_moved_over_the_archive_is_opened_and_brought_up_to_date(
     settle(report, redis, db_path, [gone_key, *kept, *later], timeout=10)
     assert query(db_path, "SELECT value FROM archiver_state WHERE name = 'restored_from'")[0]["value"] == "the backup"
     assert archived(db_path, gone_key)["gone_reason"] == "deleted"  # history only the copy held
-    assert _integrity(db_path) == "ok"
+    assert integrity(db_path) == "ok"
     report.measured["reopened"] = len(daemon.events("archive.reopened"))
     assert daemon.proc.poll() is None
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 import random
 import resource
 import signal
-import sqlite3
 import subprocess
 import time
 import uuid
@@ -41,6 +40,7 @@ from tests.fault_helpers import (
     FULL_SIZE,
     DaemonProcess,
     heartbeat,
+    integrity,
     settle,
     start_ready,
 )
@@ -101,14 +101,6 @@ def kill_inside_write_transaction(daemon: DaemonProcess, db_path: Path, timeout:
             raise AssertionError(f"the daemon exited ({daemon.proc.returncode}) before it wrote")
         time.sleep(0.0002)
     raise AssertionError(f"the daemon never held the write lock within {timeout} s")
-
-
-def integrity(db_path: Path) -> str:
-    conn = sqlite3.connect(db_path, timeout=10)
-    try:
-        return str(conn.execute("PRAGMA integrity_check").fetchone()[0])
-    finally:
-        conn.close()
 
 
 # ─── 1. the archiver killed at 20 points of a busy workload ──────────────────────────────────────
