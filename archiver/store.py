@@ -218,6 +218,8 @@ class Store:
         """Why the path no longer names the file this store writes (``removed``, or ``replaced``
         by another file, e.g. moved away or a restore moved over it), or None while it does. The
         same test as SQLite's own: the path's inode against the one opened."""
+        if self._opened[""] is None:
+            return None  # never known (the file could not be looked at when opened)
         try:
             found = os.stat(self.path)
         except FileNotFoundError:
