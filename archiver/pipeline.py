@@ -143,7 +143,6 @@ class Daemon:
             self._lock.release()
             self._lock = None
             raise
-        self._next_file_check = time.monotonic() + _FILE_CHECK_S
 
     def _check_file(self) -> None:
         """The archive's file removed or replaced under the daemon (rm, mv, a restore moved into
