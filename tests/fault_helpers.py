@@ -143,15 +143,6 @@ def archived(db_path: Path, key: str) -> sqlite3.Row | None:
     return row(db_path, entity.table, entity.id_col, record_id)
 
 
-def integrity(db_path: Path) -> str:
-    """``PRAGMA integrity_check`` of the archive: ``ok`` when it is whole."""
-    conn = sqlite3.connect(db_path, timeout=10)
-    try:
-        return str(conn.execute("PRAGMA integrity_check").fetchone()[0])
-    finally:
-        conn.close()
-
-
 def heartbeat(db_path: Path) -> dict[str, Any] | None:
     found = row(db_path, "archiver_state", "name", "heartbeat")
     return json.loads(found["value"]) if found is not None else None

@@ -255,6 +255,15 @@ def atjob_hash(number: str = "7", **fields: str) -> dict[str, str]:
 # ─── reading the archive back ────────────────────────────────────────────────────────────────────
 
 
+def integrity(db_path: Path) -> str:
+    """``PRAGMA integrity_check`` of the archive: ``ok`` when it is whole."""
+    conn = sqlite3.connect(db_path, timeout=10)
+    try:
+        return str(conn.execute("PRAGMA integrity_check").fetchone()[0])
+    finally:
+        conn.close()
+
+
 def query(db_path: Path, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
     conn = sqlite3.connect(db_path, timeout=10)
     try:

@@ -28,7 +28,6 @@ from tests.fault_helpers import (
     desto_view,
     entity_of,
     heartbeat,
-    integrity,
     notify_flags,
     pubsub_clients,
     settle,
@@ -38,7 +37,7 @@ from tests.fault_helpers import (
     write_job,
     write_session,
 )
-from tests.helpers import daemon_thread, log_events, now_iso, query, settings_for, wait_for
+from tests.helpers import daemon_thread, integrity, log_events, now_iso, query, settings_for, wait_for
 
 # ─── 1. the archiver killed and restarted under load ─────────────────────────────────────────────
 

@@ -40,11 +40,19 @@ from tests.fault_helpers import (
     FULL_SIZE,
     DaemonProcess,
     heartbeat,
-    integrity,
     settle,
     start_ready,
 )
-from tests.helpers import job_hash, lock_holder, log_events, now_iso, session_hash, wait_for, write_lock_holder
+from tests.helpers import (
+    integrity,
+    job_hash,
+    lock_holder,
+    log_events,
+    now_iso,
+    session_hash,
+    wait_for,
+    write_lock_holder,
+)
 from tests.redis_server import RedisServer
 
 KILLS = 20

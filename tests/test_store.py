@@ -17,7 +17,7 @@ from archiver.models import Fetched, Outcome, normalize
 from archiver.schema import SCHEMA_VERSION
 from archiver.store import AlreadyRunning, Batch, DaemonLock, Store, StoreError
 from archiver.writer import TimedHint, select_in
-from tests.helpers import favorite_hash, job_hash, lock_holder, query, row, session_hash
+from tests.helpers import favorite_hash, integrity, job_hash, lock_holder, query, row, session_hash
 
 T0 = 1_795_000_000_000_000
 
@@ -288,11 +288,7 @@ def test_the_file_moved_away_or_replaced_is_told_and_only_its_own_side_files_go(
     assert not shm.exists()
     assert wal.read_bytes() == b"another file's log"
     assert db_path.read_bytes() == b""
-    conn = sqlite3.connect(moved)  # the lost file itself is untouched, and whole
-    try:
-        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-    finally:
-        conn.close()
+    assert integrity(moved) == "ok"  # the lost file itself is untouched, and whole
 
 
 def test_lookups_by_id_find_each_row_once_with_a_few_statement_texts(tmp_path: Path) -> None:
