@@ -220,6 +220,12 @@ def test_soak_samples_the_daemons_memory_while_every_key_ends_as_in_redis(smoke:
     assert (figure["value"], figure["baseline"]) == (details["end_rss_mb"], details["warm_rss_mb"])
     assert details["warm_rss_mb"] == pytest.approx(warm, abs=0.01)
     assert details["end_rss_mb"] == pytest.approx(details["samples"][-1][1], abs=0.01)
+    # the growth is the slope after the warm-up; the JSON's samples are rounded to 0.01 MB
+    after = [(x, mb) for x, mb in details["samples"] if x >= 0.2 * details["sent"]]
+    mean_x = sum(x for x, _ in after) / len(after)
+    spread = sum((x - mean_x) ** 2 for x, _ in after)
+    rounding = 0.005 * sum(abs(x - mean_x) for x, _ in after) / spread * 1e6
+    assert details["growth_mb_per_million"] == pytest.approx(slope(after) * 1e6, abs=rounding + 1e-6)
 
 
 def test_soak_growth_is_the_least_squares_slope() -> None:
