@@ -123,6 +123,7 @@ def backfill(
     source = Source(settings)
     deferred = False
     try:
+        source.clock.note_file(store.newest_version())
         started = time.monotonic()
         # Into an empty archive, the secondary indexes are built once at the end (a sort each)
         # rather than row by row; a run killed half-way leaves them to the next Store.open.

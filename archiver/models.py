@@ -37,6 +37,7 @@ class Fetched:
     value: Any  # hash: flat [field, value, ...] bytes; other types: their raw reply
     pttl_ms: int  # -1: no TTL, -2: missing
     read_at_us: int
+    version_us: int  # orders the reads: Redis' clock, unless it went back (source.ReadClock)
 
 
 @dataclass(slots=True)
@@ -51,6 +52,7 @@ class Row:
     read_at_us: int
     expires_at_us: int | None
     created_at_us: int  # best estimate of when desto created the record (Redis clock)
+    version_us: int  # the read's version (Fetched.version_us): what the store compares
 
     @property
     def status(self) -> str | None:
@@ -70,6 +72,7 @@ class Gone:
     kind: Kind | None
     record_id: str
     read_at_us: int
+    version_us: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,14 +235,14 @@ def normalize(parsed: ParsedKey, fetched: Fetched) -> Outcome:
         record_id = None
     if kind is None:
         if fetched.redis_type == "none":
-            return Gone(fetched.key, None, "", fetched.read_at_us)
+            return Gone(fetched.key, None, "", fetched.read_at_us, fetched.version_us)
         return _reject(fetched, None, None, "unrecognized key under desto: it fits no desto record kind")
     if record_id is None:
         return _reject(fetched, kind, None, "the id in the key is not valid UTF-8")
     if record_id == "":
         return _reject(fetched, kind, record_id, "the key has an empty id")
     if fetched.redis_type == "none":
-        return Gone(fetched.key, kind, record_id, fetched.read_at_us)
+        return Gone(fetched.key, kind, record_id, fetched.read_at_us, fetched.version_us)
     if fetched.redis_type != "hash":
         return _reject(fetched, kind, record_id, f"wrong Redis type: {fetched.redis_type} (desto writes a hash)")
     try:
@@ -291,7 +294,7 @@ def _row(kind: Kind, record_id: str, fetched: Fetched) -> Row:
     if 0 < pttl <= _TTL_MS and kind in _TTL_KINDS:  # desto's 7-day TTL, set once at creation, dates it
         created_at = read_at - (_TTL_MS - pttl) * 1000
     expires_at = read_at + pttl * 1000 if pttl >= 0 else None
-    return Row(kind, record_id, fetched.key, tuple(values), extra, read_at, expires_at, created_at)
+    return Row(kind, record_id, fetched.key, tuple(values), extra, read_at, expires_at, created_at, fetched.version_us)
 
 
 def _decode_hash(flat: Sequence[bytes]) -> dict[str, str]:

@@ -122,6 +122,7 @@ class Daemon:
         """Run until :meth:`request_stop`; raises StoreError when the file cannot be used."""
         self._open_store()
         self.source = Source(self.settings)
+        self._note_file()
         try:
             self._start()
             while not self._stop_requested:
@@ -143,6 +144,11 @@ class Daemon:
             self._lock.release()
             self._lock = None
             raise
+
+    def _note_file(self) -> None:
+        """Tell the reads' clock the newest version in the file just opened."""
+        assert self.source is not None and self.store is not None
+        self.source.clock.note_file(self.store.newest_version())
 
     def _check_file(self) -> None:
         """The archive's file removed or replaced under the daemon (rm, mv, a restore moved into
@@ -167,6 +173,7 @@ class Daemon:
             "opening the path again and reconciling from Redis",
         )
         self._open_store()
+        self._note_file()
         assert self.store is not None
         self._sweep = None  # it swept the lost file; the reconcile below replaces it
         self._reconcile_wanted = self._reconcile_wanted or "reopened"

@@ -32,7 +32,7 @@ class Reconcile:
         self.source = source
         self.page = page
         self.reason = reason
-        self.started_us = source.time_us()  # Redis' clock: rows read from now on have read_at >= this
+        self.started_us = source.version_now()  # rows read from now on have read_at_us >= this
         self.started_mono = time.monotonic()
         self.cursor = 0
         self.scanning = True

@@ -77,6 +77,68 @@ class NotifyState:
     error: str | None  # why they could not be ensured
 
 
+class ReadClock:
+    """The version of each read: Redis' clock, moved ahead by as much as that clock went back.
+
+    A row keeps the version of the read that wrote it, and a read older than that is never
+    applied, so a slow scan cannot overwrite a newer read. Redis' clock is the one clock every
+    reader shares, but it can go back: corrected after running fast, or another host's after a
+    failover or a move. By that clock alone, every later change of a record already archived
+    would look older than its row and be dropped until the clock caught up again: an hour later,
+    or a year. So when a thread finds Redis' clock behind its own previous read, or the first
+    read after a file is opened finds it behind the newest version in that file, versions move
+    ahead to follow on from the newest one. The times written in the rows stay Redis' own.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._local = threading.local()  # each thread's previous reading of Redis' clock
+        self._offset = 0
+        self._newest = 0
+        self._check_next = False
+
+    @property
+    def offset_us(self) -> int:
+        return self._offset
+
+    def note_file(self, newest_us: int | None) -> None:
+        """The newest version in the file just opened (None: no version yet): the next read
+        is checked against it. Every version in the file comes from a read made before now."""
+        if newest_us is None:
+            return
+        with self._lock:
+            self._newest = max(self._newest, newest_us)
+            self._check_next = True
+
+    def version(self, redis_us: int) -> int:
+        """The version of a read made at ``redis_us`` by Redis' clock."""
+        local = self._local
+        previous = getattr(local, "previous", None)
+        local.previous = redis_us
+        moved = 0
+        with self._lock:
+            if self._check_next or (previous is not None and redis_us < previous):
+                self._check_next = False
+                # one past the newest: a reconcile that begins now counts the rows of the
+                # newest version as read before it began, so its sweep still looks at them
+                needed = self._newest + 1 - redis_us
+                if needed > self._offset:
+                    moved, self._offset = needed - self._offset, needed
+            version = redis_us + self._offset
+            if version > self._newest:
+                self._newest = version
+            offset = self._offset
+        if moved:
+            log.warning(
+                "redis.clock_behind",
+                behind_s=round(moved / 1e6, 6),
+                versions_ahead_s=round(offset / 1e6, 6),
+                detail="Redis' clock is behind reads already archived (set back, or another host's clock): "
+                "later reads are ordered after them, not dropped; the times written stay Redis' own",
+            )
+        return version
+
+
 class Source:
     """Commands to Redis on a pooled connection; the listener has a connection of its own."""
 
@@ -85,6 +147,7 @@ class Source:
         self.client = make_client(settings, "desto-archiver")
         self._script = self.client.register_script(_READ_SCRIPT)
         self._use_script = True
+        self.clock = ReadClock()
 
     def close(self) -> None:
         self.client.close()
@@ -96,9 +159,10 @@ class Source:
         info = self.client.info("server")
         return str(info.get("redis_version", "unknown"))
 
-    def time_us(self) -> int:
+    def version_now(self) -> int:
+        """The version a read made now would get: every read from now on gets this or later."""
         seconds, micros = self.client.time()
-        return int(seconds) * 1_000_000 + int(micros)
+        return self.clock.version(int(seconds) * 1_000_000 + int(micros))
 
     def ensure_notifications(self) -> NotifyState:
         """Make ``notify-keyspace-events`` include what the archiver needs (a union, never less)."""
@@ -129,7 +193,7 @@ class Source:
             return []
         if self._use_script:
             try:
-                return _parse_script_reply(keys, self._script(keys=list(keys)))
+                return _parse_script_reply(keys, self._script(keys=list(keys)), self.clock)
             except NoPermissionError:
                 log.warning(
                     "redis.scripting_refused",
@@ -148,6 +212,7 @@ class Source:
         replies = pipe.execute(raise_on_error=False)
         seconds, micros = replies[0]
         read_at = int(seconds) * 1_000_000 + int(micros)
+        version = self.clock.version(read_at)
         out = []
         others = []
         for i, key in enumerate(keys):
@@ -159,9 +224,10 @@ class Source:
                 value = None
                 if type_name != "none":
                     others.append(i)
-            out.append(Fetched(key, type_name, value, int(pttl), read_at))
+            out.append(Fetched(key, type_name, value, int(pttl), read_at, version))
         for i in others:  # wrong-typed keys: read their value for the quarantine (not atomic: rare)
-            out[i] = Fetched(keys[i], out[i].redis_type, self._raw_value(keys[i], out[i].redis_type), -1, read_at)
+            value = self._raw_value(keys[i], out[i].redis_type)
+            out[i] = Fetched(keys[i], out[i].redis_type, value, -1, read_at, version)
         return out
 
     def _raw_value(self, key: bytes, redis_type: str) -> Any:
@@ -177,12 +243,14 @@ class Source:
         return reader() if reader else None
 
 
-def _parse_script_reply(keys: Sequence[bytes], reply: list[Any]) -> list[Fetched]:
+def _parse_script_reply(keys: Sequence[bytes], reply: list[Any], clock: ReadClock) -> list[Fetched]:
     read_at = int(reply[0]) * 1_000_000 + int(reply[1])
+    version = clock.version(read_at)
     out = []
     for i, key in enumerate(keys):
         rtype, value, pttl = reply[2 + 3 * i : 5 + 3 * i]
-        out.append(Fetched(key, rtype.decode() if isinstance(rtype, bytes) else str(rtype), value, int(pttl), read_at))
+        type_name = rtype.decode() if isinstance(rtype, bytes) else str(rtype)
+        out.append(Fetched(key, type_name, value, int(pttl), read_at, version))
     return out
 
 

@@ -297,6 +297,29 @@ class Store:
     def get_state(self) -> dict[str, str]:
         return dict(self.conn.execute("SELECT name, value FROM archiver_state").fetchall())
 
+    _NEWEST = "newest_read_us"
+
+    def newest_version(self) -> int | None:
+        """The newest read version in the file (None: no read yet), for the reader's clock
+        (source.ReadClock). Every write keeps it in archiver_state; a file an older
+        desto-archiver wrote has its rows looked through once."""
+        row = self.conn.execute("SELECT value FROM archiver_state WHERE name = ?", (self._NEWEST,)).fetchone()
+        if row is not None:
+            return int(row[0])
+        found = [self.conn.execute(f"SELECT max(read_at_us) FROM {table}").fetchone()[0] for table in RECORD_TABLES]
+        return max((int(v) for v in found if v is not None), default=None)
+
+    def _note_newest(self, conn: sqlite3.Connection, outcomes: Sequence[Outcome]) -> None:
+        newest = max((o.version_us for o in outcomes if not isinstance(o, Rejected)), default=None)
+        if newest is None:
+            return
+        conn.execute(
+            "INSERT INTO archiver_state (name, value, updated_at) VALUES (?, ?, ?) ON CONFLICT(name) DO UPDATE "
+            "SET value = excluded.value, updated_at = excluded.updated_at "
+            "WHERE CAST(value AS INTEGER) < CAST(excluded.value AS INTEGER)",
+            (self._NEWEST, str(newest), iso_utc(time.time_ns() // 1000)),
+        )
+
     # ─── bulk loads: secondary indexes built once, at the end ──────────────────────────────────
 
     _DEFERRED = "deferred_indexes"
@@ -424,6 +447,7 @@ class Store:
                 )
             if batch.state:
                 self._put_state(conn, batch.state, max((o.read_at_us for o in batch.outcomes), default=0))
+            self._note_newest(conn, batch.outcomes)
         if not batch.dry_run:
             self._unresolved.difference_update(resolved)
             self._unresolved.update(r.key for r in result.quarantined)
@@ -457,7 +481,7 @@ class Store:
         if found is None or found[1] is not None:
             return  # never archived (nothing to keep), or already tombstoned
         read_at_us, _, expires_at, status = found
-        if read_at_us is not None and gone.read_at_us < read_at_us:
+        if read_at_us is not None and gone.version_us < read_at_us:
             result.stale += 1
             return
         seen_at = iso_utc(gone.read_at_us)
@@ -472,7 +496,7 @@ class Store:
             gone_at = expires_at
         conn.execute(
             f"UPDATE {table} SET gone_at = ?, gone_reason = ?, read_at_us = ? WHERE {id_col} = ?",
-            (gone_at, reason, gone.read_at_us, gone.record_id),
+            (gone_at, reason, gone.version_us, gone.record_id),
         )
         add_history(conn, gone.kind, gone.record_id, reason, status, status, None, gone_at, None, "redis")
         result.tombstoned += 1

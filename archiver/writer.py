@@ -124,7 +124,7 @@ class RowWriter:
         unique: dict[str, Row] = {}
         for row in rows:  # one row per record: the newest read
             seen_row = unique.get(row.record_id)
-            if seen_row is None or seen_row.read_at_us <= row.read_at_us:
+            if seen_row is None or seen_row.version_us <= row.version_us:
                 unique[row.record_id] = row
         existing = self._existing(list(unique))
         inserts: list[list[Any]] = []
@@ -134,7 +134,7 @@ class RowWriter:
         written = stale = 0
         last_read, seen, updated_at = -1, "", ""  # a batch's rows share their read time
         for row in unique.values():
-            record_id, values, read_at = row.record_id, row.values, row.read_at_us
+            record_id, values, read_at, version = row.record_id, row.values, row.read_at_us, row.version_us
             old = existing.get(record_id)
             if read_at != last_read:
                 last_read, seen, updated_at = read_at, iso_utc(read_at), sqlite_utc(read_at)
@@ -142,18 +142,18 @@ class RowWriter:
             tail = values[tail_idx]
             if old is None:
                 created = sqlite_utc(row.created_at_us)
-                params = [*values, created, updated_at, read_at, seen, seen, expires, row.extra, tail]
+                params = [*values, created, updated_at, version, seen, seen, expires, row.extra, tail]
                 if favorite:
                     self._free_name(values[1], record_id)
                     self.conn.execute(self.insert, params)
                 else:
                     inserts.append(params)
                 written += 1
-            elif old.read_at_us is not None and read_at < old.read_at_us:
+            elif old.read_at_us is not None and version < old.read_at_us:
                 stale += 1
                 continue
             elif old.values != values or old.extra != row.extra or old.gone_at is not None:
-                params = [*values[1:], updated_at, read_at, seen, expires, row.extra, tail, record_id]
+                params = [*values[1:], updated_at, version, seen, expires, row.extra, tail, record_id]
                 if favorite:
                     if old.values[1] != values[1]:
                         self._free_name(values[1], record_id)
@@ -162,7 +162,7 @@ class RowWriter:
                     updates.append(params)
                 written += 1
             else:
-                touches.append((read_at, seen, expires, record_id))
+                touches.append((version, seen, expires, record_id))
             self._record_history(row, old, seen)
         counts, kind = self.counts, self.kind_name
         counts.records[kind] += len(unique)

@@ -97,7 +97,7 @@ def outcomes(start: int, count: int, read_at_us: int) -> list[Outcome]:
         record = session_hash(rid.decode(), start_time=_STAMP, last_heartbeat=_STAMP)
         flat = [part.encode() for pair in record.items() for part in pair]
         key = session_key(rid)
-        out.append(normalize(classify(key), Fetched(key, "hash", flat, _TTL_MS, read_at_us + i)))
+        out.append(normalize(classify(key), Fetched(key, "hash", flat, _TTL_MS, read_at_us + i, read_at_us + i)))
     return out
 
 

@@ -24,7 +24,7 @@ from archiver.reconcile import Reconcile
 
 
 def gone(key: bytes) -> Gone:
-    return Gone(key, Kind.SESSION, key.decode().rsplit(":", 1)[1], 1)
+    return Gone(key, Kind.SESSION, key.decode().rsplit(":", 1)[1], 1, 1)
 
 
 def keys(prefix: str, n: int) -> list[bytes]:

@@ -292,7 +292,7 @@ def test_every_row_reads_back_through_desto_as_from_dict_reads_the_hash(kind: Ki
     pttl = data.draw(st.sampled_from((-1, 1, SEVEN_DAYS_MS - 1, SEVEN_DAYS_MS)))
     parsed = classify(key)
     assert parsed is not None and parsed.kind is kind
-    outcome = normalize(parsed, Fetched(key, "hash", flat, pttl, READ_AT))
+    outcome = normalize(parsed, Fetched(key, "hash", flat, pttl, READ_AT, READ_AT))
     event(type(outcome).__name__)
     if isinstance(outcome, Rejected):
         check_rejected(outcome, kind, flat)
@@ -317,7 +317,7 @@ def test_job_ids_with_empty_ids_read_back_as_desto_reads_the_hash(archives: Path
         sid = _new_id()
         key = record_key(Kind.SESSION, sid)
         flat = _flat(session_hash(sid, job_ids=job_ids))
-        outcome = normalize(classify(key), Fetched(key, "hash", flat, -1, READ_AT))  # type: ignore[arg-type]
+        outcome = normalize(classify(key), Fetched(key, "hash", flat, -1, READ_AT, READ_AT))  # type: ignore[arg-type]
         if isinstance(outcome, Rejected):
             check_rejected(outcome, Kind.SESSION, flat)
             continue
@@ -338,7 +338,7 @@ def test_every_atjob_row_keeps_desto_text_exactly(data, archives: Path) -> None:
     key, flat = data.draw(desto_hashes(Kind.ATJOB))
     parsed = classify(key)
     assert parsed is not None
-    outcome = normalize(parsed, Fetched(key, "hash", flat, -1, READ_AT))
+    outcome = normalize(parsed, Fetched(key, "hash", flat, -1, READ_AT, READ_AT))
     event(type(outcome).__name__)
     if isinstance(outcome, Rejected):
         check_rejected(outcome, Kind.ATJOB, flat)
@@ -375,7 +375,7 @@ def test_wrong_types_and_unknown_keys_are_quarantined_whole(kind: Kind, redis_ty
     for key in (record_key(kind, "") + key_id, b"desto:status:" + key_id):
         parsed = classify(key)
         assert parsed is not None
-        outcome = normalize(parsed, Fetched(key, redis_type, value, -1, READ_AT))
+        outcome = normalize(parsed, Fetched(key, redis_type, value, -1, READ_AT, READ_AT))
         assert isinstance(outcome, Rejected), outcome
         assert outcome.reason.strip()
         assert outcome.redis_type == redis_type

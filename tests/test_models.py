@@ -33,7 +33,7 @@ def fetched(key: bytes, fields: dict[str, str] | dict[bytes, bytes], pttl: int =
     for name, value in fields.items():
         flat.append(name if isinstance(name, bytes) else name.encode())
         flat.append(value if isinstance(value, bytes) else value.encode())
-    return Fetched(key, rtype, flat, pttl, READ_AT)
+    return Fetched(key, rtype, flat, pttl, READ_AT, READ_AT)
 
 
 def run(key: bytes, fields, **kw):
@@ -129,7 +129,7 @@ def test_invalid_utf8_is_rejected_and_the_raw_bytes_are_kept() -> None:
 
 def test_wrong_redis_type_is_rejected_with_its_value() -> None:
     key = record_key(Kind.SESSION, "abc")
-    outcome = normalize(classify(key), Fetched(key, "string", b"not a hash", -1, READ_AT))  # type: ignore[arg-type]
+    outcome = normalize(classify(key), Fetched(key, "string", b"not a hash", -1, READ_AT, READ_AT))  # type: ignore[arg-type]
     assert isinstance(outcome, Rejected)
     assert "wrong Redis type: string" in outcome.reason
     assert decode_resp(outcome.payload) == b"not a hash"
@@ -175,9 +175,11 @@ def test_unknown_fields_are_kept_in_extra() -> None:
 
 def test_missing_key_is_gone_and_unknown_keys_are_rejected() -> None:
     key = record_key(Kind.JOB, "j1")
-    assert normalize(classify(key), Fetched(key, "none", None, -2, READ_AT)) == Gone(key, Kind.JOB, "j1", READ_AT)  # type: ignore[arg-type]
+    assert normalize(classify(key), Fetched(key, "none", None, -2, READ_AT, READ_AT)) == Gone(
+        key, Kind.JOB, "j1", READ_AT, READ_AT
+    )  # type: ignore[arg-type]
     unknown = b"desto:status:nightly"
-    outcome = normalize(classify(unknown), Fetched(unknown, "string", b"running", -1, READ_AT))  # type: ignore[arg-type]
+    outcome = normalize(classify(unknown), Fetched(unknown, "string", b"running", -1, READ_AT, READ_AT))  # type: ignore[arg-type]
     assert isinstance(outcome, Rejected) and outcome.kind is None
     assert "unrecognized key" in outcome.reason
 

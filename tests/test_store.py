@@ -29,14 +29,18 @@ def store(db_path: Path) -> Iterator[Store]:
     s.close()
 
 
-def read(kind: Kind, record_id: str, fields: dict[str, str] | None, at: int, pttl: int = -1) -> Outcome:
+def read(
+    kind: Kind, record_id: str, fields: dict[str, str] | None, at: int, pttl: int = -1, version: int | None = None
+) -> Outcome:
+    """A read at ``at`` by Redis' clock, with that as its version unless ``version`` says otherwise."""
     key = record_key(kind, record_id)
     parsed = classify(key)
     assert parsed is not None
+    version = at if version is None else version
     if fields is None:
-        return normalize(parsed, Fetched(key, "none", None, -2, at))
+        return normalize(parsed, Fetched(key, "none", None, -2, at, version))
     flat = [part.encode() for item in fields.items() for part in item]
-    return normalize(parsed, Fetched(key, "hash", flat, pttl, at))
+    return normalize(parsed, Fetched(key, "hash", flat, pttl, at, version))
 
 
 def history(db_path: Path, record_id: str) -> list[tuple]:
@@ -107,6 +111,48 @@ def test_an_older_read_never_overwrites_a_newer_one(store: Store, db_path: Path)
     assert row(db_path, "sessions", "session_id", sid)["status"] == "finished"
     store.apply(Batch([read(Kind.SESSION, sid, {**record, "status": "failed"}, T0 + 20)]))
     assert row(db_path, "sessions", "session_id", sid)["status"] == "failed"
+
+
+def test_versions_decide_which_read_is_newer_and_the_times_written_are_redis_own(store: Store, db_path: Path) -> None:
+    """After Redis' clock was set back an hour, a read made later has an earlier time and a later
+    version (source.ReadClock): the version decides, and the rows and their history keep the time."""
+    hour = 3_600_000_000
+    record = session_hash(status="running")
+    sid = record["session_id"]
+    store.apply(Batch([read(Kind.SESSION, sid, record, T0 + hour)]))
+    finished = {**record, "status": "finished"}
+    store.apply(Batch([read(Kind.SESSION, sid, finished, T0 + 60_000_000, version=T0 + hour + 1)]))
+    found = row(db_path, "sessions", "session_id", sid)
+    assert found["status"] == "finished"
+    assert found["read_at_us"] == T0 + hour + 1
+    assert found["last_seen_at"] == "2026-11-18T11:07:40.000000Z"  # T0 + 60 s by Redis' clock, not an hour on
+    assert history(db_path, sid)[-1] == ("status", "finished", "running", None, "redis")
+    assert query(db_path, "SELECT observed_at FROM status_history ORDER BY id")[-1][0] == "2026-11-18T11:07:40.000000Z"
+
+    gone = store.apply(Batch([read(Kind.SESSION, sid, None, T0 + 61_000_000, version=T0 + hour + 2)]))
+    assert gone.tombstoned == 1
+    assert row(db_path, "sessions", "session_id", sid)["gone_at"] == "2026-11-18T11:07:41.000000Z"
+    late = store.apply(Batch([read(Kind.SESSION, sid, record, T0 + hour + 5, version=T0 + hour)]))
+    assert late.stale == 1  # an older version stays older, whatever its time
+
+
+def test_the_newest_version_is_kept_in_the_file(store: Store, db_path: Path) -> None:
+    assert store.newest_version() is None
+    first, second = session_hash(), job_hash()
+    store.apply(Batch([read(Kind.SESSION, first["session_id"], first, T0 + 10, version=T0 + 50)]))
+    assert store.newest_version() == T0 + 50
+    # a slow scan's older read lowers nothing; a tombstone's version counts like a row's
+    store.apply(Batch([read(Kind.JOB, second["job_id"], second, T0 + 20)]))
+    assert store.newest_version() == T0 + 50
+    store.apply(Batch([read(Kind.SESSION, first["session_id"], None, T0 + 30, version=T0 + 70)]))
+    assert store.newest_version() == T0 + 70
+    # a file an older desto-archiver wrote has no note of it: the rows tell
+    conn = sqlite3.connect(db_path)
+    conn.execute("DELETE FROM archiver_state WHERE name = 'newest_read_us'")
+    conn.execute("UPDATE jobs SET read_at_us = ?", (T0 + 90,))
+    conn.commit()
+    conn.close()
+    assert store.newest_version() == T0 + 90
 
 
 def test_unchanged_reads_only_touch_last_seen(store: Store, db_path: Path) -> None:
