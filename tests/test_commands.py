@@ -29,6 +29,7 @@ from tests.helpers import (
     daemon_thread,
     favorite_hash,
     job_hash,
+    move_versions_ahead,
     query,
     row,
     session_hash,
@@ -201,6 +202,30 @@ def test_a_backfill_into_an_archive_that_holds_records_keeps_its_indexes(
     report = backfill(settings_for(redis_server, db_path))
     assert report.written == {"session": 50, "job": 50} and calls == []
     assert indexes(db_path) == expected
+
+
+def test_a_backfill_with_redis_clock_behind_the_archive_brings_in_every_change(redis_server, redis, db_path) -> None:
+    """Reads the archive holds dated an hour after anything Redis' clock dates now (a clock set back)
+    must not make the backfill take Redis' records for older ones."""
+    done, gone, running = (session_hash(status="running") for _ in range(3))
+    for record in (done, gone, running):
+        redis.hset(f"desto:session:{record['session_id']}", mapping=record)
+    assert cli(redis_server, db_path, "backfill").returncode == 0
+    move_versions_ahead(db_path, 3600)
+    redis.hset(f"desto:session:{done['session_id']}", mapping={"status": "finished", "end_time": "2026-11-27T14:00:00"})
+    redis.delete(f"desto:session:{gone['session_id']}")
+    job = job_hash(session_id=running["session_id"], status="running")
+    redis.hset(f"desto:job:{job['job_id']}", mapping=job)
+
+    again = cli(redis_server, db_path, "backfill", "--json")
+    assert again.returncode == 0, again.stderr
+    report = json.loads(again.stdout)
+    assert report["written"] == {"session": 1, "job": 1} and report["tombstoned"] == 1, report
+    [behind] = [json.loads(line) for line in again.stderr.splitlines() if "redis.clock_behind" in line]
+    assert 3500 < behind["behind_s"] <= 3600
+    assert row(db_path, "sessions", "session_id", done["session_id"])["status"] == "finished"
+    assert row(db_path, "sessions", "session_id", gone["session_id"])["gone_reason"] == "missing"
+    assert row(db_path, "jobs", "job_id", job["job_id"])["status"] == "running"
 
 
 def test_backfill_progress_is_a_live_line_on_a_terminal(redis_server, redis, db_path: Path) -> None:

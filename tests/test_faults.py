@@ -1,6 +1,10 @@
 """Fault injection: the archive stays complete, and equal to Redis, through crashes and restarts of
 the archiver, restarts and freezes of Redis, dropped connections, a locked file, the file removed
-or replaced under the daemon, and key expiry.
+or replaced under the daemon, Redis' clock set back, and key expiry.
+
+Redis' clock cannot be set back from here (libfaketime hangs redis-server's allocator), so that
+scenario moves the file instead: every read it holds an hour ahead, as a clock that ran an hour
+fast leaves it, before the daemon starts again against Redis at the right time.
 
 Every scenario ends with the same check: each desto session, job and favorite hash in Redis has an
 archived row that desto's own readers turn into the same object desto's ``from_dict`` makes of the
@@ -37,7 +41,16 @@ from tests.fault_helpers import (
     write_job,
     write_session,
 )
-from tests.helpers import daemon_thread, integrity, log_events, now_iso, query, settings_for, wait_for
+from tests.helpers import (
+    daemon_thread,
+    integrity,
+    log_events,
+    move_versions_ahead,
+    now_iso,
+    query,
+    settings_for,
+    wait_for,
+)
 
 # ─── 1. the archiver killed and restarted under load ─────────────────────────────────────────────
 
@@ -466,3 +479,39 @@ def test_a_file_moved_over_the_archive_that_is_not_sqlite_stops_the_daemon_with_
     assert f"cannot use {db_path}" in text and "is it a SQLite file" in text, text
     assert daemon.events("archiver.stopped")
     assert db_path.read_text() == "not a database\n" * 100  # left as it was
+
+
+# ─── 12. Redis' clock set back ───────────────────────────────────────────────────────────────────
+
+
+def test_redis_clock_behind_the_archive_loses_no_change(redis_server, redis, db_path, daemons, writers, reliability):
+    """A clock corrected after running fast, or a Redis on another host: every read the archive holds
+    is dated after every read Redis' clock can date now."""
+    report = reliability(
+        "Redis' clock an hour behind the archive",
+        "every read in the archive moved an hour ahead with the daemon stopped (as reads made while Redis' clock "
+        "ran an hour fast leave it), then the daemon started again under a desto-like writer",
+    )
+    writer = writers(redis_server, seed=13)
+    first = start_ready(daemons, redis_server, db_path)
+    writer.wait_steps(150)
+    first.signal(signal.SIGTERM)
+    assert first.proc.wait(timeout=10) == 0
+    moved = archived_keys(db_path)
+    move_versions_ahead(db_path, 3600)
+
+    second = start_ready(daemons, redis_server, db_path)
+    writer.wait_steps(300)
+    written = writer.finish()
+    # Changes to records read before, by the faster clock, are applied: the sessions the writer
+    # moved on, finished or failed since are in their last state.
+    settle(report, redis, db_path, written, timeout=20)
+    assert len(moved) > 50 and moved < written
+
+    [behind] = second.events("redis.clock_behind")
+    assert 3500 < behind["behind_s"] <= 3600, behind
+    # The times written stay Redis' own: nothing read by the second daemon is dated an hour on.
+    newest_seen = max(utc(r[0]) for r in query(db_path, "SELECT max(last_seen_at) FROM sessions"))
+    assert newest_seen < datetime.now(UTC) + timedelta(minutes=1)
+    report.measured["behind by, s"] = round(behind["behind_s"])
+    assert second.proc.poll() is None
