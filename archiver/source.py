@@ -77,6 +77,9 @@ class NotifyState:
     error: str | None  # why they could not be ensured
 
 
+_CLOCK_LOG_S = 60.0  # Redis' clock going back by less than a second is logged once a minute at most
+
+
 class ReadClock:
     """The version of each read: Redis' clock, moved ahead by as much as that clock went back.
 
@@ -96,6 +99,8 @@ class ReadClock:
         self._offset = 0
         self._newest = 0
         self._check_next = False
+        self._unlogged = 0  # steps back not logged yet: small ones are logged once a minute at most
+        self._logged_at = -_CLOCK_LOG_S
 
     @property
     def offset_us(self) -> int:
@@ -127,12 +132,18 @@ class ReadClock:
             version = redis_us + self._offset
             if version > self._newest:
                 self._newest = version
-            offset = self._offset
-        if moved:
+            offset, steps = self._offset, 0
+            if moved:
+                self._unlogged += 1
+                now = time.monotonic()
+                if moved >= 1_000_000 or now - self._logged_at >= _CLOCK_LOG_S:
+                    steps, self._unlogged, self._logged_at = self._unlogged, 0, now
+        if steps:
             log.warning(
                 "redis.clock_behind",
                 behind_s=round(moved / 1e6, 6),
                 versions_ahead_s=round(offset / 1e6, 6),
+                steps=steps,
                 detail="Redis' clock is behind reads already archived (set back, or another host's clock): "
                 "later reads are ordered after them, not dropped; the times written stay Redis' own",
             )

@@ -11,6 +11,7 @@ import threading
 
 from structlog.testing import capture_logs
 
+from archiver import source as source_module
 from archiver.source import ReadClock
 
 HOUR = 3_600_000_000
@@ -121,3 +122,23 @@ def test_a_file_is_checked_by_the_first_read_after_it_is_noted_only() -> None:
     clock.note_file(T0 + HOUR)
     assert clock.version(T0 + 2) == T0 + HOUR + 1
     assert clock.version(T0 + 3) == T0 + HOUR + 2
+
+
+def test_small_steps_back_are_logged_once_a_minute_and_big_ones_at_once(monkeypatch) -> None:
+    """Two servers a few milliseconds apart, read in turn (a failover back and forth, a proxy),
+    step back at every other read: each step is handled, and the log is not flooded."""
+    now = [1_000.0]
+    monkeypatch.setattr(source_module.time, "monotonic", lambda: now[0])
+    clock = ReadClock()
+    versions = []
+    with capture_logs() as logs:
+        for i in range(0, 100, 2):
+            versions += [clock.version(T0 + i * 1_000), clock.version(T0 + i * 1_000 - 5_000)]
+        assert [entry["steps"] for entry in logs] == [1]
+        now[0] += 30
+        clock.version(T0 - HOUR)  # a second's step or more is told at once, with the small ones before it
+        now[0] += 60
+        clock.version(T0 - HOUR - 5_000)
+    assert versions == sorted(versions) and len(set(versions)) == len(versions)
+    assert [entry["steps"] for entry in logs] == [1, 50, 1]
+    assert logs[1]["behind_s"] > 3600
