@@ -137,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
         [common],
         "archive continuously (the daemon)",
         "Follow Redis' keyspace notifications and desto's channels, and keep every session, job, favorite and "
-        "at-job in the SQLite file. Stops cleanly on SIGTERM or Ctrl-C.",
+        "at-job in the SQLite file. Stops cleanly on SIGTERM, SIGHUP (its terminal closed) or Ctrl-C.",
         "REDIS_HOST=localhost SQLITE_DB_PATH=desto_data/desto.db desto-archiver run",
         cmd_run,
     )
@@ -348,12 +348,14 @@ def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         if daemon.stopping:  # a second signal: the operator wants out now
-            os.write(2, b"desto-archiver: second signal, exiting without flushing\n")
+            with contextlib.suppress(OSError):  # stderr may be a closed terminal or pipe
+                os.write(2, b"desto-archiver: second signal, exiting without flushing\n")
             os._exit(EXIT_FAILURE)
         daemon.request_stop()
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    # SIGHUP: the terminal it runs in was closed. Stop as on SIGTERM, not as killed.
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, on_signal)
     daemon.run()
     return EXIT_OK
 

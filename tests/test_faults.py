@@ -208,10 +208,10 @@ def test_without_notifications_fallback_reconciles_keep_the_archive_complete(
         client.close()
 
 
-# ─── 5. SIGTERM and SIGINT flush what is pending ─────────────────────────────────────────────────
+# ─── 5. SIGTERM, SIGINT and SIGHUP flush what is pending ─────────────────────────────────────────
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP], ids=["SIGTERM", "SIGINT", "SIGHUP"])
 def test_stop_signal_flushes_pending_batch(signum, redis_server, redis, db_path, daemons, reliability):
     name = signal.Signals(signum).name
     report = reliability(f"{name} with a batch pending", f"{name} while a change waits for its flush")
