@@ -301,10 +301,10 @@ class Store:
 
     def newest_version(self) -> int | None:
         """The newest read version in the file (None: no read yet), for the reader's clock
-        (source.ReadClock). Every write keeps it in archiver_state; a file an older
-        desto-archiver wrote has its rows looked through once."""
+        (source.ReadClock). Every write keeps it in archiver_state; for a file an older
+        desto-archiver wrote (or a note that is not a number), the rows are looked through."""
         row = self.conn.execute("SELECT value FROM archiver_state WHERE name = ?", (self._NEWEST,)).fetchone()
-        if row is not None:
+        if row is not None and str(row[0]).isdigit():
             return int(row[0])
         found = [self.conn.execute(f"SELECT max(read_at_us) FROM {table}").fetchone()[0] for table in RECORD_TABLES]
         return max((int(v) for v in found if v is not None), default=None)

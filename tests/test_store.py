@@ -151,8 +151,14 @@ def test_the_newest_version_is_kept_in_the_file(store: Store, db_path: Path) -> 
     conn.execute("DELETE FROM archiver_state WHERE name = 'newest_read_us'")
     conn.execute("UPDATE jobs SET read_at_us = ?", (T0 + 90,))
     conn.commit()
+    assert store.newest_version() == T0 + 90
+    # nor does a note someone spoilt stop the archiver
+    conn.execute("INSERT INTO archiver_state VALUES ('newest_read_us', 'not a number', '')")
+    conn.commit()
     conn.close()
     assert store.newest_version() == T0 + 90
+    store.apply(Batch([read(Kind.JOB, second["job_id"], second, T0 + 95)]))
+    assert store.newest_version() == T0 + 95
 
 
 def test_unchanged_reads_only_touch_last_seen(store: Store, db_path: Path) -> None:
