@@ -21,6 +21,7 @@ from typing import Any
 
 from archiver.config import Settings, load_settings
 from archiver.pipeline import Daemon
+from archiver.schema import RECORD_TABLES
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -287,7 +288,7 @@ def move_versions_ahead(db_path: Path, seconds: int) -> None:
     the file as reads made while Redis' clock ran that much fast leave it. Nothing may be writing it."""
     conn = sqlite3.connect(db_path)
     try:
-        for table in ("sessions", "jobs", "favorites", "at_jobs"):
+        for table in RECORD_TABLES:
             conn.execute(
                 f"UPDATE {table} SET read_at_us = read_at_us + ? WHERE read_at_us IS NOT NULL", (seconds * 10**6,)
             )
