@@ -24,7 +24,7 @@ from archiver.models import COLUMNS, Rejected, Row, iso_utc
 from archiver.reader import Reader
 from archiver.reconcile import now_us, read_batch, records_of
 from archiver.schema import SCHEMA_VERSION
-from archiver.source import CONNECTION_ERRORS, Source, flags_sufficient, merge_flags
+from archiver.source import CONNECTION_ERRORS, Source, flags_sufficient, merge_flags, unreachable_advice
 from archiver.writer import TABLES, select_in
 
 _MAX_SUSPECTS = 10_000  # differences kept in detail (and looked at again); beyond, only counted
@@ -217,7 +217,7 @@ def doctor(settings: Settings, source: Source, with_daemon: bool = True) -> tupl
                 "redis",
                 "fail",
                 f"cannot reach {settings.redis_address()}: {exc}",
-                "is Redis running? Set REDIS_HOST/REDIS_PORT/REDIS_DB or REDIS_URL",
+                unreachable_advice(exc),
             )
         )
     if redis_ok:

@@ -23,7 +23,7 @@ from archiver import __version__, render
 from archiver.config import ConfigError, Settings, load_settings
 from archiver.log import configure, get_logger
 from archiver.output import to_json, write_csv, write_json_array, write_jsonl, write_table
-from archiver.source import CONNECTION_ERRORS
+from archiver.source import CONNECTION_ERRORS, unreachable_advice
 from archiver.store import StoreError
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
@@ -320,7 +320,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CONNECTION_ERRORS as exc:
         print(
             f"desto-archiver: cannot reach Redis at {settings.redis_address()}: {exc}\n"
-            "  is Redis running? Set REDIS_HOST/REDIS_PORT/REDIS_DB or REDIS_URL (or --redis-url).",
+            f"  {unreachable_advice(exc)} (or --redis-url).",
             file=sys.stderr,
         )
         return EXIT_FAILURE

@@ -28,7 +28,7 @@ from archiver.log import get_logger
 from archiver.metrics import Metrics, Snapshot
 from archiver.models import parse_hint
 from archiver.reconcile import Reconcile, archive, now_us, records_of, write_batch
-from archiver.source import CONNECTION_ERRORS, Listener, NotifyState, Source
+from archiver.source import CONNECTION_ERRORS, Listener, NotifyState, Source, unreachable_advice
 from archiver.store import BatchResult, DaemonLock, Store, StoreError
 from archiver.writer import TimedHint
 
@@ -186,7 +186,12 @@ class Daemon:
             notify: NotifyState | None = self.source.ensure_notifications()
         except CONNECTION_ERRORS as exc:
             notify = None
-            log.warning("redis.unreachable", error=str(exc), address=self.settings.redis_address())
+            log.warning(
+                "redis.unreachable",
+                error=str(exc),
+                address=self.settings.redis_address(),
+                action=unreachable_advice(exc),
+            )
         log.info(
             "archiver.started",
             pid=os.getpid(),

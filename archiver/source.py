@@ -30,6 +30,17 @@ log = get_logger("archiver.source")
 # Errors that mean "Redis is not reachable right now": retried, never fatal.
 CONNECTION_ERRORS: tuple[type[BaseException], ...] = (redis.ConnectionError, redis.TimeoutError, OSError)
 
+
+def unreachable_advice(exc: BaseException) -> str:
+    """What to do when Redis cannot be used, for people: a refused login is not a Redis that is down."""
+    if isinstance(exc, redis.AuthenticationError):
+        return (
+            "Redis wants a password, or refused the one given: set REDIS_PASSWORD (and REDIS_USERNAME for an "
+            "ACL user), or give them in REDIS_URL as redis://user:password@host:port/db"
+        )
+    return "is Redis running? Set REDIS_HOST/REDIS_PORT/REDIS_DB or REDIS_URL"
+
+
 # K: keyspace channel; g: del/expire/rename; h: hash commands; x: expired; e: evicted.
 NEEDED_FLAGS = "Kghxe"
 _ALL_ALIAS = frozenset("g$lshzxetd")  # what "A" stands for
@@ -380,7 +391,12 @@ class Listener(threading.Thread):
                 if down_since is None:
                     down_since = time.monotonic()
                     self.sink.disconnected(str(exc))
-                    log.warning("redis.unreachable", error=str(exc), address=self.settings.redis_address())
+                    log.warning(
+                        "redis.unreachable",
+                        error=str(exc),
+                        address=self.settings.redis_address(),
+                        action=unreachable_advice(exc),
+                    )
                 elif attempt % 10 == 0:
                     log.warning("redis.still_unreachable", error=str(exc), attempts=attempt)
                 self._backoff(attempt)

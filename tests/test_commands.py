@@ -382,6 +382,23 @@ def test_check_reports_an_unreachable_redis_and_a_dead_daemon(db_path: Path) -> 
     assert "does not exist" in result.stdout
 
 
+def test_a_redis_that_wants_a_password_is_told_apart_from_one_that_is_down(fresh_redis, db_path, daemons) -> None:
+    fresh_redis.client().config_set("requirepass", "sekret")
+    for given in ({}, {"REDIS_PASSWORD": "wrong"}):
+        result = cli(fresh_redis, db_path, "backfill", **given)
+        assert result.returncode == 1
+        assert "Redis wants a password, or refused the one given: set REDIS_PASSWORD" in result.stderr, result.stderr
+        assert "is Redis running?" not in result.stderr
+    checked = cli(fresh_redis, db_path, "check")
+    assert re.search(r"redis\s+FAIL\s+cannot reach", checked.stdout) and "Redis wants a password" in checked.stdout
+    daemon = daemons(fresh_redis, db_path)
+    for unreachable in daemon.wait_log("redis.unreachable"):
+        assert unreachable["action"].startswith("Redis wants a password"), unreachable
+    daemon.close()
+
+    assert cli(fresh_redis, db_path, "backfill", REDIS_PASSWORD="sekret").returncode == 0
+
+
 # ─── stats, history, show ────────────────────────────────────────────────────────────────────────
 
 
