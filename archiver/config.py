@@ -141,6 +141,8 @@ class Settings(BaseSettings):
             if parts.username:
                 netloc = f"{parts.username}@{netloc}"
             query = "&".join(p for p in parts.query.split("&") if p and not p.lower().startswith("password="))
+            if parts.scheme == "unix":  # urlunsplit would drop the empty authority: unix:/path
+                return f"unix://{netloc}{parts.path}" + (f"?{query}" if query else "")
             return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
         return f"redis://{self.redis_host}:{self.redis_port}/{self.redis_db}"
 

@@ -282,12 +282,13 @@ def make_client(settings: Settings, name: str) -> redis.Redis:
     options: dict[str, Any] = {
         "socket_timeout": settings.socket_timeout,
         "socket_connect_timeout": settings.socket_timeout,
-        "socket_keepalive": True,
         "retry": Retry(NoBackoff(), 0),
         "client_name": name,
         "decode_responses": False,
     }
     url = kwargs.pop("url", None)
+    if url is None or not url.startswith("unix://"):
+        options["socket_keepalive"] = True  # TCP only: redis-py's unix socket connection refuses it
     if url is not None:
         return redis.Redis.from_url(url, **kwargs, **options)
     return redis.Redis(**kwargs, **options)

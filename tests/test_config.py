@@ -60,8 +60,9 @@ def test_password_and_username_variables(monkeypatch: pytest.MonkeyPatch) -> Non
 
 
 def test_unix_socket_url_uses_db_query() -> None:
-    settings = load_settings(redis_url="unix:///run/redis.sock?db=2")
+    settings = load_settings(redis_url="unix:///run/redis.sock?db=2&password=hunter2")
     assert settings.db_number == 2
+    assert settings.redis_address() == "unix:///run/redis.sock?db=2"
 
 
 def test_archiver_knobs_and_flags_override_environment(monkeypatch: pytest.MonkeyPatch) -> None:

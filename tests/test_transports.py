@@ -1,0 +1,89 @@
+"""The daemon and the commands over each way REDIS_URL can name a Redis: TCP (every other test),
+a unix socket and TLS. The daemon reads its subscription's socket itself (source.Subscription),
+so each transport is driven through the whole path: the first reconcile, keyspace notifications,
+a dropped pub/sub connection and the reconnect, then ``check --verify`` and ``backfill``.
+
+Each server also listens on TCP, where the test writes desto's records as desto would.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trustme
+
+from tests.fault_helpers import archived, assert_archive_equals_redis, start_ready, write_job, write_session
+from tests.helpers import REPO, daemon_env, now_iso, wait_for
+from tests.redis_server import RedisServer, free_port
+
+
+@pytest.fixture(params=["unix-socket", "tls"])
+def transport(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[RedisServer, str]]:
+    """A redis-server of the test's own, and the REDIS_URL that reaches it the way asked."""
+    folder = tmp_path / "redis"
+    folder.mkdir()
+    if request.param == "unix-socket":
+        socket_path = folder / "redis.sock"
+        extra = ["--unixsocket", str(socket_path), "--unixsocketperm", "700"]
+        url = f"unix://{socket_path}?db=0"
+    else:
+        ca = trustme.CA()
+        issued = ca.issue_cert("127.0.0.1")
+        cert, key, ca_file = folder / "server.pem", folder / "server.key", folder / "ca.pem"
+        issued.cert_chain_pems[0].write_to_path(str(cert))
+        issued.private_key_pem.write_to_path(str(key))
+        ca.cert_pem.write_to_path(str(ca_file))
+        tls_port = free_port()
+        extra = [
+            "--tls-port", str(tls_port),
+            "--tls-cert-file", str(cert),
+            "--tls-key-file", str(key),
+            "--tls-ca-cert-file", str(ca_file),
+            "--tls-auth-clients", "no",
+        ]  # fmt: skip
+        url = f"rediss://127.0.0.1:{tls_port}/0?ssl_ca_certs={ca_file}"
+    server = RedisServer(folder, extra=extra).start()
+    yield server, url
+    server.stop()
+
+
+def archiver_cli(server: RedisServer, url: str, db_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "archiver", *args],
+        cwd=REPO,
+        env=daemon_env(server, db_path, REDIS_URL=url),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_the_daemon_and_the_commands_work_over_the_transport(transport, db_path: Path, daemons) -> None:
+    server, url = transport
+    client = server.client()
+    before = write_session(client)[0]  # found by the first reconcile
+    daemon = start_ready(daemons, server, db_path, REDIS_URL=url)
+    started = daemon.events("archiver.started")[0]
+    assert started["redis"] == url and started["notifications"] == "on", started
+
+    session, _ = write_session(client)
+    client.hset(session, mapping={"status": "finished", "end_time": now_iso()})
+    wait_for(lambda: (archived(db_path, session) or {"status": None})["status"] == "finished", 5, what="a change")
+
+    assert client.execute_command("CLIENT", "KILL", "TYPE", "pubsub") == 1
+    daemon.wait_log("redis.reconnected")
+    daemon.wait_reconcile("reconnect")
+    job, _ = write_job(client, session_id=session.rsplit(":", 1)[1])
+    wait_for(lambda: archived(db_path, job) is not None, 5, what="a record written after the reconnect")
+    assert_archive_equals_redis(client, db_path, [before, session, job], timeout=5)
+    assert daemon.proc.poll() is None
+
+    checked = archiver_cli(server, url, db_path, "check")
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    backfilled = archiver_cli(server, url, db_path, "backfill", "--json")
+    assert backfilled.returncode == 0, backfilled.stderr
+    client.close()
