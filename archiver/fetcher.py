@@ -19,7 +19,7 @@ from archiver.dirty import Dirty
 from archiver.log import get_logger
 from archiver.models import Outcome
 from archiver.reconcile import Reconcile, read_batch, records_of
-from archiver.source import CONNECTION_ERRORS, Source
+from archiver.source import CONNECTION_ERRORS, Source, unreachable_advice
 
 log = get_logger("archiver.fetcher")
 
@@ -67,6 +67,7 @@ class Fetcher(threading.Thread):
         self._older: set[bytes] = set()
         self._recent_since = 0.0
         self._scan_request: str | None = None
+        self._scan_requests = 0  # how many were made: a new one cuts a backoff short
         self._scan: Reconcile | None = None
         self._draining = False
         self._stop_now = False
@@ -79,6 +80,7 @@ class Fetcher(threading.Thread):
     def request_scan(self, reason: str) -> None:
         """Start a reconcile's scan (replacing one under way: Redis' clock starts anew)."""
         self._scan_request = reason
+        self._scan_requests += 1
         self.dirty.wake.set()
 
     def drain(self) -> None:
@@ -232,10 +234,18 @@ class Fetcher(threading.Thread):
         self._failures += 1
         delay = min(self.settings.reconnect_max_backoff, 0.1 * 2 ** min(self._failures, 10))
         if not self.failing or self._failures % 20 == 0:
-            log.warning("redis.read_failed", error=str(exc) or type(exc).__name__, failures=self._failures)
+            log.warning(
+                "redis.read_failed",
+                error=str(exc) or type(exc).__name__,
+                failures=self._failures,
+                action=unreachable_advice(exc),
+            )
         self.failing = True
         deadline = time.monotonic() + delay * random.uniform(0.5, 1.0)
-        while time.monotonic() < deadline and not self._stop_now and self._scan_request is None:
+        # A scan asked for while this backoff runs (Redis is back: reconcile) ends it; one already
+        # waiting does not: it may be what failed (its first read), and would be retried at once.
+        asked = self._scan_requests
+        while time.monotonic() < deadline and not self._stop_now and self._scan_requests == asked:
             time.sleep(min(_TICK, max(0.0, deadline - time.monotonic())))
 
     def _read_dirty(self) -> None:

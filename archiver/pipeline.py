@@ -318,8 +318,17 @@ class Daemon:
         delay = min(self.settings.reconnect_max_backoff, 0.1 * 2 ** min(self._failures, 10))
         self._retry_at = time.monotonic() + delay
         if self._failing != what or self._failures % 20 == 0:
-            event = "store.write_failed" if what == "sqlite" else "redis.read_failed"
-            log.warning(event, error=str(exc) or type(exc).__name__, failures=self._failures, retry_in_s=delay)
+            error = str(exc) or type(exc).__name__
+            if what == "sqlite":
+                log.warning("store.write_failed", error=error, failures=self._failures, retry_in_s=delay)
+            else:
+                log.warning(
+                    "redis.read_failed",
+                    error=error,
+                    failures=self._failures,
+                    retry_in_s=delay,
+                    action=unreachable_advice(exc),
+                )
         self._failing = what
 
     def _drain_hints(self) -> None:

@@ -27,8 +27,15 @@ from archiver.models import Fetched
 
 log = get_logger("archiver.source")
 
-# Errors that mean "Redis is not reachable right now": retried, never fatal.
-CONNECTION_ERRORS: tuple[type[BaseException], ...] = (redis.ConnectionError, redis.TimeoutError, OSError)
+# Errors that mean "Redis cannot be used right now": not reachable, or a permission the user lacks
+# (granted later, without a restart). Retried, never fatal: a daemon that exited on them would be
+# restarted into the same error over and over.
+CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
+    redis.ConnectionError,
+    redis.TimeoutError,
+    NoPermissionError,
+    OSError,
+)
 
 
 def unreachable_advice(exc: BaseException) -> str:
@@ -38,6 +45,8 @@ def unreachable_advice(exc: BaseException) -> str:
             "Redis wants a password, or refused the one given: set REDIS_PASSWORD (and REDIS_USERNAME for an "
             "ACL user), or give them in REDIS_URL as redis://user:password@host:port/db"
         )
+    if isinstance(exc, NoPermissionError) or "NOPERM" in str(exc):  # the listener's come as ConnectionError
+        return "grant the Redis user what the archiver needs: README, 'With a Redis ACL user'"
     return "is Redis running? Set REDIS_HOST/REDIS_PORT/REDIS_DB or REDIS_URL"
 
 

@@ -13,6 +13,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import redis as redis_lib
+from redis.exceptions import NoPermissionError
 
 from archiver import fetcher as fetcher_module
 from archiver.config import load_settings
@@ -21,6 +23,7 @@ from archiver.fetcher import QUEUE_DEPTH, Fetcher, Work
 from archiver.keys import Kind
 from archiver.models import Gone
 from archiver.reconcile import Reconcile
+from tests.helpers import wait_for
 
 
 def gone(key: bytes) -> Gone:
@@ -170,3 +173,42 @@ def test_a_draining_writer_does_not_linger(fetcher: Fetcher, long_linger: None) 
     with later(0.05, lambda: queue_batch(fetcher, keys("c", 10))):
         work = fetcher.take(0.1)  # joins what is there, waits for nothing more
     assert work is not None and work.keys == 20
+
+
+class RefusingSource:
+    """Redis refusing the reconcile's first read: down, or a permission the user lacks."""
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+        self.attempts = 0
+
+    def version_now(self) -> int:
+        self.attempts += 1
+        raise self.error
+
+
+@pytest.mark.parametrize(
+    "error",
+    [redis_lib.ConnectionError("Connection refused"), NoPermissionError("no permissions to run the 'time' command")],
+    ids=["unreachable", "no-permission"],
+)
+def test_a_reconcile_whose_first_read_fails_is_retried_with_a_backoff_not_at_once(tmp_path: Path, error) -> None:
+    settings = load_settings(sqlite_db_path=tmp_path / "desto.db", reconnect_max_backoff=5)
+    source = RefusingSource(error)
+    fetcher = Fetcher(settings, source=source, dirty=Dirty(1000))  # type: ignore[arg-type]
+    fetcher.request_scan("start")
+    fetcher.start()
+    try:
+        time.sleep(1.0)
+        assert fetcher.is_alive() and fetcher.failing
+        # backoffs of 0.2, 0.4, 0.8 s..., each drawn from its half to its whole: a few tries
+        assert 2 <= source.attempts <= 6, source.attempts
+        # the fourth try is followed by a backoff of 0.8 s at least, which a new request (Redis
+        # is back: reconcile) ends: the backoff looks every tick (0.25 s)
+        wait_for(lambda: source.attempts >= 4, 3, what="a fourth try")
+        asked = source.attempts
+        fetcher.request_scan("reconnect")
+        wait_for(lambda: source.attempts > asked, 0.5, what="the new request tried within a tick")
+    finally:
+        fetcher.stop_now()
+        fetcher.join(timeout=2)

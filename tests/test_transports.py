@@ -1,22 +1,32 @@
-"""The daemon and the commands over each way REDIS_URL can name a Redis: TCP (every other test),
-a unix socket and TLS. The daemon reads its subscription's socket itself (source.Subscription),
-so each transport is driven through the whole path: the first reconcile, keyspace notifications,
-a dropped pub/sub connection and the reconnect, then ``check --verify`` and ``backfill``.
+"""Reaching Redis: the daemon and the commands over each way REDIS_URL can name a Redis, and as
+the ACL user the README gives.
 
-Each server also listens on TCP, where the test writes desto's records as desto would.
+Transports: TCP (every other test), a unix socket and TLS. The daemon reads its subscription's
+socket itself (source.Subscription), so each is driven through the whole path: the first
+reconcile, keyspace notifications, a dropped pub/sub connection and the reconnect, then ``check``
+(which compares the archive with Redis) and ``backfill``. Each server also listens on TCP, where
+the test writes desto's records as desto would.
 """
 
 from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import trustme
 
-from tests.fault_helpers import archived, assert_archive_equals_redis, start_ready, write_job, write_session
+from tests.fault_helpers import (
+    archived,
+    assert_archive_equals_redis,
+    heartbeat,
+    start_ready,
+    write_job,
+    write_session,
+)
 from tests.helpers import REPO, daemon_env, now_iso, wait_for
 from tests.redis_server import RedisServer, free_port
 
@@ -87,3 +97,45 @@ def test_the_daemon_and_the_commands_work_over_the_transport(transport, db_path:
     backfilled = archiver_cli(server, url, db_path, "backfill", "--json")
     assert backfilled.returncode == 0, backfilled.stderr
     client.close()
+
+
+def readme_acl_command() -> list[str]:
+    """The words of the ACL command the README gives for the archiver's user."""
+    readme = (REPO / "README.md").read_text()
+    [line] = [line for line in readme.splitlines() if line.startswith("ACL SETUSER desto-archiver ")]
+    return line.split()
+
+
+def test_the_acl_user_the_readme_gives_is_enough_and_a_missing_permission_is_waited_for(
+    fresh_redis, db_path: Path, daemons
+) -> None:
+    admin = fresh_redis.client()
+    admin.execute_command(*(word.replace("CHANGE-ME", "pw") for word in readme_acl_command()))
+    url = f"redis://desto-archiver:pw@127.0.0.1:{fresh_redis.port}/0"
+    # First that user without TIME: the daemon says what to grant, and waits for it, retrying.
+    admin.execute_command("ACL", "SETUSER", "desto-archiver", "-time")
+    before = write_session(admin)[0]
+    daemon = daemons(fresh_redis, db_path, REDIS_URL=url)
+    failed = daemon.wait_log("redis.read_failed")[0]
+    assert "no permissions to run the 'time' command" in failed["error"], failed
+    assert failed["action"] == "grant the Redis user what the archiver needs: README, 'With a Redis ACL user'"
+    time.sleep(1.0)
+    assert daemon.proc.poll() is None
+    assert len(daemon.events("redis.read_failed")) == 1  # retried with a backoff, logged once
+
+    admin.execute_command("ACL", "SETUSER", "desto-archiver", "+time")
+    daemon.wait_reconcile("start")
+    session, _ = write_session(admin)
+    admin.hset(session, mapping={"status": "finished", "end_time": now_iso()})
+    wait_for(lambda: (archived(db_path, session) or {"status": None})["status"] == "finished", 5, what="a change")
+    assert_archive_equals_redis(admin, db_path, [before, session], timeout=5)
+    assert not daemon.events("redis.scripting_refused")  # the user may run the read script
+    assert daemon.events("archiver.recovered")
+
+    # the heartbeat (every 0.2 s here) tells check that the reads recovered
+    wait_for(lambda: heartbeat(db_path)["failing"] is None, 5, what="a heartbeat with nothing failing")
+    checked = archiver_cli(fresh_redis, url, db_path, "check")
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert "CONFIG allowed" in checked.stdout
+    assert archiver_cli(fresh_redis, url, db_path, "backfill").returncode == 0
+    admin.close()
