@@ -1,7 +1,8 @@
 """Reaching Redis: the daemon and the commands over each way REDIS_URL can name a Redis, and as
 the ACL user the README gives.
 
-Transports: TCP (every other test), a unix socket and TLS. The daemon reads its subscription's
+Transports: TCP (every other test, on database 0; here also on database 3, whose keyspace
+channels differ), a unix socket and TLS. The daemon reads its subscription's
 socket itself (source.Subscription), so each is driven through the whole path: the first
 reconcile, keyspace notifications, a dropped pub/sub connection and the reconnect, then ``check``
 (which compares the archive with Redis) and ``backfill``. Each server also listens on TCP, where
@@ -31,12 +32,18 @@ from tests.helpers import REPO, daemon_env, now_iso, wait_for
 from tests.redis_server import RedisServer, free_port
 
 
-@pytest.fixture(params=["unix-socket", "tls"])
-def transport(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[RedisServer, str]]:
-    """A redis-server of the test's own, and the REDIS_URL that reaches it the way asked."""
+@pytest.fixture(params=["unix-socket", "tls", "tcp-database-3"])
+def transport(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[RedisServer, str, int]]:
+    """A redis-server of the test's own, the REDIS_URL that reaches it the way asked, and the
+    database desto uses there."""
     folder = tmp_path / "redis"
     folder.mkdir()
-    if request.param == "unix-socket":
+    db = 0
+    if request.param == "tcp-database-3":  # desto's REDIS_DB=3: its own keyspace channels
+        extra: list[str] = []
+        db = 3
+        url = ""
+    elif request.param == "unix-socket":
         socket_path = folder / "redis.sock"
         extra = ["--unixsocket", str(socket_path), "--unixsocketperm", "700"]
         url = f"unix://{socket_path}?db=0"
@@ -57,7 +64,7 @@ def transport(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[
         ]  # fmt: skip
         url = f"rediss://127.0.0.1:{tls_port}/0?ssl_ca_certs={ca_file}"
     server = RedisServer(folder, extra=extra).start()
-    yield server, url
+    yield server, url or f"redis://127.0.0.1:{server.port}/{db}", db
     server.stop()
 
 
@@ -73,8 +80,8 @@ def archiver_cli(server: RedisServer, url: str, db_path: Path, *args: str) -> su
 
 
 def test_the_daemon_and_the_commands_work_over_the_transport(transport, db_path: Path, daemons) -> None:
-    server, url = transport
-    client = server.client()
+    server, url, db = transport
+    client = server.client(db=db)
     before = write_session(client)[0]  # found by the first reconcile
     daemon = start_ready(daemons, server, db_path, REDIS_URL=url)
     started = daemon.events("archiver.started")[0]
