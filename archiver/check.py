@@ -25,6 +25,7 @@ from archiver.reader import Reader
 from archiver.reconcile import now_us, read_batch, records_of
 from archiver.schema import SCHEMA_VERSION
 from archiver.source import CONNECTION_ERRORS, Source, flags_sufficient, merge_flags, unreachable_advice
+from archiver.store import DAMAGED_ADVICE, is_damaged
 from archiver.writer import TABLES, select_in
 
 _MAX_SUSPECTS = 10_000  # differences kept in detail (and looked at again); beyond, only counted
@@ -203,8 +204,11 @@ def _text(key: bytes) -> str:
 # ─── the doctor ──────────────────────────────────────────────────────────────────────────────────
 
 
-def doctor(settings: Settings, source: Source, with_daemon: bool = True) -> tuple[list[Finding], bool]:
-    """Every check of the set-up; the second value tells whether Redis could be reached."""
+def doctor(
+    settings: Settings, source: Source, with_daemon: bool = True, integrity: bool = False
+) -> tuple[list[Finding], bool]:
+    """Every check of the set-up; the second value tells whether Redis could be reached.
+    ``integrity``: SQLite's quick_check of the whole file too (it reads every page)."""
     findings = []
     redis_ok = True
     try:
@@ -222,7 +226,7 @@ def doctor(settings: Settings, source: Source, with_daemon: bool = True) -> tupl
         )
     if redis_ok:
         findings.append(_notifications(source, needed=with_daemon))
-    findings += _file(settings.db_path)
+    findings += _file(settings.db_path, integrity)
     if with_daemon:
         findings.append(_daemon(settings))
     return findings, redis_ok
@@ -256,7 +260,7 @@ def _notifications(source: Source, needed: bool) -> Finding:
     )
 
 
-def _file(path: Path) -> list[Finding]:
+def _file(path: Path, integrity: bool = False) -> list[Finding]:
     if not path.exists():
         return [
             Finding(
@@ -281,6 +285,11 @@ def _file(path: Path) -> list[Finding]:
     try:
         mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
         version = conn.execute("PRAGMA user_version").fetchone()[0]
+        damage = _quick_check(conn) if integrity else None
+    except sqlite3.DatabaseError as exc:
+        if not is_damaged(exc):
+            raise
+        return [*findings, Finding("integrity", "fail", f"SQLite cannot read it: {exc}", DAMAGED_ADVICE)]
     finally:
         conn.close()
     findings.append(
@@ -294,7 +303,24 @@ def _file(path: Path) -> list[Finding]:
         findings.append(
             Finding("schema", "warn", f"version {version} < {SCHEMA_VERSION}", "the next 'run' or 'backfill' migrates")
         )
+    if integrity:
+        findings.append(
+            Finding("integrity", "ok", "quick_check: ok")
+            if damage is None
+            else Finding("integrity", "fail", damage, DAMAGED_ADVICE)
+        )
     return findings
+
+
+def _quick_check(conn: sqlite3.Connection) -> str | None:
+    """What SQLite's quick_check finds wrong with the file (None: nothing), a few problems at most."""
+    try:
+        problems = [str(row[0]) for row in conn.execute("PRAGMA quick_check(5)")]
+    except sqlite3.DatabaseError as exc:  # a page too damaged to walk stops the check itself
+        if not is_damaged(exc):
+            raise
+        return str(exc)
+    return None if problems == ["ok"] else "; ".join(problems)[:300]
 
 
 def _daemon(settings: Settings) -> Finding:

@@ -182,6 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--no-verify", dest="verify", action="store_false", help="skip the archive-vs-Redis compare")
     check.add_argument("--no-daemon", dest="daemon", action="store_false", help="no daemon is expected to run")
     check.add_argument(
+        "--integrity", action="store_true", help="SQLite's quick_check of the whole file (it reads every page)"
+    )
+    check.add_argument(
         "--settle", metavar="S", type=float, default=2.0, help="wait before re-checking differences (default 2)"
     )
 
@@ -403,17 +406,23 @@ def cmd_backfill(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_check(settings: Settings, args: argparse.Namespace) -> int:
     import sqlite3
 
-    from archiver.check import doctor, verify
+    from archiver.check import Finding, doctor, verify
     from archiver.source import Source
+    from archiver.store import DAMAGED_ADVICE, is_damaged
 
     source = Source(settings)
     try:
-        findings, redis_ok = doctor(settings, source, with_daemon=args.daemon)
+        findings, redis_ok = doctor(settings, source, with_daemon=args.daemon, integrity=args.integrity)
         report = None
-        if args.verify and redis_ok and settings.db_path.exists():
+        readable = not any(f.check == "integrity" and f.status == "fail" for f in findings)
+        if args.verify and redis_ok and readable and settings.db_path.exists():
             conn = sqlite3.connect(f"file:{settings.db_path}?mode=ro", uri=True, timeout=10)
             try:
                 report = verify(source, conn, settings.batch_size, args.settle)
+            except sqlite3.DatabaseError as exc:
+                if not is_damaged(exc):
+                    raise
+                findings.append(Finding("verify", "fail", f"SQLite could not read the archive: {exc}", DAMAGED_ADVICE))
             finally:
                 conn.close()
     finally:

@@ -29,7 +29,7 @@ from archiver.metrics import Metrics, Snapshot
 from archiver.models import parse_hint
 from archiver.reconcile import Reconcile, archive, now_us, records_of, write_batch
 from archiver.source import CONNECTION_ERRORS, Listener, NotifyState, Source, unreachable_advice
-from archiver.store import BatchResult, DaemonLock, Store, StoreError
+from archiver.store import BatchResult, DaemonLock, Store, StoreError, store_advice
 from archiver.writer import TimedHint
 
 log = get_logger("archiver.pipeline")
@@ -320,7 +320,13 @@ class Daemon:
         if self._failing != what or self._failures % 20 == 0:
             error = str(exc) or type(exc).__name__
             if what == "sqlite":
-                log.warning("store.write_failed", error=error, failures=self._failures, retry_in_s=delay)
+                log.warning(
+                    "store.write_failed",
+                    error=error,
+                    failures=self._failures,
+                    retry_in_s=delay,
+                    **({"action": advice} if (advice := store_advice(exc)) else {}),
+                )
             else:
                 log.warning(
                     "redis.read_failed",

@@ -35,6 +35,29 @@ class StoreError(Exception):
     """The file cannot be used; the message says what to do."""
 
 
+DAMAGED_ADVICE = (
+    "the archive's file is damaged: stop the daemon, then restore a backup or recover the file (README, "
+    "'The file'); a backfill brings back what Redis still holds"
+)
+
+
+def is_damaged(exc: BaseException) -> bool:
+    """SQLite says the file is not a sound database: corrupt pages, or not SQLite at all."""
+    return (getattr(exc, "sqlite_errorcode", 0) or 0) & 0xFF in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
+
+
+def store_advice(exc: BaseException) -> str | None:
+    """What to do about a write the file as a whole refused, for people (None: nothing but wait)."""
+    code = (getattr(exc, "sqlite_errorcode", 0) or 0) & 0xFF
+    if is_damaged(exc):
+        return DAMAGED_ADVICE
+    if code == sqlite3.SQLITE_FULL:
+        return "the archive's disk is full: free space there (the archiver retries)"
+    if code in (sqlite3.SQLITE_READONLY, sqlite3.SQLITE_PERM, sqlite3.SQLITE_CANTOPEN):
+        return "give the archiver's user write access to the file, its -wal and -shm, and its folder"
+    return None
+
+
 class AlreadyRunning(StoreError):
     pass
 
@@ -403,8 +426,8 @@ class Store:
             return self._apply(batch)
         except sqlite3.OperationalError:
             raise
-        except sqlite3.DatabaseError:
-            if len(batch.outcomes) <= 1:
+        except sqlite3.DatabaseError as exc:
+            if len(batch.outcomes) <= 1 or is_damaged(exc):  # the file's fault, not a record's
                 raise
         result = BatchResult()
         for outcome in batch.outcomes:
@@ -414,7 +437,7 @@ class Store:
             except sqlite3.OperationalError:
                 raise
             except sqlite3.DatabaseError as exc:
-                if not isinstance(outcome, Row):
+                if not isinstance(outcome, Row) or is_damaged(exc):
                     raise
                 refused = Batch([_refused(outcome, exc)], dry_run=batch.dry_run)
                 result.merge(self._apply(refused), keep_quarantined=True)

@@ -300,3 +300,12 @@ def move_versions_ahead(db_path: Path, seconds: int) -> None:
         conn.commit()
     finally:
         conn.close()
+
+
+def damage_pages(db_path: Path, first: int, count: int = 1) -> None:
+    """Overwrite ``count`` pages of the file from page ``first`` (1-based) with garbage, as a failing
+    disk or a stray write would. Nothing may have the file open."""
+    page_size = int(query(db_path, "PRAGMA page_size")[0][0])
+    with open(db_path, "r+b") as f:
+        f.seek((first - 1) * page_size)
+        f.write(b"\xde\xad\xbe\xef" * (page_size // 4) * count)

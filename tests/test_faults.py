@@ -15,15 +15,20 @@ scenario also adds a row to the reliability report (README's "Reliability" table
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sqlite3
+import subprocess
+import sys
 import time
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 import redis as redis_lib
 
 from archiver.backup import backup
+from archiver.store import DAMAGED_ADVICE
 from tests.fault_helpers import (
     KEYSPACE_PATTERN,
     archived,
@@ -42,7 +47,10 @@ from tests.fault_helpers import (
     write_session,
 )
 from tests.helpers import (
+    REPO,
+    daemon_env,
     daemon_thread,
+    damage_pages,
     integrity,
     log_events,
     move_versions_ahead,
@@ -515,3 +523,54 @@ def test_redis_clock_behind_the_archive_loses_no_change(redis_server, redis, db_
     assert newest_seen < datetime.now(UTC) + timedelta(minutes=1)
     report.measured["behind by, s"] = round(behind["behind_s"])
     assert second.proc.poll() is None
+
+
+# ─── 13. the archive's file damaged ──────────────────────────────────────────────────────────────
+
+
+def test_a_damaged_archive_is_named_and_replaced_as_the_readme_says(
+    redis_server, redis, db_path, daemons, reliability, tmp_path
+):
+    report = reliability(
+        "archive damaged",
+        "the pages of the sessions table and its index overwritten with garbage, the daemon stopped; started on "
+        "it, then the file moved away as the README says and the daemon started again",
+    )
+    keys = [write_session(redis)[0] for _ in range(30)]
+    first = start_ready(daemons, redis_server, db_path)
+    assert_archive_equals_redis(redis, db_path, keys)
+    first.signal(signal.SIGTERM)
+    assert first.proc.wait(timeout=10) == 0
+    roots = query(db_path, "SELECT rootpage FROM sqlite_master WHERE tbl_name = 'sessions' AND rootpage > 0")
+    for (page,) in roots:
+        damage_pages(db_path, page)
+
+    damaged = daemons(redis_server, db_path, ARCHIVER_SHUTDOWN_TIMEOUT="2")  # its last flush cannot succeed
+    failed = damaged.wait_log("store.write_failed")[0]
+    assert failed["error"] == "database disk image is malformed", failed
+    assert failed["action"] == DAMAGED_ADVICE
+    checked = subprocess.run(
+        [sys.executable, "-m", "archiver", "check", "--integrity"],
+        cwd=REPO,
+        env=daemon_env(redis_server, db_path),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert checked.returncode == 1 and "Traceback" not in checked.stderr, checked.stderr
+    assert re.search(r"integrity\s+FAIL", checked.stdout) and "the archive's file is damaged" in checked.stdout
+    assert damaged.proc.poll() is None  # waiting for the file to be mended, not in a restart loop
+    assert not damaged.events("record.quarantined")  # the file's fault is not put on the records
+    damaged.signal(signal.SIGTERM)
+    assert damaged.proc.wait(timeout=15) == 0
+
+    # What the README says: move the file away with its -wal and -shm, start again: Redis holds
+    # the last 7 days, and the first reconcile brings them into the new file.
+    kept = tmp_path / "damaged"
+    kept.mkdir()
+    for side in ("", "-wal", "-shm"):
+        if Path(f"{db_path}{side}").exists():
+            os.replace(f"{db_path}{side}", kept / f"desto.db{side}")
+    start_ready(daemons, redis_server, db_path)
+    settle(report, redis, db_path, keys, timeout=10)
+    assert integrity(db_path) == "ok"

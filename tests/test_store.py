@@ -15,9 +15,28 @@ import pytest
 from archiver.keys import Kind, classify, record_key
 from archiver.models import Fetched, Outcome, normalize
 from archiver.schema import SCHEMA_VERSION
-from archiver.store import AlreadyRunning, Batch, DaemonLock, Store, StoreError
+from archiver.store import (
+    DAMAGED_ADVICE,
+    AlreadyRunning,
+    Batch,
+    DaemonLock,
+    Store,
+    StoreError,
+    is_damaged,
+    store_advice,
+)
 from archiver.writer import TimedHint, select_in
-from tests.helpers import favorite_hash, integrity, job_hash, lock_holder, query, row, session_hash
+from tests.helpers import (
+    count,
+    damage_pages,
+    favorite_hash,
+    integrity,
+    job_hash,
+    lock_holder,
+    query,
+    row,
+    session_hash,
+)
 
 T0 = 1_795_000_000_000_000
 
@@ -159,6 +178,25 @@ def test_the_newest_version_is_kept_in_the_file(store: Store, db_path: Path) -> 
     assert store.newest_version() == T0 + 90
     store.apply(Batch([read(Kind.JOB, second["job_id"], second, T0 + 95)]))
     assert store.newest_version() == T0 + 95
+
+
+def test_a_damaged_file_is_blamed_on_the_file_not_on_the_records(db_path: Path) -> None:
+    """A batch that fails because a page of the file is damaged must not be taken, row by row, for
+    records the file refuses: they would all land in the quarantine, for nothing of theirs."""
+    store = Store.open(db_path)
+    records = [session_hash() for _ in range(3)]
+    store.apply(Batch([read(Kind.SESSION, r["session_id"], r, T0) for r in records]))
+    store.close()
+    root = query(db_path, "SELECT rootpage FROM sqlite_master WHERE name = 'sqlite_autoindex_sessions_1'")[0][0]
+    damage_pages(db_path, root)
+
+    store = Store.open(db_path)
+    changed = [read(Kind.SESSION, r["session_id"], {**r, "status": "finished"}, T0 + 1) for r in records]
+    with pytest.raises(sqlite3.DatabaseError) as raised:
+        store.apply(Batch(changed))
+    store.close()
+    assert is_damaged(raised.value) and store_advice(raised.value) == DAMAGED_ADVICE
+    assert count(db_path, "quarantine") == 0
 
 
 def test_unchanged_reads_only_touch_last_seen(store: Store, db_path: Path) -> None:
