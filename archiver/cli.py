@@ -322,8 +322,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILURE
     except CONNECTION_ERRORS as exc:
         print(
-            f"desto-archiver: cannot reach Redis at {settings.redis_address()}: {exc}\n"
-            f"  {unreachable_advice(exc)} (or --redis-url).",
+            f"desto-archiver: cannot reach Redis at {settings.redis_address()}: {exc}\n  {unreachable_advice(exc)}.",
             file=sys.stderr,
         )
         return EXIT_FAILURE

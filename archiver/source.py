@@ -47,7 +47,7 @@ def unreachable_advice(exc: BaseException) -> str:
         )
     if isinstance(exc, NoPermissionError) or "NOPERM" in str(exc):  # the listener's come as ConnectionError
         return "grant the Redis user what the archiver needs: README, 'With a Redis ACL user'"
-    return "is Redis running? Set REDIS_HOST/REDIS_PORT/REDIS_DB or REDIS_URL"
+    return "is Redis running? Set REDIS_HOST/REDIS_PORT/REDIS_DB or REDIS_URL (or --redis-url)"
 
 
 # K: keyspace channel; g: del/expire/rename; h: hash commands; x: expired; e: evicted.
