@@ -225,10 +225,15 @@ class Source:
         if self._use_script:
             try:
                 return _parse_script_reply(keys, self._script(keys=list(keys)), self.clock)
-            except NoPermissionError:
+            except NoPermissionError as exc:
+                # "...to run the 'evalsha' command": scripting refused. "...to access one of the
+                # keys": the user may not read desto's keys, which MULTI/EXEC cannot mend either.
+                if "to run the" not in str(exc):
+                    raise
                 log.warning(
                     "redis.scripting_refused",
                     detail="EVAL is not allowed for this user: reading with MULTI/EXEC instead",
+                    error=str(exc),
                 )
                 self._use_script = False
         return self._fetch_multi(keys)

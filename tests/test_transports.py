@@ -146,3 +146,34 @@ def test_the_acl_user_the_readme_gives_is_enough_and_a_missing_permission_is_wai
     assert "CONFIG allowed" in checked.stdout
     assert archiver_cli(fresh_redis, url, db_path, "backfill").returncode == 0
     admin.close()
+
+
+def test_a_user_that_may_not_run_scripts_is_read_with_multi_exec(fresh_redis, db_path: Path, daemons) -> None:
+    admin = fresh_redis.client()
+    admin.execute_command(*(word.replace("CHANGE-ME", "pw") for word in readme_acl_command()))
+    admin.execute_command("ACL", "SETUSER", "desto-archiver", "-eval", "-evalsha", "-script|load")
+    url = f"redis://desto-archiver:pw@127.0.0.1:{fresh_redis.port}/0"
+    before = write_session(admin)[0]
+    daemon = start_ready(daemons, fresh_redis, db_path, REDIS_URL=url)
+    session, _ = write_session(admin)
+    admin.hset(session, mapping={"status": "failed", "end_time": now_iso()})
+    wait_for(lambda: (archived(db_path, session) or {"status": None})["status"] == "failed", 5, what="a change")
+    assert_archive_equals_redis(admin, db_path, [before, session], timeout=5)
+    [refused] = daemon.events("redis.scripting_refused")
+    assert "to run the 'evalsha' command" in refused["error"], refused
+    admin.close()
+
+
+def test_a_user_that_may_not_read_desto_s_keys_is_told_so_not_read_another_way(fresh_redis, db_path: Path) -> None:
+    admin = fresh_redis.client()
+    words = [word.replace("CHANGE-ME", "pw") for word in readme_acl_command()]
+    admin.execute_command(*(("~desto:session:*" if word == "~desto:*" else word) for word in words))
+    write_session(admin)
+    write_job(admin)  # a key this user may not read
+    url = f"redis://desto-archiver:pw@127.0.0.1:{fresh_redis.port}/0"
+    result = archiver_cli(fresh_redis, url, db_path, "backfill")
+    assert result.returncode == 1
+    assert "no permissions to access one of the keys" in result.stderr, result.stderr
+    assert "grant the Redis user what the archiver needs" in result.stderr
+    assert "scripting_refused" not in result.stderr  # the script was allowed: the keys were not
+    admin.close()
