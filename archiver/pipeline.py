@@ -28,7 +28,7 @@ from archiver.log import get_logger
 from archiver.metrics import Metrics, Snapshot
 from archiver.models import parse_hint
 from archiver.reconcile import Reconcile, archive, now_us, records_of, write_batch
-from archiver.source import CONNECTION_ERRORS, Listener, NotifyState, Source, unreachable_advice
+from archiver.source import CONNECTION_ERRORS, Listener, NotifyState, Source, log_unreachable, unreachable_advice
 from archiver.store import BatchResult, DaemonLock, Store, StoreError, store_advice
 from archiver.writer import TimedHint
 
@@ -186,12 +186,7 @@ class Daemon:
             notify: NotifyState | None = self.source.ensure_notifications()
         except CONNECTION_ERRORS as exc:
             notify = None
-            log.warning(
-                "redis.unreachable",
-                error=str(exc),
-                address=self.settings.redis_address(),
-                action=unreachable_advice(exc),
-            )
+            log_unreachable(self.settings, exc)
         log.info(
             "archiver.started",
             pid=os.getpid(),

@@ -50,6 +50,11 @@ def unreachable_advice(exc: BaseException) -> str:
     return "is Redis running? Set REDIS_HOST/REDIS_PORT/REDIS_DB or REDIS_URL (or --redis-url)"
 
 
+def log_unreachable(settings: Settings, exc: BaseException) -> None:
+    """``redis.unreachable``: the first failure to reach Redis, with what to do about it."""
+    log.warning("redis.unreachable", error=str(exc), address=settings.redis_address(), action=unreachable_advice(exc))
+
+
 # K: keyspace channel; g: del/expire/rename; h: hash commands; x: expired; e: evicted.
 NEEDED_FLAGS = "Kghxe"
 _ALL_ALIAS = frozenset("g$lshzxetd")  # what "A" stands for
@@ -406,12 +411,7 @@ class Listener(threading.Thread):
                 if down_since is None:
                     down_since = time.monotonic()
                     self.sink.disconnected(str(exc))
-                    log.warning(
-                        "redis.unreachable",
-                        error=str(exc),
-                        address=self.settings.redis_address(),
-                        action=unreachable_advice(exc),
-                    )
+                    log_unreachable(self.settings, exc)
                 elif attempt % 10 == 0:
                     log.warning("redis.still_unreachable", error=str(exc), attempts=attempt)
                 self._backoff(attempt)
