@@ -41,16 +41,21 @@ DAMAGED_ADVICE = (
 )
 
 
+def _primary_code(exc: BaseException) -> int:
+    """SQLite's result code of an error (its extended code stripped to the primary), else 0."""
+    return (getattr(exc, "sqlite_errorcode", 0) or 0) & 0xFF
+
+
 def is_damaged(exc: BaseException) -> bool:
     """SQLite says the file is not a sound database: corrupt pages, or not SQLite at all."""
-    return (getattr(exc, "sqlite_errorcode", 0) or 0) & 0xFF in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
+    return _primary_code(exc) in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
 
 
 def store_advice(exc: BaseException) -> str | None:
     """What to do about a write the file as a whole refused, for people (None: nothing but wait)."""
-    code = (getattr(exc, "sqlite_errorcode", 0) or 0) & 0xFF
     if is_damaged(exc):
         return DAMAGED_ADVICE
+    code = _primary_code(exc)
     if code == sqlite3.SQLITE_FULL:
         return "the archive's disk is full: free space there (the archiver retries)"
     if code in (sqlite3.SQLITE_READONLY, sqlite3.SQLITE_PERM, sqlite3.SQLITE_CANTOPEN):
