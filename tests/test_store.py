@@ -199,6 +199,22 @@ def test_a_damaged_file_is_blamed_on_the_file_not_on_the_records(db_path: Path) 
     assert count(db_path, "quarantine") == 0
 
 
+def test_a_file_the_archiver_may_not_write_is_told_apart_from_a_busy_one(store: Store, db_path: Path) -> None:
+    readonly = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+    with pytest.raises(sqlite3.OperationalError) as refused:
+        readonly.execute("INSERT INTO archiver_state VALUES ('x', 'y', 'z')")
+    readonly.close()
+    assert store_advice(refused.value) == (
+        "give the archiver's user write access to the file, its -wal and -shm, and its folder"
+    )
+    with lock_holder(db_path, hold_s=5, gap_s=0):
+        busy = Store.open(db_path, busy_timeout=0.05)
+        with pytest.raises(sqlite3.OperationalError) as locked:
+            busy.set_state({"x": "y"}, T0)
+        busy.close()
+    assert store_advice(locked.value) is None and not is_damaged(locked.value)
+
+
 def test_unchanged_reads_only_touch_last_seen(store: Store, db_path: Path) -> None:
     record = job_hash()
     jid = record["job_id"]
