@@ -355,9 +355,13 @@ def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
             os._exit(EXIT_FAILURE)
         daemon.request_stop()
 
-    # SIGHUP: the terminal it runs in was closed. Stop as on SIGTERM, not as killed.
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(signum, on_signal)
+    # SIGHUP: the terminal it runs in was closed. Stop as on SIGTERM, not as killed. A daemon started
+    # to outlive its terminal inherits SIGHUP ignored (`nohup`), and a shell's background job
+    # SIGINT: those stay ignored, as Python itself leaves an inherited ignored SIGINT alone.
+    signal.signal(signal.SIGTERM, on_signal)
+    for signum in (signal.SIGINT, signal.SIGHUP):
+        if signal.getsignal(signum) != signal.SIG_IGN:
+            signal.signal(signum, on_signal)
     daemon.run()
     return EXIT_OK
 

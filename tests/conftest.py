@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -105,9 +105,11 @@ def daemons(tmp_path: Path) -> Iterator[Callable[..., DaemonProcess]]:
     each one's log (shown by pytest when the test fails)."""
     started: list[DaemonProcess] = []
 
-    def start(server: RedisServer, db_path: Path, *, piped: bool = False, **env: str) -> DaemonProcess:
+    def start(
+        server: RedisServer, db_path: Path, *, piped: bool = False, wrapper: Sequence[str] = (), **env: str
+    ) -> DaemonProcess:
         log = tmp_path / f"daemon-{len(started)}.log"
-        daemon = spawn_daemon(server, db_path, log, piped=piped, **env)
+        daemon = spawn_daemon(server, db_path, log, piped=piped, wrapper=wrapper, **env)
         started.append(daemon)
         return daemon
 

@@ -13,7 +13,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -376,13 +376,22 @@ class DaemonProcess:
             self.copier.join(timeout=10)
 
 
-def spawn_daemon(server: RedisServer, db_path: Path, log: Path, *, piped: bool = False, **env: str) -> DaemonProcess:
+def spawn_daemon(
+    server: RedisServer,
+    db_path: Path,
+    log: Path,
+    *,
+    piped: bool = False,
+    wrapper: Sequence[str] = (),
+    **env: str,
+) -> DaemonProcess:
     """``python -m archiver run``; its log lines go to ``log``, written by the daemon itself or, when
     ``piped``, through a pipe the test copies (as a service manager collects a daemon's stderr: the
-    daemon's own file-size limit then does not apply to its log)."""
+    daemon's own file-size limit then does not apply to its log). ``wrapper`` is a command the
+    daemon is started under, as a user would (``nohup``)."""
     with open(log, "ab") as log_file:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "archiver", "run"],
+            [*wrapper, sys.executable, "-m", "archiver", "run"],
             cwd=REPO,
             env=daemon_env(server, db_path, **env),
             stdout=log_file,

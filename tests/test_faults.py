@@ -247,6 +247,24 @@ def test_stop_signal_flushes_pending_batch(signum, redis_server, redis, db_path,
     settle(report, redis, db_path, [key], timeout=1)
 
 
+@pytest.mark.parametrize(
+    ("wrapper", "signum"),
+    [(["nohup"], signal.SIGHUP), (["sh", "-c", "trap '' INT; exec \"$@\"", "sh"], signal.SIGINT)],
+    ids=["nohup-SIGHUP", "background-SIGINT"],
+)
+def test_inherited_ignored_signal_stays_ignored(wrapper, signum, redis_server, redis, db_path, daemons):
+    """``nohup desto-archiver run &``: the terminal closing must not stop a daemon started to
+    outlive it; nor must Ctrl-C in the shell that started it in the background."""
+    daemon = start_ready(daemons, redis_server, db_path, wrapper=wrapper)
+    daemon.signal(signum)
+    key, _ = write_session(redis)
+    wait_for(lambda: archived(db_path, key) is not None, 5, what="the daemon archiving on after the signal")
+    assert daemon.proc.poll() is None
+    assert not daemon.events("archiver.stopped")
+    daemon.signal(signal.SIGTERM)
+    assert daemon.proc.wait(timeout=5) == 0
+
+
 # ─── 6. one daemon per file ──────────────────────────────────────────────────────────────────────
 
 
