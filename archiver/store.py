@@ -192,6 +192,7 @@ class Store:
         self.busy_timeout = busy_timeout  # seconds a write waits for another writer's lock
         self._wal = Path(f"{path}-wal")
         self._data_version = -1
+        self._next_wal_restart = 0.0  # monotonic time of the next try at starting the WAL over
         self._unresolved: set[bytes] = {
             bytes(row[0]) for row in conn.execute("SELECT DISTINCT key FROM quarantine WHERE resolved_at IS NULL")
         }
@@ -275,14 +276,22 @@ class Store:
         self.close()
         return removed
 
+    @contextmanager
+    def _without_busy_wait(self) -> Iterator[sqlite3.Connection]:
+        """The writer's connection with SQLite's busy handler off, for as long as the block runs."""
+        conn = self.conn
+        conn.execute("PRAGMA busy_timeout = 0")
+        try:
+            yield conn
+        finally:
+            conn.execute(f"PRAGMA busy_timeout = {round(self.busy_timeout * 1000)}")
+
     def _begin(self) -> None:
         """BEGIN IMMEDIATE, trying for the write lock every millisecond until the busy timeout.
         SQLite's own busy handler sleeps longer and longer between tries (100 ms at a time after
         the first quarter second): against another writer that holds the lock most of the time
         and lets go of it briefly (desto's own store, a backup), it misses most of the gaps."""
-        conn = self.conn
-        conn.execute("PRAGMA busy_timeout = 0")
-        try:
+        with self._without_busy_wait() as conn:
             deadline = time.monotonic() + self.busy_timeout
             while True:
                 try:
@@ -292,8 +301,6 @@ class Store:
                     if exc.sqlite_errorcode & 0xFF != sqlite3.SQLITE_BUSY or time.monotonic() >= deadline:
                         raise
                 time.sleep(_LOCK_POLL_S)
-        finally:
-            conn.execute(f"PRAGMA busy_timeout = {round(self.busy_timeout * 1000)}")
 
     @contextmanager
     def _transaction(self, commit: bool = True) -> Iterator[sqlite3.Connection]:
@@ -482,21 +489,33 @@ class Store:
             self.restart_wal_if_big()
         return result
 
-    # Each restart is a full checkpoint on the writer's path. Measured under a stream of new
-    # records: with 256 MB the daemon sustained 16,000/s for 30 s, with 64 MB it fell 7 s behind.
+    # Each restart is a full checkpoint on the writer's path: the limit is high enough that a
+    # stream of new records rarely pays for one (see the performance notes in docs/).
     MAX_WAL_BYTES = 256 * 1024 * 1024
+    # After a try a reader prevented, the next one waits this long: each try copies pages first.
+    WAL_RESTART_RETRY_S = 1.0
 
     def restart_wal_if_big(self) -> None:
         """A writer that never pauses keeps the WAL from starting over (a checkpoint from another
-        connection never finds a moment without it): past 256 MB, checkpoint from here, between
-        two transactions, and truncate. The checkpointer thread has copied most pages already."""
+        connection never finds a moment without it): past MAX_WAL_BYTES, checkpoint from here,
+        between two transactions, and truncate. The checkpointer thread has copied most pages
+        already. The writer never waits for this: a reader on an old snapshot (desto's tab, an
+        export, a backup) or another writer makes it give up at once and try again later."""
+        if time.monotonic() < self._next_wal_restart:
+            return
         try:
             big = self._wal.stat().st_size > self.MAX_WAL_BYTES
         except OSError:
             return
-        if big:
-            with suppress(sqlite3.Error):  # readers on an old snapshot: the next batch tries again
-                self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        if not big:
+            return
+        with self._without_busy_wait() as conn:
+            try:
+                busy = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+            except sqlite3.Error:
+                busy = 1
+        if busy:
+            self._next_wal_restart = time.monotonic() + self.WAL_RESTART_RETRY_S
 
     def _tombstone(self, conn: sqlite3.Connection, gone: Gone, event: bytes | None, result: BatchResult) -> None:
         assert gone.kind is not None

@@ -36,6 +36,7 @@ from tests.helpers import (
     query,
     row,
     session_hash,
+    wait_for,
 )
 
 T0 = 1_795_000_000_000_000
@@ -489,6 +490,38 @@ def test_the_wal_starts_over_while_the_writer_never_pauses(db_path: Path, monkey
         assert count_rows(db_path) == 8000
         assert largest < 4 * 1024 * 1024, f"the WAL grew to {largest:,} bytes"
     finally:
+        store.close()
+
+
+def test_a_reader_on_an_old_snapshot_never_stalls_the_writer(db_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past MAX_WAL_BYTES the writer tries to start the WAL over; a reader holding a snapshot
+    (desto's tab, an export into a pager, a backup) keeps it from doing so. The writer must try
+    without waiting for that reader, or every batch waits out the whole busy timeout."""
+    monkeypatch.setattr(Store, "MAX_WAL_BYTES", 64 * 1024)
+    store = Store.open(db_path, busy_timeout=10)
+    wal = Path(f"{db_path}-wal")
+    reader = sqlite3.connect(db_path, isolation_level=None)
+    try:
+        store.apply(Batch([read(Kind.SESSION, f"s-{i}", session_hash(f"s-{i}"), T0) for i in range(500)]))
+        reader.execute("BEGIN")
+        assert reader.execute("SELECT count(*) FROM sessions").fetchone()[0] == 500  # holds its snapshot
+        for n in range(4):  # the WAL is past the limit and stays there while the reader reads
+            batch = [read(Kind.SESSION, f"t-{n}-{i}", session_hash(f"t-{n}-{i}"), T0 + 1 + n) for i in range(100)]
+            started = time.monotonic()
+            store.apply(Batch(batch))
+            assert time.monotonic() - started < 3, "a batch waited for the reader"
+            assert wal.stat().st_size > Store.MAX_WAL_BYTES
+        reader.execute("COMMIT")
+        later = iter(range(10_000))
+
+        def restarted() -> bool:  # the reader gone, a later batch starts the WAL over
+            n = next(later)
+            store.apply(Batch([read(Kind.SESSION, f"u-{n}", session_hash(f"u-{n}"), T0 + 9)]))
+            return wal.stat().st_size < Store.MAX_WAL_BYTES
+
+        wait_for(restarted, 5, interval=0.1, what="the WAL to start over")
+    finally:
+        reader.close()
         store.close()
 
 
