@@ -244,11 +244,7 @@ def _notifications(source: Source, needed: bool) -> Finding:
         )
     raw = reply.get("notify-keyspace-events", reply.get(b"notify-keyspace-events", b""))
     flags = raw.decode() if isinstance(raw, bytes) else str(raw)
-    try:
-        source.client.config_set("notify-keyspace-events", flags)  # the same value: a no-op
-        config = "CONFIG allowed"
-    except Exception as exc:
-        config = f"CONFIG SET refused ({str(exc)[:80]})"
+    config = _config_set_permission(source)
     if flags_sufficient(flags):
         return Finding("notifications", "ok", f"notify-keyspace-events={flags!r}; {config}")
     return Finding(
@@ -258,6 +254,22 @@ def _notifications(source: Source, needed: bool) -> Finding:
         "a running daemon sets them at start, after reconnects and on each reconcile; else set "
         "notify-keyspace-events KEA in Redis",
     )
+
+
+def _config_set_permission(source: Source) -> str:
+    """Whether this user may CONFIG SET the flags, asked without setting anything: a doctor must
+    not change what it examines (writing back the value just read could undo flags set in
+    between). ACL DRYRUN (Redis 7) answers; where it cannot, the answer is that it is unknown."""
+    try:
+        user = source.client.execute_command("ACL", "WHOAMI")
+        reply = source.client.execute_command("ACL", "DRYRUN", user, "CONFIG", "SET", "notify-keyspace-events", "KEA")
+    except Exception as exc:  # Redis < 7, no permission for ACL DRYRUN, CONFIG renamed away
+        text = str(exc)
+        if "not found" in text:  # the command table has no CONFIG: renamed or disabled
+            return "CONFIG SET refused (the command is disabled)"
+        return f"CONFIG SET unknown (ACL DRYRUN could not tell: {text[:80]})"
+    answer = reply.decode() if isinstance(reply, bytes) else str(reply)
+    return "CONFIG allowed" if answer == "OK" else f"CONFIG SET refused ({answer[:80]})"
 
 
 def _file(path: Path, integrity: bool = False) -> list[Finding]:

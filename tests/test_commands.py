@@ -298,6 +298,40 @@ def test_check_passes_on_a_healthy_set_up(redis_server, redis, db_path: Path) ->
     assert report["verify"]["records"] == 43 and report["verify"]["missing"] == 0
 
 
+def config_sets(redis) -> int:
+    """How many CONFIG SET commands the server has run."""
+    return int(redis.info("commandstats").get("cmdstat_config|set", {}).get("calls", 0))
+
+
+def test_check_changes_nothing_in_redis_configuration(fresh_redis, db_path: Path) -> None:
+    """A doctor must not change what it examines: writing back the flags it just read would undo
+    flags set in between, by the daemon or an operator."""
+    admin = fresh_redis.client()
+    try:
+        admin.config_set("notify-keyspace-events", "KEA")
+        before = config_sets(admin)
+        result = cli(fresh_redis, db_path, "check", "--no-daemon", "--json")
+        notifications = {c["check"]: c for c in json.loads(result.stdout)["checks"]}["notifications"]
+        assert notifications["status"] == "ok"
+        assert "CONFIG allowed" in notifications["detail"], notifications
+        assert config_sets(admin) == before
+
+        # a user that may read the flags but not set them is told so, still without a write
+        admin.execute_command("ACL", "SETUSER", "reader", "on", ">pw", "~*", "+@all", "-config|set")
+        url = f"redis://reader:pw@127.0.0.1:{fresh_redis.port}/0"
+        result = cli(fresh_redis, db_path, "check", "--no-daemon", "--json", REDIS_URL=url)
+        notifications = {c["check"]: c for c in json.loads(result.stdout)["checks"]}["notifications"]
+        assert "CONFIG SET refused" in notifications["detail"] and "config|set" in notifications["detail"]
+        # one that may not ask Redis about permissions: unknown, not a guess
+        admin.execute_command("ACL", "SETUSER", "reader", "-acl|dryrun")
+        result = cli(fresh_redis, db_path, "check", "--no-daemon", "--json", REDIS_URL=url)
+        notifications = {c["check"]: c for c in json.loads(result.stdout)["checks"]}["notifications"]
+        assert "CONFIG SET unknown" in notifications["detail"], notifications
+        assert config_sets(admin) == before
+    finally:
+        admin.close()
+
+
 def test_check_catches_a_corrupted_a_missing_and_an_extra_row(redis_server, redis, db_path: Path) -> None:
     ids = load(redis, sessions=10)
     assert cli(redis_server, db_path, "backfill").returncode == 0
