@@ -261,8 +261,9 @@ def _config_set_permission(source: Source) -> str:
     not change what it examines (writing back the value just read could undo flags set in
     between). ACL DRYRUN (Redis 7) answers; where it cannot, the answer is that it is unknown."""
     try:
-        user = source.client.execute_command("ACL", "WHOAMI")
-        reply = source.client.execute_command("ACL", "DRYRUN", user, "CONFIG", "SET", "notify-keyspace-events", "KEA")
+        user = source.client.acl_whoami()
+        user = user.decode() if isinstance(user, bytes) else user
+        reply = source.client.acl_dryrun(user, "CONFIG", "SET", "notify-keyspace-events", "KEA")
     except Exception as exc:  # Redis < 7, no permission for ACL DRYRUN, CONFIG renamed away
         text = str(exc)
         if "not found" in text:  # the command table has no CONFIG: renamed or disabled
