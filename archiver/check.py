@@ -274,7 +274,13 @@ def _config_set_permission(source: Source) -> str:
 
 
 def _file(path: Path, integrity: bool = False) -> list[Finding]:
-    if not path.exists():
+    try:
+        found = path.exists()
+    except OSError as exc:  # a folder this user may not look into
+        return [
+            Finding("file", "fail", f"cannot look at {path}: {exc.strerror}", "give this user access to its folder")
+        ]
+    if not found:
         return [
             Finding(
                 "file",

@@ -326,6 +326,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return EXIT_FAILURE
+    except OSError as exc:  # a file or folder of the user's: not Redis, and not worth a traceback
+        print(f"desto-archiver {args.command}: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
     finally:
         sys.stdout = stdout
 
@@ -418,7 +421,7 @@ def cmd_check(settings: Settings, args: argparse.Namespace) -> int:
         findings, redis_ok = doctor(settings, source, with_daemon=args.daemon, integrity=args.integrity)
         report = None
         readable = not any(f.check == "integrity" and f.status == "fail" for f in findings)
-        if args.verify and redis_ok and readable and settings.db_path.exists():
+        if args.verify and redis_ok and readable and os.path.exists(settings.db_path):
             conn = sqlite3.connect(f"file:{settings.db_path}?mode=ro", uri=True, timeout=10)
             try:
                 report = verify(source, conn, settings.batch_size, args.settle)

@@ -77,7 +77,13 @@ class Reader:
 
     @classmethod
     def open(cls, path: Path) -> Reader:
-        if not path.exists():
+        try:
+            found = path.exists()
+        except OSError as exc:  # a folder this user may not look into
+            raise ReadError(
+                f"cannot read {path}: {exc.strerror}; give this user read access to it and its folder"
+            ) from None
+        if not found:
             raise ReadError(
                 f"no archive at {path}: start 'desto-archiver run' or 'desto-archiver backfill' first, "
                 "or point SQLITE_DB_PATH (--db) at the file"

@@ -29,12 +29,13 @@ log = get_logger("archiver.source")
 
 # Errors that mean "Redis cannot be used right now": not reachable, or a permission the user lacks
 # (granted later, without a restart). Retried, never fatal: a daemon that exited on them would be
-# restarted into the same error over and over.
+# restarted into the same error over and over. redis-py turns socket errors into its own; the
+# subscription's raw reads do the same. Any other OSError (a file, a bug) is not Redis' and must
+# not be retried as if it were.
 CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     redis.ConnectionError,
     redis.TimeoutError,
     NoPermissionError,
-    OSError,
 )
 
 
@@ -357,6 +358,8 @@ class Subscription:
                 data = self.sock.recv(1 << 18)
             except TimeoutError:
                 return replies
+            except OSError as exc:  # reset, aborted, a TLS error: the connection is lost
+                raise redis.ConnectionError(f"reading the subscription failed: {exc}") from exc
             if not data:
                 raise redis.ConnectionError("Redis closed the connection")
             reader.feed(data)

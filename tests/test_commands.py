@@ -332,6 +332,38 @@ def test_check_changes_nothing_in_redis_configuration(fresh_redis, db_path: Path
         admin.close()
 
 
+def test_a_folder_this_user_may_not_read_is_reported_as_such_not_as_redis_unreachable(
+    redis_server, redis, tmp_path: Path
+) -> None:
+    folder = tmp_path / "private"
+    db_path = folder / "desto.db"
+    load(redis, sessions=2)
+    assert cli(redis_server, db_path, "backfill").returncode == 0
+    if os.geteuid() == 0:  # root reads anything: take its right to, as a process of another user has none
+        os.chown(folder, 65534, 65534)
+        os.chmod(folder, 0o700)
+        wrapper = ["setpriv", "--bounding-set=-dac_override,-dac_read_search,-fowner"]
+    else:
+        os.chmod(folder, 0o000)
+        wrapper = []
+    try:
+        for command in (["stats"], ["show", "x"], ["backup", str(tmp_path / "copy.db")], ["check", "--no-daemon"]):
+            result = subprocess.run(
+                [*wrapper, sys.executable, "-m", "archiver", *command],
+                cwd=REPO,
+                env=daemon_env(redis_server, db_path),
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            said = result.stdout + result.stderr
+            assert result.returncode == 1, (command, said)
+            assert "Permission denied" in said, (command, said)
+            assert "reach Redis" not in said and "Traceback" not in said, (command, said)
+    finally:
+        os.chmod(folder, 0o700)
+
+
 def test_check_catches_a_corrupted_a_missing_and_an_extra_row(redis_server, redis, db_path: Path) -> None:
     ids = load(redis, sessions=10)
     assert cli(redis_server, db_path, "backfill").returncode == 0

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import redis as redis_lib
 from redis.exceptions import NoPermissionError
+from structlog.testing import capture_logs
 
 from archiver import fetcher as fetcher_module
 from archiver.config import load_settings
@@ -212,3 +213,20 @@ def test_a_reconcile_whose_first_read_fails_is_retried_with_a_backoff_not_at_onc
     finally:
         fetcher.stop_now()
         fetcher.join(timeout=2)
+
+
+def test_an_os_error_that_is_not_redis_s_stops_the_reader_instead_of_passing_for_an_outage(tmp_path: Path) -> None:
+    """redis-py reports a lost connection as its own ConnectionError; a bare OSError in the
+    reading path is a bug (or a file's error), and retrying it forever as "Redis is down"
+    would hide it behind a daemon that looks like it waits for Redis."""
+    settings = load_settings(sqlite_db_path=tmp_path / "desto.db", reconnect_max_backoff=5)
+    source = RefusingSource(PermissionError(13, "Permission denied", "/var/lib/desto/desto.db"))
+    fetcher = Fetcher(settings, source=source, dirty=Dirty(1000))  # type: ignore[arg-type]
+    fetcher.request_scan("start")
+    with capture_logs() as logs:
+        fetcher.start()
+        fetcher.join(timeout=5)
+    assert not fetcher.is_alive()
+    assert isinstance(fetcher.error, PermissionError) and source.attempts == 1
+    assert not fetcher.failing
+    assert [e["event"] for e in logs] == ["fetcher.crashed"]
