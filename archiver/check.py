@@ -23,7 +23,7 @@ from archiver.keys import Kind, record_key
 from archiver.models import COLUMNS, Rejected, Row, iso_utc
 from archiver.reader import Reader
 from archiver.reconcile import now_us, read_batch, records_of
-from archiver.schema import SCHEMA_VERSION
+from archiver.schema import SCHEMA_VERSION, unsupported_sqlite
 from archiver.source import CONNECTION_ERRORS, Source, flags_sufficient, merge_flags, unreachable_advice
 from archiver.store import DAMAGED_ADVICE, is_damaged
 from archiver.writer import TABLES, select_in
@@ -209,7 +209,12 @@ def doctor(
 ) -> tuple[list[Finding], bool]:
     """Every check of the set-up; the second value tells whether Redis could be reached.
     ``integrity``: SQLite's quick_check of the whole file too (it reads every page)."""
-    findings = []
+    unsupported = unsupported_sqlite()
+    findings = [
+        Finding("sqlite", "fail", unsupported, "see README, 'Requirements'")
+        if unsupported
+        else Finding("sqlite", "ok", f"SQLite {sqlite3.sqlite_version}")
+    ]
     redis_ok = True
     try:
         source.ping()

@@ -24,7 +24,7 @@ from archiver.config import ConfigError, Settings, load_settings
 from archiver.log import configure, get_logger
 from archiver.output import to_json, write_csv, write_json_array, write_jsonl, write_table
 from archiver.source import CONNECTION_ERRORS, unreachable_advice
-from archiver.store import StoreError
+from archiver.store import StoreError, UnsupportedSQLite
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
@@ -316,6 +316,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_OK
     except UsageError as exc:
         print(f"desto-archiver {args.command}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except UnsupportedSQLite as exc:  # a set-up to change: retrying (a service restart) cannot help
+        print(f"desto-archiver: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except StoreError as exc:
         print(f"desto-archiver: {exc}", file=sys.stderr)

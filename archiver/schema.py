@@ -12,6 +12,29 @@ from collections.abc import Callable
 
 SCHEMA_VERSION = 2
 
+# The oldest SQLite the archiver's statements run on: RETURNING came in 3.35.0 (UPSERT in 3.24.0).
+MIN_SQLITE = (3, 35, 0)
+
+
+def unsupported_sqlite() -> str | None:
+    """Why the SQLite library Python is linked against cannot run the archiver, or None when it
+    can. Found at start, not at the first batch: an old library fails every write the same way,
+    and a daemon retrying it would never archive anything."""
+    found = sqlite3.sqlite_version_info
+    if found < MIN_SQLITE:
+        return (
+            f"SQLite {sqlite3.sqlite_version} is too old: desto-archiver needs {'.'.join(map(str, MIN_SQLITE))} "
+            "or newer. Python's sqlite3 module uses the system's library: run the archiver with a Python "
+            "linked against a newer SQLite (Debian 12, Ubuntu 22.04 and later ship one), or in its container image"
+        )
+    if sqlite3.threadsafety == 0:
+        return (
+            "this SQLite library was built without thread support (SQLITE_THREADSAFE=0); the archiver "
+            "writes and checkpoints from separate threads: use a Python linked against a standard build"
+        )
+    return None
+
+
 DESTO_DDL = """
 CREATE TABLE IF NOT EXISTS sessions (
     session_id TEXT PRIMARY KEY,

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from archiver.keys import Kind
 from archiver.models import COLUMNS, Gone, Outcome, Rejected, Row, encode_resp, iso_utc
-from archiver.schema import RECORD_TABLES, NewerSchemaError, migrate
+from archiver.schema import RECORD_TABLES, NewerSchemaError, migrate, unsupported_sqlite
 from archiver.writer import TABLES, RowWriter, TimedHint, add_history
 
 GONE_EVENTS = {b"del": "deleted", b"expired": "expired", b"evicted": "evicted"}
@@ -65,6 +65,10 @@ def store_advice(exc: BaseException) -> str | None:
 
 class AlreadyRunning(StoreError):
     pass
+
+
+class UnsupportedSQLite(StoreError):
+    """The SQLite library cannot run the archiver: nothing to retry, a set-up to change."""
 
 
 @dataclass
@@ -202,6 +206,9 @@ class Store:
         """Open (creating or migrating) the archive; StoreError with a clear message when it cannot.
         ``cache_mb``: SQLite's page cache. ``build_deferred``: build the indexes a killed bulk load
         left out (a dry run must not)."""
+        unsupported = unsupported_sqlite()
+        if unsupported is not None:
+            raise UnsupportedSQLite(unsupported)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:

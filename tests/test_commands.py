@@ -288,6 +288,7 @@ def test_check_passes_on_a_healthy_set_up(redis_server, redis, db_path: Path) ->
     assert result.returncode == 0, result.stdout
     assert report["ok"] is True
     assert {c["check"]: c["status"] for c in report["checks"]} == {
+        "sqlite": "ok",
         "redis": "ok",
         "notifications": "ok",
         "file": "ok",
@@ -296,6 +297,43 @@ def test_check_passes_on_a_healthy_set_up(redis_server, redis, db_path: Path) ->
         "daemon": "ok",
     }
     assert report["verify"]["records"] == 43 and report["verify"]["missing"] == 0
+
+
+OLD_SQLITE = (
+    "import sqlite3, sys\n"
+    "sqlite3.sqlite_version_info, sqlite3.sqlite_version = (3, 31, 1), '3.31.1'  # Ubuntu 20.04's\n"
+    "from archiver.cli import main\n"
+    "sys.exit(main(sys.argv[1:]))\n"
+)
+
+
+@pytest.mark.parametrize("command", [["run"], ["backfill"]])
+def test_an_sqlite_too_old_for_the_archiver_is_refused_at_start_not_retried(
+    command, redis_server, redis, db_path: Path
+) -> None:
+    load(redis, sessions=2)
+    result = subprocess.run(
+        [sys.executable, "-c", OLD_SQLITE, *command],
+        cwd=REPO,
+        env=daemon_env(redis_server, db_path),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "SQLite 3.31.1 is too old: desto-archiver needs 3.35.0 or newer" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+    assert not db_path.exists()  # refused before anything was written
+    checked = subprocess.run(
+        [sys.executable, "-c", OLD_SQLITE, "check", "--no-daemon", "--json"],
+        cwd=REPO,
+        env=daemon_env(redis_server, db_path),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    sqlite_check = {c["check"]: c for c in json.loads(checked.stdout)["checks"]}["sqlite"]
+    assert checked.returncode == 1 and sqlite_check["status"] == "fail", checked.stdout
 
 
 def config_sets(redis) -> int:
