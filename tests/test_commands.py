@@ -307,7 +307,7 @@ OLD_SQLITE = (
 )
 
 
-@pytest.mark.parametrize("command", [["run"], ["backfill"]])
+@pytest.mark.parametrize("command", [["run"], ["backfill"]], ids=["run", "backfill"])
 def test_an_sqlite_too_old_for_the_archiver_is_refused_at_start_not_retried(
     command, redis_server, redis, db_path: Path
 ) -> None:
