@@ -341,10 +341,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def collect_less_often() -> None:
     """Every batch allocates thousands of small containers (rows, tuples, lists), and Python's
-    default threshold runs a garbage collection every 700 of them: measured on the read,
-    normalize and write path in one thread, a fifth of its CPU per record. The archiver makes
-    almost no reference cycles (reference counting frees its rows), so collecting every 10,000
-    allocations costs no memory to speak of."""
+    default threshold runs a garbage collection every 700 of them, a large share of the read,
+    normalize and write path's CPU (the performance notes have the figure). The archiver makes
+    almost no reference cycles (reference counting frees its rows), so collecting less often
+    costs no memory to speak of."""
     gc.set_threshold(10_000, 10, 10)
 
 

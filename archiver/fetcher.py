@@ -26,7 +26,7 @@ log = get_logger("archiver.fetcher")
 _TICK = 0.25  # the longest the reader sleeps between looks at the stop flag
 # Batches read ahead of the writer, at most. Under load the writer joins every batch waiting into
 # one transaction: a commit's cost is mostly the index pages it rewrites, and with desto's random
-# ids a transaction of 8,000 rows rewrites far fewer pages per row than one of 500.
+# ids a big transaction rewrites far fewer pages per row than a small one.
 QUEUE_DEPTH = 16
 LINGER_S = 0.25  # the longest the writer waits for a stream's batches to fill a transaction
 _BUSY_RATE = 1000.0  # events/s beyond which batches may wait longer than the flush interval

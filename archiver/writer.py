@@ -42,7 +42,7 @@ def select_in(conn: sqlite3.Connection, query: str, values: Sequence[Any], size:
 
     Each list is padded to a power of two with its last value (a repeat changes nothing in an IN
     list), so a query has at most ten texts. With one text per length, the connection's cache
-    of prepared statements filled up with one of each batch size the daemon met, about 8 MB of
+    of prepared statements filled up with one of each batch size the daemon met, megabytes of
     them, each prepared again and again as they pushed each other out."""
     for start in range(0, len(values), size):
         chunk = list(values[start : start + size])
