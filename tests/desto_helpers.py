@@ -17,23 +17,9 @@ from desto.redis.models import FavoriteCommand
 from loguru import logger
 
 from archiver.log import configure
+from tests.fault_helpers import assert_archive_equals_redis, atjob_from_row
 from tests.helpers import query, wait_for
 
-AT_JOB_FIELDS = (
-    "job_id",
-    "command",
-    "request_time",
-    "scheduled_time",
-    "user",
-    "status",
-    "creation_time",
-    "queue",
-    "session_name",
-    "script_path",
-    "arguments",
-    "error_message",
-    "execution_result",
-)
 RECORD_TABLES = {"session": "sessions", "job": "jobs", "favorite": "favorites", "atjob": "at_jobs"}
 ID_COLUMNS = {"sessions": "session_id", "jobs": "job_id", "favorites": "favorite_id", "at_jobs": "at_job_id"}
 
@@ -130,52 +116,13 @@ def archived_favorites(store: SQLiteStore) -> dict[str, FavoriteCommand]:
 
 def archived_atjob(db_path: Path, at_job_id: str) -> dict[str, str] | None:
     rows = query(db_path, "SELECT * FROM at_jobs WHERE at_job_id = ?", (at_job_id,))
-    return {name: rows[0][name] for name in AT_JOB_FIELDS} if rows else None
+    return atjob_from_row(rows[0]) if rows else None
 
 
-def tombstoned_ids(db_path: Path, table: str) -> set[str]:
-    id_col = ID_COLUMNS[table]
-    return {row[0] for row in query(db_path, f"SELECT {id_col} FROM {table} WHERE gone_at IS NOT NULL")}
-
-
-def differences(view: RedisView, store: SQLiteStore, db_path: Path) -> list[str]:
-    """Where the archive, read by desto's SQLiteStore, differs from Redis read by desto's models."""
-    found: list[str] = []
-    for session_id, session in view.sessions.items():
-        archived = store.get_session(session_id)
-        if archived != session:
-            found.append(f"session {session_id}: archive has {archived!r}, Redis has {session!r}")
-    for job_id, job in view.jobs.items():
-        archived = store.get_job(job_id)
-        if archived != job:
-            found.append(f"job {job_id}: archive has {archived!r}, Redis has {job!r}")
-    favorites = archived_favorites(store)
-    for favorite_id, favorite in view.favorites.items():
-        if favorites.get(favorite_id) != favorite:
-            found.append(f"favorite {favorite_id}: archive has {favorites.get(favorite_id)!r}, Redis has {favorite!r}")
-    for at_job_id, fields in view.atjobs.items():
-        archived_fields = archived_atjob(db_path, at_job_id)
-        if archived_fields != fields:
-            found.append(f"at-job {at_job_id}: archive has {archived_fields!r}, Redis has {fields!r}")
-    for table in ("sessions", "jobs", "favorites", "at_jobs"):
-        wrongly_gone = view.ids(table) & tombstoned_ids(db_path, table)
-        if wrongly_gone:
-            found.append(f"{table} still in Redis but tombstoned in the archive: {sorted(wrongly_gone)}")
-    return found
-
-
-def settle(r: redis_py.Redis, store: SQLiteStore, db_path: Path, timeout: float = 15.0) -> tuple[RedisView, list[str]]:
-    """Wait until the archive equals Redis; the last Redis view and what still differs (empty when equal)."""
-    last: list[tuple[RedisView, list[str]]] = []
-
-    def equal() -> bool:
-        view = read_redis(r)
-        last[:] = [(view, differences(view, store, db_path))]
-        return not last[0][1]
-
-    with suppress(AssertionError):  # the caller asserts on the differences, which say what is wrong
-        wait_for(equal, timeout, what="the archive to equal Redis")
-    return last[0]
+def settle(r: redis_py.Redis, db_path: Path, timeout: float = 15.0) -> RedisView:
+    """Wait until the archive equals Redis (failing with what differs); Redis as it then was."""
+    assert_archive_equals_redis(r, db_path, (), timeout)
+    return read_redis(r)
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from desto.redis.sqlite_store import SQLiteStore
 
 from tests.helpers import (
     REPO,
+    atjob_hash,
     daemon_env,
     favorite_hash,
     job_hash,
@@ -52,20 +53,48 @@ class Entity:
     from_row: Callable[[sqlite3.Row], Any]  # desto's SQLiteStore reader
 
 
+# An at-job's fields, as desto's AtJobManager writes them; desto has no reader for them, and the
+# archive keeps each one as the text Redis holds ('' for a field the hash lacks).
+AT_JOB_FIELDS = (
+    "job_id",
+    "command",
+    "request_time",
+    "scheduled_time",
+    "user",
+    "status",
+    "creation_time",
+    "queue",
+    "session_name",
+    "script_path",
+    "arguments",
+    "error_message",
+    "execution_result",
+)
+
+
+def atjob_from_redis(fields: dict[str, str]) -> dict[str, str]:
+    return {name: fields.get(name, "") for name in AT_JOB_FIELDS}
+
+
+def atjob_from_row(found: sqlite3.Row) -> dict[str, str]:
+    return {name: found[name] for name in AT_JOB_FIELDS}
+
+
 ENTITIES = (
     Entity("desto:session:", "sessions", "session_id", DestoSession.from_dict, SQLiteStore._row_to_session),
     Entity("desto:job:", "jobs", "job_id", DestoJob.from_dict, SQLiteStore._row_to_job),
     Entity("desto:favorite:", "favorites", "favorite_id", FavoriteCommand.from_dict, SQLiteStore._row_to_favorite),
+    Entity("desto:atjob:", "at_jobs", "at_job_id", atjob_from_redis, atjob_from_row),
 )
 
 
 def is_record(key: str) -> bool:
-    """A session, job or favorite hash (not one of desto's favorite indexes)."""
+    """A session, job, favorite or at-job hash (not one of desto's favorite indexes)."""
     return not key.startswith("desto:favorite:name:") and key.startswith(tuple(e.prefix for e in ENTITIES))
 
 
 def entity_of(key: str) -> tuple[Entity, str]:
-    """The record kind and id of a session, job or favorite key."""
+    """The record kind and id of a record's key."""
     assert is_record(key), key
     entity = next(e for e in ENTITIES if key.startswith(e.prefix))
     return entity, key[len(entity.prefix) :]
@@ -79,9 +108,12 @@ def archived_keys(db_path: Path) -> set[str]:
     return {e.prefix + record_id for e in ENTITIES for record_id in archived_rows(db_path)[e.table]}
 
 
-def archive_differences(client, db_path: Path, written: Iterable[str]) -> list[str]:
-    """How the archive differs from Redis: live records missing, stale or tombstoned, and written
-    records that left Redis but are missing from the archive or still look live there."""
+def archive_differences(client, db_path: Path, written: Iterable[str] = ()) -> list[str]:
+    """How the archive differs from Redis, each record read on both sides the way desto reads it
+    (its models from the hash, its SQLiteStore's row readers from the file; at-jobs field by
+    field): live records missing, stale or tombstoned, and written records that left Redis but
+    are missing from the archive or still look live there. The one comparison every test holds
+    the archive to."""
     keys = [k for k in client.scan_iter(match="desto:*", count=1000) if is_record(k)]
     pipe = client.pipeline(transaction=False)
     for key in keys:
@@ -188,7 +220,8 @@ class DestoWriter(threading.Thread):
     """Writes records as desto 0.7.0 does, a few hundred changes a second: each session and its
     first job created whole with the 7-day TTL and a message on desto's channels, then moved through their statuses
     (job queued, running, finished or failed; session starting, running, finished or failed) with
-    heartbeats in between; favorites created with desto's name index, and used."""
+    heartbeats in between; favorites created with desto's name index, and used; at-jobs scheduled,
+    then finished or cancelled."""
 
     def __init__(self, server: RedisServer, seed: int, pause: float = 0.003) -> None:
         super().__init__(name="desto-writer", daemon=True)
@@ -202,6 +235,8 @@ class DestoWriter(threading.Thread):
         self._halt = threading.Event()
         self._open: list[list[Any]] = []  # [session_id, job_id, stage] of sessions still running
         self._favorites: list[str] = []
+        self._atjobs: list[str] = []  # at-jobs still scheduled
+        self._atjob_number = self.rng.randrange(1, 1_000_000) * 1000  # at(1)'s job numbers
 
     @property
     def steps(self) -> int:
@@ -235,12 +270,14 @@ class DestoWriter(threading.Thread):
                 roll = self.rng.random()
                 if roll < 0.3 or not self._open:
                     self._create()
-                elif roll < 0.75:
+                elif roll < 0.72:
                     self._advance()
-                elif roll < 0.85:
+                elif roll < 0.82:
                     self._heartbeat()
-                else:
+                elif roll < 0.94:
                     self._favorite()
+                else:
+                    self._atjob()
                 with self._lock:
                     self._steps += 1
                 time.sleep(self.pause)
@@ -320,6 +357,21 @@ class DestoWriter(threading.Thread):
         pipe.hincrby(key, "use_count", 1)
         pipe.hset(key, "last_used_at", now_iso())
         pipe.execute()
+
+    def _atjob(self) -> None:
+        """An `at` job scheduled (desto's AtJobManager: one HMSET, no TTL), or one that was
+        scheduled ending: desto marks it finished or cancelled."""
+        if self._atjobs and self.rng.random() < 0.5:
+            key = self._atjobs.pop(self.rng.randrange(len(self._atjobs)))
+            status = self.rng.choice(["finished_internal", "cancelled"])
+            self.client.hset(key, mapping={"status": status, "execution_result": f"{status} at {now_iso()}"})
+            return
+        self._atjob_number += 1
+        number = str(self._atjob_number)
+        key = f"desto:atjob:{number}"
+        self.client.hset(key, mapping=atjob_hash(number, session_name=f"at-{number}"))
+        self._atjobs.append(key)
+        self._done(key)
 
     @staticmethod
     def _message(sid: str, name: str, status: str) -> str:
