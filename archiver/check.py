@@ -20,13 +20,14 @@ from typing import Any
 
 from archiver.config import Settings
 from archiver.keys import Kind, record_key
-from archiver.models import COLUMNS, Rejected, Row, iso_utc
+from archiver.models import COLUMNS, TABLES, Rejected, Row, iso_utc
 from archiver.reader import Reader
 from archiver.reconcile import now_us, read_batch, records_of
+from archiver.redis_client import CONNECTION_ERRORS, unreachable_advice
 from archiver.schema import SCHEMA_VERSION, unsupported_sqlite
-from archiver.source import CONNECTION_ERRORS, Source, flags_sufficient, merge_flags, unreachable_advice
+from archiver.source import Source, flags_sufficient, merge_flags
+from archiver.sql import select_in
 from archiver.store import DAMAGED_ADVICE, is_damaged
-from archiver.writer import TABLES, select_in
 
 _MAX_SUSPECTS = 10_000  # differences kept in detail (and looked at again); beyond, only counted
 

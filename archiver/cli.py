@@ -23,7 +23,7 @@ from archiver import __version__, render
 from archiver.config import ConfigError, Settings, load_settings
 from archiver.log import configure, get_logger
 from archiver.output import to_json, write_csv, write_json_array, write_jsonl, write_table
-from archiver.source import CONNECTION_ERRORS, unreachable_advice
+from archiver.redis_client import CONNECTION_ERRORS, unreachable_advice
 from archiver.store import StoreError, UnsupportedSQLite
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2

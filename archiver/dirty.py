@@ -11,10 +11,8 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 
-from archiver.keys import Kind, is_index
-from archiver.models import Row
-from archiver.store import GONE_EVENTS
-from archiver.writer import TimedHint
+from archiver.keys import GONE_EVENTS, Kind, is_index
+from archiver.models import Row, TimedHint
 
 _HINTS_PER_RECORD = 32
 

@@ -19,7 +19,8 @@ from archiver.dirty import Dirty
 from archiver.log import get_logger
 from archiver.models import Outcome
 from archiver.reconcile import Reconcile, read_batch, records_of
-from archiver.source import CONNECTION_ERRORS, Source, unreachable_advice
+from archiver.redis_client import CONNECTION_ERRORS, unreachable_advice
+from archiver.source import Source
 
 log = get_logger("archiver.fetcher")
 

@@ -12,7 +12,8 @@ from typing import Any
 from archiver.config import Settings
 from archiver.reader import Reader
 from archiver.reconcile import now_us
-from archiver.source import CONNECTION_ERRORS, Source
+from archiver.redis_client import CONNECTION_ERRORS
+from archiver.source import Source
 
 
 def health(settings: Settings) -> tuple[bool, str]:

@@ -44,6 +44,9 @@ ID_FIELDS: dict[Kind, str] = {
     Kind.ATJOB: "job_id",
 }
 
+# The keyspace events that say a key left Redis, and the reason the archive records for each.
+GONE_EVENTS = {b"del": "deleted", b"expired": "expired", b"evicted": "evicted"}
+
 # desto's plain pub/sub channels: JSON hints with desto's own timestamp of a status change.
 SESSION_UPDATES = b"desto:session_updates"
 JOB_UPDATES = b"desto:job_updates"

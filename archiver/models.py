@@ -37,7 +37,7 @@ class Fetched:
     value: Any  # hash: flat [field, value, ...] bytes; other types: their raw reply
     pttl_ms: int  # -1: no TTL, -2: missing
     read_at_us: int
-    version_us: int  # orders the reads: Redis' clock, unless it went back (source.ReadClock)
+    version_us: int  # orders the reads: Redis' clock, unless it went back (read_clock.ReadClock)
 
 
 @dataclass(slots=True)
@@ -202,6 +202,14 @@ SPECS: dict[Kind, tuple[FieldSpec, ...]] = {
     ),
 }
 
+# The table each kind is archived in.
+TABLES: dict[Kind, str] = {
+    Kind.SESSION: "sessions",
+    Kind.JOB: "jobs",
+    Kind.FAVORITE: "favorites",
+    Kind.ATJOB: "at_jobs",
+}
+
 # The id column comes first, then the spec's columns; at-jobs keep the at number twice, as
 # desto does (key and job_id field), under the table's own primary key.
 ID_COLUMNS: dict[Kind, str] = {
@@ -334,6 +342,15 @@ class Hint:
     record_id: str
     status: str
     timestamp: str | None  # desto's naive local ISO time of the change
+
+
+@dataclass(frozen=True, slots=True)
+class TimedHint:
+    """One of desto's pub/sub status messages, with when the archiver received it."""
+
+    status: str
+    timestamp: str | None
+    received_us: int
 
 
 def parse_hint(channel: bytes, data: bytes) -> Hint | None:

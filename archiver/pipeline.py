@@ -1,6 +1,6 @@
 """The daemon: coalesce events into dirty keys, flush them in batches, reconcile, shut down cleanly.
 
-Three threads. The listener (source.Listener) only marks keys dirty. The fetcher
+Three threads. The listener (listener.Listener) only marks keys dirty. The fetcher
 (fetcher.Fetcher) takes dirty keys out of the set *before* reading them (so a change that lands
 during the read marks the key dirty again), reads them and reconcile pages from Redis and
 normalizes them. The main thread owns the store: it writes what the fetcher read, steps a
@@ -24,13 +24,14 @@ from archiver.dirty import Dirty, Hints
 from archiver.fetcher import Fetcher, Work
 from archiver.health import Notifier
 from archiver.keys import record_key
+from archiver.listener import Listener
 from archiver.log import get_logger
 from archiver.metrics import Metrics, Snapshot
-from archiver.models import parse_hint
+from archiver.models import TimedHint, parse_hint
 from archiver.reconcile import Reconcile, archive, now_us, records_of, write_batch
-from archiver.source import CONNECTION_ERRORS, Listener, NotifyState, Source, log_unreachable, unreachable_advice
+from archiver.redis_client import CONNECTION_ERRORS, log_unreachable, unreachable_advice
+from archiver.source import NotifyState, Source
 from archiver.store import BatchResult, DaemonLock, Store, StoreError, store_advice
-from archiver.writer import TimedHint
 
 log = get_logger("archiver.pipeline")
 

@@ -17,8 +17,8 @@ from typing import Any
 
 from archiver.models import decode_resp
 from archiver.schema import SCHEMA_VERSION
+from archiver.sql import select_in
 from archiver.store import StoreError
-from archiver.writer import select_in
 
 # What each export can hold, and the column its --since/--until and --name filters apply to.
 # desto's own times are its naive local ISO text; the archiver's are UTC ISO text.

@@ -83,7 +83,7 @@ CREATE INDEX IF NOT EXISTS idx_favorites_name ON favorites(name);
 
 # Columns the archiver keeps beside desto's on every record table.
 TRACKING_COLUMNS = (
-    ("read_at_us", "INTEGER"),  # the version of the read that wrote the row (source.ReadClock): the guard
+    ("read_at_us", "INTEGER"),  # the version of the read that wrote the row (read_clock.ReadClock): the guard
     ("first_seen_at", "TEXT"),
     ("last_seen_at", "TEXT"),  # last read that found the key in Redis
     ("expires_at", "TEXT"),  # when Redis will expire the key, from its TTL

@@ -22,12 +22,11 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from archiver.keys import Kind
-from archiver.models import COLUMNS, Gone, Outcome, Rejected, Row, encode_resp, iso_utc
+from archiver.keys import GONE_EVENTS, Kind
+from archiver.models import COLUMNS, TABLES, Gone, Outcome, Rejected, Row, TimedHint, encode_resp, iso_utc
 from archiver.schema import RECORD_TABLES, NewerSchemaError, migrate, unsupported_sqlite
-from archiver.writer import TABLES, RowWriter, TimedHint, add_history
+from archiver.writer import RowWriter, add_history
 
-GONE_EVENTS = {b"del": "deleted", b"expired": "expired", b"evicted": "evicted"}
 _LOCK_POLL_S = 0.001  # how often a write tries again for a lock another writer holds
 
 
@@ -343,7 +342,7 @@ class Store:
 
     def newest_version(self) -> int | None:
         """The newest read version in the file (None: no read yet), for the reader's clock
-        (source.ReadClock). Every write keeps it in archiver_state; for a file an older
+        (read_clock.ReadClock). Every write keeps it in archiver_state; for a file an older
         desto-archiver wrote (or a note that is not a number), the rows are looked through."""
         row = self.conn.execute("SELECT value FROM archiver_state WHERE name = ?", (self._NEWEST,)).fetchone()
         if row is not None and str(row[0]).isdigit():

@@ -10,20 +10,15 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from operator import itemgetter
 from typing import Any
 
 from archiver.keys import Kind
-from archiver.models import COLUMNS, JOB_STATUSES, SESSION_STATUSES, Row, iso_utc, sqlite_utc
+from archiver.models import COLUMNS, JOB_STATUSES, SESSION_STATUSES, TABLES, Row, TimedHint, iso_utc, sqlite_utc
+from archiver.sql import select_in
 
-TABLES: dict[Kind, str] = {
-    Kind.SESSION: "sessions",
-    Kind.JOB: "jobs",
-    Kind.FAVORITE: "favorites",
-    Kind.ATJOB: "at_jobs",
-}
 # Statuses desto's messages may report for a record (at-jobs have no channel).
 _STATUSES: dict[Kind, frozenset[str]] = {Kind.SESSION: SESSION_STATUSES, Kind.JOB: JOB_STATUSES}
 HISTORY_INSERT = (
@@ -36,21 +31,6 @@ _TRACKING = ("created_at", "updated_at", "read_at_us", "first_seen_at", "last_se
 _first, _second, _last = itemgetter(0), itemgetter(1), itemgetter(-1)
 
 
-def select_in(conn: sqlite3.Connection, query: str, values: Sequence[Any], size: int = 512) -> Iterator[Any]:
-    """The rows of ``query`` (ending in ``IN``) for every one of ``values``, asked ``size`` at a
-    time: SQLite builds limit a statement's parameters (999 before 3.32, 32,766 since).
-
-    Each list is padded to a power of two with its last value (a repeat changes nothing in an IN
-    list), so a query has at most ten texts. With one text per length, the connection's cache
-    of prepared statements filled up with one of each batch size the daemon met, megabytes of
-    them, each prepared again and again as they pushed each other out."""
-    for start in range(0, len(values), size):
-        chunk = list(values[start : start + size])
-        padded = 1 << (len(chunk) - 1).bit_length()
-        chunk.extend(chunk[-1:] * (padded - len(chunk)))
-        yield from conn.execute(f"{query} ({', '.join('?' * padded)})", chunk)
-
-
 def tail_column(kind: Kind) -> str:
     return "real_name" if kind is Kind.FAVORITE else "observed_status"
 
@@ -58,15 +38,6 @@ def tail_column(kind: Kind) -> str:
 def insert_columns(kind: Kind) -> tuple[str, ...]:
     """The columns a new row of ``kind`` is written with: desto's, then the archiver's own."""
     return (*COLUMNS[kind], *_TRACKING, tail_column(kind))
-
-
-@dataclass(frozen=True, slots=True)
-class TimedHint:
-    """One of desto's pub/sub status messages, with when the archiver received it."""
-
-    status: str
-    timestamp: str | None
-    received_us: int
 
 
 @dataclass(slots=True)

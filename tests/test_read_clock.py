@@ -1,4 +1,4 @@
-"""The version each read gets (source.ReadClock): Redis' clock while it goes forward, and a clock
+"""The version each read gets (read_clock.ReadClock): Redis' clock while it goes forward, and a clock
 that keeps going forward when Redis' goes back, so no later change is taken for an older one.
 
 No Redis here: the clock is given Redis' times as the reads would bring them. The daemon's and the
@@ -11,8 +11,8 @@ import threading
 
 from structlog.testing import capture_logs
 
-from archiver import source as source_module
-from archiver.source import ReadClock
+from archiver import read_clock as read_clock_module
+from archiver.read_clock import ReadClock
 
 HOUR = 3_600_000_000
 T0 = 1_795_000_000_000_000
@@ -128,7 +128,7 @@ def test_small_steps_back_are_logged_once_a_minute_and_big_ones_at_once(monkeypa
     """Two servers a few milliseconds apart, read in turn (a failover back and forth, a proxy),
     step back at every other read: each step is handled, and the log is not flooded."""
     now = [1_000.0]
-    monkeypatch.setattr(source_module.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(read_clock_module.time, "monotonic", lambda: now[0])
     clock = ReadClock()
     versions = []
     with capture_logs() as logs:

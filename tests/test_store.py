@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 
 from archiver.keys import Kind, classify, record_key
-from archiver.models import Fetched, Outcome, normalize
+from archiver.models import Fetched, Outcome, TimedHint, normalize
 from archiver.schema import SCHEMA_VERSION
+from archiver.sql import select_in
 from archiver.store import (
     DAMAGED_ADVICE,
     AlreadyRunning,
@@ -25,7 +26,6 @@ from archiver.store import (
     is_damaged,
     store_advice,
 )
-from archiver.writer import TimedHint, select_in
 from tests.helpers import (
     count,
     damage_pages,
@@ -135,7 +135,7 @@ def test_an_older_read_never_overwrites_a_newer_one(store: Store, db_path: Path)
 
 def test_versions_decide_which_read_is_newer_and_the_times_written_are_redis_own(store: Store, db_path: Path) -> None:
     """After Redis' clock was set back an hour, a read made later has an earlier time and a later
-    version (source.ReadClock): the version decides, and the rows and their history keep the time."""
+    version (read_clock.ReadClock): the version decides, and the rows and their history keep the time."""
     hour = 3_600_000_000
     record = session_hash(status="running")
     sid = record["session_id"]

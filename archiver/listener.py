@@ -1,0 +1,196 @@
+"""The subscription: keyspace notifications and desto's channels, read raw on a connection of
+its own, in a thread that only marks keys dirty."""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import hiredis
+import redis
+
+from archiver.config import Settings
+from archiver.keys import JOB_UPDATES, SESSION_UPDATES, keyspace_channel_prefix, keyspace_pattern
+from archiver.log import get_logger
+from archiver.redis_client import CONNECTION_ERRORS, log_unreachable, make_client
+from archiver.source import NotifyState, Source
+
+log = get_logger("archiver.listener")
+
+
+class EventSink(Protocol):
+    def keys_changed(self, events: list[tuple[bytes, bytes]]) -> None: ...
+    def hint(self, channel: bytes, data: bytes) -> None: ...
+    def subscribed(self, notify: NotifyState, reconnected: bool) -> None: ...
+    def disconnected(self, error: str) -> None: ...
+
+
+class DeadConnection(Exception):
+    """The pub/sub connection stopped answering (a half-open TCP connection, a frozen Redis)."""
+
+
+LISTENER_ERRORS: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, DeadConnection)
+_PING = b"desto-archiver"
+_IDLE_READ_S = 0.25  # a quiet subscription is looked at this often (the stop flag, the health check)
+
+
+class Subscription:
+    """One subscribed connection, read raw: redis-py connects it (TCP, TLS or a unix socket,
+    AUTH, client name) and sends the commands; the replies are parsed here with hiredis, every
+    complete message in the socket buffer at once. redis-py's per-message pub/sub machinery
+    costs several times more, and a subscriber that falls behind is one Redis drops."""
+
+    def __init__(self, client: Any, pattern: bytes, channels: Sequence[bytes]) -> None:
+        self.conn = client.connection_pool.make_connection()
+        self.conn.connect()
+        self.sock = self.conn._sock  # redis-py's parser never reads this connection again
+        self.reader = hiredis.Reader()
+        self.conn.send_command("PSUBSCRIBE", pattern)
+        self.conn.send_command("SUBSCRIBE", *channels)
+
+    def read(self, timeout: float) -> list[Any]:
+        """The replies that arrive within ``timeout`` (an empty list when none did)."""
+        reader = self.reader
+        replies: list[Any] = []
+        reply = reader.gets()
+        if reply is False:
+            self.sock.settimeout(timeout)
+            try:
+                data = self.sock.recv(1 << 18)
+            except TimeoutError:
+                return replies
+            except OSError as exc:  # reset, aborted, a TLS error: the connection is lost
+                raise redis.ConnectionError(f"reading the subscription failed: {exc}") from exc
+            if not data:
+                raise redis.ConnectionError("Redis closed the connection")
+            reader.feed(data)
+            reply = reader.gets()
+        while reply is not False:
+            if isinstance(reply, Exception):
+                raise redis.ConnectionError(f"Redis replied with an error: {reply}")
+            replies.append(reply)
+            reply = reader.gets()
+        return replies
+
+    def ping(self) -> None:
+        self.conn.send_command("PING", _PING)
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):  # closing a broken connection may fail
+            self.conn.disconnect()
+
+
+class Listener(threading.Thread):
+    """Reads keyspace notifications and desto's channels; never touches SQLite.
+
+    It only marks keys dirty, so a slow disk can never make Redis drop this subscriber for an
+    overflowing output buffer. Each (re)connection ensures the notification flags, subscribes,
+    waits for Redis to confirm, and only then tells the sink, which reconciles.
+    """
+
+    def __init__(self, settings: Settings, source: Source, sink: EventSink) -> None:
+        super().__init__(name="archiver-listener", daemon=True)
+        self.settings = settings
+        self.source = source
+        self.sink = sink
+        self._stop_event = threading.Event()
+        self._client: Any = make_client(settings, "desto-archiver-events")
+        self._subscription: Subscription | None = None
+        self._prefix_len = len(keyspace_channel_prefix(settings.db_number))
+        self.reconnects = 0
+        self.messages = 0
+
+    def stop(self) -> None:
+        self._stop_event.set()
+
+    def run(self) -> None:
+        attempt, connected_once, down_since = 0, False, None
+        while not self._stop_event.is_set():
+            try:
+                notify = self.source.ensure_notifications()
+                subscription = self._subscribe()
+            except LISTENER_ERRORS as exc:
+                self._close()
+                attempt += 1
+                if down_since is None:
+                    down_since = time.monotonic()
+                    self.sink.disconnected(str(exc))
+                    log_unreachable(self.settings, exc)
+                elif attempt % 10 == 0:
+                    log.warning("redis.still_unreachable", error=str(exc), attempts=attempt)
+                self._backoff(attempt)
+                continue
+            if connected_once:
+                self.reconnects += 1
+                outage = time.monotonic() - down_since if down_since is not None else 0.0
+                log.info("redis.reconnected", attempts=attempt, outage_s=round(outage, 3))
+            attempt, down_since = 0, None
+            self.sink.subscribed(notify, reconnected=connected_once)
+            connected_once = True
+            try:
+                self._pump(subscription)
+            except LISTENER_ERRORS as exc:
+                down_since = time.monotonic()
+                self.sink.disconnected(str(exc))
+                log.warning("redis.disconnected", error=str(exc) or type(exc).__name__)
+            finally:
+                self._close()
+        self._client.close()
+
+    def _backoff(self, attempt: int) -> None:
+        delay = min(self.settings.reconnect_max_backoff, 0.2 * 2 ** min(attempt, 20))
+        self._stop_event.wait(delay * random.uniform(0.5, 1.0))
+
+    def _subscribe(self) -> Subscription:
+        """Subscribe and wait for Redis to confirm all three subscriptions."""
+        self._close()
+        subscription = self._subscription = Subscription(
+            self._client, keyspace_pattern(self.settings.db_number), (SESSION_UPDATES, JOB_UPDATES)
+        )
+        deadline = time.monotonic() + self.settings.socket_timeout
+        confirmed = 0
+        while confirmed < 3:
+            if time.monotonic() > deadline:
+                raise DeadConnection("Redis did not confirm the subscriptions")
+            for reply in subscription.read(0.1):
+                if reply[0] in (b"subscribe", b"psubscribe"):
+                    confirmed += 1
+                # nothing else can come before the confirmations: the commands were just sent
+        return subscription
+
+    def _close(self) -> None:
+        if self._subscription is not None:
+            self._subscription.close()
+            self._subscription = None
+
+    def _pump(self, subscription: Subscription) -> None:
+        interval = self.settings.health_check_interval
+        prefix_len = self._prefix_len
+        keys_changed, hint = self.sink.keys_changed, self.sink.hint
+        last_rx = time.monotonic()
+        ping_sent: float | None = None
+        while not self._stop_event.is_set():
+            replies = subscription.read(_IDLE_READ_S)
+            now = time.monotonic()
+            if not replies:
+                if ping_sent is not None and now - ping_sent > interval:
+                    raise DeadConnection(f"no reply from Redis for {interval:g} s")
+                if ping_sent is None and now - last_rx > interval:
+                    subscription.ping()
+                    ping_sent = now
+                continue
+            last_rx, ping_sent = now, None
+            changed = []
+            for reply in replies:
+                kind = reply[0]
+                if kind == b"pmessage":
+                    changed.append((reply[2][prefix_len:], reply[3]))
+                elif kind == b"message":
+                    hint(reply[1], reply[2])
+            self.messages += len(replies)
+            if changed:
+                keys_changed(changed)
