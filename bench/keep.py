@@ -40,16 +40,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run", type=Path, help="a JSON file written by python -m bench --json")
     parser.add_argument("--suffix", help="e.g. 'ingest' for a run of some benchmarks only: <commit>-ingest.json")
     parser.add_argument("--force", action="store_true", help="replace a kept run of the same name")
+    parser.add_argument("--into", metavar="DIR", type=Path, default=RESULTS, help="where to keep it (bench/results/)")
     args = parser.parse_args(argv)
     document = json.loads(args.run.read_text())
     commit = (document.get("code") or {}).get("at_start", {}).get("commit")
-    if not commit:
+    if not commit or (document.get("code") or {}).get("at_start", {}).get("uncommitted"):
         raise SystemExit(f"{args.run}: the run names no commit (uncommitted code is not kept)")
-    target = RESULTS / (f"{commit}-{args.suffix}.json" if args.suffix else f"{commit}.json")
+    target = args.into / (f"{commit}-{args.suffix}.json" if args.suffix else f"{commit}.json")
     if target.exists() and not args.force:
         raise SystemExit(f"{target} exists (--force to replace it)")
     target.write_text(json.dumps(summarise(document), indent=2) + "\n")
-    print(f"kept as {target.relative_to(REPO)}; cite it in docs/performance.md, then run scripts/bench_tables.py")
+    print(f"kept as {target}; cite it in docs/performance.md, then run scripts/bench_tables.py")
     return 0
 
 
