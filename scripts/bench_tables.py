@@ -248,7 +248,8 @@ def latest_table() -> str:
         f"({m.get('Model name', '?')}), Python {m['python']}, SQLite {m['sqlite']}, "
         f"{str(m.get('redis_server', 'redis-server ?')).split(' sha=')[0]}."
     )
-    return head + "\n\n" + markdown_table(figures)
+    # a blank line before the notes' list, which Python-Markdown needs to see a list
+    return head + "\n\n" + markdown_table(figures).replace("\nNotes:\n- ", "\nNotes:\n\n- ")
 
 
 TABLES: dict[str, Callable[[], str]] = {"history": history_table, "same-run": same_run_table, "latest": latest_table}
