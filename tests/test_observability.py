@@ -95,11 +95,15 @@ def test_the_rules_alert_on_lag_subscription_writes_and_a_daemon_down() -> None:
         assert rule["annotations"]["summary"] and rule["annotations"]["description"]
 
 
-def test_promtool_accepts_the_rules(tmp_path: Path) -> None:
+def test_promtool_accepts_the_rules_and_their_unit_tests_pass() -> None:
     promtool = shutil.which("promtool")
     if promtool is None:
         pytest.skip("promtool is not installed (Debian's prometheus package has it; scripts/test installs it)")
     result = subprocess.run([promtool, "check", "rules", str(RULES)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    # each alert fires when it should and not before, on series shaped like the daemon's
+    tests = REPO / "tests" / "fixtures" / "prometheus-rules-test.yml"
+    result = subprocess.run([promtool, "test", "rules", str(tests)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
