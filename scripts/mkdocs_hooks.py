@@ -10,7 +10,11 @@ it (``mkdocs build --strict`` runs in the test suite).
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the checkout's archiver, installed or not
 
 from archiver.cli import _config_options, build_parser
 from archiver.config import ENV_NAMES, Settings
