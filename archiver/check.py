@@ -212,7 +212,7 @@ def doctor(
     ``integrity``: SQLite's quick_check of the whole file too (it reads every page)."""
     unsupported = unsupported_sqlite()
     findings = [
-        Finding("sqlite", "fail", unsupported, "see README, 'Requirements'")
+        Finding("sqlite", "fail", unsupported, "docs/getting-started.md, 'Requirements'")
         if unsupported
         else Finding("sqlite", "ok", f"SQLite {sqlite3.sqlite_version}")
     ]

@@ -233,7 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
         "desto-archiver export sessions --format csv --since 30d --output sessions.csv",
         cmd_export,
     )
-    export.add_argument("what", choices=["sessions", "jobs", "favorites", "atjobs", "history", "quarantine"])
+    export.add_argument(
+        "what", choices=["sessions", "jobs", "favorites", "atjobs", "history", "quarantine"], help="the table to export"
+    )
     export.add_argument("--format", choices=["csv", "jsonl"], default="jsonl", help="default jsonl")
     export.add_argument("--output", "-o", metavar="FILE", help="write to FILE instead of stdout")
 

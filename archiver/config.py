@@ -28,57 +28,153 @@ class Settings(BaseSettings):
         env_prefix="", case_sensitive=False, extra="ignore", populate_by_name=True, frozen=True
     )
 
-    redis_url: str | None = Field(None, validation_alias=_env("redis_url", "REDIS_URL"))
-    redis_host: str = Field("localhost", min_length=1, validation_alias=_env("redis_host", "REDIS_HOST"))
-    redis_port: int = Field(6379, ge=1, le=65535, validation_alias=_env("redis_port", "REDIS_PORT"))
-    redis_db: int = Field(0, ge=0, validation_alias=_env("redis_db", "REDIS_DB"))
-    redis_username: str | None = Field(None, validation_alias=_env("redis_username", "REDIS_USERNAME"))
-    redis_password: SecretStr | None = Field(None, validation_alias=_env("redis_password", "REDIS_PASSWORD"))
+    redis_url: str | None = Field(
+        None,
+        validation_alias=_env("redis_url", "REDIS_URL"),
+        description=(
+            "`redis://`, `rediss://` (TLS; e.g. `rediss://host:6380/0?ssl_ca_certs=/etc/redis/ca.pem`) or `unix://` "
+            "(e.g. `unix:///run/redis/redis.sock?db=0`) URL of desto's Redis; overrides the host, port and database"
+        ),
+    )
+    redis_host: str = Field(
+        "localhost", min_length=1, validation_alias=_env("redis_host", "REDIS_HOST"), description="desto's Redis host"
+    )
+    redis_port: int = Field(
+        6379, ge=1, le=65535, validation_alias=_env("redis_port", "REDIS_PORT"), description="its port"
+    )
+    redis_db: int = Field(0, ge=0, validation_alias=_env("redis_db", "REDIS_DB"), description="its database")
+    redis_username: str | None = Field(
+        None, validation_alias=_env("redis_username", "REDIS_USERNAME"), description="ACL user name"
+    )
+    redis_password: SecretStr | None = Field(
+        None, validation_alias=_env("redis_password", "REDIS_PASSWORD"), description="its password (never logged)"
+    )
 
-    desto_data_dir: Path | None = Field(None, validation_alias=_env("desto_data_dir", "DESTO_DATA_DIR"))
-    sqlite_db_path: Path | None = Field(None, validation_alias=_env("sqlite_db_path", "SQLITE_DB_PATH"))
+    desto_data_dir: Path | None = Field(
+        None,
+        validation_alias=_env("desto_data_dir", "DESTO_DATA_DIR"),
+        description=(
+            "desto's data folder, used when `SQLITE_DB_PATH` is unset: the archive is then `$DESTO_DATA_DIR/desto.db` "
+            "(`desto_data/desto.db` when both are unset)"
+        ),
+    )
+    sqlite_db_path: Path | None = Field(
+        None,
+        validation_alias=_env("sqlite_db_path", "SQLITE_DB_PATH"),
+        description="the archive, the SQLite file desto's History tab reads",
+    )
 
-    batch_size: int = Field(500, ge=1, le=100_000, validation_alias=_env("batch_size", "ARCHIVER_BATCH_SIZE"))
+    batch_size: int = Field(
+        500,
+        ge=1,
+        le=100_000,
+        validation_alias=_env("batch_size", "ARCHIVER_BATCH_SIZE"),
+        description="keys per read and per transaction",
+    )
     flush_interval: float = Field(
-        0.005, ge=0, le=3600, validation_alias=_env("flush_interval", "ARCHIVER_FLUSH_INTERVAL")
+        0.005,
+        ge=0,
+        le=3600,
+        validation_alias=_env("flush_interval", "ARCHIVER_FLUSH_INTERVAL"),
+        description=(
+            "how long a change waits to be batched with others (s); up to 10 times that under a stream of changes"
+        ),
     )
     reconcile_interval: float = Field(
-        300, gt=0, validation_alias=_env("reconcile_interval", "ARCHIVER_RECONCILE_INTERVAL")
+        300,
+        gt=0,
+        validation_alias=_env("reconcile_interval", "ARCHIVER_RECONCILE_INTERVAL"),
+        description="seconds between full reconciles, the safety net",
     )
     fallback_reconcile_interval: float = Field(
-        10, gt=0, validation_alias=_env("fallback_reconcile_interval", "ARCHIVER_FALLBACK_RECONCILE_INTERVAL")
+        10,
+        gt=0,
+        validation_alias=_env("fallback_reconcile_interval", "ARCHIVER_FALLBACK_RECONCILE_INTERVAL"),
+        description="seconds between full reconciles when keyspace notifications cannot be turned on",
     )
     configure_notifications: bool = Field(
-        True, validation_alias=_env("configure_notifications", "ARCHIVER_CONFIGURE_NOTIFICATIONS")
+        True,
+        validation_alias=_env("configure_notifications", "ARCHIVER_CONFIGURE_NOTIFICATIONS"),
+        description="allow `CONFIG SET notify-keyspace-events` (the flags are only ever added to)",
     )
-    max_dirty: int = Field(100_000, ge=1, validation_alias=_env("max_dirty", "ARCHIVER_MAX_DIRTY"))
+    max_dirty: int = Field(
+        100_000,
+        ge=1,
+        validation_alias=_env("max_dirty", "ARCHIVER_MAX_DIRTY"),
+        description="most keys waiting to be read; beyond, they are dropped and a full reconcile runs",
+    )
     health_check_interval: float = Field(
-        10, gt=0, validation_alias=_env("health_check_interval", "ARCHIVER_HEALTH_CHECK_INTERVAL")
+        10,
+        gt=0,
+        validation_alias=_env("health_check_interval", "ARCHIVER_HEALTH_CHECK_INTERVAL"),
+        description="pub/sub silence (s) before a PING; no answer within as long again means a reconnect",
     )
-    socket_timeout: float = Field(10, gt=0, validation_alias=_env("socket_timeout", "ARCHIVER_SOCKET_TIMEOUT"))
+    socket_timeout: float = Field(
+        10,
+        gt=0,
+        validation_alias=_env("socket_timeout", "ARCHIVER_SOCKET_TIMEOUT"),
+        description="Redis connect and read timeout (s)",
+    )
     reconnect_max_backoff: float = Field(
-        30, gt=0, validation_alias=_env("reconnect_max_backoff", "ARCHIVER_RECONNECT_MAX_BACKOFF")
+        30,
+        gt=0,
+        validation_alias=_env("reconnect_max_backoff", "ARCHIVER_RECONNECT_MAX_BACKOFF"),
+        description="cap of the reconnect backoff (s)",
     )
     heartbeat_interval: float = Field(
-        5, gt=0, validation_alias=_env("heartbeat_interval", "ARCHIVER_HEARTBEAT_INTERVAL")
+        5,
+        gt=0,
+        validation_alias=_env("heartbeat_interval", "ARCHIVER_HEARTBEAT_INTERVAL"),
+        description="how often the daemon records its heartbeat in the file (s)",
     )
-    shutdown_timeout: float = Field(10, gt=0, validation_alias=_env("shutdown_timeout", "ARCHIVER_SHUTDOWN_TIMEOUT"))
+    shutdown_timeout: float = Field(
+        10,
+        gt=0,
+        validation_alias=_env("shutdown_timeout", "ARCHIVER_SHUTDOWN_TIMEOUT"),
+        description="longest the final flush may take on SIGTERM (s)",
+    )
     sqlite_busy_timeout: float = Field(
-        5, ge=0, validation_alias=_env("sqlite_busy_timeout", "ARCHIVER_SQLITE_BUSY_TIMEOUT")
+        5,
+        ge=0,
+        validation_alias=_env("sqlite_busy_timeout", "ARCHIVER_SQLITE_BUSY_TIMEOUT"),
+        description=(
+            "wait for another writer's lock before retrying later (s); meanwhile a write tries for the lock every "
+            "millisecond, so it gets in between another writer's short transactions"
+        ),
     )
     # SQLite's page cache; None: each command's own default (DAEMON_CACHE_MB, BACKFILL_CACHE_MB).
     sqlite_cache_mb: int | None = Field(
-        None, ge=1, le=65_536, validation_alias=_env("sqlite_cache_mb", "ARCHIVER_SQLITE_CACHE_MB")
+        None,
+        ge=1,
+        le=65_536,
+        validation_alias=_env("sqlite_cache_mb", "ARCHIVER_SQLITE_CACHE_MB"),
+        description=(
+            "SQLite's page cache (MB); unset: 64 for `run`, 8 for `backfill`. The daemon's holds the indexes of a few "
+            "hundred thousand records (desto's random ids spread every insert over them); it fills only as the "
+            "archive grows, and a lower value suits a small machine"
+        ),
     )
     metrics_port: int | None = Field(
-        None, ge=1, le=65535, validation_alias=_env("metrics_port", "ARCHIVER_METRICS_PORT")
+        None,
+        ge=1,
+        le=65535,
+        validation_alias=_env("metrics_port", "ARCHIVER_METRICS_PORT"),
+        description="serve Prometheus metrics on this port (off when unset)",
     )
-    metrics_host: str = Field("127.0.0.1", validation_alias=_env("metrics_host", "ARCHIVER_METRICS_HOST"))
+    metrics_host: str = Field(
+        "127.0.0.1",
+        validation_alias=_env("metrics_host", "ARCHIVER_METRICS_HOST"),
+        description="the address the metrics listen on",
+    )
     log_format: Literal["auto", "json", "console"] = Field(
-        "auto", validation_alias=_env("log_format", "ARCHIVER_LOG_FORMAT")
+        "auto",
+        validation_alias=_env("log_format", "ARCHIVER_LOG_FORMAT"),
+        description="`json`, `console`, or `auto` (JSON unless stderr is a terminal)",
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field(
-        "info", validation_alias=_env("log_level", "ARCHIVER_LOG_LEVEL")
+        "info",
+        validation_alias=_env("log_level", "ARCHIVER_LOG_LEVEL"),
+        description="`debug`, `info`, `warning` or `error`",
     )
 
     @field_validator("log_format", "log_level", mode="before")

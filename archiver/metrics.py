@@ -15,6 +15,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 PREFIX = "desto_archiver"
+FAILING_OPERATIONS = ("sqlite", "redis")  # what the daemon's ``failing`` state may name
 
 
 @dataclass
@@ -31,6 +32,8 @@ class Snapshot:
     lag_s: float = 0.0
     pending: int = 0
     subscribed: bool = False
+    failing: str | None = None  # "sqlite" or "redis" while the daemon retries it
+    write_failures: int = 0
 
 
 class _DaemonCollector(Collector):
@@ -54,6 +57,17 @@ class _DaemonCollector(Collector):
         yield GaugeMetricFamily(f"{PREFIX}_lag_seconds", "Age of the oldest change not yet archived", value=s.lag_s)
         yield GaugeMetricFamily(f"{PREFIX}_pending_keys", "Keys waiting to be read", value=s.pending)
         yield GaugeMetricFamily(f"{PREFIX}_redis_subscribed", "1 while subscribed to Redis", value=int(s.subscribed))
+        yield _counter(
+            "write_failures", "Failed attempts to write a batch to the archive (each is retried)", s.write_failures
+        )
+        failing = GaugeMetricFamily(
+            f"{PREFIX}_failing",
+            "1 while the daemon's operations on this side fail and are retried",
+            labels=["operation"],
+        )
+        for operation in FAILING_OPERATIONS:
+            failing.add_metric([operation], int(s.failing == operation))
+        yield failing
 
 
 def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:

@@ -77,6 +77,7 @@ class Daemon:
         self._retry_at = 0.0
         self._failures = 0
         self._failing: str | None = None
+        self._write_failures = 0  # every failed write to the file since start, for the metrics
         self._next_heartbeat = 0.0
         self._next_recheck = 0.0
         self._recheck_more = False
@@ -311,6 +312,8 @@ class Daemon:
 
     def _failed(self, what: str, exc: BaseException) -> None:
         self._failures += 1
+        if what == "sqlite":
+            self._write_failures += 1
         delay = min(self.settings.reconnect_max_backoff, 0.1 * 2 ** min(self._failures, 10))
         self._retry_at = time.monotonic() + delay
         if self._failing != what or self._failures % 20 == 0:
@@ -458,6 +461,8 @@ class Daemon:
             lag_s=0.0 if oldest is None else max(0.0, time.monotonic() - oldest),
             pending=len(self.dirty),
             subscribed=self._subscribed.is_set(),
+            failing=self._failing_now(),
+            write_failures=self._write_failures,
         )
 
     def _shutdown(self) -> None:

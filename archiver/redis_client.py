@@ -39,7 +39,7 @@ def unreachable_advice(exc: BaseException) -> str:
             "ACL user), or give them in REDIS_URL as redis://user:password@host:port/db"
         )
     if isinstance(exc, NoPermissionError) or "NOPERM" in str(exc):  # the listener's come as ConnectionError
-        return "grant the Redis user what the archiver needs: README, 'With a Redis ACL user'"
+        return "grant the Redis user what the archiver needs: docs/deployment.md, 'With a Redis ACL user'"
     return "is Redis running? Set REDIS_HOST/REDIS_PORT/REDIS_DB or REDIS_URL (or --redis-url)"
 
 

@@ -35,8 +35,8 @@ class StoreError(Exception):
 
 
 DAMAGED_ADVICE = (
-    "the archive's file is damaged: stop the daemon, then restore a backup or recover the file (README, "
-    "'The file'); a backfill brings back what Redis still holds"
+    "the archive's file is damaged: stop the daemon, then restore a backup or recover the file (docs/operations.md, "
+    "'A damaged file'); a backfill brings back what Redis still holds"
 )
 
 

@@ -15,7 +15,7 @@ UNIT_TEMPLATE = """\
 
 [Unit]
 Description=desto-archiver: keeps desto's Redis history in desto's SQLite file
-Documentation=https://pypi.org/project/desto/
+Documentation=https://github.com/kalfasyan/desto
 Wants=network-online.target
 After=network-online.target redis-server.service redis.service
 

@@ -19,6 +19,7 @@ from typing import Any
 
 from bench import backfill, ceilings, desto_cost, idle, ingest, latency, profile, soak
 from bench.common import Context, Figure, code_version, machine, markdown_table
+from tests.helpers import REPO
 
 BENCHMARKS: dict[str, Callable[[Context], None]] = {
     "ceilings": ceilings.run,
@@ -30,16 +31,26 @@ BENCHMARKS: dict[str, Callable[[Context], None]] = {
     "soak": soak.run,
 }
 NEEDS_CEILINGS = {"ingest", "backfill"}
+# Where runs go unless told otherwise: never a committed file (bench/results/ holds the runs the
+# documentation cites, summarised by ``python -m bench.keep``).
+RUNS = REPO / "bench" / "runs"
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m bench",
         description="desto-archiver's benchmarks: each figure with its same-run baseline, ratio and target.",
-        epilog="Example: .venv/bin/python -m bench --smoke --json /tmp/bench.json",
+        epilog="Example: .venv/bin/python -m bench --smoke --json",
     )
     parser.add_argument("--smoke", action="store_true", help="tiny sizes (under a minute), to check the suite runs")
-    parser.add_argument("--json", metavar="PATH", type=Path, help="also write the figures and raw details as JSON")
+    parser.add_argument(
+        "--json",
+        metavar="PATH",
+        type=Path,
+        nargs="?",
+        const=RUNS,
+        help="also write the figures and raw details as JSON (default: a new file in bench/runs/, which git ignores)",
+    )
     parser.add_argument(
         "--only", metavar="NAMES", help=f"comma-separated subset of: {', '.join(BENCHMARKS)} (default: all)"
     )
@@ -75,6 +86,14 @@ def _selected(only: str | None) -> list[str]:
     return [n for n in BENCHMARKS if n in names]
 
 
+def _json_path(given: Path, stem: str) -> Path:
+    """``--json`` alone: a new file named after the commit and the time in bench/runs/."""
+    if given == RUNS:
+        given = RUNS / f"{stem}-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.json"
+    given.parent.mkdir(parents=True, exist_ok=True)
+    return given
+
+
 def _stop_on_signal(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
@@ -97,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
             out = args.profile_out or Path("bench/profiles") / name
             info = profile.run(ctx, rate, seconds, out.resolve(), args.profiler, args.gil, args.idle)
             if args.json:
-                args.json.write_text(json.dumps(info, indent=2) + "\n")
+                _json_path(args.json, "profile").write_text(json.dumps(info, indent=2) + "\n")
             return 0
         return _suite(ctx, names, args)
     finally:
@@ -156,8 +175,9 @@ def _suite(ctx: Context, names: list[str], args: argparse.Namespace) -> int:
             "details": ctx.details,
             "errors": errors,
         }
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(document, indent=2, default=str) + "\n")
+        path = _json_path(args.json, code_at_start["commit"] or "run")
+        path.write_text(json.dumps(document, indent=2, default=str) + "\n")
+        print(f"figures written to {path}", file=sys.stderr)
     return 1 if errors else 0
 
 

@@ -1,12 +1,12 @@
 #!/usr/bin/env python3
-"""Run the fault scenarios and rewrite README.md's "Reliability" table with what the run measured.
+"""Run the fault scenarios and rewrite the "Reliability" page's table (docs/reliability.md) with what the run measured.
 
     .venv/bin/python scripts/reliability_table.py           # CI sizes (a few minutes)
     .venv/bin/python scripts/reliability_table.py --full    # full sizes (RELIABILITY_FULL=1)
 
 Each scenario in tests/test_reliability.py and tests/test_faults.py adds a row to a report file
 (RELIABILITY_REPORT); this script runs them, turns the rows into a Markdown table and puts it
-between the README's ``<!-- reliability:start -->`` and ``<!-- reliability:end -->`` markers.
+between the page's ``<!-- reliability:start -->`` and ``<!-- reliability:end -->`` markers.
 Arguments after ``--`` go to pytest. The exit status is pytest's: a failed scenario still gets its
 row (marked failed) in the table.
 """
@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-README = REPO / "README.md"
+PAGE = REPO / "docs" / "reliability.md"
 START, END = "<!-- reliability:start -->", "<!-- reliability:end -->"
 SUITES = ["tests/test_reliability.py", "tests/test_faults.py"]
 
@@ -89,16 +89,16 @@ def table(rows: list[dict[str, Any]], full: bool) -> str:
     return "\n".join(lines)
 
 
-def rewrite_readme(generated: str) -> None:
-    text = README.read_text()
+def rewrite_page(generated: str) -> None:
+    text = PAGE.read_text()
     if START not in text or END not in text:
-        raise SystemExit(f"{README}: the markers {START} and {END} are missing")
+        raise SystemExit(f"{PAGE}: the markers {START} and {END} are missing")
     head, rest = text.split(START, 1)
     _, tail = rest.split(END, 1)
     new = f"{head}{START}\n{generated}\n{END}{tail}"
-    temporary = README.with_name(README.name + ".tmp")
+    temporary = PAGE.with_name(PAGE.name + ".tmp")
     temporary.write_text(new)
-    os.replace(temporary, README)
+    os.replace(temporary, PAGE)
 
 
 def main() -> int:
@@ -109,10 +109,10 @@ def main() -> int:
     full = args.full or os.environ.get("RELIABILITY_FULL", "") not in ("", "0")
     status, rows = run_suite(full, args.pytest_args)
     if not rows:
-        print("no scenario reported a row: README left as it was", file=sys.stderr)
+        print("no scenario reported a row: the page left as it was", file=sys.stderr)
         return status or 1
     generated = table(rows, full)
-    rewrite_readme(generated)
+    rewrite_page(generated)
     print(generated)
     return status
 

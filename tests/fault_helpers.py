@@ -1,6 +1,6 @@
 """What the fault tests share: desto's view of a record from Redis and from the archive, the check
 that the archive equals Redis and lost nothing, a desto-like writer, the daemon as a process, and
-the reliability report each fault scenario adds a row to (README's "Reliability" section).
+the reliability report each fault scenario adds a row to (the documentation's "Reliability" page).
 """
 
 from __future__ import annotations

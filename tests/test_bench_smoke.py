@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from bench import __main__ as bench_main
 from bench.profile import render, summarize
 from bench.soak import slope
 from tests.helpers import REPO
@@ -38,6 +39,34 @@ def smoke(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     document: dict[str, Any] = json.loads(results.read_text())
     document["stdout"] = proc.stdout
     return document
+
+
+def test_a_kept_run_has_every_figure_and_no_sample_series(smoke: dict[str, Any], tmp_path: Path) -> None:
+    run = tmp_path / "run.json"
+    run.write_text(json.dumps({k: v for k, v in smoke.items() if k != "stdout"}))
+    if not smoke["code"]["at_start"]["commit"] or smoke["code"]["at_start"]["uncommitted"]:
+        refused = subprocess.run([sys.executable, "-m", "bench.keep", str(run), "--into", str(tmp_path)], cwd=REPO)
+        assert refused.returncode != 0  # a run of uncommitted code is not kept
+        return
+    kept = subprocess.run(
+        [sys.executable, "-m", "bench.keep", str(run), "--into", str(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert kept.returncode == 0, kept.stderr
+    [path] = tmp_path.glob(f"{smoke['code']['at_start']['commit']}.json")
+    document = json.loads(path.read_text())
+    assert document["figures"] == smoke["figures"] and document["ceilings"] == smoke["ceilings"]
+    trials = document["details"]["ingest"]["trials"]
+    assert trials and all("backlog_samples" not in t and t["backlog_samples_dropped"] >= 0 for t in trials)
+
+
+def test_json_alone_writes_a_new_file_git_ignores() -> None:
+    path = bench_main._json_path(bench_main.RUNS, "abc1234")
+    assert path.parent == REPO / "bench" / "runs" and path.name.startswith("abc1234-")
+    ignored = subprocess.run(["git", "check-ignore", "-q", str(path)], cwd=REPO)
+    assert ignored.returncode == 0, f"{path} would be committed"
 
 
 def figures(document: dict[str, Any], benchmark: str) -> dict[str, dict[str, Any]]:

@@ -26,12 +26,12 @@ def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> s
 
 
 @pytest.mark.parametrize("command", COMMANDS)
-def test_every_command_has_help_with_an_example_and_a_readme_section(command: str) -> None:
+def test_every_command_has_help_with_an_example_and_a_row_in_the_readme(command: str) -> None:
     result = cli(command, "--help")
     assert result.returncode == 0
     assert "Example" in result.stdout and f"desto-archiver {command}" in result.stdout
     readme = (REPO / "README.md").read_text()
-    assert re.search(rf"^#+ .*`{command}`", readme, re.MULTILINE), f"README has no section for `{command}`"
+    assert re.search(rf"^\| `{command}` \|", readme, re.MULTILINE), f"README's command table has no row for `{command}`"
 
 
 def test_version() -> None:

@@ -9,7 +9,7 @@ fast leaves it, before the daemon starts again against Redis at the right time.
 Every scenario ends with the same check: each desto session, job and favorite hash in Redis has an
 archived row that desto's own readers turn into the same object desto's ``from_dict`` makes of the
 hash, and every record ever written is in the archive (tombstoned when its key is gone). Each
-scenario also adds a row to the reliability report (README's "Reliability" table).
+scenario also adds a row to the reliability report (the "Reliability" page's table).
 """
 
 from __future__ import annotations
@@ -552,7 +552,7 @@ def test_a_damaged_archive_is_named_and_replaced_as_the_readme_says(
     report = reliability(
         "archive damaged",
         "the pages of the sessions table and its index overwritten with garbage, the daemon stopped; started on "
-        "it, then the file moved away as the README says and the daemon started again",
+        "it, then the file moved away as the documentation says and the daemon started again",
     )
     keys = [write_session(redis)[0] for _ in range(30)]
     first = start_ready(daemons, redis_server, db_path)
@@ -582,8 +582,9 @@ def test_a_damaged_archive_is_named_and_replaced_as_the_readme_says(
     damaged.signal(signal.SIGTERM)
     assert damaged.proc.wait(timeout=15) == 0
 
-    # What the README says: move the file away with its -wal and -shm, start again: Redis holds
-    # the last 7 days, and the first reconcile brings them into the new file.
+    # What the documentation says (Operations, 'A damaged file'): move the file away with its -wal
+    # and -shm, start again: Redis holds the last 7 days, and the first reconcile brings them into
+    # the new file.
     kept = tmp_path / "damaged"
     kept.mkdir()
     for side in ("", "-wal", "-shm"):

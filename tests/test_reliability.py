@@ -2,7 +2,7 @@
 the archive equals Redis for every live record and no record ever written is missing.
 
 Each scenario adds a row to the reliability report (``reliability`` fixture, see conftest.py), from
-which ``scripts/reliability_table.py`` writes the README's "Reliability" table. The sizes below are
+which ``scripts/reliability_table.py`` writes the "Reliability" page's table (docs/reliability.md). The sizes below are
 small by default, for CI; ``RELIABILITY_FULL=1`` runs the full ones.
 
 How the faults are made:

@@ -123,6 +123,9 @@ def test_metrics_endpoint_serves_prometheus_text(redis_server, redis, db_path: P
             "desto_archiver_redis_subscribed 1.0",
             "desto_archiver_pending_keys 0.0",
             "desto_archiver_lag_seconds 0.0",
+            "desto_archiver_write_failures_total 0.0",
+            'desto_archiver_failing{operation="sqlite"} 0.0',
+            'desto_archiver_failing{operation="redis"} 0.0',
         ):
             assert line in text, line
         assert "desto_archiver_events_received_total" in text and "desto_archiver_keys_read_total" in text

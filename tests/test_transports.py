@@ -1,5 +1,5 @@
 """Reaching Redis: the daemon and the commands over each way REDIS_URL can name a Redis, and as
-the ACL user the README gives.
+the ACL user the deployment page gives.
 
 Transports: TCP (every other test, on database 0; here also on database 3, whose keyspace
 channels differ), a unix socket and TLS. The daemon reads its subscription's
@@ -107,9 +107,9 @@ def test_the_daemon_and_the_commands_work_over_the_transport(transport, db_path:
 
 
 def readme_acl_command() -> list[str]:
-    """The words of the ACL command the README gives for the archiver's user."""
-    readme = (REPO / "README.md").read_text()
-    [line] = [line for line in readme.splitlines() if line.startswith("ACL SETUSER desto-archiver ")]
+    """The words of the ACL command the deployment page gives for the archiver's user."""
+    page = (REPO / "docs" / "deployment.md").read_text()
+    [line] = [line for line in page.splitlines() if line.startswith("ACL SETUSER desto-archiver ")]
     return line.split()
 
 
@@ -125,7 +125,8 @@ def test_the_acl_user_the_readme_gives_is_enough_and_a_missing_permission_is_wai
     daemon = daemons(fresh_redis, db_path, REDIS_URL=url)
     failed = daemon.wait_log("redis.read_failed")[0]
     assert "no permissions to run the 'time' command" in failed["error"], failed
-    assert failed["action"] == "grant the Redis user what the archiver needs: README, 'With a Redis ACL user'"
+    advice = "grant the Redis user what the archiver needs: docs/deployment.md, 'With a Redis ACL user'"
+    assert failed["action"] == advice
     time.sleep(1.0)
     assert daemon.proc.poll() is None
     assert len(daemon.events("redis.read_failed")) == 1  # retried with a backoff, logged once
