@@ -16,6 +16,23 @@ from archiver.log import configure
 from tests.fault_helpers import FULL_SIZE, DaemonProcess, DestoWriter, Reliability, spawn_daemon
 from tests.redis_server import RedisServer
 
+UNIT_MODULE = "pytestmark = pytest.mark.unit"  # how a module declares that all its tests are unit tests
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    """``pytest -m unit`` does not even import the other modules: they need desto and servers,
+    and the quick loop must run without either."""
+    if config.getoption("markexpr") == "unit" and collection_path.name.startswith("test_"):
+        return UNIT_MODULE not in collection_path.read_text()
+    return None
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test not marked ``unit`` is an integration test: ``pytest -m unit`` runs in seconds."""
+    for item in items:
+        if item.get_closest_marker("unit") is None:
+            item.add_marker(pytest.mark.integration)
+
 
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:

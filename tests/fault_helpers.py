@@ -5,6 +5,7 @@ the reliability report each fault scenario adds a row to (the documentation's "R
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
@@ -18,9 +19,6 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
-
-from desto.redis.models import DestoJob, DestoSession, FavoriteCommand
-from desto.redis.sqlite_store import SQLiteStore
 
 from tests.helpers import (
     REPO,
@@ -80,32 +78,42 @@ def atjob_from_row(found: sqlite3.Row) -> dict[str, str]:
     return {name: found[name] for name in AT_JOB_FIELDS}
 
 
-ENTITIES = (
-    Entity("desto:session:", "sessions", "session_id", DestoSession.from_dict, SQLiteStore._row_to_session),
-    Entity("desto:job:", "jobs", "job_id", DestoJob.from_dict, SQLiteStore._row_to_job),
-    Entity("desto:favorite:", "favorites", "favorite_id", FavoriteCommand.from_dict, SQLiteStore._row_to_favorite),
-    Entity("desto:atjob:", "at_jobs", "at_job_id", atjob_from_redis, atjob_from_row),
-)
+RECORD_PREFIXES = ("desto:session:", "desto:job:", "desto:favorite:", "desto:atjob:")
+
+
+@functools.cache
+def entities() -> tuple[Entity, ...]:
+    """Each record kind, read as desto reads it. desto is imported here, not with this module, so
+    the unit tests (which use the launchers and the report, not desto) run without it."""
+    from desto.redis.models import DestoJob, DestoSession, FavoriteCommand
+    from desto.redis.sqlite_store import SQLiteStore
+
+    return (
+        Entity("desto:session:", "sessions", "session_id", DestoSession.from_dict, SQLiteStore._row_to_session),
+        Entity("desto:job:", "jobs", "job_id", DestoJob.from_dict, SQLiteStore._row_to_job),
+        Entity("desto:favorite:", "favorites", "favorite_id", FavoriteCommand.from_dict, SQLiteStore._row_to_favorite),
+        Entity("desto:atjob:", "at_jobs", "at_job_id", atjob_from_redis, atjob_from_row),
+    )
 
 
 def is_record(key: str) -> bool:
     """A session, job, favorite or at-job hash (not one of desto's favorite indexes)."""
-    return not key.startswith("desto:favorite:name:") and key.startswith(tuple(e.prefix for e in ENTITIES))
+    return not key.startswith("desto:favorite:name:") and key.startswith(RECORD_PREFIXES)
 
 
 def entity_of(key: str) -> tuple[Entity, str]:
     """The record kind and id of a record's key."""
     assert is_record(key), key
-    entity = next(e for e in ENTITIES if key.startswith(e.prefix))
+    entity = next(e for e in entities() if key.startswith(e.prefix))
     return entity, key[len(entity.prefix) :]
 
 
 def archived_rows(db_path: Path) -> dict[str, dict[str, sqlite3.Row]]:
-    return {e.table: {r[e.id_col]: r for r in query(db_path, f"SELECT * FROM {e.table}")} for e in ENTITIES}
+    return {e.table: {r[e.id_col]: r for r in query(db_path, f"SELECT * FROM {e.table}")} for e in entities()}
 
 
 def archived_keys(db_path: Path) -> set[str]:
-    return {e.prefix + record_id for e in ENTITIES for record_id in archived_rows(db_path)[e.table]}
+    return {e.prefix + record_id for e in entities() for record_id in archived_rows(db_path)[e.table]}
 
 
 def archive_differences(client, db_path: Path, written: Iterable[str] = ()) -> list[str]:

@@ -9,6 +9,8 @@ import pytest
 from archiver.cli import main
 from archiver.config import ConfigError, load_settings
 
+pytestmark = pytest.mark.unit
+
 ENV_PREFIXES = ("REDIS_", "ARCHIVER_", "SQLITE_", "DESTO_")
 
 

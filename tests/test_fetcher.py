@@ -26,6 +26,8 @@ from archiver.models import Gone
 from archiver.reconcile import Reconcile
 from tests.helpers import wait_for
 
+pytestmark = pytest.mark.unit
+
 
 def gone(key: bytes) -> Gone:
     return Gone(key, Kind.SESSION, key.decode().rsplit(":", 1)[1], 1, 1)

@@ -25,6 +25,8 @@ from archiver.models import (
 )
 from tests.helpers import atjob_hash, favorite_hash, job_hash, session_hash
 
+pytestmark = pytest.mark.unit
+
 READ_AT = 1_795_000_000_000_000  # µs on Redis' clock
 
 

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import threading
 
+import pytest
 from structlog.testing import capture_logs
 
 from archiver import read_clock as read_clock_module
 from archiver.read_clock import ReadClock
+
+pytestmark = pytest.mark.unit
 
 HOUR = 3_600_000_000
 T0 = 1_795_000_000_000_000

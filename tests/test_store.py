@@ -39,6 +39,8 @@ from tests.helpers import (
     wait_for,
 )
 
+pytestmark = pytest.mark.unit
+
 T0 = 1_795_000_000_000_000
 
 
