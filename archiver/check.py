@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from archiver.config import Settings
-from archiver.keys import Kind, record_key
-from archiver.models import COLUMNS, TABLES, Rejected, Row, iso_utc
+from archiver.keys import record_key
+from archiver.kinds import TABLES, Kind
+from archiver.models import COLUMNS, Rejected, Row, iso_utc
 from archiver.reader import Reader
 from archiver.reconcile import now_us, read_batch, records_of
 from archiver.redis_client import CONNECTION_ERRORS, unreachable_advice

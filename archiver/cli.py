@@ -23,6 +23,7 @@ from archiver import __version__, render
 from archiver.config import ConfigError, Settings, load_settings
 from archiver.log import configure, get_logger
 from archiver.output import to_json, write_csv, write_json_array, write_jsonl, write_table
+from archiver.reader import EXPORTS
 from archiver.redis_client import CONNECTION_ERRORS, unreachable_advice
 from archiver.store import StoreError, UnsupportedSQLite
 
@@ -233,9 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
         "desto-archiver export sessions --format csv --since 30d --output sessions.csv",
         cmd_export,
     )
-    export.add_argument(
-        "what", choices=["sessions", "jobs", "favorites", "atjobs", "history", "quarantine"], help="the table to export"
-    )
+    export.add_argument("what", choices=list(EXPORTS), help="the table to export")
     export.add_argument("--format", choices=["csv", "jsonl"], default="jsonl", help="default jsonl")
     export.add_argument("--output", "-o", metavar="FILE", help="write to FILE instead of stdout")
 

@@ -11,7 +11,8 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 
-from archiver.keys import GONE_EVENTS, Kind, is_index
+from archiver.keys import GONE_EVENTS, is_index
+from archiver.kinds import Kind
 from archiver.models import Row, TimedHint
 
 _HINTS_PER_RECORD = 32

@@ -5,14 +5,7 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import NamedTuple
 
-
-class Kind(StrEnum):
-    """The record kinds the archiver keeps."""
-
-    SESSION = "session"
-    JOB = "job"
-    FAVORITE = "favorite"
-    ATJOB = "atjob"
+from archiver.kinds import KINDS, Kind
 
 
 class KeyClass(StrEnum):
@@ -26,31 +19,22 @@ class KeyClass(StrEnum):
 PREFIX = b"desto:"
 SCAN_MATCH = b"desto:*"
 
-RECORD_PREFIXES: dict[Kind, bytes] = {
-    Kind.SESSION: b"desto:session:",
-    Kind.JOB: b"desto:job:",
-    # desto:favorite:name:<name> also starts with this prefix: it is checked first.
-    Kind.FAVORITE: b"desto:favorite:",
-    Kind.ATJOB: b"desto:atjob:",
-}
+# desto:<kind>:<id> for every kind of the registry.
+RECORD_PREFIXES: dict[Kind, bytes] = {kind: PREFIX + kind.value.encode() + b":" for kind in KINDS}
 FAVORITE_NAME_INDEX_PREFIX = b"desto:favorite:name:"
 FAVORITES_SET = b"desto:favorites:all"
 
 # The field of each record that repeats the id in the key.
-ID_FIELDS: dict[Kind, str] = {
-    Kind.SESSION: "session_id",
-    Kind.JOB: "job_id",
-    Kind.FAVORITE: "favorite_id",
-    Kind.ATJOB: "job_id",
-}
+ID_FIELDS: dict[Kind, str] = {kind: info.id_field for kind, info in KINDS.items()}
 
 # The keyspace events that say a key left Redis, and the reason the archive records for each.
 GONE_EVENTS = {b"del": "deleted", b"expired": "expired", b"evicted": "evicted"}
 
-# desto's plain pub/sub channels: JSON hints with desto's own timestamp of a status change.
-SESSION_UPDATES = b"desto:session_updates"
-JOB_UPDATES = b"desto:job_updates"
-CHANNEL_KINDS: dict[bytes, Kind] = {SESSION_UPDATES: Kind.SESSION, JOB_UPDATES: Kind.JOB}
+# desto's plain pub/sub channels, desto:session_updates and desto:job_updates: JSON hints with
+# desto's own timestamp of a status change.
+CHANNEL_KINDS: dict[bytes, Kind] = {
+    PREFIX + kind.value.encode() + b"_updates": kind for kind, info in KINDS.items() if info.channel
+}
 
 # desto sets EXPIRE 604800 once, when it creates a session or job key.
 DESTO_TTL_SECONDS = 7 * 86400

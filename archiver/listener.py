@@ -14,7 +14,7 @@ import hiredis
 import redis
 
 from archiver.config import Settings
-from archiver.keys import JOB_UPDATES, SESSION_UPDATES, keyspace_channel_prefix, keyspace_pattern
+from archiver.keys import CHANNEL_KINDS, keyspace_channel_prefix, keyspace_pattern
 from archiver.log import get_logger
 from archiver.redis_client import CONNECTION_ERRORS, log_unreachable, make_client
 from archiver.source import NotifyState, Source
@@ -146,14 +146,14 @@ class Listener(threading.Thread):
         self._stop_event.wait(delay * random.uniform(0.5, 1.0))
 
     def _subscribe(self) -> Subscription:
-        """Subscribe and wait for Redis to confirm all three subscriptions."""
+        """Subscribe and wait for Redis to confirm every subscription (the pattern, each channel)."""
         self._close()
         subscription = self._subscription = Subscription(
-            self._client, keyspace_pattern(self.settings.db_number), (SESSION_UPDATES, JOB_UPDATES)
+            self._client, keyspace_pattern(self.settings.db_number), tuple(CHANNEL_KINDS)
         )
         deadline = time.monotonic() + self.settings.socket_timeout
         confirmed = 0
-        while confirmed < 3:
+        while confirmed < 1 + len(CHANNEL_KINDS):
             if time.monotonic() > deadline:
                 raise DeadConnection("Redis did not confirm the subscriptions")
             for reply in subscription.read(0.1):

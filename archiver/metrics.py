@@ -14,6 +14,8 @@ from prometheus_client import CollectorRegistry, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from archiver.kinds import KINDS
+
 PREFIX = "desto_archiver"
 FAILING_OPERATIONS = ("sqlite", "redis")  # what the daemon's ``failing`` state may name
 
@@ -47,8 +49,8 @@ class _DaemonCollector(Collector):
         rows = CounterMetricFamily(
             f"{PREFIX}_rows_written", "Rows inserted or changed, by record kind", labels=["kind"]
         )
-        for kind in ("session", "job", "favorite", "atjob"):
-            rows.add_metric([kind], s.written.get(kind, 0))
+        for kind in KINDS:
+            rows.add_metric([kind.value], s.written.get(kind.value, 0))
         yield rows
         yield _counter("quarantined", "Records put in quarantine", s.quarantined)
         yield _counter("tombstones", "Records marked as gone from Redis", s.tombstones)

@@ -17,10 +17,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from archiver.keys import CHANNEL_KINDS, DESTO_TTL_SECONDS, ID_FIELDS, Kind, ParsedKey
+from archiver.keys import CHANNEL_KINDS, DESTO_TTL_SECONDS, ID_FIELDS, ParsedKey
+from archiver.kinds import JOB_STATUSES, KINDS, SESSION_STATUSES, Kind
 
-SESSION_STATUSES = frozenset({"starting", "running", "finished", "failed", "scheduled"})
-JOB_STATUSES = frozenset({"queued", "running", "finished", "failed", "scheduled"})
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
@@ -61,7 +60,7 @@ class Row:
 
     @property
     def name(self) -> str | None:
-        return self.values[1] if self.kind is Kind.FAVORITE else None
+        return self.values[1] if KINDS[self.kind].renamed else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,24 +201,14 @@ SPECS: dict[Kind, tuple[FieldSpec, ...]] = {
     ),
 }
 
-# The table each kind is archived in.
-TABLES: dict[Kind, str] = {
-    Kind.SESSION: "sessions",
-    Kind.JOB: "jobs",
-    Kind.FAVORITE: "favorites",
-    Kind.ATJOB: "at_jobs",
-}
-
-# The id column comes first, then the spec's columns; at-jobs keep the at number twice, as
-# desto does (key and job_id field), under the table's own primary key.
-ID_COLUMNS: dict[Kind, str] = {
-    Kind.SESSION: "session_id",
-    Kind.JOB: "job_id",
-    Kind.FAVORITE: "favorite_id",
-    Kind.ATJOB: "at_job_id",
-}
+# The id column comes first (and a column that repeats it, for at-jobs), then the parser's.
+ID_COLUMNS: dict[Kind, str] = {kind: info.id_column for kind, info in KINDS.items()}
 COLUMNS: dict[Kind, tuple[str, ...]] = {
-    kind: (ID_COLUMNS[kind], *(("job_id",) if kind is Kind.ATJOB else ()), *(spec.column for spec in specs))
+    kind: (
+        KINDS[kind].id_column,
+        *((KINDS[kind].id_column_repeated,) if KINDS[kind].id_column_repeated else ()),
+        *(spec.column for spec in specs),
+    )
     for kind, specs in SPECS.items()
 }
 STATUS_INDEX: dict[Kind, int] = {kind: cols.index("status") for kind, cols in COLUMNS.items() if "status" in cols}
@@ -228,7 +217,7 @@ _KNOWN_FIELDS: dict[Kind, frozenset[str]] = {
 }
 # desto sets its 7-day TTL once, when it creates a session or job: the TTL left dates the creation.
 _TTL_MS = DESTO_TTL_SECONDS * 1000
-_TTL_KINDS = frozenset({Kind.SESSION, Kind.JOB})
+_TTL_KINDS = frozenset(kind for kind, info in KINDS.items() if info.ttl)
 
 
 # ─── normalize ──────────────────────────────────────────────────────────────────────────────────
@@ -277,7 +266,7 @@ def _row(kind: Kind, record_id: str, fetched: Fetched) -> Row:
     claimed = fields.get(id_field, "")
     if claimed and claimed != record_id:
         raise Invalid(f"{id_field} field {claimed[:80]!r} does not match the key's id {record_id[:80]!r}")
-    values: list[Any] = [record_id, record_id] if kind is Kind.ATJOB else [record_id]
+    values: list[Any] = [record_id, record_id] if KINDS[kind].id_column_repeated else [record_id]
     append, get = values.append, fields.get
     missing = None
     for column, convert, default, required in _PLANS[kind]:

@@ -15,6 +15,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from archiver.kinds import KINDS
 from archiver.models import decode_resp
 from archiver.schema import SCHEMA_VERSION
 from archiver.sql import select_in
@@ -24,10 +25,7 @@ from archiver.store import StoreError
 # desto's own times are its naive local ISO text; the archiver's are UTC ISO text.
 EXPORTS: dict[str, tuple[str, str | None, str | None, str]] = {
     # name: (table, time column, name column, order)
-    "sessions": ("sessions", "start_time", "session_name", "created_at, session_id"),
-    "jobs": ("jobs", "start_time", "command", "created_at, job_id"),
-    "favorites": ("favorites", "created_at", "coalesce(real_name, name)", "created_at, favorite_id"),
-    "atjobs": ("at_jobs", "request_time", "session_name", "created_at, at_job_id"),
+    **{info.plural: (info.table, *info.listing) for info in KINDS.values()},
     "history": ("status_history", "observed_at", "record_id", "id"),
     "quarantine": ("quarantine", "first_seen_at", "key_text", "id"),
 }
@@ -121,13 +119,8 @@ class Reader:
 
     def stats(self) -> dict[str, Any]:
         kinds: dict[str, Any] = {}
-        for name, table in (
-            ("sessions", "sessions"),
-            ("jobs", "jobs"),
-            ("favorites", "favorites"),
-            ("atjobs", "at_jobs"),
-        ):
-            has_status = table != "favorites"
+        for info in KINDS.values():
+            name, table, has_status = info.plural, info.table, info.has_status
             by_status = (
                 dict(
                     self.conn.execute(

@@ -11,7 +11,8 @@ import time
 from collections.abc import Iterable, Sequence
 
 from archiver.dirty import Hints
-from archiver.keys import KeyClass, Kind, ParsedKey, classify, record_key
+from archiver.keys import KeyClass, ParsedKey, classify, record_key
+from archiver.kinds import Kind
 from archiver.log import get_logger
 from archiver.models import Gone, Outcome, Row, normalize
 from archiver.source import Source

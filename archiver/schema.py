@@ -154,7 +154,9 @@ CREATE TABLE IF NOT EXISTS archiver_state (
 );
 """
 
-RECORD_TABLES = ("sessions", "jobs", "favorites", "at_jobs")
+# Migrations are history: each works on the tables that existed when it was written, so a kind
+# added later (with its own migration) never changes what an old migration does.
+_V1_TABLES = ("sessions", "jobs", "favorites", "at_jobs")
 
 
 def _columns(conn: sqlite3.Connection, table: str) -> set[str]:
@@ -171,14 +173,14 @@ def _execute_all(conn: sqlite3.Connection, script: str) -> None:
 def _migrate_to_1(conn: sqlite3.Connection) -> None:
     _execute_all(conn, DESTO_DDL)
     _execute_all(conn, ARCHIVER_DDL)
-    for table in RECORD_TABLES:
+    for table in _V1_TABLES:
         have = _columns(conn, table)
         wanted = [*TRACKING_COLUMNS, *([("real_name", "TEXT")] if table == "favorites" else [])]
         for name, decl in wanted:
             if name not in have:
                 conn.execute(f"ALTER TABLE {table} ADD COLUMN {name} {decl}")
     # Reconciliation looks for live rows not read since a scan began.
-    for table in RECORD_TABLES:
+    for table in _V1_TABLES:
         conn.execute(f"CREATE INDEX IF NOT EXISTS idx_{table}_live ON {table}(read_at_us) WHERE gone_at IS NULL")
 
 
@@ -202,7 +204,7 @@ def _migrate_to_2(conn: sqlite3.Connection) -> None:
         conn.execute(f"UPDATE {table} SET observed_status = status WHERE read_at_us IS NOT NULL")
     # Every read moves read_at_us: an index on it cost more on each write than it saved the sweep,
     # which pages through the table by rowid anyway.
-    for table in RECORD_TABLES:
+    for table in _V1_TABLES:
         conn.execute(f"DROP INDEX IF EXISTS idx_{table}_live")
     conn.execute(
         "CREATE TABLE IF NOT EXISTS archiver_recheck (kind TEXT NOT NULL, record_id TEXT NOT NULL, "

@@ -22,9 +22,10 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from archiver.keys import GONE_EVENTS, Kind
-from archiver.models import COLUMNS, TABLES, Gone, Outcome, Rejected, Row, TimedHint, encode_resp, iso_utc
-from archiver.schema import RECORD_TABLES, NewerSchemaError, migrate, unsupported_sqlite
+from archiver.keys import GONE_EVENTS
+from archiver.kinds import RECORD_TABLES, TABLES, Kind
+from archiver.models import COLUMNS, Gone, Outcome, Rejected, Row, TimedHint, encode_resp, iso_utc
+from archiver.schema import NewerSchemaError, migrate, unsupported_sqlite
 from archiver.writer import RowWriter, add_history
 
 _LOCK_POLL_S = 0.001  # how often a write tries again for a lock another writer holds

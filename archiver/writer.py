@@ -15,12 +15,14 @@ from dataclasses import dataclass
 from operator import itemgetter
 from typing import Any
 
-from archiver.keys import Kind
-from archiver.models import COLUMNS, JOB_STATUSES, SESSION_STATUSES, TABLES, Row, TimedHint, iso_utc, sqlite_utc
+from archiver.kinds import KINDS, TABLES, Kind
+from archiver.models import COLUMNS, Row, TimedHint, iso_utc, sqlite_utc
 from archiver.sql import select_in
 
-# Statuses desto's messages may report for a record (at-jobs have no channel).
-_STATUSES: dict[Kind, frozenset[str]] = {Kind.SESSION: SESSION_STATUSES, Kind.JOB: JOB_STATUSES}
+# Statuses desto's messages may report for a record (only kinds with a channel have messages).
+_STATUSES: dict[Kind, frozenset[str]] = {
+    kind: info.statuses for kind, info in KINDS.items() if info.channel and info.statuses
+}
 HISTORY_INSERT = (
     "INSERT INTO status_history (kind, record_id, event, status, previous_status, detail, observed_at, "
     "desto_timestamp, source) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
@@ -32,7 +34,7 @@ _first, _second, _last = itemgetter(0), itemgetter(1), itemgetter(-1)
 
 
 def tail_column(kind: Kind) -> str:
-    return "real_name" if kind is Kind.FAVORITE else "observed_status"
+    return "real_name" if KINDS[kind].renamed else "observed_status"
 
 
 def insert_columns(kind: Kind) -> tuple[str, ...]:
@@ -63,7 +65,7 @@ class RowWriter:
         self.table = TABLES[kind]
         self.cols = COLUMNS[kind]
         self.id_col = self.cols[0]
-        self.favorite = kind is Kind.FAVORITE
+        self.favorite = KINDS[kind].renamed
         # the tail column's value: a favorite's name, else the status (every other kind has one)
         self.tail_idx = 1 if self.favorite else self.cols.index("status")
         tail = tail_column(kind)

@@ -29,7 +29,7 @@ from typing import Any
 import redis
 
 from archiver.config import load_settings
-from archiver.keys import Kind
+from archiver.kinds import Kind
 from archiver.models import sqlite_utc
 from archiver.source import Source
 from archiver.store import Store

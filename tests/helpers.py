@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from archiver.config import Settings, load_settings
+from archiver.kinds import RECORD_TABLES
 from archiver.pipeline import Daemon
-from archiver.schema import RECORD_TABLES
 
 REPO = Path(__file__).resolve().parent.parent
 

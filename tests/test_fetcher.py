@@ -21,7 +21,7 @@ from archiver import fetcher as fetcher_module
 from archiver.config import load_settings
 from archiver.dirty import Dirty
 from archiver.fetcher import QUEUE_DEPTH, Fetcher, Work
-from archiver.keys import Kind
+from archiver.kinds import Kind
 from archiver.models import Gone
 from archiver.reconcile import Reconcile
 from tests.helpers import wait_for

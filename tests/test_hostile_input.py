@@ -26,7 +26,8 @@ from desto.redis.sqlite_store import SQLiteStore
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from archiver.keys import ID_FIELDS, Kind, classify, record_key
+from archiver.keys import ID_FIELDS, classify, record_key
+from archiver.kinds import Kind
 from archiver.models import COLUMNS, INT64_MAX, INT64_MIN, SPECS, Fetched, Rejected, Row, decode_resp, normalize
 from archiver.store import Batch, Store
 from tests.desto_helpers import desto_log

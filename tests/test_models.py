@@ -9,7 +9,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from archiver.keys import Kind, classify, record_key
+from archiver.keys import classify, record_key
+from archiver.kinds import Kind
 from archiver.models import (
     COLUMNS,
     Fetched,

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from archiver.keys import Kind, classify, record_key
+from archiver.keys import classify, record_key
+from archiver.kinds import Kind
 from archiver.models import Fetched, Outcome, TimedHint, normalize
 from archiver.schema import SCHEMA_VERSION
 from archiver.sql import select_in
