@@ -170,6 +170,18 @@ def _execute_all(conn: sqlite3.Connection, script: str) -> None:
             conn.execute(statement)
 
 
+def add_record_table(conn: sqlite3.Connection, table: str, ddl: str, *, renamed: bool = False) -> None:
+    """What the migration that adds a record kind calls: the kind's table (``ddl``: its CREATE
+    TABLE and indexes), then the columns every record table carries beside desto's, and the
+    tail column the writer keeps (the real name of a kind that can be renamed, else the status
+    last observed)."""
+    _execute_all(conn, ddl)
+    have = _columns(conn, table)
+    for name, decl in (*TRACKING_COLUMNS, ("real_name" if renamed else "observed_status", "TEXT")):
+        if name not in have:
+            conn.execute(f"ALTER TABLE {table} ADD COLUMN {name} {decl}")
+
+
 def _migrate_to_1(conn: sqlite3.Connection) -> None:
     _execute_all(conn, DESTO_DDL)
     _execute_all(conn, ARCHIVER_DDL)
