@@ -84,9 +84,9 @@ from bench.common import (
     max_rowid,
     ro_connect,
 )
-from bench.peak_rss import vm_hwm_kb
 from bench.records import record_id, session_key
 from bench.write_cost import measure as measure_write_path
+from tests.procfs import vm_hwm_kb
 from tests.redis_server import RedisServer
 
 NAME = "ingest"

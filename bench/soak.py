@@ -24,8 +24,8 @@ from typing import Any
 
 from bench.common import Context, DaemonProcess, Figure, Target, WriterProcess, ro_connect
 from bench.ingest import compare
-from bench.peak_rss import status_kb
 from bench.records import record_id
+from tests.procfs import status_kb
 
 NAME = "soak"
 RATE = 1_000

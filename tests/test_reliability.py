@@ -34,7 +34,6 @@ from pathlib import Path
 
 import pytest
 
-from bench.peak_rss import vm_hwm_kb
 from tests.fault_helpers import (
     DESTO_TTL,
     FULL_SIZE,
@@ -53,6 +52,7 @@ from tests.helpers import (
     wait_for,
     write_lock_holder,
 )
+from tests.procfs import vm_hwm_kb
 from tests.redis_server import RedisServer
 
 KILLS = 20
