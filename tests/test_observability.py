@@ -18,7 +18,8 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.helpers import REPO, count, lock_holder, session_hash, start_daemon_process, wait_for, wait_for_log
+from tests.fault_helpers import start_ready
+from tests.helpers import REPO, count, lock_holder, session_hash, wait_for
 from tests.redis_server import free_port
 
 DASHBOARD = REPO / "docs" / "grafana" / "desto-archiver.json"
@@ -121,15 +122,13 @@ def scrape(port: int) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
 
 
 def test_every_metric_the_dashboard_and_rules_use_is_exported_and_failures_show(
-    redis_server, redis, db_path: Path, tmp_path: Path
+    redis_server, redis, db_path: Path, daemons
 ) -> None:
     port = free_port()
-    log = tmp_path / "daemon.log"
-    proc = start_daemon_process(
-        redis_server, db_path, log, ARCHIVER_METRICS_PORT=str(port), ARCHIVER_SQLITE_BUSY_TIMEOUT="0.05"
+    daemon = start_ready(
+        daemons, redis_server, db_path, ARCHIVER_METRICS_PORT=str(port), ARCHIVER_SQLITE_BUSY_TIMEOUT="0.05"
     )
     try:
-        wait_for_log(log, "reconcile.done")
         record = session_hash()
         redis.hset(f"desto:session:{record['session_id']}", mapping=record)
         wait_for(lambda: count(db_path, "sessions") == 1)
@@ -155,5 +154,5 @@ def test_every_metric_the_dashboard_and_rules_use_is_exported_and_failures_show(
         assert recovered["desto_archiver_write_failures_total"][()] >= 1  # a counter: it keeps what happened
         wait_for(lambda: count(db_path, "sessions") == 2)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=15) == 0
+        daemon.signal(signal.SIGTERM)
+        assert daemon.proc.wait(timeout=15) == 0
