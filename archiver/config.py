@@ -70,6 +70,8 @@ class Settings(BaseSettings):
     sqlite_cache_mb: int | None = Field(
         None, ge=1, le=65_536, validation_alias=_env("sqlite_cache_mb", "ARCHIVER_SQLITE_CACHE_MB")
     )
+    # Erase records that left Redis more than this many days ago (None: keep everything).
+    retention_days: float | None = Field(None, gt=0, validation_alias=_env("retention_days", "ARCHIVER_RETENTION_DAYS"))
     metrics_port: int | None = Field(
         None, ge=1, le=65535, validation_alias=_env("metrics_port", "ARCHIVER_METRICS_PORT")
     )

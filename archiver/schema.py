@@ -10,7 +10,7 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Callable
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 DESTO_DDL = """
 CREATE TABLE IF NOT EXISTS sessions (
@@ -203,7 +203,58 @@ def _migrate_to_2(conn: sqlite3.Connection) -> None:
             )
 
 
-MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {1: _migrate_to_1, 2: _migrate_to_2}
+# Deletions that stick. desto's History tab deletes rows with plain DELETE statements on its own
+# connection, which has no function of ours: a trigger notes each one, in desto's transaction,
+# with the deleting connection's secure_delete (whether SQLite overwrote the deleted bytes), so
+# the archiver never writes the record again and knows how much scrubbing the file needs.
+ERASED_DDL = """
+CREATE TABLE IF NOT EXISTS archiver_erased (
+    kind TEXT NOT NULL,
+    record_id TEXT NOT NULL,
+    erased_at TEXT NOT NULL,          -- UTC ISO
+    how TEXT NOT NULL,                -- desto (its store: History tab, favorites), forget, retention
+    zeroed INTEGER NOT NULL,          -- the deleting connection's secure_delete: 1 overwrote the bytes
+    purged_at TEXT,                   -- history, quarantine and left-over bytes removed by the archiver
+    PRIMARY KEY (kind, record_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS idx_archiver_erased_pending ON archiver_erased(kind) WHERE purged_at IS NULL
+"""
+
+ERASABLE = (("sessions", "session", "session_id"), ("jobs", "job", "job_id"), ("favorites", "favorite", "favorite_id"))
+
+
+def _migrate_to_3(conn: sqlite3.Connection) -> None:
+    _execute_all(conn, ERASED_DDL)
+    # Rows written before now by a SQLite that does not overwrite what it frees (built without
+    # SECURE_DELETE) may have left old copies in free space: the first erasure then vacuums.
+    zeroing = conn.execute("SELECT count(*) FROM pragma_compile_options WHERE compile_options = 'SECURE_DELETE'")
+    if not zeroing.fetchone()[0] and any(
+        conn.execute(f"SELECT EXISTS (SELECT 1 FROM {table})").fetchone()[0] for table in RECORD_TABLES
+    ):
+        conn.execute(
+            "INSERT OR REPLACE INTO archiver_state (name, value, updated_at) "
+            "VALUES ('written_unzeroed', '1', strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))"
+        )
+    for table, kind, id_col in ERASABLE:
+        # A trigger's own conflict policy yields to the statement's: WHERE NOT EXISTS, not OR IGNORE.
+        # A record the archiver erases itself (forget, retention) is noted first, with its own how.
+        conn.execute(
+            f"CREATE TRIGGER IF NOT EXISTS archiver_erase_{table} AFTER DELETE ON {table} BEGIN "
+            f"INSERT INTO archiver_erased (kind, record_id, erased_at, how, zeroed) "
+            f"SELECT '{kind}', OLD.{id_col}, strftime('%Y-%m-%dT%H:%M:%fZ', 'now'), 'desto', "
+            f"(SELECT secure_delete = 1 FROM pragma_secure_delete) WHERE NOT EXISTS "
+            f"(SELECT 1 FROM archiver_erased WHERE kind = '{kind}' AND record_id = OLD.{id_col}); END"
+        )
+        # desto saving the record again is desto's decision: the archiver follows it from then on.
+        # (A REPLACE under recursive_triggers deletes, then inserts: this undoes its note too.)
+        conn.execute(
+            f"CREATE TRIGGER IF NOT EXISTS archiver_unerase_{table} AFTER INSERT ON {table} "
+            f"WHEN NEW.read_at_us IS NULL BEGIN "
+            f"DELETE FROM archiver_erased WHERE kind = '{kind}' AND record_id = NEW.{id_col}; END"
+        )
+
+
+MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {1: _migrate_to_1, 2: _migrate_to_2, 3: _migrate_to_3}
 
 
 class NewerSchemaError(Exception):

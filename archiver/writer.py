@@ -127,6 +127,11 @@ class RowWriter:
             if seen_row is None or seen_row.version_us <= row.version_us:
                 unique[row.record_id] = row
         existing = self._existing(list(unique))
+        if len(existing) < len(unique):  # only a record new to the file can be an erased one
+            erased = erased_rows(self.conn, self.kind, [(i, r.values) for i, r in unique.items() if i not in existing])
+            for record_id in erased:
+                del unique[record_id]
+            self.counts.erased += len(erased)
         inserts: list[list[Any]] = []
         updates: list[list[Any]] = []
         touches: list[tuple[Any, ...]] = []
@@ -271,3 +276,22 @@ def add_history(
     conn.execute(
         HISTORY_INSERT, (kind.value, record_id, event, status, previous, detail, observed_at, desto_timestamp, source)
     )
+
+
+def erased_among(conn: sqlite3.Connection, kind: Kind, ids: Sequence[str]) -> set[str]:
+    """The ``ids`` of ``kind`` that are erased. An erased record has no row, so only ids new to
+    the file need asking; an empty table (most files, most of the time) costs one page read."""
+    if not ids or conn.execute("SELECT NOT EXISTS (SELECT 1 FROM archiver_erased)").fetchone()[0]:
+        return set()
+    query = f"SELECT record_id FROM archiver_erased WHERE kind = '{kind.value}' AND record_id IN"
+    return {r[0] for r in select_in(conn, query, list(dict.fromkeys(ids)))}
+
+
+def erased_rows(conn: sqlite3.Connection, kind: Kind, rows: Sequence[tuple[str, tuple[Any, ...]]]) -> set[str]:
+    """Of new rows (id, values), those not to write: erased, or a job of an erased session
+    (erasing a session erases its jobs, also those the file had not met yet)."""
+    skip = erased_among(conn, kind, [record_id for record_id, _ in rows])
+    if kind is Kind.JOB and rows and len(skip) < len(rows):
+        sessions = erased_among(conn, Kind.SESSION, [values[1] for _, values in rows])
+        skip.update(record_id for record_id, values in rows if values[1] in sessions)
+    return skip
