@@ -295,3 +295,9 @@ def erased_rows(conn: sqlite3.Connection, kind: Kind, rows: Sequence[tuple[str, 
         sessions = erased_among(conn, Kind.SESSION, [values[1] for _, values in rows])
         skip.update(record_id for record_id, values in rows if values[1] in sessions)
     return skip
+
+
+def has_erasures(conn: sqlite3.Connection) -> bool:
+    """Whether the file has the table of erasures (schema 3): read-only readers of older files."""
+    found = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'archiver_erased'")
+    return found.fetchone() is not None
