@@ -52,7 +52,8 @@ def now_us() -> int:
 class Erased:
     """What one erasure removed."""
 
-    records: dict[str, int] = field(default_factory=dict)  # by kind
+    records: dict[str, int] = field(default_factory=dict)  # rows deleted here, by kind
+    erasures: int = 0  # erasures finished (desto's delete had removed the rows already)
     history: int = 0
     quarantine: int = 0
     scrub: str | None = None  # vacuum, truncate (the WAL started over), or None (nothing to do)
@@ -62,6 +63,7 @@ class Erased:
     def as_dict(self) -> dict[str, Any]:
         return {
             "records": self.records,
+            "erasures": self.erasures,
             "history": self.history,
             "quarantine": self.quarantine,
             "scrub": self.scrub,
@@ -127,7 +129,9 @@ def purge_pending(conn: sqlite3.Connection, at_us: int) -> tuple[Erased, str | N
             note(conn, extra, how, at_us)
             records.extend(extra)
     out = remove(conn, records)
-    conn.execute("UPDATE archiver_erased SET purged_at = ? WHERE purged_at IS NULL", (iso_utc(at_us),))
+    out.erasures = conn.execute(
+        "UPDATE archiver_erased SET purged_at = ? WHERE purged_at IS NULL", (iso_utc(at_us),)
+    ).rowcount
     vacuum = any(not zeroed for *_, zeroed in pending)
     return out, want_scrub(conn, "vacuum" if vacuum else "truncate", at_us)
 

@@ -525,6 +525,8 @@ class Daemon:
             left += fetcher.queued_keys()
         if self.store is not None:
             with contextlib.suppress(sqlite3.Error):
+                self._finish_erasures()  # a deletion desto made a moment ago
+            with contextlib.suppress(sqlite3.Error):
                 self.store.set_state({"stopped_at": str(now_us())}, now_us())
             self.store.close()
         if self.listener is not None:
