@@ -340,6 +340,27 @@ def test_an_erased_command_line_leaves_the_file_its_wal_and_later_backups(
     assert count(db_path, "sessions") == 301
 
 
+def test_old_page_images_in_the_wal_go_even_when_desto_overwrote_what_it_deleted(db_path: Path) -> None:
+    from archiver import erase
+
+    store = Store.open(db_path)
+    desto = desto_store(db_path, secure_delete=True)
+    try:
+        s = session_hash()
+        j = job_hash(session_id=s["session_id"], command=f"deploy --token {MARKER}")
+        store.apply(Batch([read(Kind.SESSION, s["session_id"], s, T0), read(Kind.JOB, j["job_id"], j, T0)]))
+        many = [session_hash() for _ in range(2000)]  # the marker's frames stay behind them in the WAL
+        store.apply(Batch([read(Kind.SESSION, m["session_id"], m, T0 + 1) for m in many]))
+        assert desto.delete_session(s["session_id"])
+        assert grep_count(Path(f"{db_path}-wal")) > 0
+        finished = erase.finish(store)
+        assert finished is not None and finished.scrub == "truncate" and finished.scrub_done
+        assert grep_count(db_path) + grep_count(Path(f"{db_path}-wal")) == 0
+    finally:
+        desto.close()
+        store.close()
+
+
 # ─── forget ──────────────────────────────────────────────────────────────────────────────────
 
 
