@@ -60,6 +60,13 @@ class Erased:
     scrub_s: float = 0.0
     scrub_done: bool = True  # False: readers kept the WAL; the daemon tries again
 
+    def merge(self, other: Erased) -> None:
+        for kind, n in other.records.items():
+            self.records[kind] = self.records.get(kind, 0) + n
+        self.erasures += other.erasures
+        self.history += other.history
+        self.quarantine += other.quarantine
+
     def as_dict(self) -> dict[str, Any]:
         return {
             "records": self.records,
@@ -107,31 +114,38 @@ def _each(conn: sqlite3.Connection, statement: str, ids: list[str], size: int = 
     ]
 
 
-def purge_pending(conn: sqlite3.Connection, at_us: int) -> tuple[Erased, str | None]:
-    """Inside the caller's transaction: finish the erasures others made (desto's deletes, a
-    record erased while the daemon was stopped). Returns what went and the scrub it needs."""
+def purge_pending(conn: sqlite3.Connection, at_us: int, limit: int = 2000) -> tuple[Erased, str | None]:
+    """Inside the caller's transaction: finish up to ``limit`` erasures others made (desto's
+    deletes, a record erased while the daemon was stopped), so a Clear History of a big archive
+    is finished in transactions desto's writes wait for a moment at most. Returns what went and
+    the scrub the file needs (None: no erasure was pending)."""
     pending = conn.execute(
-        "SELECT kind, record_id, how, zeroed FROM archiver_erased WHERE purged_at IS NULL"
+        "SELECT kind, record_id, how, zeroed FROM archiver_erased WHERE purged_at IS NULL LIMIT ?", (limit,)
     ).fetchall()
     if not pending:
         return Erased(), None
+    return purge(conn, pending, at_us)
+
+
+def purge(conn: sqlite3.Connection, pending: Sequence[Sequence[Any]], at_us: int) -> tuple[Erased, str]:
+    """Finish these erasures (kind, id, how, zeroed): rows, jobs of a session, history,
+    quarantine; note them finished, and the scrub the file needs."""
     records = [(Kind(kind), record_id) for kind, record_id, _, _ in pending]
-    # A session's jobs go with it, also one written after desto deleted the others.
-    # (Retention erases only what left Redis: a session's jobs go by their own tombstones.)
+    # A session's jobs go with it, also one written after desto deleted the others. (Retention
+    # erases only what left Redis: there a session's jobs go by their own tombstones.)
     sessions = {r: how for kind, r, how, _ in pending if kind == Kind.SESSION.value and how != "retention"}
     if sessions:
-        jobs = [
-            (r[0], sessions[r[1]])
-            for r in select_in(conn, "SELECT job_id, session_id FROM jobs WHERE session_id IN", list(sessions))
-        ]
+        jobs = list(select_in(conn, "SELECT job_id, session_id FROM jobs WHERE session_id IN", list(sessions)))
         for how in set(sessions.values()):
-            extra = [(Kind.JOB, job_id) for job_id, job_how in jobs if job_how == how]
+            extra = [(Kind.JOB, job_id) for job_id, session_id in jobs if sessions[session_id] == how]
             note(conn, extra, how, at_us)
             records.extend(extra)
     out = remove(conn, records)
-    out.erasures = conn.execute(
-        "UPDATE archiver_erased SET purged_at = ? WHERE purged_at IS NULL", (iso_utc(at_us),)
-    ).rowcount
+    out.erasures = len(pending)
+    conn.executemany(
+        "UPDATE archiver_erased SET purged_at = ? WHERE kind = ? AND record_id = ?",
+        [(iso_utc(at_us), kind.value, record_id) for kind, record_id in records],
+    )
     vacuum = any(not zeroed for *_, zeroed in pending)
     return out, want_scrub(conn, "vacuum" if vacuum else "truncate", at_us)
 
@@ -203,9 +217,12 @@ def finish(store: Store) -> Erased | None:
     if not pending and level is None:
         return None
     out = Erased()
-    if pending:
+    while pending:
         with store.transaction() as tx:
-            out, level = purge_pending(tx, now_us())
+            step, found = purge_pending(tx, now_us())
+        out.merge(step)
+        level = found or level
+        pending = found is not None
     if level is None:
         return None
     out.scrub = level
@@ -295,8 +312,12 @@ def forget(store: Store, targets: Sequence[Target]) -> Erased:
     at_us = now_us()
     with store.transaction() as conn:
         note(conn, [(t.kind, t.record_id) for t in targets], "forget", at_us)
-        out, level = purge_pending(conn, at_us)
-    if level is not None:
+        out, level = purge(conn, [(t.kind.value, t.record_id, "forget", 1) for t in targets], at_us)
+    others = finish(store)  # erasures desto made meanwhile, when no daemon runs to finish them
+    if others is not None:
+        out.merge(others)
+        out.scrub, out.scrub_done, out.scrub_s = others.scrub, others.scrub_done, others.scrub_s
+    else:
         out.scrub = level
         out.scrub_done, out.scrub_s = scrub(store.conn, level)
     return out
@@ -365,7 +386,7 @@ def prune(store: Store, cutoff_us: int, batch: int = 500, max_batches: int | Non
             if not targets:
                 break
             note(conn, [(t.kind, t.record_id) for t in targets], "retention", at_us)
-            erased, _ = purge_pending(conn, at_us)
+            erased, _ = purge(conn, [(t.kind.value, t.record_id, "retention", 1) for t in targets], at_us)
         out.add(erased)
         batches += 1
     if out.records:

@@ -323,6 +323,7 @@ class Daemon:
         """Records another program erased (desto's History tab, forget): their history and
         quarantine entries go, and their bytes are scrubbed from the file."""
         assert self.store is not None
+        self._scrub_retry = True  # until it has run through (a busy file raises: tried again)
         done = erase.finish(self.store)
         self._scrub_retry = done is not None and not done.scrub_done
         if done is not None:

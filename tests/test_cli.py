@@ -26,12 +26,13 @@ def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> s
 
 
 @pytest.mark.parametrize("command", COMMANDS)
-def test_every_command_has_help_with_an_example_and_a_readme_section(command: str) -> None:
+def test_every_command_has_help_with_an_example_and_a_documented_section(command: str) -> None:
     result = cli(command, "--help")
     assert result.returncode == 0
     assert "Example" in result.stdout and f"desto-archiver {command}" in result.stdout
-    readme = (REPO / "README.md").read_text()
-    assert re.search(rf"^#+ .*`{command}`", readme, re.MULTILINE), f"README has no section for `{command}`"
+    pages = [REPO / "README.md", *sorted((REPO / "docs").glob("**/*.md"))]
+    documented = "\n".join(page.read_text() for page in pages)
+    assert re.search(rf"^#+ .*`{command}`", documented, re.MULTILINE), f"no README or docs/ section for `{command}`"
 
 
 def test_version() -> None:
