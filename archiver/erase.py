@@ -194,15 +194,17 @@ def give_back_space(conn: sqlite3.Connection, begin: Any, max_steps: int = 10_00
     ``begin``: the store's transaction. Returns the pages given back."""
     if conn.execute("PRAGMA auto_vacuum").fetchone()[0] != 2:
         return 0
-    freed = 0
+    pages = conn.execute("PRAGMA page_count").fetchone()[0]
     for _ in range(max_steps):
         free = conn.execute("PRAGMA freelist_count").fetchone()[0]
         if not free:
             break
         with begin() as tx:
-            tx.execute(f"PRAGMA incremental_vacuum({_PAGES_PER_STEP})").fetchall()
-        freed += min(free, _PAGES_PER_STEP)
-    return freed
+            # Each step of the statement gives back one page, and Python's sqlite3 steps a statement
+            # that returns no rows once: PRAGMA incremental_vacuum(256) would give back one page.
+            for _ in range(min(free, _PAGES_PER_STEP)):
+                tx.execute("PRAGMA incremental_vacuum")
+    return int(pages - conn.execute("PRAGMA page_count").fetchone()[0])
 
 
 # ─── what the daemon, forget and prune call ──────────────────────────────────────────────────

@@ -503,3 +503,28 @@ def test_the_retention_setting_makes_the_daemon_prune(redis_server, redis, db_pa
     assert erasures(db_path) == {("session", ids["old"]): "retention", ("job", ids["old_job"]): "retention"}
     assert _archived(db_path, "sessions", "session_id", ids["recent"])
     assert _archived(db_path, "sessions", "session_id", ids["live"])
+
+
+def test_retention_gives_the_space_back_in_small_steps_once_the_file_is_in_incremental_mode(db_path: Path) -> None:
+    from archiver import erase
+
+    store = Store.open(db_path)
+    try:
+        sessions = [session_hash(session_name="x" * 500) for _ in range(3000)]
+        store.apply(Batch([read(Kind.SESSION, s["session_id"], s, T0) for s in sessions]))
+        store.apply(Batch([read(Kind.SESSION, s["session_id"], None, T0 + 1) for s in sessions[:2000]]))
+        assert erase.prune(store, T0 + 2, batch=500).pages_freed == 0  # not in incremental mode yet
+        assert store.conn.execute("PRAGMA freelist_count").fetchone()[0] > 0
+        store.apply(Batch([read(Kind.SESSION, s["session_id"], None, T0 + 3) for s in sessions[2000:]]))
+        erase.scrub(store.conn, "vacuum")  # what prune --vacuum does once
+        assert store.conn.execute("PRAGMA auto_vacuum").fetchone()[0] == 2
+        forgotten = [erase.Target(Kind.SESSION, s["session_id"], "") for s in sessions[2000:]]
+        erase.forget(store, forgotten)
+        assert store.conn.execute("PRAGMA freelist_count").fetchone()[0] > 256
+        assert 256 <= erase.give_back_space(store.conn, store.transaction, max_steps=1) <= 260  # one step: 1 MB
+        before = erase.file_bytes(store.conn)
+        assert erase.give_back_space(store.conn, store.transaction) > 0
+        assert store.conn.execute("PRAGMA freelist_count").fetchone()[0] == 0
+        assert erase.file_bytes(store.conn) < before / 2
+    finally:
+        store.close()
