@@ -625,7 +625,7 @@ def cmd_prune(settings: Settings, args: argparse.Namespace) -> int:
     span = args.older_than.strip()
     if not span or span[-1] not in "smhdw" or not span[:-1].strip().isdigit():
         raise UsageError(f"--older-than {args.older_than!r}: give a span like 90d, 12w or 36h")
-    cutoff = parse_when(span).astimezone()
+    cutoff = parse_when(span).astimezone().replace(microsecond=0)
     cutoff_us = int(cutoff.timestamp() * 1_000_000)
     if not settings.db_path.exists():
         raise StoreError(f"no archive at {settings.db_path}: nothing to prune (point SQLITE_DB_PATH or --db at it)")
