@@ -204,16 +204,18 @@ def _migrate_to_2(conn: sqlite3.Connection) -> None:
 
 
 # Deletions that stick. desto's History tab deletes rows with plain DELETE statements on its own
-# connection, which has no function of ours: a trigger notes each one, in desto's transaction,
-# with the deleting connection's secure_delete (whether SQLite overwrote the deleted bytes), so
-# the archiver never writes the record again and knows how much scrubbing the file needs.
+# connection, which has no function of ours: a trigger notes each one, in desto's transaction, so
+# the archiver never writes the record again, with whether the deleting SQLite overwrites what it
+# deletes (built with SECURE_DELETE; desto never changes the setting), so the archiver knows how
+# much scrubbing the file needs. Not the pragma_secure_delete table: a SQLite whose schema is not
+# trusted (trusted_schema off) refuses a virtual table in a trigger, and desto's delete would fail.
 ERASED_DDL = """
 CREATE TABLE IF NOT EXISTS archiver_erased (
     kind TEXT NOT NULL,
     record_id TEXT NOT NULL,
     erased_at TEXT NOT NULL,          -- UTC ISO
     how TEXT NOT NULL,                -- desto (its store: History tab, favorites), forget, retention
-    zeroed INTEGER NOT NULL,          -- the deleting connection's secure_delete: 1 overwrote the bytes
+    zeroed INTEGER NOT NULL,          -- 1: the deleting SQLite overwrites what it deletes (SECURE_DELETE)
     purged_at TEXT,                   -- history, quarantine and left-over bytes removed by the archiver
     PRIMARY KEY (kind, record_id)
 ) WITHOUT ROWID;
@@ -242,7 +244,7 @@ def _migrate_to_3(conn: sqlite3.Connection) -> None:
             f"CREATE TRIGGER IF NOT EXISTS archiver_erase_{table} AFTER DELETE ON {table} BEGIN "
             f"INSERT INTO archiver_erased (kind, record_id, erased_at, how, zeroed) "
             f"SELECT '{kind}', OLD.{id_col}, strftime('%Y-%m-%dT%H:%M:%fZ', 'now'), 'desto', "
-            f"(SELECT secure_delete = 1 FROM pragma_secure_delete) WHERE NOT EXISTS "
+            f"sqlite_compileoption_used('SECURE_DELETE') WHERE NOT EXISTS "
             f"(SELECT 1 FROM archiver_erased WHERE kind = '{kind}' AND record_id = OLD.{id_col}); END"
         )
         # desto saving the record again is desto's decision: the archiver follows it from then on.

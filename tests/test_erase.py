@@ -45,10 +45,18 @@ def erasures(db_path: Path) -> dict[tuple[str, str], str]:
 
 def desto_store(db_path: Path, secure_delete: bool | None = None) -> SQLiteStore:
     """desto's own store on the shared file. ``secure_delete``: as a SQLite built with (True) or
-    without (False) SECURE_DELETE would delete (desto never sets it); None leaves this machine's."""
+    without (False) SECURE_DELETE deletes (desto never sets it); None leaves this machine's. A
+    build without it is played by its setting off and its compile options saying so."""
     store = SQLiteStore(db_path=str(db_path))
     if secure_delete is not None:
-        store._get_connection().execute(f"PRAGMA secure_delete = {'ON' if secure_delete else 'OFF'}")
+        conn = store._get_connection()
+        conn.execute(f"PRAGMA secure_delete = {'ON' if secure_delete else 'OFF'}")
+        built = sqlite3.connect(":memory:")
+        compiled = [row[0] for row in built.execute("PRAGMA compile_options")]
+        built.close()
+        if not secure_delete:
+            compiled = [option for option in compiled if option != "SECURE_DELETE"]
+        conn.create_function("sqlite_compileoption_used", 1, lambda option: int(option in compiled))
     return store
 
 
@@ -96,7 +104,8 @@ def test_only_a_delete_by_desto_notes_an_erasure(db_path: Path) -> None:
         assert erasures(db_path) == {}, "a REPLACE is not a deletion"
         assert row(db_path, "sessions", "session_id", s2["session_id"])["session_name"] == "replaced"
 
-        # desto's four deletions
+        # desto's four deletions (on a SQLite whose schema is not trusted, too)
+        desto._get_connection().execute("PRAGMA trusted_schema = OFF")
         assert desto.delete_favorite(fav["favorite_id"])
         assert desto.delete_session(s1["session_id"])
         assert erasures(db_path) == {
