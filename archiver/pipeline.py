@@ -327,7 +327,7 @@ class Daemon:
         done = erase.finish(self.store)
         self._scrub_retry = done is not None and not done.scrub_done
         if done is not None:
-            self.totals.erased_records += sum(done.records.values())
+            self.totals.erased_records += done.erasures
             log.info("erasure.finished", **done.as_dict())
 
     def _retention(self, now: float) -> None:
@@ -445,6 +445,7 @@ class Daemon:
                     "written": sum(self.totals.result.written.values()),
                     "quarantined": self.totals.result.new_quarantined,
                     "tombstoned": self.totals.result.tombstoned,
+                    "erased": self.totals.erased_records,
                     "reconciles": self.totals.reconciles,
                     "reconnects": self.listener.reconnects if self.listener else 0,
                     "failing": self._failing_now(),
@@ -485,6 +486,8 @@ class Daemon:
             written=dict(r.written),
             quarantined=r.new_quarantined,
             tombstones=r.tombstoned,
+            erased=self.totals.erased_records,
+            erased_not_written=r.erased,
             reconciles=self.totals.reconciles,
             reconnects=self.listener.reconnects if self.listener else 0,
             lag_s=0.0 if oldest is None else max(0.0, time.monotonic() - oldest),
@@ -546,6 +549,8 @@ class Daemon:
             keys_read=totals.keys_read,
             written=dict(totals.result.written),
             tombstoned=totals.result.tombstoned,
+            erased=totals.erased_records,
+            erased_not_written=totals.result.erased,
             quarantined=totals.result.new_quarantined,
             reconciles=totals.reconciles,
             reconnects=self.listener.reconnects if self.listener else 0,
