@@ -18,6 +18,7 @@ def backfill(report: Any) -> str:
             ("unchanged", f"{report.unchanged:,}"),
             (f"tombstoned{verb}", f"{report.tombstoned:,}"),
             (f"quarantined{verb}", f"{report.quarantined:,} new, {report.still_quarantined:,} already in quarantine"),
+            ("erased", f"{report.erased:,} in Redis, erased on purpose: not written"),
         ]
     )
     title = "backfill (dry run: nothing written):" if report.dry_run else "backfill done:"
@@ -87,11 +88,12 @@ def stats(stats: dict[str, Any]) -> str:
     return table(rows, ["kind", "total", "tombstoned", "by status", "oldest", "newest"]) + "\n\n" + summary
 
 
-def _erased_line(erased: dict[str, Any]) -> str:
-    from archiver.erase import describe
+_BY = {"desto": "desto", "forget": "forget", "retention": "retention"}
 
+
+def _erased_line(erased: dict[str, Any]) -> str:
     parts = [
-        f"{sum(kinds.values()):,} by {describe('session', how)} ("
+        f"{sum(kinds.values()):,} by {_BY.get(how, how)} ("
         + ", ".join(f"{kind} {n:,}" for kind, n in sorted(kinds.items()))
         + ")"
         for how, kinds in sorted(erased["by_how"].items())

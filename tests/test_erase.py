@@ -250,6 +250,7 @@ def test_desto_deletions_stick_through_changes_reconciles_restarts_and_backfill(
         wait_for(lambda: _archived(db_path, "sessions", "session_id", marker), 10, what="the barrier archived")
     report = backfill(settings)
     assert report.written.get("session", 0) == 0
+    assert report.erased == 10  # four sessions, four jobs (one chained after the delete), two favorites
     assert query(db_path, "SELECT session_name FROM sessions")[0][0] == "barrier"
     assert count(db_path, "sessions") == 1
     assert count(db_path, "jobs") == count(db_path, "favorites") == 0
