@@ -80,10 +80,15 @@ def _timed_transactions(store: Store, spans: list[float]) -> Iterator[None]:
 
 
 def _desto_delete(path: Path, session_index: int, secure_delete: bool) -> float:
-    """desto 0.7.0's delete_session, statement for statement, on a connection of its own."""
+    """desto 0.7.0's delete_session, statement for statement, on a connection of its own; without
+    ``secure_delete``, as on a SQLite built without SECURE_DELETE (its compile options say so)."""
     sid = record_id(session_index, "5e55").decode()
     conn = sqlite3.connect(path, timeout=30)
     conn.execute(f"PRAGMA secure_delete = {'ON' if secure_delete else 'OFF'}")
+    compiled = {row[0] for row in conn.execute("PRAGMA compile_options")} - {"SECURE_DELETE"}
+    if secure_delete:
+        compiled.add("SECURE_DELETE")
+    conn.create_function("sqlite_compileoption_used", 1, lambda option: int(option in compiled))
     started = time.perf_counter()
     conn.execute("DELETE FROM jobs WHERE session_id = ?", (sid,))
     conn.execute("DELETE FROM sessions WHERE session_id = ?", (sid,))
