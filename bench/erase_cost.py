@@ -11,7 +11,8 @@ so each has the status history the daemon keeps (first sight, then the change). 
 - the same on a connection that does (Debian's and Ubuntu's SQLite): the WAL started over;
 - ``forget`` of one session;
 - retention erasing half the archive in transactions of 500 records, then giving the space back
-  in steps of 256 pages: the total, and the longest transaction (the longest desto's writes wait).
+  in steps of 256 pages: the total, and the longest transaction (the longest desto's writes wait);
+- desto's Clear History of the rest, with the erasure triggers and, on a copy, without them.
 
     .venv/bin/python -m bench.erase_cost --sessions 100000
 """
@@ -148,7 +149,32 @@ def measure(path: Path, sessions: int, jobs: int, per_transaction: int = 2000) -
         result["prune_longest_transaction_s"] = max(spans, default=0.0)
     finally:
         store.close()
+    result.update(_clear_history(path))
     return result
+
+
+def _clear_history(path: Path) -> dict[str, Any]:
+    """desto's Clear History of what is left, timed with the erasure triggers and, on a copy,
+    without them: what noting each deleted row costs desto's own transaction."""
+    bare = path.with_name("without-triggers.db")
+    source, copy = sqlite3.connect(path), sqlite3.connect(bare)
+    source.backup(copy)
+    source.close()
+    for table in ("sessions", "jobs", "favorites"):
+        copy.execute(f"DROP TRIGGER archiver_erase_{table}")
+    copy.commit()
+    copy.close()
+    out: dict[str, Any] = {}
+    for name, file in (("clear_history_s", path), ("clear_history_without_triggers_s", bare)):
+        conn = sqlite3.connect(file, timeout=30)
+        out["clear_history_rows"] = sum(
+            conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0] for table in ("sessions", "jobs")
+        )
+        started = time.perf_counter()
+        conn.executescript("DELETE FROM jobs; DELETE FROM sessions;")  # desto's clear_sessions_and_jobs
+        out[name] = time.perf_counter() - started
+        conn.close()
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -175,6 +201,10 @@ def main(argv: list[str] | None = None) -> int:
         f"{p['seconds']:.1f} s in {r['prune_transactions']} transactions, the longest "
         f"{r['prune_longest_transaction_s'] * 1000:.0f} ms; file {p['bytes_before'] / 1e6:.1f} -> "
         f"{p['bytes_after'] / 1e6:.1f} MB"
+    )
+    print(
+        f"  desto's Clear History of the {r['clear_history_rows']:,} rows left: {r['clear_history_s']:.2f} s "
+        f"({r['clear_history_without_triggers_s']:.2f} s without the erasure triggers)"
     )
     if args.json:
         args.json.write_text(json.dumps(r, indent=2) + "\n")
