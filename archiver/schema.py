@@ -238,14 +238,13 @@ def _migrate_to_3(conn: sqlite3.Connection) -> None:
             "VALUES ('written_unzeroed', '1', strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))"
         )
     for table, kind, id_col in ERASABLE:
-        # A trigger's own conflict policy yields to the statement's: WHERE NOT EXISTS, not OR IGNORE.
-        # A record the archiver erases itself (forget, retention) is noted first, with its own how.
+        # OR IGNORE: a record the archiver erases itself (forget, retention) is noted first, with its
+        # own how. (A DELETE has no conflict clause of its own to override the trigger's.)
         conn.execute(
             f"CREATE TRIGGER IF NOT EXISTS archiver_erase_{table} AFTER DELETE ON {table} BEGIN "
-            f"INSERT INTO archiver_erased (kind, record_id, erased_at, how, zeroed) "
-            f"SELECT '{kind}', OLD.{id_col}, strftime('%Y-%m-%dT%H:%M:%fZ', 'now'), 'desto', "
-            f"sqlite_compileoption_used('SECURE_DELETE') WHERE NOT EXISTS "
-            f"(SELECT 1 FROM archiver_erased WHERE kind = '{kind}' AND record_id = OLD.{id_col}); END"
+            f"INSERT OR IGNORE INTO archiver_erased (kind, record_id, erased_at, how, zeroed) VALUES "
+            f"('{kind}', OLD.{id_col}, strftime('%Y-%m-%dT%H:%M:%fZ', 'now'), 'desto', "
+            f"sqlite_compileoption_used('SECURE_DELETE')); END"
         )
         # desto saving the record again is desto's decision: the archiver follows it from then on.
         # (A REPLACE under recursive_triggers deletes, then inserts: this undoes its note too.)
