@@ -169,20 +169,34 @@ def scrub_pending(conn: sqlite3.Connection) -> str | None:
     return None if row is None else str(row[0])
 
 
-def scrub(conn: sqlite3.Connection, level: str) -> tuple[bool, float]:
+def scrub(conn: sqlite3.Connection, level: str, attempts: int = 20) -> tuple[bool, float]:
     """Leave no byte of an erased record in the file or its WAL. ``vacuum`` rewrites the file
     (also turning on incremental auto-vacuum, so retention can give space back in small steps);
     then a TRUNCATE checkpoint copies the WAL's newest pages into the file and empties the WAL.
-    Returns (done, seconds); not done when a reader kept the WAL (tried again later)."""
+    Returns (done, seconds); not done when readers or another checkpoint (the checkpointer
+    thread's, say) kept the WAL through ``attempts`` tries 50 ms apart: the daemon tries again."""
     started = time.perf_counter()
     if level == "vacuum":
         conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
         conn.execute("VACUUM")
-    busy = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
-    done = busy == 0
+        # the file is rewritten: only the WAL is left to do, should it be kept this time
+        conn.execute("UPDATE archiver_state SET value = 'truncate' WHERE name = ?", (_SCRUB_STATE,))
+        conn.execute("DELETE FROM archiver_state WHERE name = ?", (_UNZEROED,))
+    done = False
+    # Without a busy timeout: a reader on an old snapshot would hold each try for all of it.
+    timeout = conn.execute("PRAGMA busy_timeout").fetchone()[0]
+    conn.execute("PRAGMA busy_timeout = 0")
+    try:
+        for attempt in range(attempts):
+            if attempt:
+                time.sleep(0.05)
+            if conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] == 0:
+                done = True
+                break
+    finally:
+        conn.execute(f"PRAGMA busy_timeout = {int(timeout)}")
     if done:
-        names = (_SCRUB_STATE, _UNZEROED) if level == "vacuum" else (_SCRUB_STATE,)
-        conn.executemany("DELETE FROM archiver_state WHERE name = ?", [(n,) for n in names])
+        conn.execute("DELETE FROM archiver_state WHERE name = ?", (_SCRUB_STATE,))
         # that delete went to the WAL: start it over once more, it holds nothing erased
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
     return done, time.perf_counter() - started
@@ -395,7 +409,7 @@ def prune(store: Store, cutoff_us: int, batch: int = 500, max_batches: int | Non
         scrub(store.conn, scrub_pending(store.conn) or "truncate")
         out.pages_freed = give_back_space(store.conn, store.transaction)
         if out.pages_freed:
-            store.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            scrub(store.conn, "truncate")  # the WAL held the pages given back
     out.bytes_after = file_bytes(store.conn)
     out.seconds = time.perf_counter() - started
     return out

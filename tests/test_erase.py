@@ -371,6 +371,33 @@ def test_old_page_images_in_the_wal_go_even_when_desto_overwrote_what_it_deleted
         store.close()
 
 
+def test_a_reader_that_keeps_the_wal_delays_the_scrub_which_is_finished_later(db_path: Path) -> None:
+    from archiver import erase
+
+    store = Store.open(db_path)
+    desto = desto_store(db_path, secure_delete=False)
+    reader = sqlite3.connect(db_path, isolation_level=None)
+    try:
+        s = session_hash()
+        j = job_hash(session_id=s["session_id"], command=f"deploy --token {MARKER}")
+        store.apply(Batch([read(Kind.SESSION, s["session_id"], s, T0), read(Kind.JOB, j["job_id"], j, T0)]))
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM jobs").fetchone()  # a snapshot with the job in it
+        assert desto.delete_session(s["session_id"])
+        first = erase.finish(store)
+        assert first is not None and first.scrub == "vacuum" and not first.scrub_done
+        assert erase.scrub_pending(store.conn) == "truncate"  # the VACUUM is not done twice
+        reader.execute("COMMIT")
+        second = erase.finish(store)
+        assert second is not None and second.scrub == "truncate" and second.scrub_done
+        assert erase.finish(store) is None
+        assert grep_count(db_path) + grep_count(Path(f"{db_path}-wal")) == 0
+    finally:
+        reader.close()
+        desto.close()
+        store.close()
+
+
 # ─── forget ──────────────────────────────────────────────────────────────────────────────────
 
 
