@@ -57,6 +57,7 @@ class BackfillReport:
     quarantined: int
     still_quarantined: int
     elapsed_s: float
+    erased: int = 0  # records in Redis that were erased on purpose: not written
     dry_run: bool = False
 
     @property
@@ -74,6 +75,7 @@ class BackfillReport:
             "tombstoned": self.tombstoned,
             "quarantined": self.quarantined,
             "still_quarantined": self.still_quarantined,
+            "erased": self.erased,
             "elapsed_s": round(self.elapsed_s, 3),
             "keys_per_s": round(self.keys_per_s, 1),
         }
@@ -163,6 +165,7 @@ def backfill(
             tombstoned=result.tombstoned,
             quarantined=result.new_quarantined,
             still_quarantined=result.quarantine_repeats,
+            erased=result.erased,
             elapsed_s=time.monotonic() - started,
             dry_run=dry_run,
         )

@@ -27,7 +27,7 @@ from archiver.reconcile import now_us, read_batch, records_of
 from archiver.redis_client import CONNECTION_ERRORS, unreachable_advice
 from archiver.schema import SCHEMA_VERSION, unsupported_sqlite
 from archiver.source import Source, flags_sufficient, merge_flags
-from archiver.sql import select_in
+from archiver.sql import erased_among, erased_rows, has_erasures, select_in
 from archiver.store import DAMAGED_ADVICE, is_damaged
 
 _MAX_SUSPECTS = 10_000  # differences kept in detail (and looked at again); beyond, only counted
@@ -63,6 +63,7 @@ class VerifyReport:
     records: int = 0
     quarantined: int = 0
     missing: int = 0
+    erased: int = 0  # in Redis, erased from the archive on purpose: expected, not missing
     differing: int = 0
     extra: int = 0
     differences: list[Difference] = field(default_factory=list)
@@ -76,6 +77,7 @@ class VerifyReport:
             "records": self.records,
             "quarantined": self.quarantined,
             "missing": self.missing,
+            "erased": self.erased,
             "differing": self.differing,
             "extra": self.extra,
             "differences": [d.as_dict() for d in self.differences],
@@ -143,7 +145,14 @@ def _compare(source: Source, conn: sqlite3.Connection, keys: list[Any], report: 
             rows_by_kind.setdefault(outcome.kind, []).append(outcome)
         elif isinstance(outcome, Rejected):
             report.quarantined += 1
-            if outcome.kind is not None and not _in_quarantine(conn, outcome.key):
+            if (
+                outcome.kind is not None
+                and outcome.record_id
+                and has_erasures(conn)
+                and erased_among(conn, outcome.kind, [outcome.record_id])
+            ):
+                report.erased += 1
+            elif outcome.kind is not None and not _in_quarantine(conn, outcome.key):
                 differences.append(Difference(_text(outcome.key), "missing", {"quarantine": (None, outcome.reason)}))
         else:  # gone since it was scanned or listed
             live = _archived(conn, outcome.kind, [outcome.record_id]) if outcome.kind is not None else {}
@@ -151,12 +160,17 @@ def _compare(source: Source, conn: sqlite3.Connection, keys: list[Any], report: 
                 differences.append(Difference(_text(outcome.key), "extra"))
     for kind, rows in rows_by_kind.items():
         archived = _archived(conn, kind, [r.record_id for r in rows])
+        new = [(r.record_id, r.values) for r in rows if r.record_id not in archived]
+        erased = erased_rows(conn, kind, new) if new and has_erasures(conn) else set()
         columns = COLUMNS[kind]
         for row in rows:
             report.records += 1
             found = archived.get(row.record_id)
             if found is None:
-                differences.append(Difference(_text(row.key), "missing"))
+                if row.record_id in erased:
+                    report.erased += 1
+                else:
+                    differences.append(Difference(_text(row.key), "missing"))
                 continue
             diff = {c: (a, r) for c, a, r in zip(columns, found[:-1], row.values, strict=True) if a != r}
             if found[-1] is not None:

@@ -154,6 +154,15 @@ class Settings(BaseSettings):
             "archive grows, and a lower value suits a small machine"
         ),
     )
+    retention_days: float | None = Field(
+        None,
+        gt=0,
+        validation_alias=_env("retention_days", "ARCHIVER_RETENTION_DAYS"),
+        description=(
+            "Erase records that left Redis more than this many days ago (their rows, history and quarantine "
+            "entries), hourly and in small steps; never a record Redis still holds. Unset: keep everything"
+        ),
+    )
     metrics_port: int | None = Field(
         None,
         ge=1,

@@ -29,6 +29,8 @@ class Snapshot:
     written: dict[str, int] = field(default_factory=dict)
     quarantined: int = 0
     tombstones: int = 0
+    erased: int = 0
+    erased_not_written: int = 0
     reconciles: int = 0
     reconnects: int = 0
     lag_s: float = 0.0
@@ -54,6 +56,8 @@ class _DaemonCollector(Collector):
         yield rows
         yield _counter("quarantined", "Records put in quarantine", s.quarantined)
         yield _counter("tombstones", "Records marked as gone from Redis", s.tombstones)
+        yield _counter("erased", "Erasures finished (desto's History tab, forget, retention)", s.erased)
+        yield _counter("erased_not_written", "Reads of erased records, not written", s.erased_not_written)
         yield _counter("reconciles", "Full reconciles completed", s.reconciles)
         yield _counter("reconnects", "Reconnections to Redis", s.reconnects)
         yield GaugeMetricFamily(f"{PREFIX}_lag_seconds", "Age of the oldest change not yet archived", value=s.lag_s)

@@ -19,6 +19,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from archiver import erase
 from archiver.config import Settings
 from archiver.dirty import Dirty, Hints
 from archiver.fetcher import Fetcher, Work
@@ -42,6 +43,8 @@ DAEMON_CACHE_MB = 64
 
 _TICK = 0.25  # the longest the main loop sleeps: how fast it notices a stop request
 _FILE_CHECK_S = 1.0  # how often the daemon checks that the archive's path still names its file
+_RETENTION_S = 3600.0  # how often the daemon erases what left Redis longer ago than ARCHIVER_RETENTION_DAYS
+_RETENTION_BATCHES = 4  # transactions of retention per step, between the daemon's writes
 
 
 @dataclass
@@ -50,6 +53,7 @@ class Totals:
 
     keys_read: int = 0
     reconciles: int = 0
+    erased_records: int = 0  # erased by desto, forget or retention, finished by this daemon
     result: BatchResult = field(default_factory=BatchResult)
 
 
@@ -81,6 +85,8 @@ class Daemon:
         self._next_heartbeat = 0.0
         self._next_recheck = 0.0
         self._recheck_more = False
+        self._scrub_retry = False
+        self._next_retention = 0.0
         self.store: Store | None = None
         self._lock: DaemonLock | None = None
         self._next_file_check = 0.0
@@ -239,6 +245,8 @@ class Daemon:
         try:
             if now >= self._next_recheck:
                 self._recheck_foreign_writes(now)
+            if self.settings.retention_days is not None and now >= self._next_retention:
+                self._retention(now)
             if self._subscribed.is_set() and self._reconcile_wanted:
                 self._begin_reconcile(self._reconcile_wanted)
             elif self._subscribed.is_set() and not self._reconciling and now >= self._next_reconcile:
@@ -302,13 +310,38 @@ class Daemon:
         look, so a stale copy it saved never outlives the Redis state."""
         assert self.store is not None
         self._next_recheck = now + _TICK
-        if not (self.store.foreign_commits() or self._recheck_more):
+        foreign = self.store.foreign_commits()
+        if foreign or self._scrub_retry:
+            self._finish_erasures()
+        if not (foreign or self._recheck_more):
             return
         limit = self.settings.batch_size
         taken = self.store.take_rechecks(limit)
         self._recheck_more = len(taken) == limit
         for kind, record_id in taken:
             self.dirty.add(record_key(kind, record_id), None)
+
+    def _finish_erasures(self) -> None:
+        """Records another program erased (desto's History tab, forget): their history and
+        quarantine entries go, and their bytes are scrubbed from the file."""
+        assert self.store is not None
+        self._scrub_retry = True  # until it has run through (a busy file raises: tried again)
+        done = erase.finish(self.store)
+        self._scrub_retry = done is not None and not done.scrub_done
+        if done is not None:
+            self.totals.erased_records += done.erasures
+            log.info("erasure.finished", **done.as_dict())
+
+    def _retention(self, now: float) -> None:
+        """Erase what left Redis longer ago than ARCHIVER_RETENTION_DAYS, a few small
+        transactions per step, so live writes go on between them."""
+        assert self.store is not None and self.settings.retention_days is not None
+        cutoff = now_us() - int(self.settings.retention_days * 86_400 * 1_000_000)
+        pruned = erase.prune(self.store, cutoff, self.settings.batch_size, _RETENTION_BATCHES)
+        self._next_retention = now + (_TICK if not pruned.done else _RETENTION_S)
+        if pruned.records:
+            self.totals.erased_records += sum(pruned.records.values())
+            log.info("retention.erased", days=self.settings.retention_days, **pruned.as_dict())
 
     def _failed(self, what: str, exc: BaseException) -> None:
         self._failures += 1
@@ -416,6 +449,7 @@ class Daemon:
                     "written": sum(self.totals.result.written.values()),
                     "quarantined": self.totals.result.new_quarantined,
                     "tombstoned": self.totals.result.tombstoned,
+                    "erased": self.totals.erased_records,
                     "reconciles": self.totals.reconciles,
                     "reconnects": self.listener.reconnects if self.listener else 0,
                     "failing": self._failing_now(),
@@ -456,6 +490,8 @@ class Daemon:
             written=dict(r.written),
             quarantined=r.new_quarantined,
             tombstones=r.tombstoned,
+            erased=self.totals.erased_records,
+            erased_not_written=r.erased,
             reconciles=self.totals.reconciles,
             reconnects=self.listener.reconnects if self.listener else 0,
             lag_s=0.0 if oldest is None else max(0.0, time.monotonic() - oldest),
@@ -499,6 +535,8 @@ class Daemon:
             left += fetcher.queued_keys()
         if self.store is not None:
             with contextlib.suppress(sqlite3.Error):
+                self._finish_erasures()  # a deletion desto made a moment ago
+            with contextlib.suppress(sqlite3.Error):
                 self.store.set_state({"stopped_at": str(now_us())}, now_us())
             self.store.close()
         if self.listener is not None:
@@ -517,6 +555,8 @@ class Daemon:
             keys_read=totals.keys_read,
             written=dict(totals.result.written),
             tombstoned=totals.result.tombstoned,
+            erased=totals.erased_records,
+            erased_not_written=totals.result.erased,
             quarantined=totals.result.new_quarantined,
             reconciles=totals.reconciles,
             reconnects=self.listener.reconnects if self.listener else 0,

@@ -18,7 +18,7 @@ from typing import Any
 from archiver.kinds import KINDS
 from archiver.models import decode_resp
 from archiver.schema import SCHEMA_VERSION
-from archiver.sql import select_in
+from archiver.sql import has_erasures, select_in
 from archiver.store import StoreError
 
 # What each export can hold, and the column its --since/--until and --name filters apply to.
@@ -144,6 +144,13 @@ class Reader:
             "SELECT count(*), sum(resolved_at IS NULL), coalesce(sum(length(payload)), 0) FROM quarantine"
         ).fetchone()
         state = self.state()
+        erased: dict[str, dict[str, int]] = {}
+        pending, last = 0, None
+        if has_erasures(self.conn):
+            for kind, how, n in self.conn.execute("SELECT kind, how, count(*) FROM archiver_erased GROUP BY kind, how"):
+                erased.setdefault(how, {})[kind] = n
+            pending = self.conn.execute("SELECT count(*) FROM archiver_erased WHERE purged_at IS NULL").fetchone()[0]
+            last = self.conn.execute("SELECT max(erased_at) FROM archiver_erased").fetchone()[0]
         size = sum(p.stat().st_size for p in (self.path, Path(f"{self.path}-wal")) if p.exists())
         return {
             "file": str(self.path),
@@ -152,6 +159,7 @@ class Reader:
             "records": kinds,
             "history_events": self.conn.execute("SELECT count(*) FROM status_history").fetchone()[0],
             "quarantine": {"total": quarantine[0], "unresolved": quarantine[1] or 0, "payload_bytes": quarantine[2]},
+            "erased": {"by_how": erased, "pending": pending, "last_at": last},
             "last_event_at": _us_to_iso(state.get("last_event_at")),
             "last_reconcile_at": _us_to_iso(state.get("last_reconcile_at")),
             "last_backfill": json.loads(state["last_backfill"]) if state.get("last_backfill") else None,
@@ -198,8 +206,25 @@ class Reader:
             )
         return found
 
+    def erased(self, ident: str) -> list[dict[str, Any]]:
+        """What the archive remembers of an erased record with this id (of any kind)."""
+        from archiver.erase import describe
+
+        if not has_erasures(self.conn):
+            return []
+        rows = self.conn.execute(
+            "SELECT kind, record_id, erased_at, how, purged_at FROM archiver_erased WHERE record_id = ?", (ident,)
+        ).fetchall()
+        return [{**dict(r), "by": describe(r["kind"], r["how"])} for r in rows]
+
     def show(self, ident: str) -> dict[str, Any]:
-        session = self.find_session(ident)
+        try:
+            session = self.find_session(ident)
+        except ReadError:
+            erased = self.erased(ident)
+            if erased:
+                return {"erased": erased}
+            raise
         sid = session["session_id"]
         ordered = [j for j in (session["job_ids"] or "").split(",") if j]
         jobs = {r["job_id"]: r for r in self.conn.execute("SELECT * FROM jobs WHERE session_id = ?", (sid,))}

@@ -89,6 +89,7 @@ class Reconcile:
             "tombstoned": r.tombstoned,
             "quarantined": r.new_quarantined,
             "still_quarantined": r.quarantine_repeats,
+            "erased": r.erased,
             "duration_s": round(time.monotonic() - self.started_mono, 3),
         }
 

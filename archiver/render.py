@@ -18,6 +18,7 @@ def backfill(report: Any) -> str:
             ("unchanged", f"{report.unchanged:,}"),
             (f"tombstoned{verb}", f"{report.tombstoned:,}"),
             (f"quarantined{verb}", f"{report.quarantined:,} new, {report.still_quarantined:,} already in quarantine"),
+            ("erased", f"{report.erased:,} in Redis, erased on purpose: not written"),
         ]
     )
     title = "backfill (dry run: nothing written):" if report.dry_run else "backfill done:"
@@ -32,7 +33,7 @@ def check(findings: list[Any], report: Any, show_diffs: bool) -> str:
     if report is not None:
         detail = (
             f"{report.records:,} live records: {report.missing} missing, {report.differing} differing, "
-            f"{report.extra} extra; {report.quarantined} quarantined"
+            f"{report.extra} extra; {report.quarantined} quarantined; {report.erased} erased on purpose"
         )
         rows.append({"check": "verify", "status": "ok" if report.ok else "FAIL", "detail": detail})
     lines = [_last_column_whole(rows, ["check", "status", "detail"])]
@@ -78,12 +79,29 @@ def stats(stats: dict[str, Any]) -> str:
             ("file", f"{stats['file']} ({stats['file_bytes']:,} bytes, schema {stats['schema_version']})"),
             ("history events", f"{stats['history_events']:,}"),
             ("quarantine", f"{q['total']:,} ({q['unresolved']:,} unresolved, {q['payload_bytes']:,} bytes)"),
+            ("erased", _erased_line(stats["erased"])),
             ("last event", stats["last_event_at"] or "-"),
             ("last reconcile", stats["last_reconcile_at"] or "-"),
             ("last backfill", _backfill_line(stats["last_backfill"])),
         ]
     )
     return table(rows, ["kind", "total", "tombstoned", "by status", "oldest", "newest"]) + "\n\n" + summary
+
+
+_BY = {"desto": "desto", "forget": "forget", "retention": "retention"}
+
+
+def _erased_line(erased: dict[str, Any]) -> str:
+    parts = [
+        f"{sum(kinds.values()):,} by {_BY.get(how, how)} ("
+        + ", ".join(f"{kind} {n:,}" for kind, n in sorted(kinds.items()))
+        + ")"
+        for how, kinds in sorted(erased["by_how"].items())
+    ]
+    if not parts:
+        return "-"
+    pending = f"; {erased['pending']:,} not yet scrubbed" if erased["pending"] else ""
+    return "; ".join(parts) + f"; last at {erased['last_at']}{pending}"
 
 
 def _backfill_line(last: dict[str, Any] | None) -> str:
@@ -102,6 +120,12 @@ def history(sessions: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
 
 
 def show(shown: dict[str, Any]) -> str:
+    if "erased" in shown:
+        return "\n".join(
+            f"{e['kind']} {e['record_id']}: erased at {e['erased_at']} by {e['by']}; the archive keeps only "
+            "its id, when and how"
+            for e in shown["erased"]
+        )
     s = shown["session"]
     header = pairs(
         [
@@ -119,3 +143,46 @@ def show(shown: dict[str, Any]) -> str:
     events = [{**e, "record": f"{e['kind']} {e['record_id'][:8]}"} for e in shown["history"]]
     columns = ["observed_at", "record", "event", "previous_status", "status", "duration_s", "desto_timestamp"]
     return "\n".join([header, "", "jobs:", jobs, "", "status history:", table(events, columns)])
+
+
+def forget(targets: list[Any], already: list[str], done: Any, dry_run: bool) -> str:
+    lines = []
+    if targets:
+        verb = "would erase" if dry_run else "erased"
+        lines.append(f"{verb} {len(targets)} record{'s' if len(targets) != 1 else ''}:")
+        rows = [{"kind": t.kind.value, "id": t.record_id, "what": t.label, "via": t.via or ""} for t in targets]
+        lines.append(table(rows, ["kind", "id", "what", "via"]))
+    lines += [f"already erased: {text}" for text in already]
+    if done is not None:
+        scrub = {"vacuum": "file vacuumed, WAL emptied", "truncate": "WAL emptied"}.get(done.scrub or "", "nothing")
+        if not done.scrub_done:
+            scrub += " (pending: a reader held the WAL; the daemon finishes it)"
+        lines.append(
+            pairs(
+                [
+                    ("history rows", f"{done.history:,}"),
+                    ("quarantine rows", f"{done.quarantine:,}"),
+                    ("scrub", f"{scrub} in {done.scrub_s:.2f} s"),
+                ]
+            )
+        )
+    return "\n".join(lines) or "nothing to erase"
+
+
+def prune(data: dict[str, Any]) -> str:
+    records = data["records"]
+    listed = ", ".join(f"{kind} {n:,}" for kind, n in sorted(records.items())) or "none"
+    if data["dry_run"]:
+        return f"would erase records that left Redis before {data['cutoff']}: {listed}"
+    return "\n".join(
+        [
+            f"erased records that left Redis before {data['cutoff']}: {listed}",
+            pairs(
+                [
+                    ("history rows", f"{data['history']:,}"),
+                    ("quarantine rows", f"{data['quarantine']:,}"),
+                    ("file", f"{data['bytes_before']:,} -> {data['bytes_after']:,} bytes in {data['seconds']:.2f} s"),
+                ]
+            ),
+        ]
+    )

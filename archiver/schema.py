@@ -10,7 +10,7 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Callable
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # The oldest SQLite the archiver's statements run on: RETURNING came in 3.35.0 (UPSERT in 3.24.0).
 MIN_SQLITE = (3, 35, 0)
@@ -240,7 +240,59 @@ def _migrate_to_2(conn: sqlite3.Connection) -> None:
             )
 
 
-MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {1: _migrate_to_1, 2: _migrate_to_2}
+# Deletions that stick. desto's History tab deletes rows with plain DELETE statements on its own
+# connection, which has no function of ours: a trigger notes each one, in desto's transaction, so
+# the archiver never writes the record again, with whether the deleting SQLite overwrites what it
+# deletes (built with SECURE_DELETE; desto never changes the setting), so the archiver knows how
+# much scrubbing the file needs. Not the pragma_secure_delete table: a SQLite whose schema is not
+# trusted (trusted_schema off) refuses a virtual table in a trigger, and desto's delete would fail.
+ERASED_DDL = """
+CREATE TABLE IF NOT EXISTS archiver_erased (
+    kind TEXT NOT NULL,
+    record_id TEXT NOT NULL,
+    erased_at TEXT NOT NULL,          -- UTC ISO
+    how TEXT NOT NULL,                -- desto (its store: History tab, favorites), forget, retention
+    zeroed INTEGER NOT NULL,          -- 1: the deleting SQLite overwrites what it deletes (SECURE_DELETE)
+    purged_at TEXT,                   -- history, quarantine and left-over bytes removed by the archiver
+    PRIMARY KEY (kind, record_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS idx_archiver_erased_pending ON archiver_erased(kind) WHERE purged_at IS NULL
+"""
+
+ERASABLE = (("sessions", "session", "session_id"), ("jobs", "job", "job_id"), ("favorites", "favorite", "favorite_id"))
+
+
+def _migrate_to_3(conn: sqlite3.Connection) -> None:
+    _execute_all(conn, ERASED_DDL)
+    # Rows written before now by a SQLite that does not overwrite what it frees (built without
+    # SECURE_DELETE) may have left old copies in free space: the first erasure then vacuums.
+    zeroing = conn.execute("SELECT count(*) FROM pragma_compile_options WHERE compile_options = 'SECURE_DELETE'")
+    if not zeroing.fetchone()[0] and any(
+        conn.execute(f"SELECT EXISTS (SELECT 1 FROM {table})").fetchone()[0] for table in _V1_TABLES
+    ):
+        conn.execute(
+            "INSERT OR REPLACE INTO archiver_state (name, value, updated_at) "
+            "VALUES ('written_unzeroed', '1', strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))"
+        )
+    for table, kind, id_col in ERASABLE:
+        # OR IGNORE: a record the archiver erases itself (forget, retention) is noted first, with its
+        # own how. (A DELETE has no conflict clause of its own to override the trigger's.)
+        conn.execute(
+            f"CREATE TRIGGER IF NOT EXISTS archiver_erase_{table} AFTER DELETE ON {table} BEGIN "
+            f"INSERT OR IGNORE INTO archiver_erased (kind, record_id, erased_at, how, zeroed) VALUES "
+            f"('{kind}', OLD.{id_col}, strftime('%Y-%m-%dT%H:%M:%fZ', 'now'), 'desto', "
+            f"sqlite_compileoption_used('SECURE_DELETE')); END"
+        )
+        # desto saving the record again is desto's decision: the archiver follows it from then on.
+        # (A REPLACE under recursive_triggers deletes, then inserts: this undoes its note too.)
+        conn.execute(
+            f"CREATE TRIGGER IF NOT EXISTS archiver_unerase_{table} AFTER INSERT ON {table} "
+            f"WHEN NEW.read_at_us IS NULL BEGIN "
+            f"DELETE FROM archiver_erased WHERE kind = '{kind}' AND record_id = NEW.{id_col}; END"
+        )
+
+
+MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {1: _migrate_to_1, 2: _migrate_to_2, 3: _migrate_to_3}
 
 
 class NewerSchemaError(Exception):

@@ -6,6 +6,8 @@ import sqlite3
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from archiver.kinds import Kind
+
 
 def select_in(conn: sqlite3.Connection, query: str, values: Sequence[Any], size: int = 512) -> Iterator[Any]:
     """The rows of ``query`` (ending in ``IN``) for every one of ``values``, asked ``size`` at a
@@ -20,3 +22,28 @@ def select_in(conn: sqlite3.Connection, query: str, values: Sequence[Any], size:
         padded = 1 << (len(chunk) - 1).bit_length()
         chunk.extend(chunk[-1:] * (padded - len(chunk)))
         yield from conn.execute(f"{query} ({', '.join('?' * padded)})", chunk)
+
+
+def erased_among(conn: sqlite3.Connection, kind: Kind, ids: Sequence[str]) -> set[str]:
+    """The ``ids`` of ``kind`` that are erased. An erased record has no row, so only ids new to
+    the file need asking; an empty table (most files, most of the time) costs one page read."""
+    if not ids or conn.execute("SELECT NOT EXISTS (SELECT 1 FROM archiver_erased)").fetchone()[0]:
+        return set()
+    query = f"SELECT record_id FROM archiver_erased WHERE kind = '{kind.value}' AND record_id IN"
+    return {r[0] for r in select_in(conn, query, list(dict.fromkeys(ids)))}
+
+
+def erased_rows(conn: sqlite3.Connection, kind: Kind, rows: Sequence[tuple[str, tuple[Any, ...]]]) -> set[str]:
+    """Of new rows (id, values), those not to write: erased, or a job of an erased session
+    (erasing a session erases its jobs, also those the file had not met yet)."""
+    skip = erased_among(conn, kind, [record_id for record_id, _ in rows])
+    if kind is Kind.JOB and rows and len(skip) < len(rows):
+        sessions = erased_among(conn, Kind.SESSION, [values[1] for _, values in rows])
+        skip.update(record_id for record_id, values in rows if values[1] in sessions)
+    return skip
+
+
+def has_erasures(conn: sqlite3.Connection) -> bool:
+    """Whether the file has the table of erasures (schema 3): read-only readers of older files."""
+    found = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'archiver_erased'")
+    return found.fetchone() is not None

@@ -18,7 +18,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import AbstractContextManager, contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +26,7 @@ from archiver.keys import GONE_EVENTS
 from archiver.kinds import RECORD_TABLES, TABLES, Kind
 from archiver.models import COLUMNS, Gone, Outcome, Rejected, Row, TimedHint, encode_resp, iso_utc
 from archiver.schema import NewerSchemaError, migrate, unsupported_sqlite
+from archiver.sql import erased_among
 from archiver.writer import RowWriter, add_history
 
 _LOCK_POLL_S = 0.001  # how often a write tries again for a lock another writer holds
@@ -91,6 +92,7 @@ class BatchResult:
     quarantined_before: int = 0  # ... and by the batches merged in (counted: their payloads may be big)
     quarantine_repeats: int = 0
     history: int = 0
+    erased: int = 0  # records not written: erased (desto's History tab, forget, retention)
 
     @property
     def new_quarantined(self) -> int:
@@ -110,6 +112,7 @@ class BatchResult:
             self.quarantined_before += other.new_quarantined
         self.quarantine_repeats += other.quarantine_repeats
         self.history += other.history
+        self.erased += other.erased
 
 
 class DaemonLock:
@@ -228,6 +231,8 @@ class Store:
             conn.execute(f"PRAGMA cache_size=-{int(cache_mb) * 1024}")
             conn.execute("PRAGMA foreign_keys=OFF")
             found, _ = migrate(conn)
+            # What the archiver deletes or rewrites is overwritten, not left in free space (erase.py).
+            conn.execute("PRAGMA secure_delete=ON")
         except NewerSchemaError as exc:
             conn.close()
             raise StoreError(f"{path}: {exc}") from None
@@ -308,6 +313,10 @@ class Store:
                     if exc.sqlite_errorcode & 0xFF != sqlite3.SQLITE_BUSY or time.monotonic() >= deadline:
                         raise
                 time.sleep(_LOCK_POLL_S)
+
+    def transaction(self, commit: bool = True) -> AbstractContextManager[sqlite3.Connection]:
+        """One write transaction (BEGIN IMMEDIATE), for the commands that change the file."""
+        return self._transaction(commit)
 
     @contextmanager
     def _transaction(self, commit: bool = True) -> Iterator[sqlite3.Connection]:
@@ -473,13 +482,16 @@ class Store:
             for kind, kind_rows in rows.items():
                 RowWriter(conn, kind, batch.hints, result).write(kind_rows)
                 resolved.update(r.key for r in kind_rows if r.key in self._unresolved)
+            rejected = [o for o in batch.outcomes if isinstance(o, Rejected) and o.kind is not None and o.record_id]
+            refused = self._erased_rejections(conn, rejected) if rejected else set()
+            result.erased += len(refused)
             for outcome in batch.outcomes:
                 if isinstance(outcome, Gone):
                     if outcome.kind is not None:
                         self._tombstone(conn, outcome, batch.gone_events.get(outcome.key), result)
                     if outcome.key in self._unresolved:
                         resolved.add(outcome.key)
-                elif isinstance(outcome, Rejected):
+                elif isinstance(outcome, Rejected) and id(outcome) not in refused:
                     self._quarantine(conn, outcome, result)
             if resolved:
                 now = iso_utc(max(o.read_at_us for o in batch.outcomes))
@@ -523,6 +535,17 @@ class Store:
                 busy = 1
         if busy:
             self._next_wal_restart = time.monotonic() + self.WAL_RESTART_RETRY_S
+
+    @staticmethod
+    def _erased_rejections(conn: sqlite3.Connection, rejected: list[Rejected]) -> set[int]:
+        """The rejections (by id()) of erased records: their raw payload must not land in quarantine."""
+        refused: set[int] = set()
+        for kind in {r.kind for r in rejected}:
+            assert kind is not None
+            of_kind = [r for r in rejected if r.kind is kind]
+            erased = erased_among(conn, kind, [str(r.record_id) for r in of_kind])
+            refused.update(id(r) for r in of_kind if r.record_id in erased)
+        return refused
 
     def _tombstone(self, conn: sqlite3.Connection, gone: Gone, event: bytes | None, result: BatchResult) -> None:
         assert gone.kind is not None

@@ -17,7 +17,7 @@ from typing import Any
 
 from archiver.kinds import KINDS, TABLES, Kind
 from archiver.models import COLUMNS, Row, TimedHint, iso_utc, sqlite_utc
-from archiver.sql import select_in
+from archiver.sql import erased_rows, select_in
 
 # Statuses desto's messages may report for a record (only kinds with a channel have messages).
 _STATUSES: dict[Kind, frozenset[str]] = {
@@ -100,6 +100,11 @@ class RowWriter:
             if seen_row is None or seen_row.version_us <= row.version_us:
                 unique[row.record_id] = row
         existing = self._existing(list(unique))
+        if len(existing) < len(unique):  # only a record new to the file can be an erased one
+            erased = erased_rows(self.conn, self.kind, [(i, r.values) for i, r in unique.items() if i not in existing])
+            for record_id in erased:
+                del unique[record_id]
+            self.counts.erased += len(erased)
         inserts: list[list[Any]] = []
         updates: list[list[Any]] = []
         touches: list[tuple[Any, ...]] = []

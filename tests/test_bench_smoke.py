@@ -313,3 +313,51 @@ def test_write_cost_times_every_statement_of_the_write_path(tmp_path: Path) -> N
     assert all(us > 0 for us in statements.values())
     assert result["us_per_row"] == pytest.approx(sum(statements.values()) + result["python_us_per_row"])
     assert "INSERT sessions" in proc.stdout and "Python" in proc.stdout
+
+
+def test_write_cost_with_erased_ids_times_their_lookup(tmp_path: Path) -> None:
+    out = tmp_path / "write-cost.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.write_cost", "--rows", "2000", "--per-transaction", "1000", "--erased", "5000",
+         "--json", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    assert result["erased"] == 5000 and result["statements_us_per_row"]["SELECT archiver_erased"] > 0
+
+
+def test_erase_cost_measures_size_and_every_way_of_erasing(tmp_path: Path) -> None:
+    out = tmp_path / "erase-cost.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.erase_cost", "--sessions", "600", "--json", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    assert result["history_rows"] == 600 * 3 * 2 and result["bytes_per_1000_sessions"] > 0
+    assert result["finish_without_secure_delete"]["scrub"] == "vacuum"
+    assert result["finish_with_secure_delete"]["scrub"] == "truncate"
+    pruned = result["prune_half"]["records"]
+    assert 290 <= pruned["session"] <= 300 and 580 <= pruned["job"] <= 600  # half, less the three erased before
+    assert result["prune_half"]["bytes_after"] < result["prune_half"]["bytes_before"]
+    assert result["clear_history_s"] > 0 and result["clear_history_without_triggers_s"] > 0
+    assert "per 1,000 sessions" in proc.stdout and "Clear History" in proc.stdout
+
+
+def test_rewrite_cost_compares_secure_delete_off_and_on() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.rewrite_cost", "--rows", "2000", "--rounds", "1"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "secure_delete off:" in proc.stdout and "secure_delete on :" in proc.stdout

@@ -409,6 +409,8 @@ def test_check_catches_a_corrupted_a_missing_and_an_extra_row(redis_server, redi
     with conn:
         conn.execute("UPDATE jobs SET exit_code = 3 WHERE job_id = ?", (ids["job"][0],))
         conn.execute("DELETE FROM sessions WHERE session_id = ?", (ids["session"][1],))
+        # a row lost, not erased: nobody's deletion is noted
+        conn.execute("DELETE FROM archiver_erased WHERE record_id = ?", (ids["session"][1],))
         conn.execute(
             "INSERT INTO sessions (session_id, session_name, status, read_at_us) "
             "VALUES ('ghost', 'ghost', 'running', 1)"

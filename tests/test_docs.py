@@ -21,7 +21,6 @@ DOCS = REPO / "docs"
 RESULTS = REPO / "bench" / "results"
 COMMANDS = list(build_parser()._subparsers._group_actions[0].choices)  # type: ignore[union-attr]
 # Pages the README links to that are written and added to the site with their own change.
-LANDS_SEPARATELY = {"docs/deleting-history.md"}
 CITED_RUN = re.compile(r"bench/results/([\w.-]+\.json)")
 
 
@@ -111,8 +110,7 @@ def test_the_readme_is_a_front_door_whose_links_resolve() -> None:
     local = [link for link in links if not link.startswith(("http://", "https://"))]
     assert "docs/deployment.md" in local and "docs/deleting-history.md" in local
     for link in local:
-        if link not in LANDS_SEPARATELY:
-            assert (REPO / link).exists(), f"README links to {link}, which does not exist"
+        assert (REPO / link).exists(), f"README links to {link}, which does not exist"
 
 
 def test_the_readme_quotes_the_reliability_page_s_own_figures() -> None:
