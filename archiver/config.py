@@ -74,6 +74,9 @@ class Settings(BaseSettings):
         None, ge=1, le=65535, validation_alias=_env("metrics_port", "ARCHIVER_METRICS_PORT")
     )
     metrics_host: str = Field("127.0.0.1", validation_alias=_env("metrics_host", "ARCHIVER_METRICS_HOST"))
+    # The permission bits the archive's files are created without (octal, like umask(1)): it holds
+    # command lines. None leaves the process' own umask (systemd's UMask=, the shell's).
+    umask: int | None = Field(None, ge=0, le=0o777, validation_alias=_env("umask", "ARCHIVER_UMASK"))
     log_format: Literal["auto", "json", "console"] = Field(
         "auto", validation_alias=_env("log_format", "ARCHIVER_LOG_FORMAT")
     )
@@ -85,6 +88,18 @@ class Settings(BaseSettings):
     @classmethod
     def _lower(cls, value: Any) -> Any:
         return value.lower() if isinstance(value, str) else value
+
+    @field_validator("umask", mode="before")
+    @classmethod
+    def _octal(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            text = value.strip().lower().removeprefix("0o")
+            if not text:
+                return None
+            if not all(c in "01234567" for c in text):
+                raise ValueError("must be octal permission bits, like 0027 or 0007")
+            return int(text, 8)
+        return value
 
     @field_validator("redis_url")
     @classmethod
