@@ -236,24 +236,35 @@ def test_history_tab_shows_the_archived_sessions(project: ComposeProject, tmp_pa
 
 
 def test_docker_stop_writes_the_pending_batch_and_exits_0(project: ComposeProject) -> None:
-    docker("pause", ARCHIVER)
-    try:
-        added = desto_python(
-            "import json; from desto.redis import DestoRedisClient; "
-            "from desto.redis.favorites_manager import FavoriteCommandsManager as F; "
-            "m = F(DestoRedisClient()); "
-            "print(json.dumps([m.add_favorite(f'burst {i}', f'echo {i}').favorite_id for i in range(2000)]))"
-        )
-    finally:
-        docker("unpause", ARCHIVER)
-    docker("stop", ARCHIVER, timeout=60)  # SIGTERM while the burst is being read
+    # A batch held back for 30 s (one more file over the two, for this test only), so the changes
+    # below are surely still pending in the daemon when `docker stop` sends SIGTERM.
+    (project.folder / "hold-batches.yml").write_text(
+        "services:\n  archiver:\n    environment:\n      - ARCHIVER_FLUSH_INTERVAL=30\n"
+    )
+    holding = ComposeProject(project.folder, project.name, [*project.files, "hold-batches.yml"])
+    holding.up("archiver")
+    wait_for(
+        lambda: any(e.get("event") == "reconcile.done" for e in logged_events(ARCHIVER)),
+        60,
+        interval=0.5,
+        what="the held archiver's first reconcile",
+    )
+    added = desto_python(
+        "import json; from desto.redis import DestoRedisClient; "
+        "from desto.redis.favorites_manager import FavoriteCommandsManager as F; "
+        "m = F(DestoRedisClient()); "
+        "print(json.dumps([m.add_favorite(f'pending {i}', f'echo {i}').favorite_id for i in range(50)]))"
+    )
+    time.sleep(1)
+    assert not any(archive()["favorites"].get(i) for i in added), "written before the stop: nothing was pending"
+    docker("stop", ARCHIVER, timeout=60)
     state = inspect(ARCHIVER)["State"]
     assert state["ExitCode"] == 0 and not state["OOMKilled"], state
     stopped = [e for e in logged_events(ARCHIVER) if e.get("event") == "archiver.stopped"][-1]
-    print(f"\ndocker stop: exit 0, flushed at stop {stopped['flushed_at_stop']} keys")
-    assert stopped["left_for_next_start"] == 0, stopped
+    print(f"\ndocker stop: exit 0, {stopped['flushed_at_stop']} keys flushed at the stop")
+    assert stopped["flushed_at_stop"] >= len(added) and stopped["left_for_next_start"] == 0, stopped
     favorites = archive()["favorites"]
-    assert all(favorites.get(i, {}).get("read_at_us") for i in added), "every record written before the stop"
+    assert all(favorites.get(i, {}).get("read_at_us") for i in added), "every pending change written at the stop"
 
 
 def test_down_then_up_keeps_the_archive(project: ComposeProject) -> None:
