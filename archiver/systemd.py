@@ -45,7 +45,8 @@ SyslogIdentifier=desto-archiver
 # Hardening: the archiver only talks to Redis and writes the archive's folder; it needs no
 # capability and no privileged system call. (`systemd-analyze security desto-archiver` rates it
 # about 1.2. Not set: PrivateNetwork, as Redis is reached over the network; IPAddressDeny, as Redis
-# may be on another host; PrivateUsers, which would show desto's group as nobody to the daemon.)
+# may be on another host; PrivateUsers, which systemd in a container may fail to set up together
+# with ProtectProc=invisible (status 217/USER), and which weighs the same in the rating.)
 NoNewPrivileges=yes
 CapabilityBoundingSet=
 AmbientCapabilities=

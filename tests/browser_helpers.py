@@ -6,6 +6,7 @@ skipped with the reason where there is none."""
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import stat
@@ -32,6 +33,8 @@ def chromium_unavailable() -> str | None:
     """Why no browser test can run here, in one line; None when one can."""
     if shutil.which("nsenter") is None:
         return "nsenter is missing (util-linux)"
+    if os.geteuid() != 0:
+        return "entering the dashboard container's network namespace (nsenter) needs root"
     if chromium() is None:
         return "no system chromium (Debian: apt-get install chromium; .ci/run installs it)"
     try:

@@ -166,6 +166,3 @@ class ComposeProject:
 
     def volume(self, name: str) -> str:
         return f"{self.name}_{name}"
-
-    def volume_path(self, name: str) -> Path:
-        return Path(docker("volume", "inspect", "-f", "{{.Mountpoint}}", self.volume(name)).stdout.strip())

@@ -119,11 +119,15 @@ def archived_by_the_archiver(done: dict[str, Any], timeout: float = 30) -> dict[
     return wait_for(settled, timeout, interval=0.5, what="the scenario in the archive")
 
 
-def volume_files(stack: ComposeProject) -> dict[str, tuple[int, int, int]]:
-    """name -> (uid, gid, mode) of the desto_data volume's folder and files (stat only, no open)."""
-    folder = stack.volume_path("desto_data")
-    files = {p.name: (p.stat().st_uid, p.stat().st_gid, p.stat().st_mode & 0o777) for p in folder.iterdir()}
-    return {"desto_data": (folder.stat().st_uid, folder.stat().st_gid, folder.stat().st_mode & 0o777), **files}
+def volume_files(container: str) -> dict[str, tuple[int, int, int]]:
+    """name -> (uid, gid, mode) of the desto_data volume's folder and files, as a container that
+    mounts it sees them (stat only: nothing opens the archive's files)."""
+    listing = docker("exec", container, "sh", "-c", f"stat -c '%n %u %g %a' {DATA} {DATA}/*").stdout
+    files = {}
+    for line in listing.splitlines():
+        path, uid, gid, mode = line.rsplit(" ", 3)
+        files["desto_data" if path == DATA else path.rsplit("/", 1)[1]] = (int(uid), int(gid), int(mode, 8))
+    return files
 
 
 def logged_events(container: str) -> list[dict[str, Any]]:
@@ -162,7 +166,7 @@ def test_archiver_first_turns_healthy_and_owns_the_volume(project: ComposeProjec
     took = time.monotonic() - started
     print(f"\nstart to healthy (archiver first, fresh volumes): {took:.1f} s")
     assert inspect(project.container("archiver-init"))["State"]["ExitCode"] == 0
-    files = volume_files(project)
+    files = volume_files(ARCHIVER)
     assert files["desto_data"][:2] == (1000, 1000) and files["desto.db"][:2] == (1000, 1000), files
     assert not any(mode & 0o007 for _, _, mode in files.values()), f"world access: {files}"
 
@@ -297,12 +301,12 @@ def test_dashboard_first_then_archiver_gets_the_volume(project: ComposeProject) 
         interval=0.5,
         what="desto's own database",
     )
-    assert volume_files(project)["desto.db"][:2] == (0, 0)
+    assert volume_files(DASHBOARD)["desto.db"][:2] == (0, 0)
     started = time.monotonic()
     project.up("archiver")
     wait_healthy(ARCHIVER, HEALTHY_WITHIN)
     print(f"\nstart to healthy (dashboard first): {time.monotonic() - started:.1f} s")
-    files = volume_files(project)
+    files = volume_files(ARCHIVER)
     assert {owner[:2] for owner in files.values()} == {(1000, 1000)}, files
     assert not any(mode & 0o007 for _, _, mode in files.values()), f"world access: {files}"
     done = scenario("second-")
