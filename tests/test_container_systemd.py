@@ -185,6 +185,23 @@ def test_watchdog_restarts_a_frozen_daemon(machine: str) -> None:
     sh(f"systemctl restart {UNIT}")
 
 
+def test_metrics_are_served_under_the_hardened_unit(machine: str) -> None:
+    drop_in("[Service]\nEnvironment=ARCHIVER_METRICS_PORT=9809")
+    try:
+        sh(f"systemctl restart {UNIT}")
+        fetch = "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:9809/metrics').read().decode())"
+        text = wait_for(
+            lambda: (r := sh(f'python3 -c "{fetch}"', check=False)).returncode == 0 and r.stdout,
+            20,
+            interval=0.5,
+            what="the metrics endpoint",
+        )
+        assert "desto_archiver_redis_subscribed 1.0" in text, text[-2000:]
+    finally:
+        no_drop_in()
+        sh(f"systemctl restart {UNIT}")
+
+
 def test_stop_flushes_and_exits_cleanly(machine: str) -> None:
     cursor = sh(f"journalctl -u {UNIT} -n 1 -o json --no-pager").stdout.strip()
     cursor = json.loads(cursor.splitlines()[-1])["__CURSOR"] if cursor else None
