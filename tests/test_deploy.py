@@ -577,7 +577,6 @@ def test_systemd_unit_settings() -> None:
         "Install.WantedBy": "multi-user.target",
     }
     assert {key: one(key) for key in expected} == expected
-    assert "pypi" not in UNIT.read_text().lower()
     assert Path(one("Service.EnvironmentFile").lstrip("-")).name == UNIT_ENV.name
 
     # The only writable folder is the archive's, in the unit's defaults and in the example file.
