@@ -294,6 +294,21 @@ def _config_set_permission(source: Source) -> str:
     return "CONFIG allowed" if answer == "OK" else f"CONFIG SET refused ({answer[:80]})"
 
 
+def _permissions(path: Path) -> Finding:
+    """The archive holds desto's command lines: files other users may read are worth a warning."""
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (path, Path(f"{path}-wal"), Path(f"{path}-shm")) if p.exists()}
+    shown = ", ".join(f"{name} {mode:04o}" for name, mode in modes.items())
+    if not any(mode & 0o007 for mode in modes.values()):
+        return Finding("permissions", "ok", shown)
+    return Finding(
+        "permissions",
+        "warn",
+        f"{shown}: other users may read the archive (it holds command lines)",
+        f"chmod o-rwx {path} {path}-wal {path}-shm; start the archiver with ARCHIVER_UMASK=0007 "
+        "(the systemd unit's UMask=0007 and the image do)",
+    )
+
+
 def _file(path: Path, integrity: bool = False) -> list[Finding]:
     try:
         found = path.exists()
@@ -321,6 +336,7 @@ def _file(path: Path, integrity: bool = False) -> list[Finding]:
             None if writable else f"give the archiver's user write access to {path} and its folder",
         )
     )
+    findings.append(_permissions(path))
     conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
     try:
         mode = conn.execute("PRAGMA journal_mode").fetchone()[0]

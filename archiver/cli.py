@@ -338,6 +338,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"desto-archiver: {exc}", file=sys.stderr)
         return EXIT_USAGE
     configure(settings.log_format, settings.log_level)
+    if settings.umask is not None:
+        os.umask(settings.umask)
     stdout, sys.stdout = sys.stdout, _Stdout(sys.stdout)
     try:
         code: int = args.handler(settings, args)

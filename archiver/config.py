@@ -175,6 +175,17 @@ class Settings(BaseSettings):
         validation_alias=_env("metrics_host", "ARCHIVER_METRICS_HOST"),
         description="the address the metrics listen on",
     )
+    # The archive holds command lines: the permission bits its files are created without.
+    umask: int | None = Field(
+        None,
+        ge=0,
+        le=0o777,
+        validation_alias=_env("umask", "ARCHIVER_UMASK"),
+        description=(
+            "Permission bits the archive's files are created without, in octal like umask(1): `0007` gives "
+            "0660 files (the group shares them with desto). Unset: the process' own umask"
+        ),
+    )
     log_format: Literal["auto", "json", "console"] = Field(
         "auto",
         validation_alias=_env("log_format", "ARCHIVER_LOG_FORMAT"),
@@ -190,6 +201,18 @@ class Settings(BaseSettings):
     @classmethod
     def _lower(cls, value: Any) -> Any:
         return value.lower() if isinstance(value, str) else value
+
+    @field_validator("umask", mode="before")
+    @classmethod
+    def _octal(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            text = value.strip().lower().removeprefix("0o")
+            if not text:
+                return None
+            if not all(c in "01234567" for c in text):
+                raise ValueError("must be octal permission bits, like 0027 or 0007")
+            return int(text, 8)
+        return value
 
     @field_validator("redis_url")
     @classmethod

@@ -92,7 +92,7 @@ class Daemon:
         self._next_file_check = 0.0
         self.source: Source | None = None
         self.listener: Listener | None = None
-        self.ready = threading.Event()  # subscribed and first reconcile done
+        self.ready = threading.Event()  # subscribed and first reconcile done (READY=1 comes before)
         self.notifier = Notifier()
         self._next_watchdog = 0.0
         self.metrics: Metrics | None = None
@@ -133,6 +133,10 @@ class Daemon:
         self._note_file()
         try:
             self._start()
+            # Ready for a supervisor means the file is open and every thread runs: waiting for Redis
+            # is the daemon's designed state, not a failed start (systemd would kill and restart a
+            # daemon that waits longer than TimeoutStartSec). STATUS= says what it waits for.
+            self.notifier.ready(self._status_line())
             while not self._stop_requested:
                 self._step()
         finally:
@@ -426,9 +430,8 @@ class Daemon:
             {"last_reconcile_at": str(now_us()), "last_reconcile": json.dumps(rec.summary())}, now_us()
         )
         log.info("reconcile.done", **rec.summary(), next_in_s=interval)
-        if not self.ready.is_set():
-            self.notifier.ready(self._status_line())
         self.ready.set()
+        self.notifier.status(self._status_line())
 
     def _heartbeat(self) -> None:
         self._next_heartbeat = time.monotonic() + self.settings.heartbeat_interval
@@ -470,7 +473,12 @@ class Daemon:
     def _status_line(self) -> str:
         """A one-line summary for systemd's STATUS= (shown by systemctl status)."""
         r = self.totals.result
-        state = "archiving" if self._subscribed.is_set() else "waiting for Redis"
+        if not self._subscribed.is_set():
+            state = f"waiting for Redis at {self.settings.redis_address()}"
+        elif not self.ready.is_set():
+            state = "reconciling with Redis"
+        else:
+            state = "archiving"
         failing = self._failing_now()
         if failing:
             state = f"retrying ({failing} failing)"

@@ -217,6 +217,16 @@ class Store:
         except OSError as exc:
             raise StoreError(f"cannot create the folder {path.parent}: {exc.strerror}") from None
         try:
+            # SQLite creates a new file 0644 whatever the umask allows; created here, its mode is
+            # 0666 less the umask (0660 under UMask=0007: desto's group may write, others nothing).
+            # SQLite gives the -wal and -shm files the database's mode. A new inode: no process
+            # holds SQLite locks on it that closing this descriptor could drop.
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            raise StoreError(f"cannot create {path}: {exc.strerror}; check the folder's permissions") from None
+        try:
             conn = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None, check_same_thread=False)
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open {path}: {exc}; check the path and its permissions") from None

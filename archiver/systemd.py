@@ -11,17 +11,22 @@ from archiver.config import Settings
 UNIT_TEMPLATE = """\
 # desto-archiver as a systemd service. Install as /etc/systemd/system/desto-archiver.service, then:
 #   systemctl daemon-reload && systemctl enable --now desto-archiver
-# {user} needs write access to {data_dir} (the database, its -wal/-shm and lock files live there).
+# {user} needs write access to {data_dir} (the database, its -wal/-shm and lock files live there);
+# files it creates there are 0660 (UMask=0007): give desto's user the group {group} to share them.
 
 [Unit]
 Description=desto-archiver: keeps desto's Redis history in desto's SQLite file
-Documentation=https://github.com/kalfasyan/desto
+Documentation=file:{docs}
 Wants=network-online.target
 After=network-online.target redis-server.service redis.service
 
 [Service]
 Type=notify
 NotifyAccess=main
+# READY=1 comes once the archive is open, also while Redis is still down (the daemon then waits
+# for it, STATUS= says so): a start only takes longer than this when opening the file does (a
+# schema migration of a large archive).
+TimeoutStartSec=300
 WatchdogSec=30
 User={user}
 Group={group}
@@ -37,16 +42,29 @@ Restart=on-failure
 RestartSec=5
 SyslogIdentifier=desto-archiver
 
-# Hardening: the archiver only talks to Redis and writes the archive's folder.
+# Hardening: the archiver only talks to Redis and writes the archive's folder; it needs no
+# capability and no privileged system call. (`systemd-analyze security desto-archiver` rates it
+# about 1.2. Not set: PrivateNetwork, as Redis is reached over the network; IPAddressDeny, as Redis
+# may be on another host; PrivateUsers, which systemd in a container may fail to set up together
+# with ProtectProc=invisible (status 217/USER), and which weighs the same in the rating.)
 NoNewPrivileges=yes
+CapabilityBoundingSet=
+AmbientCapabilities=
 ProtectSystem=strict
 ReadWritePaths={data_dir}
 PrivateTmp=yes
 ProtectHome={protect_home}
 PrivateDevices=yes
+PrivateMounts=yes
 ProtectKernelTunables=yes
 ProtectKernelModules=yes
+ProtectKernelLogs=yes
 ProtectControlGroups=yes
+ProtectClock=yes
+ProtectHostname=yes
+ProtectProc=invisible
+ProcSubset=pid
+RemoveIPC=yes
 RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6
 RestrictNamespaces=yes
 RestrictRealtime=yes
@@ -55,6 +73,12 @@ LockPersonality=yes
 # CPython (without its experimental JIT) never maps writable and executable memory.
 MemoryDenyWriteExecute=yes
 SystemCallArchitectures=native
+SystemCallFilter=@system-service
+SystemCallFilter=~@privileged @resources
+SystemCallErrorNumber=EPERM
+# The archive holds command lines: the files the daemon creates are its group's, not the world's
+# (0660; desto's user, a member of the group, reads and writes them).
+UMask=0007
 
 [Install]
 WantedBy=multi-user.target
@@ -72,10 +96,13 @@ def render_unit(
     found = shutil.which("desto-archiver")
     exec_start = executable or (Path(found).resolve() if found else Path("/usr/local/bin/desto-archiver"))
     db = settings.db_path.resolve()
+    # this project's README, installed next to the virtual environment (<folder>/.venv/bin/desto-archiver)
+    docs = Path(exec_start).parent.parent.parent / "README.md"
     account = user or getpass.getuser()
     return UNIT_TEMPLATE.format(
         db=db,
         exec_start=exec_start,
+        docs=docs,
         env_file=env_file,
         user=account,
         group=account,

@@ -13,7 +13,9 @@ import pytest
 import structlog
 
 from archiver.log import configure
+from tests.container_helpers import Image, build_image, engine_unavailable, mb
 from tests.fault_helpers import FULL_SIZE, DaemonProcess, DestoWriter, Reliability, spawn_daemon
+from tests.helpers import REPO
 from tests.redis_server import RedisServer
 
 UNIT_MODULE = "pytestmark = pytest.mark.unit"  # how a module declares that all its tests are unit tests
@@ -25,13 +27,6 @@ def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool 
     if config.getoption("markexpr") == "unit" and collection_path.name.startswith("test_"):
         return UNIT_MODULE not in collection_path.read_text()
     return None
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Every test not marked ``unit`` is an integration test: ``pytest -m unit`` runs in seconds."""
-    for item in items:
-        if item.get_closest_marker("unit") is None:
-            item.add_marker(pytest.mark.integration)
 
 
 @pytest.fixture(scope="session")
@@ -185,3 +180,35 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
                     }
                     out.write(json.dumps(line) + "\n")
     return report
+
+
+# ─── the container tier (pytest -m container) ────────────────────────────────────────────────────
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Every test not marked ``unit`` is an integration test (``pytest -m unit`` runs in seconds).
+    The container tier runs wherever an engine answers, and is skipped with the reason elsewhere."""
+    for item in items:
+        if item.get_closest_marker("unit") is None:
+            item.add_marker(pytest.mark.integration)
+    tier = [item for item in items if item.get_closest_marker("container")]
+    if not tier:
+        return
+    reason = engine_unavailable()
+    if reason is not None:
+        for item in tier:
+            item.add_marker(pytest.mark.skip(reason=f"container tier: {reason}"))
+
+
+@pytest.fixture(scope="session")
+def archiver_image() -> Image:
+    """docker/Dockerfile built once per test session, from the repository root as a user builds it."""
+    image = build_image("desto-archiver:test", REPO, REPO / "docker" / "Dockerfile", base="python:3.12-slim-bookworm")
+    print(f"\ndesto-archiver image: {mb(image.size)} ({mb(image.added)} over its base), built in {image.build_s:.0f} s")
+    return image
+
+
+@pytest.fixture(scope="session")
+def dashboard_image() -> Image:
+    """desto 0.7.0's dashboard (tests/fixtures/desto-dashboard), built once per test session."""
+    return build_image("desto-dashboard:0.7.0-test", REPO / "tests" / "fixtures" / "desto-dashboard")

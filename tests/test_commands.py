@@ -283,6 +283,8 @@ def test_backfill_beside_a_running_daemon(redis_server, redis, db_path: Path) ->
 def test_check_passes_on_a_healthy_set_up(redis_server, redis, db_path: Path) -> None:
     load(redis, sessions=20, favorites=3)
     with daemon_thread(settings_for(redis_server, db_path)):
+        for path in db_path.parent.iterdir():
+            path.chmod(0o660)  # as ARCHIVER_UMASK=0007 creates them
         result = cli(redis_server, db_path, "check", "--json")
     report = json.loads(result.stdout)
     assert result.returncode == 0, result.stdout
@@ -292,6 +294,7 @@ def test_check_passes_on_a_healthy_set_up(redis_server, redis, db_path: Path) ->
         "redis": "ok",
         "notifications": "ok",
         "file": "ok",
+        "permissions": "ok",
         "wal": "ok",
         "schema": "ok",
         "daemon": "ok",
@@ -400,6 +403,17 @@ def test_a_folder_this_user_may_not_read_is_reported_as_such_not_as_redis_unreac
             assert "reach Redis" not in said and "Traceback" not in said, (command, said)
     finally:
         os.chmod(folder, 0o700)
+
+
+def test_check_warns_of_an_archive_other_users_may_read(redis_server, redis, db_path: Path) -> None:
+    with daemon_thread(settings_for(redis_server, db_path)):
+        db_path.chmod(0o644)  # SQLite's own mode for a new file, under the usual umask 0022
+        result = cli(redis_server, db_path, "check", "--json", "--no-verify")
+    report = json.loads(result.stdout)
+    assert result.returncode == 0 and report["ok"] is True, "a warning, not a failure"
+    permissions = next(c for c in report["checks"] if c["check"] == "permissions")
+    assert permissions["status"] == "warn" and "desto.db 0644" in permissions["detail"], permissions
+    assert "ARCHIVER_UMASK=0007" in permissions["hint"] and f"chmod o-rwx {db_path}" in permissions["hint"]
 
 
 def test_check_catches_a_corrupted_a_missing_and_an_extra_row(redis_server, redis, db_path: Path) -> None:

@@ -86,6 +86,8 @@ def test_archiver_knobs_and_flags_override_environment(monkeypatch: pytest.Monke
         ("ARCHIVER_FLUSH_INTERVAL", "soon", "ARCHIVER_FLUSH_INTERVAL"),
         ("ARCHIVER_LOG_LEVEL", "loud", "ARCHIVER_LOG_LEVEL"),
         ("REDIS_URL", "http://localhost", "REDIS_URL: Value error, must start with redis://"),
+        ("ARCHIVER_UMASK", "0099", "ARCHIVER_UMASK: Value error, must be octal permission bits"),
+        ("ARCHIVER_UMASK", "01000", "ARCHIVER_UMASK: Input should be less than or equal to 511"),
     ],
 )
 def test_bad_values_are_clear_errors(monkeypatch: pytest.MonkeyPatch, env: str, value: str, message: str) -> None:
@@ -118,3 +120,12 @@ def test_cli_exits_2_on_a_bad_value(monkeypatch: pytest.MonkeyPatch, capsys: pyt
 def test_cli_exits_2_on_a_bad_flag(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["backfill", "--batch-size", "-5"]) == 2
     assert "--batch-size" in capsys.readouterr().err
+
+
+def test_umask_is_octal(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ARCHIVER_UMASK", "0007")
+    assert load_settings().umask == 0o007
+    monkeypatch.setenv("ARCHIVER_UMASK", "027")
+    assert load_settings().umask == 0o027
+    monkeypatch.delenv("ARCHIVER_UMASK")
+    assert load_settings().umask is None, "the process' own umask unless told"

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import signal
+import stat
 import uuid
 from pathlib import Path
 
@@ -18,7 +20,9 @@ from tests.helpers import (
     row,
     session_hash,
     settings_for,
+    start_daemon_process,
     wait_for,
+    wait_for_log,
 )
 
 
@@ -177,3 +181,26 @@ def test_the_page_cache_is_the_daemons_own_size_unless_set(redis_server, redis, 
     with daemon_thread(settings_for(redis_server, db_path, sqlite_cache_mb=16)) as daemon:
         assert daemon.store is not None
         assert daemon.store.conn.execute("PRAGMA cache_size").fetchone()[0] == -16 * 1024
+
+
+def test_archive_files_follow_the_umask_not_sqlites_own_0644(redis_server, redis, db_path: Path, tmp_path: Path):
+    """The archive holds command lines: under ARCHIVER_UMASK=0007 (the image's, and the unit's
+    UMask=) others may not read it, while desto, in the archiver's group, still writes it."""
+    log = tmp_path / "daemon.log"
+    proc = start_daemon_process(redis_server, db_path, log, ARCHIVER_UMASK="0007")
+    try:
+        wait_for_log(log, "reconcile.done")
+        redis.hset("desto:job:j1", mapping=job_hash("j1"))
+        wait_for(lambda: count(db_path, "jobs") == 1)
+        modes = {
+            p.name: stat.S_IMODE(p.stat().st_mode) for p in db_path.parent.iterdir() if "archiver-lock" not in p.name
+        }
+        assert modes == {"desto.db": 0o660, "desto.db-wal": 0o660, "desto.db-shm": 0o660}, {
+            k: oct(v) for k, v in modes.items()
+        }
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -191,6 +191,7 @@ def test_dockerfile_runs_the_daemon_as_pid_1_as_a_user(stages: list[Stage], fina
         "SQLITE_DB_PATH": f"{DESTO_DATA}/desto.db",
         "REDIS_HOST": "redis",
         "PYTHONUNBUFFERED": "1",
+        "ARCHIVER_UMASK": "0007",
     }
     assert {k: env.get(k) for k in expected} == expected
     labels = " ".join(final.all("LABEL"))
@@ -481,7 +482,7 @@ def test_init_hands_the_data_folder_to_the_archiver_user(merged: dict[str, Any],
     fresh.mkdir(parents=True)
     subprocess.run(init_script(merged, fresh), check=True, timeout=30)
     db = fresh / "desto.db"
-    assert db.stat().st_size == 0 and db.stat().st_mode & 0o777 == 0o644
+    assert db.stat().st_size == 0 and db.stat().st_mode & 0o777 == 0o660
     assert set(owners(fresh).values()) == {owner}
     # desto, as root, then opens it: SQLite gives the files it creates the database's owner.
     with sqlite3.connect(db) as conn:
@@ -501,6 +502,7 @@ def test_init_hands_the_data_folder_to_the_archiver_user(merged: dict[str, Any],
     conn.commit()
     subprocess.run(init_script(merged, used), check=True, timeout=30)
     assert set(owners(used).values()) == {owner}
+    assert not any(p.stat().st_mode & 0o007 for p in [used, *used.iterdir()]), "the world reads nothing"
     assert conn.execute("SELECT id FROM sessions").fetchall() == [("kept",)]
     conn.close()
 
@@ -568,6 +570,10 @@ def test_systemd_unit_settings() -> None:
         "Service.LockPersonality": "yes",
         "Service.MemoryDenyWriteExecute": "yes",
         "Service.SystemCallArchitectures": "native",
+        "Service.CapabilityBoundingSet": "",
+        "Service.UMask": "0007",
+        "Service.TimeoutStartSec": "300",
+        "Unit.Documentation": "file:/opt/desto-archiver/README.md",
         "Install.WantedBy": "multi-user.target",
     }
     assert {key: one(key) for key in expected} == expected
@@ -630,3 +636,39 @@ def test_systemd_analyze_verify_reports_unit_errors(tmp_path: Path) -> None:
         [analyze, "verify", "--man=no", str(unit)], cwd=tmp_path, capture_output=True, text=True, timeout=120
     )
     assert "WatchdogSecs" in result.stdout + result.stderr
+
+
+SECURITY_GOAL = 2.0
+
+
+def security_exposure(unit: Path) -> tuple[float, str]:
+    """``systemd-analyze security``'s overall exposure for a unit file (0 best, 10 worst)."""
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze is not installed")
+    result = subprocess.run(
+        [analyze, "security", "--offline=true", "--no-pager", str(unit)],
+        cwd=unit.parent,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    output = result.stdout + result.stderr
+    match = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", output)
+    assert match, f"systemd-analyze security ({result.returncode}):\n{output}"
+    return float(match.group(1)), output
+
+
+def test_systemd_unit_is_hardened(tmp_path: Path) -> None:
+    score, output = security_exposure(UNIT)
+    print(f"systemd-analyze security {UNIT.name}: {score}")
+    assert score <= SECURITY_GOAL, output
+
+
+def test_systemd_security_score_sees_a_weaker_unit(tmp_path: Path) -> None:
+    """The check above can fail: the same unit without its capability and system call limits scores worse."""
+    text = re.sub(r"(?m)^(CapabilityBoundingSet|SystemCallFilter|UMask|ProtectProc)=.*\n", "", UNIT.read_text())
+    weaker = tmp_path / UNIT.name
+    weaker.write_text(text)
+    score, output = security_exposure(weaker)
+    assert score > SECURITY_GOAL, output

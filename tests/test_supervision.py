@@ -18,7 +18,7 @@ from archiver.config import load_settings
 from archiver.health import Notifier
 from archiver.systemd import render_unit
 from tests.helpers import REPO, count, job_hash, session_hash, start_daemon_process, wait_for, wait_for_log
-from tests.redis_server import free_port
+from tests.redis_server import RedisServer, free_port
 
 
 def directives(text: str) -> list[str]:
@@ -58,7 +58,7 @@ def test_the_daemon_speaks_the_notify_protocol(redis_server, redis, db_path: Pat
     try:
         wait_for(lambda: messages.extend(receive(sock)) or any("READY=1" in m for m in messages), what="READY=1")
         ready = next(m for m in messages if "READY=1" in m)
-        assert "STATUS=archiving:" in ready  # READY comes once subscribed and reconciled
+        assert "STATUS=" in ready  # READY comes once the file is open, with what the daemon does
         assert wait_for_log(log, "reconcile.done")
         redis.hset("desto:job:j1", mapping=job_hash("j1"))
         wait_for(lambda: count(db_path, "jobs") == 1)
@@ -71,6 +71,49 @@ def test_the_daemon_speaks_the_notify_protocol(redis_server, redis, db_path: Pat
         assert proc.wait(timeout=10) == 0
         messages.extend(receive(sock))
         assert any("STOPPING=1" in m for m in messages[before:])
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_ready_comes_while_redis_is_down_and_status_names_what_it_waits_for(
+    db_path: Path, tmp_path: Path, notify_socket
+) -> None:
+    """A daemon waiting for Redis is a healthy daemon: under systemd, READY=1 withheld until Redis
+    answers makes TimeoutStartSec kill it and restart it in a loop while Redis is down at boot."""
+    sock, path = notify_socket
+    server = RedisServer(tmp_path / "late-redis")  # its port, with nothing listening on it yet
+    log = tmp_path / "daemon.log"
+    proc = start_daemon_process(
+        server, db_path, log, NOTIFY_SOCKET=str(path), WATCHDOG_USEC="400000", ARCHIVER_HEARTBEAT_INTERVAL="0.2"
+    )
+    messages: list[str] = []
+    try:
+        wait_for(lambda: messages.extend(receive(sock)) or any("READY=1" in m for m in messages), what="READY=1")
+        ready = next(m for m in messages if "READY=1" in m)
+        assert f"STATUS=waiting for Redis at redis://127.0.0.1:{server.port}/0" in ready, ready
+        assert db_path.exists(), "ready means the archive is open"
+        # Still waiting, and alive to the watchdog all the while.
+        before = len(messages)
+        wait_for(lambda: messages.extend(receive(sock)) or len(messages) > before + 6, what="more messages")
+        assert sum("WATCHDOG=1" in m for m in messages[before:]) >= 2
+        assert any("STATUS=waiting for Redis" in m for m in messages[before:])
+        assert proc.poll() is None
+
+        server.start()
+        try:
+            server.client().hset("desto:job:late", mapping=job_hash("late"))
+            wait_for(lambda: count(db_path, "jobs") == 1, 20, what="the job archived once Redis is up")
+            wait_for(
+                lambda: messages.extend(receive(sock)) or any("STATUS=archiving:" in m for m in messages),
+                what="STATUS=archiving",
+            )
+            assert sum("READY=1" in m for m in messages) == 1, "READY=1 is sent once"
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=10) == 0
+        finally:
+            server.stop()
     finally:
         if proc.poll() is None:
             proc.kill()
