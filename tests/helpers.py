@@ -103,21 +103,6 @@ def daemon_env(server, db_path: Path, **extra: str) -> dict[str, str]:
     return env
 
 
-def start_daemon_process(server, db_path: Path, log_path: Path, **extra: str) -> subprocess.Popen[bytes]:
-    """``python -m archiver run`` as a real process, its JSON log lines in ``log_path``."""
-    log_file = open(log_path, "ab")  # noqa: SIM115 - owned by the process for its lifetime
-    try:
-        return subprocess.Popen(
-            [sys.executable, "-m", "archiver", "run"],
-            cwd=REPO,
-            env=daemon_env(server, db_path, **extra),
-            stdout=log_file,
-            stderr=log_file,
-        )
-    finally:
-        log_file.close()
-
-
 def log_events(log_path: Path) -> list[dict[str, Any]]:
     events = []
     for line in log_path.read_text().splitlines():
@@ -167,14 +152,6 @@ def lock_holder(db_path: Path, hold_s: float, gap_s: float) -> Iterator[subproce
     finally:
         holder.kill()
         holder.wait(timeout=10)
-
-
-def wait_for_log(log_path: Path, event: str, timeout: float = 15.0, count: int = 1) -> list[dict[str, Any]]:
-    def found() -> list[dict[str, Any]] | None:
-        hits = [e for e in log_events(log_path) if e.get("event") == event] if log_path.exists() else []
-        return hits if len(hits) >= count else None
-
-    return wait_for(found, timeout, what=f"log event {event!r} x{count} in {log_path}")
 
 
 # ─── desto-shaped records (desto 0.7.0's to_dict forms) ──────────────────────────────────────────

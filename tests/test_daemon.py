@@ -10,6 +10,7 @@ from pathlib import Path
 
 from structlog.testing import capture_logs
 
+from tests.fault_helpers import start_ready
 from tests.helpers import (
     atjob_hash,
     count,
@@ -20,9 +21,7 @@ from tests.helpers import (
     row,
     session_hash,
     settings_for,
-    start_daemon_process,
     wait_for,
-    wait_for_log,
 )
 
 
@@ -183,13 +182,11 @@ def test_the_page_cache_is_the_daemons_own_size_unless_set(redis_server, redis, 
         assert daemon.store.conn.execute("PRAGMA cache_size").fetchone()[0] == -16 * 1024
 
 
-def test_archive_files_follow_the_umask_not_sqlites_own_0644(redis_server, redis, db_path: Path, tmp_path: Path):
+def test_archive_files_follow_the_umask_not_sqlites_own_0644(redis_server, redis, db_path: Path, daemons):
     """The archive holds command lines: under ARCHIVER_UMASK=0007 (the image's, and the unit's
     UMask=) others may not read it, while desto, in the archiver's group, still writes it."""
-    log = tmp_path / "daemon.log"
-    proc = start_daemon_process(redis_server, db_path, log, ARCHIVER_UMASK="0007")
+    proc = start_ready(daemons, redis_server, db_path, ARCHIVER_UMASK="0007").proc
     try:
-        wait_for_log(log, "reconcile.done")
         redis.hset("desto:job:j1", mapping=job_hash("j1"))
         wait_for(lambda: count(db_path, "jobs") == 1)
         modes = {

@@ -17,7 +17,8 @@ import pytest
 from archiver.config import load_settings
 from archiver.health import Notifier
 from archiver.systemd import render_unit
-from tests.helpers import REPO, count, job_hash, session_hash, start_daemon_process, wait_for, wait_for_log
+from tests.fault_helpers import start_ready
+from tests.helpers import REPO, count, job_hash, session_hash, wait_for
 from tests.redis_server import RedisServer, free_port
 
 
@@ -48,18 +49,18 @@ def receive(sock: socket.socket, within: float = 0.3) -> list[str]:
     return messages
 
 
-def test_the_daemon_speaks_the_notify_protocol(redis_server, redis, db_path: Path, tmp_path: Path, notify_socket):
+def test_the_daemon_speaks_the_notify_protocol(redis_server, redis, db_path: Path, daemons, notify_socket):
     sock, path = notify_socket
-    log = tmp_path / "daemon.log"
-    proc = start_daemon_process(
-        redis_server, db_path, log, NOTIFY_SOCKET=str(path), WATCHDOG_USEC="400000", ARCHIVER_HEARTBEAT_INTERVAL="0.2"
+    daemon = daemons(
+        redis_server, db_path, NOTIFY_SOCKET=str(path), WATCHDOG_USEC="400000", ARCHIVER_HEARTBEAT_INTERVAL="0.2"
     )
+    proc = daemon.proc
     messages: list[str] = []
     try:
         wait_for(lambda: messages.extend(receive(sock)) or any("READY=1" in m for m in messages), what="READY=1")
         ready = next(m for m in messages if "READY=1" in m)
         assert "STATUS=" in ready  # READY comes once the file is open, with what the daemon does
-        assert wait_for_log(log, "reconcile.done")
+        daemon.wait_reconcile("start")
         redis.hset("desto:job:j1", mapping=job_hash("j1"))
         wait_for(lambda: count(db_path, "jobs") == 1)
         before = len(messages)
@@ -78,16 +79,15 @@ def test_the_daemon_speaks_the_notify_protocol(redis_server, redis, db_path: Pat
 
 
 def test_ready_comes_while_redis_is_down_and_status_names_what_it_waits_for(
-    db_path: Path, tmp_path: Path, notify_socket
+    db_path: Path, tmp_path: Path, daemons, notify_socket
 ) -> None:
     """A daemon waiting for Redis is a healthy daemon: under systemd, READY=1 withheld until Redis
     answers makes TimeoutStartSec kill it and restart it in a loop while Redis is down at boot."""
     sock, path = notify_socket
     server = RedisServer(tmp_path / "late-redis")  # its port, with nothing listening on it yet
-    log = tmp_path / "daemon.log"
-    proc = start_daemon_process(
-        server, db_path, log, NOTIFY_SOCKET=str(path), WATCHDOG_USEC="400000", ARCHIVER_HEARTBEAT_INTERVAL="0.2"
-    )
+    proc = daemons(
+        server, db_path, NOTIFY_SOCKET=str(path), WATCHDOG_USEC="400000", ARCHIVER_HEARTBEAT_INTERVAL="0.2"
+    ).proc
     messages: list[str] = []
     try:
         wait_for(lambda: messages.extend(receive(sock)) or any("READY=1" in m for m in messages), what="READY=1")
@@ -143,12 +143,10 @@ def test_notifier_is_silent_without_a_socket_and_handles_abstract_addresses(noti
     loud.close()
 
 
-def test_metrics_endpoint_serves_prometheus_text(redis_server, redis, db_path: Path, tmp_path: Path) -> None:
+def test_metrics_endpoint_serves_prometheus_text(redis_server, redis, db_path: Path, daemons) -> None:
     port = free_port()
-    log = tmp_path / "daemon.log"
-    proc = start_daemon_process(redis_server, db_path, log, ARCHIVER_METRICS_PORT=str(port))
+    proc = start_ready(daemons, redis_server, db_path, ARCHIVER_METRICS_PORT=str(port)).proc
     try:
-        wait_for_log(log, "reconcile.done")
         for _ in range(3):
             record = session_hash()
             redis.hset(f"desto:session:{record['session_id']}", mapping=record)
@@ -195,15 +193,14 @@ def _outside_address() -> str:
     return str(address)
 
 
-def test_metrics_on_a_port_in_use_is_a_clear_error(redis_server, db_path: Path, tmp_path: Path) -> None:
+def test_metrics_on_a_port_in_use_is_a_clear_error(redis_server, db_path: Path, daemons) -> None:
     busy = socket.socket()
     busy.bind(("127.0.0.1", 0))
     busy.listen()
     try:
-        log = tmp_path / "daemon.log"
-        proc = start_daemon_process(redis_server, db_path, log, ARCHIVER_METRICS_PORT=str(busy.getsockname()[1]))
-        assert proc.wait(timeout=20) == 1
-        assert "cannot serve metrics on 127.0.0.1" in log.read_text()
+        daemon = daemons(redis_server, db_path, ARCHIVER_METRICS_PORT=str(busy.getsockname()[1]))
+        assert daemon.proc.wait(timeout=20) == 1
+        assert "cannot serve metrics on 127.0.0.1" in daemon.log.read_text()
     finally:
         busy.close()
 
