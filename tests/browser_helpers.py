@@ -94,7 +94,8 @@ class HistoryTab:
 
     def clear_history(self) -> None:
         """The tab's Clear History button, then desto's dialog's Clear All History."""
-        self.page.get_by_role("button", name=re.compile(r"Clear History$")).click()
+        panel = self.page.locator(".q-tab-panel").filter(has=self.page.get_by_text("Session History", exact=True))
+        panel.get_by_role("button", name=re.compile(r"Clear History$")).click()  # not the Sessions tab's own
         dialog = self.page.get_by_role("dialog")
         dialog.get_by_role("button", name=re.compile(r"Clear All History$")).click()
         dialog.wait_for(state="hidden", timeout=10_000)
