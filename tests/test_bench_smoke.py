@@ -278,19 +278,21 @@ def test_profile_summary_counts_self_and_total_time() -> None:
     assert "top functions by self time" in render(summary)
 
 
+def bench_module(module: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """``python -m <module> <args>`` from the repository, as its documentation shows it; it must succeed."""
+    proc = subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
 @pytest.mark.skipif(
     shutil.which("py-spy", path=str(Path(sys.executable).parent)) is None, reason="py-spy (the bench extra)"
 )
 def test_profile_writes_a_profile_and_its_summary(tmp_path: Path) -> None:
     out = tmp_path / "ingest.txt"
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench", "--profile", "--smoke", "--profile-out", str(out), "--workdir", str(tmp_path)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    bench_module("bench", "--profile", "--smoke", "--profile-out", str(out), "--workdir", str(tmp_path), timeout=240)
     summary = Path(f"{out}.top.txt").read_text()
     assert out.stat().st_size > 0
     assert "top functions by self time" in summary and "(archiver/pipeline.py)" in summary
@@ -298,14 +300,7 @@ def test_profile_writes_a_profile_and_its_summary(tmp_path: Path) -> None:
 
 def test_write_cost_times_every_statement_of_the_write_path(tmp_path: Path) -> None:
     out = tmp_path / "write-cost.json"
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench.write_cost", "--rows", "3000", "--per-transaction", "1000", "--json", str(out)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr
+    proc = bench_module("bench.write_cost", "--rows", "3000", "--per-transaction", "1000", "--json", str(out))
     result = json.loads(out.read_text())
     assert result["rows"] == 3000 and result["per_transaction"] == 1000
     statements = result["statements_us_per_row"]
@@ -317,29 +312,16 @@ def test_write_cost_times_every_statement_of_the_write_path(tmp_path: Path) -> N
 
 def test_write_cost_with_erased_ids_times_their_lookup(tmp_path: Path) -> None:
     out = tmp_path / "write-cost.json"
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench.write_cost", "--rows", "2000", "--per-transaction", "1000", "--erased", "5000",
-         "--json", str(out)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
+    bench_module(
+        "bench.write_cost", "--rows", "2000", "--per-transaction", "1000", "--erased", "5000", "--json", str(out)
+    )
     result = json.loads(out.read_text())
     assert result["erased"] == 5000 and result["statements_us_per_row"]["SELECT archiver_erased"] > 0
 
 
 def test_erase_cost_measures_size_and_every_way_of_erasing(tmp_path: Path) -> None:
     out = tmp_path / "erase-cost.json"
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench.erase_cost", "--sessions", "600", "--json", str(out)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr
+    proc = bench_module("bench.erase_cost", "--sessions", "600", "--json", str(out))
     result = json.loads(out.read_text())
     assert result["history_rows"] == 600 * 3 * 2 and result["bytes_per_1000_sessions"] > 0
     assert result["finish_without_secure_delete"]["scrub"] == "vacuum"
@@ -352,12 +334,5 @@ def test_erase_cost_measures_size_and_every_way_of_erasing(tmp_path: Path) -> No
 
 
 def test_rewrite_cost_compares_secure_delete_off_and_on() -> None:
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench.rewrite_cost", "--rows", "2000", "--rounds", "1"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr
+    proc = bench_module("bench.rewrite_cost", "--rows", "2000", "--rounds", "1")
     assert "secure_delete off:" in proc.stdout and "secure_delete on :" in proc.stdout
