@@ -18,7 +18,9 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
+from archiver import changelog
 from archiver.config import Settings
 from archiver.dirty import Dirty, Hints
 from archiver.fetcher import Fetcher, Work
@@ -31,6 +33,9 @@ from archiver.reconcile import Reconcile, archive, now_us, records_of, write_bat
 from archiver.source import CONNECTION_ERRORS, Listener, NotifyState, Source, log_unreachable, unreachable_advice
 from archiver.store import BatchResult, DaemonLock, Store, StoreError, store_advice
 from archiver.writer import TimedHint
+
+if TYPE_CHECKING:
+    from archiver.ship import ShipperThread
 
 log = get_logger("archiver.pipeline")
 
@@ -88,6 +93,7 @@ class Daemon:
         self.notifier = Notifier()
         self._next_watchdog = 0.0
         self.metrics: Metrics | None = None
+        self.shipper: ShipperThread | None = None
 
     # ─── the listener's sink (called from its thread: only cheap, thread-safe work) ──────────
 
@@ -144,6 +150,14 @@ class Daemon:
             self._lock.release()
             self._lock = None
             raise
+        try:
+            # the change log's triggers exist while shipping is configured, and only then
+            changelog.set_enabled(self.store.conn, settings.postgres_url is not None, settings.sqlite_busy_timeout)
+        except sqlite3.Error as exc:
+            self.store.close()
+            self._lock.release()
+            self._lock = None
+            raise StoreError(f"cannot set up the change log in {settings.db_path}: {exc}") from None
 
     def _note_file(self) -> None:
         """Tell the reads' clock the newest version in the file just opened."""
@@ -207,6 +221,11 @@ class Daemon:
                     f"{exc.strerror}; choose another ARCHIVER_METRICS_PORT"
                 ) from None
             log.info("metrics.serving", host=self.settings.metrics_host, port=self.settings.metrics_port)
+        if self.settings.postgres_url is not None:
+            from archiver.ship import ShipperThread
+
+            self.shipper = ShipperThread(self.settings)
+            self.shipper.start()
         self.fetcher = Fetcher(self.settings, self.source, self.dirty)
         self.fetcher.start()
         self.listener = Listener(self.settings, self.source, self)
@@ -415,6 +434,7 @@ class Daemon:
                     "reconciles": self.totals.reconciles,
                     "reconnects": self.listener.reconnects if self.listener else 0,
                     "failing": self._failing_now(),
+                    **({"ship": self.shipper.status()} if self.shipper is not None else {}),
                 }
             )
         }
@@ -491,6 +511,9 @@ class Daemon:
         left = len(self.dirty) + (self._pending.keys if self._pending is not None else 0)
         if fetcher is not None:
             left += fetcher.queued_keys()
+        if self.shipper is not None:
+            # the batch under way lands or not; whatever is left waits in the file for the next start
+            self.shipper.stop(min(5.0, max(0.5, deadline - time.monotonic())))
         if self.store is not None:
             with contextlib.suppress(sqlite3.Error):
                 self.store.set_state({"stopped_at": str(now_us())}, now_us())

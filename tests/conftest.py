@@ -168,3 +168,16 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
                     }
                     out.write(json.dumps(line) + "\n")
     return report
+
+
+# ─── PostgreSQL (the shipping tests) ─────────────────────────────────────────────────────────────
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A database of the test's own on the machine's PostgreSQL; the test skips where none answers."""
+    from tests.pg_helpers import scratch_database, skip_without_postgres
+
+    skip_without_postgres()
+    with scratch_database() as url:
+        yield url

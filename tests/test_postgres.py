@@ -1,0 +1,275 @@
+"""Shipping the archive into PostgreSQL: the one-shot copy, the daemon's shipper, deletions, the
+central schema's versions and the role it needs, and the installation without psycopg.
+
+Every test uses a database of its own on the machine's PostgreSQL (``pg_url``) and skips with the
+reason where none answers."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import psycopg
+import pytest
+from desto.redis.sqlite_store import SQLiteStore
+
+from archiver import changelog
+from archiver.cli import main
+from tests.helpers import REPO, atjob_hash, daemon_thread, job_hash, session_hash, settings_for, wait_for
+from tests.pg_helpers import central_differences, pg_rows
+
+
+def _fill(client, sessions: int = 5) -> list[str]:
+    """Sessions with a job each, a deleted one (a tombstone), an at-job and a value to quarantine."""
+    ids = []
+    for _ in range(sessions):
+        s = session_hash()
+        j = job_hash(session_id=s["session_id"], status="finished", exit_code="0")
+        client.hset(f"desto:session:{s['session_id']}", mapping=s)
+        client.hset(f"desto:job:{j['job_id']}", mapping=j)
+        ids.append(s["session_id"])
+    client.hset("desto:atjob:7", mapping=atjob_hash("7"))
+    client.set(f"desto:session:{uuid.uuid4()}", "not a hash")  # quarantined
+    return ids
+
+
+def _archive(redis, redis_server, db_path: Path) -> list[str]:
+    """An archive made by backfills (no shipping): records, history, a tombstone, quarantine."""
+    ids = _fill(redis)
+    assert main(["backfill", "--db", str(db_path), "--redis-url", redis_server.url]) == 0
+    redis.delete(f"desto:session:{ids[0]}")
+    assert main(["backfill", "--db", str(db_path), "--redis-url", redis_server.url]) == 0
+    assert _count(db_path, "quarantine") == 1
+    return ids
+
+
+def _ship(db_path: Path, url: str, source: str, *extra: str, capsys=None) -> dict:
+    assert capsys is not None
+    capsys.readouterr()
+    code = main(["ship", "--db", str(db_path), "--postgres-url", url, "--source", source, "--json", *extra])
+    assert code == 0
+    assert capsys is not None
+    return json.loads(capsys.readouterr().out)
+
+
+def test_ship_copies_the_whole_archive_and_again_changes_nothing(redis, redis_server, db_path, pg_url, capsys):
+    _archive(redis, redis_server, db_path)
+    first = _ship(db_path, pg_url, "gpu1", capsys=capsys)
+    assert first["copied"]["sessions"] == 5 and first["copied"]["quarantine"] == 1
+    assert first["copied"]["status_history"] > 0
+    assert central_differences(pg_url, db_path, "gpu1") == []
+    tombstone = [r for r in pg_rows(pg_url, "sessions", "gpu1") if r["gone_at"] is not None]
+    assert len(tombstone) == 1 and tombstone[0]["gone_reason"]
+
+    again = _ship(db_path, pg_url, "gpu1", capsys=capsys)
+    assert again["file_id"] == first["file_id"] and sum(again["deleted"].values()) == 0
+    assert central_differences(pg_url, db_path, "gpu1") == []
+    assert len(pg_rows(pg_url, "sessions")) == 5
+
+
+def test_ship_deletes_central_rows_the_file_no_longer_holds(redis, redis_server, db_path, pg_url, capsys):
+    ids = _archive(redis, redis_server, db_path)
+    _ship(db_path, pg_url, "gpu1", capsys=capsys)
+    store = SQLiteStore(str(db_path))  # a person's deletion through desto's History tab
+    assert store.delete_session(ids[1])
+    store.close()
+    report = _ship(db_path, pg_url, "gpu1", capsys=capsys)
+    assert report["deleted"]["sessions"] == 1
+    assert ids[1] not in {r["session_id"] for r in pg_rows(pg_url, "sessions")}
+    assert central_differences(pg_url, db_path, "gpu1") == []
+
+
+def test_two_sources_share_one_database_without_collisions(redis, redis_server, db_path, pg_url, capsys, tmp_path):
+    _archive(redis, redis_server, db_path)
+    other = tmp_path / "other" / "desto.db"
+    subprocess.run(["cp", str(db_path), str(tmp_path / "copy.db")], check=True)
+    other.parent.mkdir()
+    subprocess.run(["cp", str(db_path), str(other)], check=True)  # the same ids and numbers on a second host
+    _ship(db_path, pg_url, "gpu1", capsys=capsys)
+    _ship(other, pg_url, "gpu2", capsys=capsys)
+    assert central_differences(pg_url, db_path, "gpu1") == []
+    assert central_differences(pg_url, other, "gpu2") == []
+    assert len(pg_rows(pg_url, "sessions")) == 10
+
+
+def test_daemon_ships_every_change_and_deletions_follow(redis, redis_server, db_path, pg_url):
+    settings = settings_for(redis_server, db_path, postgres_url=pg_url, source_name="gpu1", ship_interval=0.05)
+    with daemon_thread(settings) as daemon:
+        ids = _fill(redis)
+        wait_for(lambda: _count(db_path, "sessions") == 5, 10)
+        redis.hset(f"desto:session:{ids[2]}", "status", "failed")
+        redis.delete(f"desto:session:{ids[0]}")
+        wait_for(lambda: daemon.totals.result.tombstoned >= 1, 10)
+        wait_for(lambda: central_differences(pg_url, db_path, "gpu1") == [], 15, interval=0.2, what="PG = file")
+        store = SQLiteStore(str(db_path))  # desto's own write into the shared file is shipped too
+        assert store.delete_session(ids[3])
+        store.close()
+        wait_for(lambda: ids[3] not in {r["session_id"] for r in pg_rows(pg_url, "sessions")}, 10, what="the deletion")
+        assert central_differences(pg_url, db_path, "gpu1") == []
+        assert daemon.shipper is not None and daemon.shipper.copies == 1  # the first start copies, then follows
+        # shipped entries are trimmed from the file
+        wait_for(lambda: _log_size(db_path) == 0, 10, what="the change log to be trimmed")
+    failed = [r for r in pg_rows(pg_url, "sessions") if r["session_id"] == ids[2]]
+    assert failed[0]["status"] == "failed"
+
+
+def _log_size(db_path: Path) -> int:
+    conn = sqlite3.connect(db_path)
+    try:
+        return conn.execute("SELECT count(*) FROM archiver_changes").fetchone()[0]
+    finally:
+        conn.close()
+
+
+def test_a_daemon_without_postgres_keeps_no_change_log(redis, redis_server, db_path, pg_url):
+    with daemon_thread(settings_for(redis_server, db_path, postgres_url=pg_url, source_name="a")):
+        pass
+    conn = sqlite3.connect(db_path)
+    assert changelog.is_enabled(conn)
+    conn.close()
+    with daemon_thread(settings_for(redis_server, db_path)):
+        _fill(redis, 2)
+        wait_for(lambda: len(redis.keys("desto:*")) and _count(db_path, "sessions") >= 2, 10)
+    conn = sqlite3.connect(db_path)
+    try:
+        assert not changelog.is_enabled(conn)
+        assert conn.execute("SELECT count(*) FROM archiver_changes").fetchone()[0] == 0
+    finally:
+        conn.close()
+
+
+def _count(db_path: Path, table: str) -> int:
+    conn = sqlite3.connect(db_path)
+    try:
+        return conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+    finally:
+        conn.close()
+
+
+def test_shipping_again_after_a_period_without_it_is_complete(redis, redis_server, db_path, pg_url):
+    """Triggers off for a while (a daemon without PostgreSQL), with a deletion: the next shipping
+    daemon copies the whole file and deletes what the file lost."""
+    settings = settings_for(redis_server, db_path, postgres_url=pg_url, source_name="gpu1", ship_interval=0.05)
+    with daemon_thread(settings):
+        ids = _fill(redis)
+        wait_for(lambda: central_differences(pg_url, db_path, "gpu1") == [], 15, interval=0.2)
+    with daemon_thread(settings_for(redis_server, db_path)) as plain:
+        more = _fill(redis, 3)
+        wait_for(lambda: _count(db_path, "sessions") >= 8, 10)
+        redis.delete(f"desto:session:{ids[1]}")  # gone from Redis, then deleted from the file by a person
+        wait_for(lambda: plain.totals.result.tombstoned >= 1, 10)
+    store = SQLiteStore(str(db_path))
+    assert store.delete_session(ids[1])
+    store.close()
+    with daemon_thread(settings) as daemon:
+        wait_for(lambda: central_differences(pg_url, db_path, "gpu1") == [], 15, interval=0.2, what="PG = file")
+        assert daemon.shipper is not None and daemon.shipper.copies == 1
+    central = {r["session_id"] for r in pg_rows(pg_url, "sessions")}
+    assert ids[1] not in central and set(more) <= central
+
+
+def test_a_newer_central_schema_is_refused_with_the_reason(db_path, pg_url, redis, redis_server, capsys):
+    _archive(redis, redis_server, db_path)
+    _ship(db_path, pg_url, "gpu1", capsys=capsys)
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute("INSERT INTO desto_archiver.archiver_schema (version) VALUES (99)")
+    code = main(["ship", "--db", str(db_path), "--postgres-url", pg_url, "--source", "gpu1"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "version 99, newer than this desto-archiver's 1" in err and "upgrade desto-archiver" in err
+    settings = settings_for(redis_server, db_path, postgres_url=pg_url, source_name="gpu1", ship_interval=0.05)
+    with daemon_thread(settings) as daemon:  # the archive goes on; shipping stops, saying why
+        assert daemon.shipper is not None
+        wait_for(lambda: daemon.shipper.refused, 10, what="the shipper to refuse")
+        assert "version 99" in daemon.shipper.refused
+        s = session_hash()
+        redis.hset(f"desto:session:{s['session_id']}", mapping=s)
+        wait_for(lambda: _count(db_path, "sessions") >= 6, 10)
+
+
+def test_least_privilege_role_ships_into_a_schema_its_owner_created(redis, redis_server, db_path, pg_url, capsys):
+    """The owner creates the schema once (ship as the owner); the archiver's role has only CONNECT,
+    USAGE on the schema and DML on its tables, and can neither create nor drop anything."""
+    _archive(redis, redis_server, db_path)
+    _ship(db_path, pg_url, "setup", capsys=capsys)  # the owner's run creates the schema
+    role = f"archiver_{uuid.uuid4().hex[:8]}"
+    database = pg_url.rsplit("/", 1)[1]
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute(f"CREATE ROLE {role} LOGIN")
+        conn.execute(f"REVOKE ALL ON DATABASE {database} FROM PUBLIC")
+        conn.execute(f"GRANT CONNECT ON DATABASE {database} TO {role}")
+        conn.execute(f"GRANT USAGE ON SCHEMA desto_archiver TO {role}")
+        conn.execute(f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA desto_archiver TO {role}")
+    try:
+        role_url = pg_url.replace("postgres@", f"{role}@")
+        report = _ship(db_path, role_url, "gpu1", capsys=capsys)
+        assert report["copied"]["sessions"] == 5
+        assert central_differences(pg_url, db_path, "gpu1") == []
+        with psycopg.connect(role_url, autocommit=True) as conn, pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("CREATE TABLE desto_archiver.other (x int)")
+        # a fresh database where the role may not create the schema: the reason and what to grant
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            conn.execute("DROP SCHEMA desto_archiver CASCADE")
+        code = main(["ship", "--db", str(db_path), "--postgres-url", role_url, "--source", "gpu1"])
+        assert code == 2
+        assert "grant the archiver's role CREATE on the schema desto_archiver" in capsys.readouterr().err
+    finally:
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            conn.execute(f"DROP OWNED BY {role}")
+            conn.execute(f"DROP ROLE {role}")
+
+
+def test_without_psycopg_the_daemon_and_commands_run_and_shipping_says_what_to_install(
+    redis, redis_server, db_path, tmp_path
+):
+    """The SQLite-only installation: psycopg cannot be imported (a stub that raises ImportError
+    comes first on the path), yet backfill, stats, history and check work; asking for shipping names
+    the extra to install."""
+    blocker = tmp_path / "blocker"
+    blocker.mkdir()
+    (blocker / "psycopg.py").write_text("raise ImportError('psycopg is not installed')\n")
+    env = {
+        "PYTHONPATH": f"{blocker}:{REPO}",
+        "PATH": "/usr/bin:/bin",
+        "REDIS_URL": redis_server.url,
+        "SQLITE_DB_PATH": str(db_path),
+        "ARCHIVER_LOG_FORMAT": "json",
+    }
+    _fill(redis, 2)
+
+    def run(*args: str, **more: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "archiver", *args],
+            env={**env, **more},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=REPO,
+        )
+
+    assert run("backfill").returncode == 0
+    assert run("stats", "--json").returncode == 0
+    assert json.loads(run("history", "--json").stdout)
+    probe = run("backfill", "--json")
+    assert probe.returncode == 0 and "psycopg" not in probe.stderr
+    missing = run("ship", "--postgres-url", "postgresql://x@127.0.0.1/db")
+    assert missing.returncode == 2 and "pip install 'desto-archiver[postgres]'" in missing.stderr
+    refused = run("run", ARCHIVER_POSTGRES_URL="postgresql://x@127.0.0.1/db")
+    assert refused.returncode == 2 and "pip install 'desto-archiver[postgres]'" in refused.stderr
+    loaded = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys, archiver.cli, archiver.pipeline, archiver.reader; print('psycopg' in sys.modules)",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        check=True,
+    )
+    assert loaded.stdout.strip() == "False"
