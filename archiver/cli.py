@@ -599,20 +599,47 @@ def _report(
     return EXIT_OK
 
 
+def _central(settings: Settings, args: argparse.Namespace) -> Any:
+    """The central database's reader when --postgres-url (or ARCHIVER_POSTGRES_URL with --source) asks
+    for it; None: read the file."""
+    if args.postgres_url is None and args.source_filter is None:
+        return None
+    if settings.postgres_url is None:
+        raise UsageError("--source reads the central database: give it with --postgres-url URL")
+    from archiver.ship import ShipError, require_psycopg
+
+    try:
+        require_psycopg()
+    except ShipError as exc:
+        raise UsageError(str(exc)) from None
+    from archiver.central import CentralReader
+
+    return CentralReader.open(settings, args.source_filter)
+
+
 def cmd_stats(settings: Settings, args: argparse.Namespace) -> int:
-    return _report(settings, args, lambda reader: reader.stats(), render.stats)
+    central = _central(settings, args)
+    if central is None:
+        return _report(settings, args, lambda reader: reader.stats(), render.stats)
+    with central:
+        data = central.stats()
+    print(to_json(data) if args.json else render.central_stats(data))
+    return EXIT_OK
 
 
 def cmd_history(settings: Settings, args: argparse.Namespace) -> int:
     from archiver.reader import Reader
 
     filters = _filters(args)
-    with Reader.open(settings.db_path) as reader:  # streamed: a million sessions print in flat memory
+    central = _central(settings, args)
+    columns = render.HISTORY_COLUMNS if central is None else render.CENTRAL_HISTORY_COLUMNS
+    # streamed: a million sessions print in flat memory
+    with central if central is not None else Reader.open(settings.db_path) as reader:
         sessions = reader.sessions(filters)
         if args.json:
             write_json_array(sessions, sys.stdout)
         else:
-            write_table(render.history(sessions), render.HISTORY_COLUMNS, sys.stdout)
+            write_table(render.history(sessions), columns, sys.stdout)
     return EXIT_OK
 
 
@@ -624,7 +651,8 @@ def cmd_export(settings: Settings, args: argparse.Namespace) -> int:
     from archiver.reader import Reader
 
     filters = _filters(args)
-    with Reader.open(settings.db_path) as reader:
+    central = _central(settings, args)
+    with central if central is not None else Reader.open(settings.db_path) as reader:
         columns, rows = reader.export(args.what, filters)
         if args.format == "csv" and args.what == "quarantine":
             rows = (_flat_payload(r) for r in rows)

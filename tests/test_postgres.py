@@ -273,3 +273,46 @@ def test_without_psycopg_the_daemon_and_commands_run_and_shipping_says_what_to_i
         check=True,
     )
     assert loaded.stdout.strip() == "False"
+
+
+def test_reading_commands_read_the_central_database_across_hosts(
+    redis, redis_server, db_path, pg_url, capsys, tmp_path
+):
+    ids = _archive(redis, redis_server, db_path)
+    other = tmp_path / "gpu2" / "desto.db"
+    other.parent.mkdir()
+    subprocess.run(["cp", str(db_path), str(other)], check=True)
+    conn = sqlite3.connect(other)
+    conn.execute("UPDATE sessions SET status = 'failed' WHERE session_id = ?", (ids[2],))
+    conn.commit()
+    conn.close()
+    _ship(db_path, pg_url, "gpu1", capsys=capsys)
+    _ship(other, pg_url, "gpu2", capsys=capsys)
+
+    def run(*args: str) -> str:
+        capsys.readouterr()
+        assert main([*args, "--postgres-url", pg_url]) == 0
+        return capsys.readouterr().out
+
+    everything = json.loads(run("history", "--json"))
+    assert sorted({s["source_name"] for s in everything}) == ["gpu1", "gpu2"] and len(everything) == 10
+    failed = json.loads(run("history", "--json", "--status", "failed"))
+    assert [(s["source_name"], s["session_id"]) for s in failed] == [("gpu2", ids[2])]
+    assert len(json.loads(run("history", "--json", "--source", "gpu1"))) == 5
+    table = run("history", "--source", "gpu2", "--status", "failed")
+    assert "gpu2" in table and ids[2][:8] in table and "source_name" in table
+
+    stats = json.loads(run("stats", "--json"))
+    assert stats["records"]["sessions"]["total"] == 10 and stats["records"]["sessions"]["tombstoned"] == 2
+    assert [s["source"] for s in stats["sources"]] == ["gpu1", "gpu2"]
+    assert stats["quarantine"]["total"] == 2
+    assert "gpu2" in run("stats", "--source", "gpu2")
+
+    header = run("export", "sessions", "--format", "csv", "--source", "gpu1").splitlines()[0]
+    assert header.startswith("source_name,session_id,") and "file_id" not in header
+    quarantined = [json.loads(line) for line in run("export", "quarantine").splitlines()]
+    assert len(quarantined) == 2 and quarantined[0]["payload"] == "not a hash"
+
+    capsys.readouterr()
+    assert main(["history", "--source", "gpu1", "--db", str(db_path)]) == 2
+    assert "--postgres-url" in capsys.readouterr().err
