@@ -316,3 +316,23 @@ def test_reading_commands_read_the_central_database_across_hosts(
     capsys.readouterr()
     assert main(["history", "--source", "gpu1", "--db", str(db_path)]) == 2
     assert "--postgres-url" in capsys.readouterr().err
+
+
+def test_the_documented_queries_run_on_a_shipped_database(redis, redis_server, db_path, pg_url, capsys):
+    """Every SQL example of docs/postgresql.md runs as written (the role grants aside)."""
+    ids = _archive(redis, redis_server, db_path)
+    conn = sqlite3.connect(db_path)
+    conn.execute("UPDATE jobs SET status = 'failed', end_time = start_time WHERE session_id = ?", (ids[1],))
+    conn.execute("UPDATE sessions SET status = 'failed' WHERE session_id = ?", (ids[1],))
+    conn.commit()
+    conn.close()
+    _ship(db_path, pg_url, "gpu1", capsys=capsys)
+    text = (REPO / "docs" / "postgresql.md").read_text()
+    blocks = [b.split("```", 1)[0] for b in text.split("```sql\n")[1:]]
+    queries = [b for b in blocks if b.lstrip().upper().startswith("SELECT")]
+    assert len(queries) >= 4
+    with psycopg.connect(pg_url) as pg:
+        results = [pg.execute(q).fetchall() for q in queries]
+    failed_this_week, per_day = results[1], results[2]
+    assert [(r[0], r[3]) for r in failed_this_week] == [("gpu1", 0)]
+    assert sum(r[2] for r in per_day) == 5 and sum(r[3] for r in per_day) == 1
