@@ -31,6 +31,7 @@ class Snapshot:
     lag_s: float = 0.0
     pending: int = 0
     subscribed: bool = False
+    ship: dict[str, Any] | None = None  # the shipper's status (ShipperThread.status), when shipping
 
 
 class _DaemonCollector(Collector):
@@ -54,6 +55,18 @@ class _DaemonCollector(Collector):
         yield GaugeMetricFamily(f"{PREFIX}_lag_seconds", "Age of the oldest change not yet archived", value=s.lag_s)
         yield GaugeMetricFamily(f"{PREFIX}_pending_keys", "Keys waiting to be read", value=s.pending)
         yield GaugeMetricFamily(f"{PREFIX}_redis_subscribed", "1 while subscribed to Redis", value=int(s.subscribed))
+        if s.ship is not None:
+            ship = s.ship
+            yield _counter("ship_entries_shipped", "Changes shipped to PostgreSQL", ship["shipped"])
+            yield _counter("ship_copies", "Whole copies of the file made into PostgreSQL", ship["copies"])
+            yield GaugeMetricFamily(
+                f"{PREFIX}_ship_backlog", "Changes in the file not yet in PostgreSQL", value=ship["backlog"] or 0
+            )
+            yield GaugeMetricFamily(
+                f"{PREFIX}_ship_failing",
+                "1 while shipping to PostgreSQL fails or has stopped",
+                value=int(bool(ship["failing"] or ship["refused"])),
+            )
 
 
 def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:

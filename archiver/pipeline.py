@@ -477,6 +477,7 @@ class Daemon:
             lag_s=0.0 if oldest is None else max(0.0, time.monotonic() - oldest),
             pending=len(self.dirty),
             subscribed=self._subscribed.is_set(),
+            ship=self.shipper.status() if self.shipper is not None else None,
         )
 
     def _shutdown(self) -> None:

@@ -16,6 +16,7 @@ psycopg is imported here only: the SQLite-only installation never loads it.
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import threading
 import time
@@ -467,11 +468,12 @@ class Shipper:
             return 0
         return changelog.trim(self.sqlite, self.position, self.settings.sqlite_busy_timeout)
 
-    def backlog(self) -> int:
-        """Changes in the file not yet confirmed by PostgreSQL."""
-        if self.sqlite is None:
-            return 0
-        return changelog.backlog(self.sqlite, self.position or 0)
+    def backlog(self) -> int | None:
+        """Changes in the file not yet confirmed by PostgreSQL (None: not known before a first
+        batch). Counted by number, not by row: cheap however long the log."""
+        if self.sqlite is None or self.position is None:
+            return None
+        return max(0, changelog.last_seq(self.sqlite) - self.position)
 
     def copy_all(self, progress: Progress | None = None) -> CopyReport:
         """Copy every row of the file, then delete central rows of this file that the file no longer
@@ -596,6 +598,7 @@ class ShipperThread(threading.Thread):
         self.refused: str | None = None  # shipping stopped until a person acts
         self.connected = False
         self.last_shipped_at: float | None = None  # monotonic
+        self.backlog: int | None = None  # changes waiting in the file, as of the last look
 
     def stop(self, timeout: float = 5.0) -> None:
         self._stop_event.set()
@@ -614,6 +617,7 @@ class ShipperThread(threading.Thread):
             "copies": self.copies,
             "failing": self.failing,
             "refused": self.refused,
+            "backlog": self.backlog,
         }
 
     def run(self) -> None:
@@ -651,6 +655,8 @@ class ShipperThread(threading.Thread):
                 if isinstance(exc, psycopg.Error):
                     self.connected = False
                     self.shipper.close_pg()
+                with contextlib.suppress(sqlite3.Error):
+                    self.backlog = self.shipper.backlog()
                 self._stop_event.wait(backoff)
         self.shipper.close()
 
@@ -678,6 +684,7 @@ class ShipperThread(threading.Thread):
             shipper.trim()
             if shipper.batch_size < self.settings.ship_batch_size:
                 shipper.batch_size = min(self.settings.ship_batch_size, shipper.batch_size * 2)
+        self.backlog = shipper.backlog()
         if shipped:
             log.debug("ship.shipped", entries=shipped, position=shipper.position)
         self.wake.wait(self.settings.ship_interval)

@@ -10,6 +10,7 @@ import json
 import sqlite3
 import subprocess
 import sys
+import urllib.request
 import uuid
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from archiver import changelog
 from archiver.cli import main
 from tests.helpers import REPO, atjob_hash, daemon_thread, job_hash, session_hash, settings_for, wait_for
 from tests.pg_helpers import central_differences, pg_rows
+from tests.redis_server import free_port
 
 
 def _fill(client, sessions: int = 5) -> list[str]:
@@ -97,7 +99,10 @@ def test_two_sources_share_one_database_without_collisions(redis, redis_server, 
 
 
 def test_daemon_ships_every_change_and_deletions_follow(redis, redis_server, db_path, pg_url):
-    settings = settings_for(redis_server, db_path, postgres_url=pg_url, source_name="gpu1", ship_interval=0.05)
+    port = free_port()
+    settings = settings_for(
+        redis_server, db_path, postgres_url=pg_url, source_name="gpu1", ship_interval=0.05, metrics_port=port
+    )
     with daemon_thread(settings) as daemon:
         ids = _fill(redis)
         wait_for(lambda: _count(db_path, "sessions") == 5, 10)
@@ -113,6 +118,15 @@ def test_daemon_ships_every_change_and_deletions_follow(redis, redis_server, db_
         assert daemon.shipper is not None and daemon.shipper.copies == 1  # the first start copies, then follows
         # shipped entries are trimmed from the file
         wait_for(lambda: _log_size(db_path) == 0, 10, what="the change log to be trimmed")
+
+        def scrape() -> str:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+                return str(response.read().decode())
+
+        text = wait_for(lambda: (t := scrape()) and "desto_archiver_ship_backlog 0.0" in t and t, 10)
+        assert "desto_archiver_ship_failing 0.0" in text and "desto_archiver_ship_copies_total 1.0" in text
+        shipped = [line for line in text.splitlines() if line.startswith("desto_archiver_ship_entries_shipped_total")]
+        assert float(shipped[0].split()[1]) > 20
     failed = [r for r in pg_rows(pg_url, "sessions") if r["session_id"] == ids[2]]
     assert failed[0]["status"] == "failed"
 

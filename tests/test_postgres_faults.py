@@ -22,7 +22,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from tests.fault_helpers import settle, start_ready
+from tests.fault_helpers import heartbeat, settle, start_ready
 from tests.helpers import wait_for
 from tests.pg_helpers import Proxy, central_differences
 from tests.redis_server import RedisServer
@@ -112,12 +112,20 @@ def test_postgres_unavailable_under_load_then_back(redis_server, redis, db_path,
         down_at = time.monotonic()
         writer.wait_steps(300, timeout=30)  # archived meanwhile: the file does not wait for PostgreSQL
         daemon.wait_log("ship.failed", timeout=15)
+        # the heartbeat says so, and what waits in the file grows
+        waiting = wait_for(
+            lambda: (h := heartbeat(db_path)) and h["ship"]["failing"] and (h["ship"]["backlog"] or 0) > 50 and h,
+            15,
+            what="the heartbeat to show the failure and a backlog",
+        )
+        report.measured["backlog_while_down"] = waiting["ship"]["backlog"]
         time.sleep(max(0.0, 5 - (time.monotonic() - down_at)))
         proxy.up()
         written = writer.finish()
         settle(report, redis, db_path, written, timeout=20)
         assert_central_equals_file(pg_url, db_path, "gpu1", timeout=40)
         daemon.wait_log("ship.recovered")
+        wait_for(lambda: (h := heartbeat(db_path)) and h["ship"]["backlog"] == 0 and not h["ship"]["failing"], 15)
         report.measured["ship_failures_logged"] = len(daemon.events("ship.failed"))
     finally:
         proxy.close()
