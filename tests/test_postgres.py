@@ -350,3 +350,31 @@ def test_the_documented_queries_run_on_a_shipped_database(redis, redis_server, d
     failed_this_week, per_day = results[1], results[2]
     assert [(r[0], r[3]) for r in failed_this_week] == [("gpu1", 0)]
     assert sum(r[2] for r in per_day) == 5 and sum(r[3] for r in per_day) == 1
+
+
+def test_an_older_read_never_overwrites_a_newer_central_row(redis, redis_server, db_path, pg_url, capsys):
+    """The version guard: a central row written from a newer read (another file of the same host,
+    e.g. before a restore) keeps its state when an older read of the record is shipped."""
+    ids = _archive(redis, redis_server, db_path)
+    _ship(db_path, pg_url, "gpu1", capsys=capsys)
+    with psycopg.connect(pg_url, autocommit=True) as pg:
+        pg.execute(
+            "UPDATE desto_archiver.sessions SET status = 'failed', read_at_us = read_at_us + 1000000 "
+            "WHERE session_id = %s",
+            (ids[1],),
+        )
+        pg.execute(
+            "UPDATE desto_archiver.sessions SET read_at_us = read_at_us - 1000000 WHERE session_id = %s", (ids[2],)
+        )
+    _ship(db_path, pg_url, "gpu1", capsys=capsys)
+    central = {r["session_id"]: r for r in pg_rows(pg_url, "sessions")}
+    assert central[ids[1]]["status"] == "failed"  # newer than the file's: kept
+    assert central[ids[2]]["read_at_us"] == file_rows_of(db_path, ids[2])  # older: replaced by the file's
+
+
+def file_rows_of(db_path: Path, session_id: str) -> int:
+    conn = sqlite3.connect(db_path)
+    try:
+        return conn.execute("SELECT read_at_us FROM sessions WHERE session_id = ?", (session_id,)).fetchone()[0]
+    finally:
+        conn.close()
