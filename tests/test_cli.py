@@ -30,8 +30,9 @@ def test_every_command_has_help_with_an_example_and_a_readme_section(command: st
     result = cli(command, "--help")
     assert result.returncode == 0
     assert "Example" in result.stdout and f"desto-archiver {command}" in result.stdout
-    readme = (REPO / "README.md").read_text()
-    assert re.search(rf"^#+ .*`{command}`", readme, re.MULTILINE), f"README has no section for `{command}`"
+    pages = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+    text = "\n".join(page.read_text() for page in pages if page.exists())
+    assert re.search(rf"^#+ .*`{command}`", text, re.MULTILINE), f"README and docs/ have no section for `{command}`"
 
 
 def test_version() -> None:
