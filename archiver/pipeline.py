@@ -189,6 +189,12 @@ class Daemon:
         self._open_store()
         self._note_file()
         assert self.store is not None
+        if self.shipper is not None:  # its connection reads the lost file: ship from the new one
+            from archiver.ship import ShipperThread
+
+            self.shipper.stop(2.0)
+            self.shipper = ShipperThread(self.settings)
+            self.shipper.start()
         self._sweep = None  # it swept the lost file; the reconcile below replaces it
         self._reconcile_wanted = self._reconcile_wanted or "reopened"
         self._next_heartbeat = 0.0

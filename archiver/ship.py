@@ -666,11 +666,15 @@ class ShipperThread(threading.Thread):
             shipper.open()
             self.connected = True
             log.info("ship.connected", postgres=self.settings.postgres_address(), source=shipper.source)
-        shipped = 0
+        shipped, copied = 0, False
         while not self.stopping:
             try:
                 n = shipper.ship_batch()
             except NeedsCopy as why:
+                if copied:  # the log is still not usable right after a copy: try again later, not at once
+                    log.warning("ship.copy_again", reason=str(why), source=shipper.source)
+                    break
+                copied = True
                 log.info("ship.copying", reason=str(why), source=shipper.source)
                 report = shipper.copy_all()
                 self.copies += 1

@@ -378,3 +378,35 @@ def file_rows_of(db_path: Path, session_id: str) -> int:
         return conn.execute("SELECT read_at_us FROM sessions WHERE session_id = ?", (session_id,)).fetchone()[0]
     finally:
         conn.close()
+
+
+def test_a_backup_restored_over_the_file_is_copied_again_under_a_new_file_id(
+    redis, redis_server, db_path, pg_url, capsys, tmp_path
+):
+    """A restored copy's change log is behind what PostgreSQL holds: its numbers would be taken for
+    changes already shipped. The shipper notices, names the file anew and copies it whole; the
+    history shipped from the file before keeps its own rows."""
+    settings = settings_for(redis_server, db_path, postgres_url=pg_url, source_name="gpu1", ship_interval=0.05)
+    with daemon_thread(settings):
+        ids = _fill(redis)
+        wait_for(lambda: _count(db_path, "sessions") == 5, 10)
+        wait_for(lambda: central_differences(pg_url, db_path, "gpu1") == [], 15, interval=0.2)
+    backup = tmp_path / "backup.db"
+    assert main(["backup", "--db", str(db_path), str(backup)]) == 0
+    with daemon_thread(settings) as daemon:
+        for sid in ids[:3]:
+            redis.hset(f"desto:session:{sid}", "status", "finished")
+        wait_for(lambda: daemon.shipper is not None and daemon.shipper.backlog == 0 and daemon.shipper.shipped > 3, 15)
+        old_id = daemon.shipper.shipper.file_id
+    for suffix in ("-wal", "-shm"):
+        Path(f"{db_path}{suffix}").unlink(missing_ok=True)
+    subprocess.run(["cp", str(backup), str(db_path)], check=True)
+    with daemon_thread(settings) as daemon:
+        assert daemon.shipper is not None
+        wait_for(lambda: daemon.shipper.copies == 1 and daemon.shipper.backlog == 0, 15, what="the copy")
+        assert daemon.shipper.shipper.file_id != old_id
+        # the restored file caught up from Redis; the newest read of each record is the one kept
+        wait_for(lambda: _count(db_path, "status_history") > 0, 5)
+        central = {r["session_id"]: r for r in pg_rows(pg_url, "sessions")}
+        assert all(central[sid]["status"] == "finished" for sid in ids[:3])
+        assert {r["file_id"] for r in pg_rows(pg_url, "status_history")} == {old_id, daemon.shipper.shipper.file_id}
