@@ -3,8 +3,9 @@
 SQLite triggers append ``(seq, tbl, key)`` to ``archiver_changes`` in the same transaction as the
 change itself, whoever writes it (the daemon, a backfill, desto's own store, a deletion), so the
 log cannot miss a committed change nor hold one that was rolled back. The triggers exist only while
-shipping is configured: a daemon without PostgreSQL drops them and empties the log, so SQLite-only
-installations pay nothing on their write path and the file does not grow.
+shipping is configured: a daemon without PostgreSQL drops them and empties the log (but for its
+last entry, which keeps the numbering going), so SQLite-only installations pay nothing on their
+write path and the file does not grow.
 
 ``archiver_state['changes_from']`` says from which ``seq`` on the log is complete (every change
 since is in it, or was shipped and trimmed). A shipper whose position in PostgreSQL is older than
@@ -65,8 +66,8 @@ def is_enabled(conn: sqlite3.Connection) -> bool:
 
 
 def _next_seq(conn: sqlite3.Connection) -> int:
-    row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'archiver_changes'").fetchone()
-    return (row[0] if row else 0) + 1
+    # the log's last entry is never deleted (see trim), so the next number is always a new one
+    return int(conn.execute("SELECT coalesce(max(seq), 0) FROM archiver_changes").fetchone()[0]) + 1
 
 
 def _put_state(conn: sqlite3.Connection, value: str | None) -> None:
@@ -95,7 +96,8 @@ def _write(conn: sqlite3.Connection, busy_timeout: float) -> None:
 
 def set_enabled(conn: sqlite3.Connection, enabled: bool, busy_timeout: float = 5.0) -> bool:
     """Create (or drop) the triggers; returns whether anything changed. Creating them starts a
-    complete log at the next seq; dropping them empties the log and forgets where it was complete."""
+    complete log after a marker; dropping them empties the log (but for the last entry) and
+    forgets where it was complete."""
     present = _present(conn)
     if enabled == (_expected() <= present) and (enabled or not present):
         return False
@@ -105,19 +107,15 @@ def set_enabled(conn: sqlite3.Connection, enabled: bool, busy_timeout: float = 5
             for table, key in SHIPPED.items():
                 for op in _OPS:
                     conn.execute(_trigger_sql(table, key, op))
-            # Skip a number: a shipper that stopped at the last seq before the triggers went away
-            # finds the log starting after a gap (what changed meanwhile), and copies the file.
-            skipped = _next_seq(conn)
-            if (
-                conn.execute("UPDATE sqlite_sequence SET seq = ? WHERE name = 'archiver_changes'", (skipped,)).rowcount
-                == 0
-            ):
-                conn.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('archiver_changes', ?)", (skipped,))
-            _put_state(conn, str(skipped + 1))
+            # A marker that names no row takes a number: a shipper that stopped at the last seq
+            # before the triggers went away finds the log starting after a gap (what changed
+            # meanwhile), and copies the file.
+            marker = conn.execute("INSERT INTO archiver_changes (tbl, key) VALUES ('', '') RETURNING seq").fetchone()[0]
+            _put_state(conn, str(marker + 1))
         else:
             for name in present:
                 conn.execute(f"DROP TRIGGER IF EXISTS {name}")
-            conn.execute("DELETE FROM archiver_changes")
+            conn.execute("DELETE FROM archiver_changes WHERE seq < (SELECT max(seq) FROM archiver_changes)")
             _put_state(conn, None)
         conn.execute("COMMIT")
     except BaseException:
@@ -145,15 +143,11 @@ def read(conn: sqlite3.Connection, after: int, limit: int) -> list[tuple[int, st
     ]
 
 
-def backlog(conn: sqlite3.Connection, after: int) -> int:
-    row = conn.execute("SELECT count(*) FROM archiver_changes WHERE seq > ?", (after,)).fetchone()
-    return int(row[0])
-
-
 def trim(conn: sqlite3.Connection, upto: int, busy_timeout: float = 5.0, step: int = 2000) -> int:
     """Delete the entries up to ``upto`` (shipped), ``step`` at a time: each transaction holds the
     write lock only briefly, so the daemon's writer barely waits. Returns how many went."""
     removed = 0
+    upto = min(upto, last_seq(conn) - 1)  # the last entry stays: it keeps the numbering going
     while True:
         first = conn.execute("SELECT min(seq) FROM archiver_changes").fetchone()[0]
         if first is None or first > upto:
@@ -175,5 +169,6 @@ def kinds(entries: Sequence[tuple[int, str, object]]) -> dict[str, list[object]]
     """The entries' keys by table, each once (the log names a row once per change)."""
     found: dict[str, dict[object, None]] = {}
     for _, table, key in entries:
-        found.setdefault(table, {})[key] = None
+        if table in SHIPPED:  # not a marker
+            found.setdefault(table, {})[key] = None
     return {table: list(keys) for table, keys in found.items()}

@@ -230,9 +230,10 @@ def _migrate_to_4(conn: sqlite3.Connection) -> None:
     """The change log the shipper to PostgreSQL reads (archiver/changelog.py): which row of which
     table changed, in order. Its triggers exist only while shipping is configured; the table
     always, so desto's own writes into a shared file never fail on a missing table."""
+    # No AUTOINCREMENT (its counter is one more write per change): the log never gives its last
+    # entry up, so numbers are never used twice.
     conn.execute(
-        "CREATE TABLE IF NOT EXISTS archiver_changes (seq INTEGER PRIMARY KEY AUTOINCREMENT, "
-        "tbl TEXT NOT NULL, key NOT NULL)"
+        "CREATE TABLE IF NOT EXISTS archiver_changes (seq INTEGER PRIMARY KEY, tbl TEXT NOT NULL, key NOT NULL)"
     )
 
 
