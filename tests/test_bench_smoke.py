@@ -284,3 +284,24 @@ def test_write_cost_times_every_statement_of_the_write_path(tmp_path: Path) -> N
     assert all(us > 0 for us in statements.values())
     assert result["us_per_row"] == pytest.approx(sum(statements.values()) + result["python_us_per_row"])
     assert "INSERT sessions" in proc.stdout and "Python" in proc.stdout
+
+
+def test_ship_benchmark_prints_its_three_ratios(tmp_path: Path) -> None:
+    """``python -m bench.ship`` at a tiny size: every figure is measured, and the shipped rows are all there."""
+    from tests.pg_helpers import skip_without_postgres
+
+    skip_without_postgres()
+    out = tmp_path / "ship.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.ship", "--rows", "600", "--rate", "1000", "--seconds", "1", "--json", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = json.loads(out.read_text())
+    assert figures["shipping"]["rows"] == 1200 and figures["shipping"]["log_entries"] >= 1200
+    assert figures["write_path"]["ratio"] > 0 and figures["ingest"]["ratio"] > 0
+    assert figures["ingest"]["on"]["exit_code"] == 0 and figures["ingest"]["off"]["exit_code"] == 0
+    assert "ratio" in result.stdout and "target >= 0.9" in result.stdout
