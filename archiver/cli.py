@@ -205,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     check = _command(
         sub,
         "check",
-        [common, as_json],
+        [common, shipping, as_json],
         "check the whole set-up and verify the archive against Redis",
         "Redis reachable and its version; keyspace notification flags and whether CONFIG is allowed; the file "
         "(writable, WAL, schema); the daemon (heartbeat, lag); then every live desto record compared with the "

@@ -410,3 +410,19 @@ def test_a_backup_restored_over_the_file_is_copied_again_under_a_new_file_id(
         central = {r["session_id"]: r for r in pg_rows(pg_url, "sessions")}
         assert all(central[sid]["status"] == "finished" for sid in ids[:3])
         assert {r["file_id"] for r in pg_rows(pg_url, "status_history")} == {old_id, daemon.shipper.shipper.file_id}
+
+
+def test_check_reports_how_far_shipping_is_behind(redis, redis_server, db_path, pg_url, capsys):
+    settings = settings_for(redis_server, db_path, postgres_url=pg_url, source_name="gpu1", ship_interval=0.05)
+    with daemon_thread(settings) as daemon:
+        _fill(redis, 3)
+        wait_for(lambda: daemon.shipper is not None and daemon.shipper.shipped > 0 and daemon.shipper.backlog == 0, 10)
+        base = ["check", "--json", "--no-verify", "--db", str(db_path), "--redis-url", redis_server.url]
+        capsys.readouterr()
+        main([*base, "--postgres-url", pg_url, "--source", "gpu1"])
+        found = {c["check"]: c for c in json.loads(capsys.readouterr().out)["checks"]}
+        assert found["postgres"]["status"] == "ok" and "0 changes waiting" in found["postgres"]["detail"]
+        main([*base, "--postgres-url", pg_url.rsplit("/", 1)[0] + "/no_such_database", "--source", "gpu1"])
+        report = json.loads(capsys.readouterr().out)
+        postgres = next(c for c in report["checks"] if c["check"] == "postgres")
+        assert postgres["status"] == "fail" and "no_such_database" in postgres["detail"] and not report["ok"]
