@@ -272,6 +272,8 @@ class Shipper:
         if self.sqlite is None:
             timeout = self.settings.sqlite_busy_timeout
             self.sqlite = sqlite3.connect(self.db_path, timeout=timeout, isolation_level=None, check_same_thread=False)
+            # text SQLite holds that is not UTF-8 (another writer's) is shipped readable, not refused forever
+            self.sqlite.text_factory = lambda raw: raw.decode("utf-8", "replace")
 
     def open(self) -> None:
         self.open_file()
@@ -515,7 +517,10 @@ class Shipper:
                 )
                 self.position = report.position
         finally:
-            self.pg.execute("SELECT pg_advisory_unlock(hashtextextended(%s, 0))", (lock,))
+            import psycopg
+
+            with contextlib.suppress(psycopg.Error):  # a lost connection released it already
+                self.pg.execute("SELECT pg_advisory_unlock(hashtextextended(%s, 0))", (lock,))
         report.elapsed_s = time.monotonic() - started
         return report
 
@@ -580,6 +585,14 @@ def _hostname() -> str:
     return socket.gethostname()
 
 
+class _Stopping(Exception):
+    pass
+
+
+# Entries shipped between trims of the log while catching up: each trim takes the file's write lock.
+_TRIM_EVERY = 20_000
+
+
 class ShipperThread(threading.Thread):
     """The daemon's shipper: follows the file's change log into PostgreSQL from connections of its
     own. PostgreSQL down, slow or refusing only delays it (it retries with a growing pause); the
@@ -599,6 +612,10 @@ class ShipperThread(threading.Thread):
         self.connected = False
         self.last_shipped_at: float | None = None  # monotonic
         self.backlog: int | None = None  # changes waiting in the file, as of the last look
+
+    def _copy_progress(self, table: str, copied: int, total: int) -> None:
+        if self.stopping:  # a whole copy is long: a stop request ends it between pages
+            raise _Stopping
 
     def stop(self, timeout: float = 5.0) -> None:
         self._stop_event.set()
@@ -637,7 +654,12 @@ class ShipperThread(threading.Thread):
                 log.error("ship.refused", error=str(exc), detail="shipping stopped; the archive goes on")
                 self.shipper.close_pg()
                 return
-            except (psycopg.Error, OSError, sqlite3.Error) as exc:
+            except _Stopping:
+                break
+            except Exception as exc:  # whatever fails, the archive goes on and shipping retries
+                expected = isinstance(exc, psycopg.Error | OSError | sqlite3.Error)
+                if not expected:
+                    log.exception("ship.error", error=repr(exc))
                 self.failures += 1
                 self.failing = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
                 if isinstance(exc, psycopg.errors.QueryCanceled) and self.shipper.batch_size > 1:
@@ -652,7 +674,7 @@ class ShipperThread(threading.Thread):
                     postgres=self.settings.postgres_address(),
                     batch_size=self.shipper.batch_size,
                 )
-                if isinstance(exc, psycopg.Error):
+                if not isinstance(exc, OSError | sqlite3.Error):
                     self.connected = False
                     self.shipper.close_pg()
                 with contextlib.suppress(sqlite3.Error):
@@ -666,7 +688,7 @@ class ShipperThread(threading.Thread):
             shipper.open()
             self.connected = True
             log.info("ship.connected", postgres=self.settings.postgres_address(), source=shipper.source)
-        shipped, copied = 0, False
+        shipped, copied, trimmed_at = 0, False, 0
         while not self.stopping:
             try:
                 n = shipper.ship_batch()
@@ -676,7 +698,7 @@ class ShipperThread(threading.Thread):
                     break
                 copied = True
                 log.info("ship.copying", reason=str(why), source=shipper.source)
-                report = shipper.copy_all()
+                report = shipper.copy_all(self._copy_progress)
                 self.copies += 1
                 log.info("ship.copied", **report.as_dict())
                 continue
@@ -685,9 +707,13 @@ class ShipperThread(threading.Thread):
             shipped += n
             self.shipped += n
             self.last_shipped_at = time.monotonic()
-            shipper.trim()
+            if shipped - trimmed_at >= _TRIM_EVERY:  # far behind: trim on the way, not only at the end
+                shipper.trim()
+                trimmed_at = shipped
             if shipper.batch_size < self.settings.ship_batch_size:
                 shipper.batch_size = min(self.settings.ship_batch_size, shipper.batch_size * 2)
+        if shipped > trimmed_at:
+            shipper.trim()
         self.backlog = shipper.backlog()
         if shipped:
             log.debug("ship.shipped", entries=shipped, position=shipper.position)

@@ -426,3 +426,21 @@ def test_check_reports_how_far_shipping_is_behind(redis, redis_server, db_path, 
         report = json.loads(capsys.readouterr().out)
         postgres = next(c for c in report["checks"] if c["check"] == "postgres")
         assert postgres["status"] == "fail" and "no_such_database" in postgres["detail"] and not report["ok"]
+
+
+def test_values_postgres_cannot_hold_as_they_are_are_shipped_readable(redis, redis_server, db_path, pg_url, capsys):
+    """Another writer of the file may leave text that is not UTF-8, a NUL, or a word where desto
+    keeps a number: the row is shipped (such a value made readable, or NULL), never refused forever."""
+    ids = _archive(redis, redis_server, db_path)
+    conn = sqlite3.connect(db_path)
+    conn.execute("UPDATE sessions SET session_name = CAST(X'6e616d65ff00' AS TEXT) WHERE session_id = ?", (ids[1],))
+    conn.execute("UPDATE sessions SET tmux_active = 'yes' WHERE session_id = ?", (ids[2],))
+    conn.execute("UPDATE jobs SET exit_code = 3.0 WHERE session_id = ?", (ids[3],))
+    conn.commit()
+    conn.close()
+    report = _ship(db_path, pg_url, "gpu1", capsys=capsys)
+    assert report["copied"]["sessions"] == 5
+    central = {r["session_id"]: r for r in pg_rows(pg_url, "sessions")}
+    assert central[ids[1]]["session_name"] == "name\ufffd\ufffd"
+    assert central[ids[2]]["tmux_active"] is None
+    assert [r["exit_code"] for r in pg_rows(pg_url, "jobs") if r["session_id"] == ids[3]] == [3]
