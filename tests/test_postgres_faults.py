@@ -15,7 +15,10 @@ How the faults are made (the machine's PostgreSQL is shared, so it is never stop
 
 from __future__ import annotations
 
+import json
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -23,7 +26,7 @@ import psycopg
 import pytest
 
 from tests.fault_helpers import heartbeat, settle, start_ready
-from tests.helpers import wait_for
+from tests.helpers import REPO, daemon_env, wait_for
 from tests.pg_helpers import Proxy, central_differences
 from tests.redis_server import RedisServer
 
@@ -212,3 +215,51 @@ def test_daemon_sigkilled_while_shipping(redis_server, redis, db_path, pg_url, d
     settle(report, redis, db_path, written, timeout=20)
     assert_central_equals_file(pg_url, db_path, "gpu1", timeout=40)
     assert daemon.proc.poll() is None
+
+
+@pytest.mark.slow
+def test_one_shot_ship_beside_the_shipping_daemon_under_load(
+    redis_server, redis, db_path, pg_url, daemons, writers, reliability
+):
+    report = reliability("`ship` beside the shipping daemon", "the one-shot copy run x3 while the daemon ships")
+    daemon = start_ready(daemons, redis_server, db_path, **ship_env(pg_url, "gpu1"))
+    daemon.wait_log("ship.connected")
+    writer = writers(redis_server, seed=8)
+    for _ in range(3):
+        writer.wait_steps(100)
+        done = subprocess.run(
+            [sys.executable, "-m", "archiver", "ship", "--json"],
+            env=daemon_env(redis_server, db_path, **ship_env(pg_url, "gpu1")),
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout)["rows"] > 0
+    written = writer.finish()
+    settle(report, redis, db_path, written, timeout=20)
+    assert_central_equals_file(pg_url, db_path, "gpu1")
+    assert not daemon.events("ship.failed")
+
+
+def test_ship_with_postgres_unreachable_exits_1_and_says_to_run_it_again(redis_server, redis, db_path) -> None:
+    from tests.redis_server import free_port
+
+    assert (
+        subprocess.run(
+            [sys.executable, "-m", "archiver", "backfill"], env=daemon_env(redis_server, db_path), cwd=REPO, timeout=60
+        ).returncode
+        == 0
+    )
+    url = f"postgresql://postgres@127.0.0.1:{free_port()}/nowhere"
+    done = subprocess.run(
+        [sys.executable, "-m", "archiver", "ship", "--postgres-url", url],
+        env=daemon_env(redis_server, db_path),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1
+    assert f"PostgreSQL at {url} failed" in done.stderr and "run the same command again" in done.stderr
