@@ -13,8 +13,8 @@ import psycopg
 from psycopg.rows import dict_row
 
 from archiver.config import Settings
+from archiver.postgres import PG_SCHEMA_VERSION, connect, pg_schema_version
 from archiver.reader import EXPORTS, Filters, ReadError, _bound, _seconds, payload_json
-from archiver.ship import PG_SCHEMA_VERSION, connect, pg_schema_version
 
 _PAGE = 500
 

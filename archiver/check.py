@@ -351,7 +351,7 @@ def _quick_check(conn: sqlite3.Connection) -> str | None:
 
 def _postgres(settings: Settings) -> Finding:
     """The central database: reachable, its schema, and how far this file's shipping is behind."""
-    from archiver.ship import ShipError, require_psycopg
+    from archiver.postgres import ShipError, require_psycopg
 
     try:
         require_psycopg()
@@ -360,7 +360,7 @@ def _postgres(settings: Settings) -> Finding:
     import psycopg
 
     from archiver import changelog
-    from archiver.ship import PG_SCHEMA_VERSION, connect, pg_schema_version
+    from archiver.postgres import PG_SCHEMA_VERSION, connect, pg_schema_version
 
     where = settings.postgres_address()
     try:

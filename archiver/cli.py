@@ -390,7 +390,7 @@ def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
     from archiver.pipeline import Daemon
 
     if settings.postgres_url is not None:
-        from archiver.ship import ShipError, require_psycopg
+        from archiver.postgres import ShipError, require_psycopg
 
         try:
             require_psycopg()
@@ -455,7 +455,8 @@ def cmd_backfill(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_ship(settings: Settings, args: argparse.Namespace) -> int:
-    from archiver.ship import ShipError, Shipper, require_psycopg
+    from archiver.postgres import ShipError, require_psycopg
+    from archiver.ship import Shipper
 
     if settings.postgres_url is None:
         raise UsageError("give the central database with --postgres-url URL (or ARCHIVER_POSTGRES_URL)")
@@ -606,7 +607,7 @@ def _central(settings: Settings, args: argparse.Namespace) -> Any:
         return None
     if settings.postgres_url is None:
         raise UsageError("--source reads the central database: give it with --postgres-url URL")
-    from archiver.ship import ShipError, require_psycopg
+    from archiver.postgres import ShipError, require_psycopg
 
     try:
         require_psycopg()

@@ -35,7 +35,7 @@ from archiver.store import BatchResult, DaemonLock, Store, StoreError, store_adv
 from archiver.writer import TimedHint
 
 if TYPE_CHECKING:
-    from archiver.ship import ShipperThread
+    from archiver.shipper import ShipperThread
 
 log = get_logger("archiver.pipeline")
 
@@ -190,7 +190,7 @@ class Daemon:
         self._note_file()
         assert self.store is not None
         if self.shipper is not None:  # its connection reads the lost file: ship from the new one
-            from archiver.ship import ShipperThread
+            from archiver.shipper import ShipperThread
 
             self.shipper.stop(2.0)
             self.shipper = ShipperThread(self.settings)
@@ -228,7 +228,7 @@ class Daemon:
                 ) from None
             log.info("metrics.serving", host=self.settings.metrics_host, port=self.settings.metrics_port)
         if self.settings.postgres_url is not None:
-            from archiver.ship import ShipperThread
+            from archiver.shipper import ShipperThread
 
             self.shipper = ShipperThread(self.settings)
             self.shipper.start()

@@ -1,24 +1,16 @@
-"""Shipping the archive into PostgreSQL: one central database for many hosts' archivers.
+"""Shipping the archive into PostgreSQL (see archiver/postgres.py for the central tables).
 
 The SQLite file stays the source of truth and the buffer. Changes are found in the file's change
 log (archiver/changelog.py), their rows' current state is read from the file, and upserted into
 PostgreSQL together with the shipper's position, in one PostgreSQL transaction per batch: a batch
 lands whole or not at all, and a batch shipped twice changes nothing (at-least-once, idempotent).
 Only then are the shipped entries trimmed from the file.
-
-Every central table carries ``source_name`` (``ARCHIVER_SOURCE_NAME``) in its key, so archivers of
-many hosts share one database. A file is known by ``file_id`` (kept in the file): the status history
-and quarantine rows are numbered per file, and a host rebuilt with a new file adds to its history
-instead of replacing it.
-
-psycopg is imported here only: the SQLite-only installation never loads it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import sqlite3
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
@@ -29,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from archiver import changelog
 from archiver.config import Settings
 from archiver.log import get_logger
+from archiver.postgres import NUMBERED, connect, migrate_pg
 from archiver.writer import select_in
 
 if TYPE_CHECKING:
@@ -36,153 +29,12 @@ if TYPE_CHECKING:
 
 log = get_logger("archiver.ship")
 
-PG_SCHEMA_VERSION = 1
-_COPY_FROM = 50  # rows from which a batch is copied into a temporary table rather than upserted row by row
 STATE_FILE_ID = "ship_file_id"
-RECORD_KEYS = {"sessions": "session_id", "jobs": "job_id", "favorites": "favorite_id", "at_jobs": "at_job_id"}
-NUMBERED = ("status_history", "quarantine")  # rows numbered by the file: keyed by file_id too
-
-# The central tables, version 1: the file's columns (schema 2) with SQLite's types mapped.
-_TABLES_V1: dict[str, str] = {
-    "sessions": "session_id text, session_name text, tmux_session_name text, status text, start_time text, "
-    "end_time text, last_heartbeat text, job_ids text, tmux_active bigint, at_job_id text",
-    "jobs": "job_id text, session_id text, command text, script_path text, status text, start_time text, "
-    "end_time text, exit_code bigint, error_message text",
-    "favorites": "favorite_id text, name text, command text, last_used_at text, use_count bigint, real_name text",
-    "at_jobs": 'at_job_id text, job_id text, command text, request_time text, scheduled_time text, "user" text, '
-    "status text, creation_time text, queue text, session_name text, script_path text, arguments text, "
-    "error_message text, execution_result text",
-    "status_history": "id bigint, kind text, record_id text, event text, status text, previous_status text, "
-    "detail text, observed_at text, desto_timestamp text, source text",
-    "quarantine": "id bigint, key bytea, key_text text, kind text, record_id text, redis_type text, payload bytea, "
-    "payload_sha256 text, reason text, first_seen_at text, last_seen_at text, times_seen bigint, resolved_at text",
-}
-_TRACKING_V1 = (
-    "created_at text, updated_at text, read_at_us bigint, first_seen_at text, last_seen_at text, expires_at text, "
-    "gone_at text, gone_reason text, extra text"
-)
-
-
-def _migrate_pg_to_1(cur: Any, schema: str) -> None:
-    cur.execute(
-        f"CREATE TABLE IF NOT EXISTS {schema}.ship_positions (source_name text PRIMARY KEY, file_id text NOT NULL, "
-        "position bigint, host text, file text, shipped_at timestamptz NOT NULL DEFAULT now(), copied_at timestamptz)"
-    )
-    for table, columns in _TABLES_V1.items():
-        if table in RECORD_KEYS:
-            cols = f"{columns}, {_TRACKING_V1}" + (", observed_status text" if table != "favorites" else "")
-            key = f"source_name, {RECORD_KEYS[table]}"
-        else:
-            cols, key = columns, "source_name, file_id, id"
-        cur.execute(
-            f"CREATE TABLE IF NOT EXISTS {schema}.{table} (source_name text NOT NULL, file_id text NOT NULL, "
-            f"{cols}, PRIMARY KEY ({key}))"
-        )
-    for table, column in (
-        ("sessions", "start_time"),
-        ("sessions", "status"),
-        ("jobs", "session_id"),
-        ("jobs", "status"),
-        ("jobs", "start_time"),
-        ("status_history", "observed_at"),
-    ):
-        cur.execute(f"CREATE INDEX IF NOT EXISTS {table}_{column}_idx ON {schema}.{table} ({column})")
-    cur.execute(
-        f"CREATE INDEX IF NOT EXISTS status_history_record_idx ON {schema}.status_history "
-        "(source_name, kind, record_id)"
-    )
-
-
-PG_MIGRATIONS: dict[int, Callable[[Any, str], None]] = {1: _migrate_pg_to_1}
-
-
-class ShipError(Exception):
-    """Shipping cannot go on until a person acts; the message says what to do."""
-
-
-class NewerPostgresSchema(ShipError):
-    pass
+_COPY_FROM = 50  # rows from which a batch is copied into a temporary table rather than upserted row by row
 
 
 class NeedsCopy(Exception):
     """The log alone cannot bring PostgreSQL up to date: the whole file must be copied first."""
-
-
-def require_psycopg() -> None:
-    """A clear error where the optional dependency is missing."""
-    try:
-        import psycopg  # noqa: F401
-    except ImportError:
-        raise ShipError(
-            "ARCHIVER_POSTGRES_URL is set but psycopg is not installed: pip install 'desto-archiver[postgres]'"
-        ) from None
-
-
-def connect(settings: Settings) -> psycopg.Connection[Any]:
-    import psycopg
-
-    assert settings.postgres_url is not None
-    return psycopg.connect(
-        settings.postgres_url.get_secret_value(),
-        autocommit=True,
-        connect_timeout=10,
-        application_name=f"desto-archiver {settings.source_name}"[:63],
-        # a server gone silent (network lost) is noticed in about 30 s, not after the kernel's hours
-        keepalives=1,
-        keepalives_idle=10,
-        keepalives_interval=5,
-        keepalives_count=3,
-        tcp_user_timeout=30_000,
-    )
-
-
-def pg_schema_version(conn: psycopg.Connection[Any], schema: str) -> int:
-    """The central schema's version (0: not created yet)."""
-    found = conn.execute("SELECT to_regclass(%s)", (f"{schema}.archiver_schema",)).fetchone()
-    if found is None or found[0] is None:
-        return 0
-    row = conn.execute(f"SELECT max(version) FROM {schema}.archiver_schema").fetchone()
-    return int(row[0]) if row and row[0] is not None else 0
-
-
-def migrate_pg(conn: psycopg.Connection[Any], schema: str) -> tuple[int, int]:
-    """Bring the central schema to PG_SCHEMA_VERSION; returns (version found, version now).
-
-    Nothing is created when the schema is current, so a role with only DML privileges works on a
-    schema its owner created; raises ShipError when the schema is newer or cannot be created."""
-    import psycopg
-
-    found = pg_schema_version(conn, schema)
-    if found > PG_SCHEMA_VERSION:
-        raise NewerPostgresSchema(
-            f"PostgreSQL schema {schema} has version {found}, newer than this desto-archiver's "
-            f"{PG_SCHEMA_VERSION}: upgrade desto-archiver on this host"
-        )
-    if found == PG_SCHEMA_VERSION:
-        return found, found
-    try:
-        with conn.transaction(), conn.cursor() as cur:
-            # two archivers starting at once: one migrates, the other finds it done
-            cur.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (f"desto-archiver:schema:{schema}",))
-            exists = cur.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s", (schema,)).fetchone()
-            if not exists:
-                cur.execute(f"CREATE SCHEMA {schema}")
-            cur.execute(
-                f"CREATE TABLE IF NOT EXISTS {schema}.archiver_schema (version integer NOT NULL, "
-                "migrated_at timestamptz NOT NULL DEFAULT now())"
-            )
-            current = pg_schema_version(conn, schema)
-            for version in sorted(v for v in PG_MIGRATIONS if current < v <= PG_SCHEMA_VERSION):
-                PG_MIGRATIONS[version](cur, schema)
-            if current < PG_SCHEMA_VERSION:
-                cur.execute(f"INSERT INTO {schema}.archiver_schema (version) VALUES (%s)", (PG_SCHEMA_VERSION,))
-    except psycopg.errors.InsufficientPrivilege as exc:
-        raise ShipError(
-            f"cannot create the schema {schema} in PostgreSQL ({exc.diag.message_primary}): grant the archiver's "
-            f"role CREATE on the schema {schema} (or on the database), or create it once with "
-            "`desto-archiver ship --postgres-url <owner's URL>` (docs/postgresql.md, 'The role')"
-        ) from None
-    return found, PG_SCHEMA_VERSION
 
 
 @dataclass
@@ -583,139 +435,3 @@ def _hostname() -> str:
     import socket
 
     return socket.gethostname()
-
-
-class _Stopping(Exception):
-    pass
-
-
-# Entries shipped between trims of the log while catching up: each trim takes the file's write lock.
-_TRIM_EVERY = 20_000
-
-
-class ShipperThread(threading.Thread):
-    """The daemon's shipper: follows the file's change log into PostgreSQL from connections of its
-    own. PostgreSQL down, slow or refusing only delays it (it retries with a growing pause); the
-    daemon's writer never waits for it, and it holds no more than one batch in memory."""
-
-    def __init__(self, settings: Settings) -> None:
-        super().__init__(name="archiver-shipper", daemon=True)
-        self.settings = settings
-        self.shipper = Shipper(settings)
-        self._stop_event = threading.Event()
-        self.wake = threading.Event()
-        self.shipped = 0  # log entries shipped since start
-        self.copies = 0
-        self.failures = 0
-        self.failing: str | None = None  # the last error while shipping fails
-        self.refused: str | None = None  # shipping stopped until a person acts
-        self.connected = False
-        self.last_shipped_at: float | None = None  # monotonic
-        self.backlog: int | None = None  # changes waiting in the file, as of the last look
-
-    def _copy_progress(self, table: str, copied: int, total: int) -> None:
-        if self.stopping:  # a whole copy is long: a stop request ends it between pages
-            raise _Stopping
-
-    def stop(self, timeout: float = 5.0) -> None:
-        self._stop_event.set()
-        self.wake.set()
-        self.join(timeout)
-
-    @property
-    def stopping(self) -> bool:
-        return self._stop_event.is_set()
-
-    def status(self) -> dict[str, Any]:
-        return {
-            "connected": self.connected,
-            "position": self.shipper.position,
-            "shipped": self.shipped,
-            "copies": self.copies,
-            "failing": self.failing,
-            "refused": self.refused,
-            "backlog": self.backlog,
-        }
-
-    def run(self) -> None:
-        import psycopg
-
-        backoff = 0.0
-        while not self.stopping:
-            try:
-                self._round()
-                backoff = 0.0
-                if self.failing is not None:
-                    log.info("ship.recovered", after=self.failing, failures=self.failures)
-                    self.failing, self.failures = None, 0
-            except ShipError as exc:
-                self.refused = str(exc)
-                self.connected = False
-                log.error("ship.refused", error=str(exc), detail="shipping stopped; the archive goes on")
-                self.shipper.close_pg()
-                return
-            except _Stopping:
-                break
-            except Exception as exc:  # whatever fails, the archive goes on and shipping retries
-                expected = isinstance(exc, psycopg.Error | OSError | sqlite3.Error)
-                if not expected:
-                    log.exception("ship.error", error=repr(exc))
-                self.failures += 1
-                self.failing = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
-                if isinstance(exc, psycopg.errors.QueryCanceled) and self.shipper.batch_size > 1:
-                    # a statement timeout: smaller batches fit in it
-                    self.shipper.batch_size = max(1, self.shipper.batch_size // 2)
-                backoff = min(self.settings.reconnect_max_backoff, max(0.5, backoff * 2))
-                log.warning(
-                    "ship.failed",
-                    error=self.failing,
-                    failures=self.failures,
-                    retry_in_s=backoff,
-                    postgres=self.settings.postgres_address(),
-                    batch_size=self.shipper.batch_size,
-                )
-                if not isinstance(exc, OSError | sqlite3.Error):
-                    self.connected = False
-                    self.shipper.close_pg()
-                with contextlib.suppress(sqlite3.Error):
-                    self.backlog = self.shipper.backlog()
-                self._stop_event.wait(backoff)
-        self.shipper.close()
-
-    def _round(self) -> None:
-        shipper = self.shipper
-        if shipper.pg is None:
-            shipper.open()
-            self.connected = True
-            log.info("ship.connected", postgres=self.settings.postgres_address(), source=shipper.source)
-        shipped, copied, trimmed_at = 0, False, 0
-        while not self.stopping:
-            try:
-                n = shipper.ship_batch()
-            except NeedsCopy as why:
-                if copied:  # the log is still not usable right after a copy: try again later, not at once
-                    log.warning("ship.copy_again", reason=str(why), source=shipper.source)
-                    break
-                copied = True
-                log.info("ship.copying", reason=str(why), source=shipper.source)
-                report = shipper.copy_all(self._copy_progress)
-                self.copies += 1
-                log.info("ship.copied", **report.as_dict())
-                continue
-            if n == 0:
-                break
-            shipped += n
-            self.shipped += n
-            self.last_shipped_at = time.monotonic()
-            if shipped - trimmed_at >= _TRIM_EVERY:  # far behind: trim on the way, not only at the end
-                shipper.trim()
-                trimmed_at = shipped
-            if shipper.batch_size < self.settings.ship_batch_size:
-                shipper.batch_size = min(self.settings.ship_batch_size, shipper.batch_size * 2)
-        if shipped > trimmed_at:
-            shipper.trim()
-        self.backlog = shipper.backlog()
-        if shipped:
-            log.debug("ship.shipped", entries=shipped, position=shipper.position)
-        self.wake.wait(self.settings.ship_interval)
-        self.wake.clear()

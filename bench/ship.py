@@ -38,7 +38,8 @@ import psycopg
 
 from archiver import changelog
 from archiver.config import load_settings
-from archiver.ship import Shipper, migrate_pg
+from archiver.postgres import migrate_pg
+from archiver.ship import Shipper
 from bench import write_cost
 from bench.common import Context, DaemonProcess, WriterProcess, fresh_redis, max_rowid, ro_connect
 
