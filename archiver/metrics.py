@@ -60,7 +60,9 @@ class _DaemonCollector(Collector):
             yield _counter("ship_entries_shipped", "Changes shipped to PostgreSQL", ship["shipped"])
             yield _counter("ship_copies", "Whole copies of the file made into PostgreSQL", ship["copies"])
             yield GaugeMetricFamily(
-                f"{PREFIX}_ship_backlog", "Changes in the file not yet in PostgreSQL", value=ship["backlog"] or 0
+                f"{PREFIX}_ship_backlog",
+                "Changes in the file not yet in PostgreSQL (NaN until the first batch)",
+                value=float("nan") if ship["backlog"] is None else ship["backlog"],
             )
             yield GaugeMetricFamily(
                 f"{PREFIX}_ship_failing",
