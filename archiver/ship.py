@@ -15,6 +15,8 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
+from operator import itemgetter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -51,6 +53,18 @@ class _Table:
     stage: str  # the connection's temporary table a big batch is copied into
     copy: str
     upsert_staged: str
+    good_shapes: set[tuple[type, ...]] = field(default_factory=set)
+    text_of: dict[tuple[type, ...], Callable[[Sequence[Any]], Any] | None] = field(default_factory=dict)
+
+    def learn(self, shape: tuple[type, ...]) -> bool:
+        """Whether rows of these value types go to PostgreSQL as they are (then remembered)."""
+        wanted = {"text": str, "bigint": int, "bytea": bytes}
+        if not all(t is type(None) or t is wanted[k] for t, k in zip(shape, self.kinds, strict=True)):
+            return False
+        texts = [i for i, t in enumerate(shape) if t is str]
+        self.text_of[shape] = itemgetter(*texts) if texts else None
+        self.good_shapes.add(shape)
+        return True
 
 
 def _coerce(kind: str, value: Any) -> Any:
@@ -73,6 +87,14 @@ def _coerce(kind: str, value: Any) -> Any:
         return value.decode("utf-8", "replace")
     text = str(value)
     return text.replace("\x00", "\ufffd") if "\x00" in text else text  # PostgreSQL's text holds no NUL
+
+
+def _fetch_all(conn: sqlite3.Connection, sql: str, params: Sequence[Any]) -> list[Any]:
+    return conn.execute(sql, params).fetchall()
+
+
+def _select_all(conn: sqlite3.Connection, query: str, values: Sequence[Any]) -> list[Any]:
+    return list(select_in(conn, query, values))
 
 
 @dataclass
@@ -124,8 +146,6 @@ class Shipper:
         if self.sqlite is None:
             timeout = self.settings.sqlite_busy_timeout
             self.sqlite = sqlite3.connect(self.db_path, timeout=timeout, isolation_level=None, check_same_thread=False)
-            # text SQLite holds that is not UTF-8 (another writer's) is shipped readable, not refused forever
-            self.sqlite.text_factory = lambda raw: raw.decode("utf-8", "replace")
 
     def open(self) -> None:
         self.open_file()
@@ -233,14 +253,47 @@ class Shipper:
 
     # ─── moving rows ───────────────────────────────────────────────────────────────────────
 
+    def _read(self, query: Callable[[], list[Any]]) -> list[Any]:
+        """``query``'s rows; text SQLite holds that is not UTF-8 (another writer's) is read with its
+        bad bytes replaced, so it is shipped readable rather than refused forever."""
+        assert self.sqlite is not None
+        try:
+            return query()
+        except sqlite3.OperationalError as exc:
+            if "decode" not in str(exc):
+                raise
+        self.sqlite.text_factory = lambda raw: raw.decode("utf-8", "replace")
+        try:
+            return query()
+        finally:
+            self.sqlite.text_factory = str
+
     def _rows(self, table: _Table, keys: Sequence[Any]) -> list[tuple[Any, ...]]:
         assert self.sqlite is not None
         quoted = ", ".join(f'"{c}"' for c in table.columns)
-        return list(select_in(self.sqlite, f"SELECT {quoted} FROM {table.name} WHERE {table.key} IN", keys))
+        return self._read(
+            partial(_select_all, self.sqlite, f"SELECT {quoted} FROM {table.name} WHERE {table.key} IN", keys)
+        )
 
     def _params(self, table: _Table, rows: Iterable[Sequence[Any]]) -> list[tuple[Any, ...]]:
-        kinds = table.kinds
-        return [(self.source, self.file_id, *(_coerce(k, v) for k, v in zip(kinds, r, strict=True))) for r in rows]
+        """The rows as PostgreSQL takes them. Most rows already are: their types (a signature
+        checked once per shape) match the columns and their text holds no NUL; only the others go
+        through _coerce, value by value."""
+        head = (self.source, self.file_id)
+        out: list[tuple[Any, ...]] = []
+        append, good, text_of = out.append, table.good_shapes, table.text_of
+        for r in rows:
+            shape = tuple(map(type, r))
+            if shape not in good and not table.learn(shape):
+                append((*head, *(_coerce(k, v) for k, v in zip(table.kinds, r, strict=True))))
+                continue
+            getter = text_of[shape]
+            texts = getter(r) if getter is not None else ""
+            if "\x00" in (texts if isinstance(texts, str) else "".join(texts)):
+                append((*head, *(_coerce(k, v) for k, v in zip(table.kinds, r, strict=True))))
+            else:
+                append((*head, *r))
+        return out
 
     def _put(self, cur: psycopg.Cursor[Any], table: _Table, rows: list[tuple[Any, ...]]) -> None:
         if not rows:
@@ -381,17 +434,14 @@ class Shipper:
         total = self.sqlite.execute(f"SELECT count(*) FROM {table.name}").fetchone()[0]
         quoted = ", ".join(f'"{c}"' for c in table.columns)
         key_at = table.columns.index(table.key)
-        copied, after = 0, None
+        copied, after, sqlite = 0, None, self.sqlite
         while True:
-            if after is None:
-                rows = self.sqlite.execute(
-                    f"SELECT {quoted} FROM {table.name} ORDER BY {table.key} LIMIT ?", (self.batch_size,)
-                ).fetchall()
-            else:
-                rows = self.sqlite.execute(
-                    f"SELECT {quoted} FROM {table.name} WHERE {table.key} > ? ORDER BY {table.key} LIMIT ?",
-                    (after, self.batch_size),
-                ).fetchall()
+            sql, params = f"SELECT {quoted} FROM {table.name} ORDER BY {table.key} LIMIT ?", [self.batch_size]
+            if after is not None:
+                sql = f"SELECT {quoted} FROM {table.name} WHERE {table.key} > ? ORDER BY {table.key} LIMIT ?"
+                params.insert(0, after)
+            page: Callable[[], list[Any]] = partial(_fetch_all, sqlite, sql, params)
+            rows = self._read(page)
             if not rows:
                 break
             with self.pg.transaction(), self.pg.cursor() as cur:
@@ -408,6 +458,7 @@ class Shipper:
         assert self.pg is not None and self.sqlite is not None
         deleted, after = 0, None
         query = f"SELECT {table.key} FROM {self.schema}.{table.name} WHERE source_name = %s AND file_id = %s"
+        in_file = f"SELECT {table.key} FROM {table.name} WHERE {table.key} IN"
         while True:
             if after is None:
                 found = self.pg.execute(
@@ -421,9 +472,7 @@ class Shipper:
             keys = [r[0] for r in found]
             if not keys:
                 return deleted
-            present = {
-                r[0] for r in select_in(self.sqlite, f"SELECT {table.key} FROM {table.name} WHERE {table.key} IN", keys)
-            }
+            present = {r[0] for r in self._read(partial(_select_all, self.sqlite, in_file, keys))}
             gone = [k for k in keys if k not in present]
             if gone:
                 with self.pg.transaction(), self.pg.cursor() as cur:
