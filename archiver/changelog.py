@@ -29,6 +29,11 @@ SHIPPED: dict[str, str] = {
 }
 STATE_FROM = "changes_from"
 _OPS = ("insert", "update", "delete")
+# The status history only grows (by rowid): the shipper finds its new rows by number, so the write
+# path pays for no log entry there; only the rare change or deletion of a row is logged.
+OPS: dict[str, tuple[str, ...]] = {
+    table: ("update", "delete") if table == "status_history" else _OPS for table in SHIPPED
+}
 
 
 def _trigger_name(table: str, op: str) -> str:
@@ -58,7 +63,7 @@ def _present(conn: sqlite3.Connection) -> set[str]:
 
 
 def _expected() -> set[str]:
-    return {_trigger_name(t, op) for t in SHIPPED for op in _OPS}
+    return {_trigger_name(t, op) for t in SHIPPED for op in OPS[t]}
 
 
 def is_enabled(conn: sqlite3.Connection) -> bool:
@@ -99,14 +104,16 @@ def set_enabled(conn: sqlite3.Connection, enabled: bool, busy_timeout: float = 5
     complete log after a marker; dropping them empties the log (but for the last entry) and
     forgets where it was complete."""
     present = _present(conn)
-    if enabled == (_expected() <= present) and (enabled or not present):
+    if (enabled and present == _expected()) or (not enabled and not present):
         return False
     _write(conn, busy_timeout)
     try:
         if enabled:
             for table, key in SHIPPED.items():
-                for op in _OPS:
+                for op in OPS[table]:
                     conn.execute(_trigger_sql(table, key, op))
+            for name in present - _expected():
+                conn.execute(f"DROP TRIGGER IF EXISTS {name}")
             # A marker that names no row takes a number: a shipper that stopped at the last seq
             # before the triggers went away finds the log starting after a gap (what changed
             # meanwhile), and copies the file.

@@ -193,7 +193,7 @@ class Daemon:
             from archiver.shipper import ShipperThread
 
             self.shipper.stop(2.0)
-            self.shipper = ShipperThread(self.settings)
+            self.shipper = ShipperThread(self.settings, self._busy)
             self.shipper.start()
         self._sweep = None  # it swept the lost file; the reconcile below replaces it
         self._reconcile_wanted = self._reconcile_wanted or "reopened"
@@ -230,7 +230,7 @@ class Daemon:
         if self.settings.postgres_url is not None:
             from archiver.shipper import ShipperThread
 
-            self.shipper = ShipperThread(self.settings)
+            self.shipper = ShipperThread(self.settings, self._busy)
             self.shipper.start()
         self.fetcher = Fetcher(self.settings, self.source, self.dirty)
         self.fetcher.start()
@@ -450,6 +450,11 @@ class Daemon:
             log.debug("heartbeat.skipped", error=str(exc))
         if self.notifier.enabled:
             self.notifier.status(self._status_line())
+
+    def _busy(self) -> bool:
+        """Changes wait to be read or written (called from the shipper's thread: reads only)."""
+        fetcher = self.fetcher
+        return len(self.dirty) > 0 or (fetcher is not None and fetcher.has_queued())
 
     def _failing_now(self) -> str | None:
         """What is failing: the writer's own failure, else the fetcher's reads from Redis."""

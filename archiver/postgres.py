@@ -46,7 +46,8 @@ _TRACKING_V1 = (
 def _migrate_pg_to_1(cur: Any, schema: str) -> None:
     cur.execute(
         f"CREATE TABLE IF NOT EXISTS {schema}.ship_positions (source_name text PRIMARY KEY, file_id text NOT NULL, "
-        "position bigint, host text, file text, shipped_at timestamptz NOT NULL DEFAULT now(), copied_at timestamptz)"
+        "position bigint, history_id bigint, host text, file text, shipped_at timestamptz NOT NULL DEFAULT now(), "
+        "copied_at timestamptz)"
     )
     for table, columns in _TABLES_V1.items():
         if table in RECORD_KEYS:

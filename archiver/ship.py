@@ -319,11 +319,13 @@ class Shipper:
     def _lock_key(self) -> str:
         return f"desto-archiver:ship:{self.schema}:{self.source}"
 
-    def _position_row(self, cur: psycopg.Cursor[Any]) -> tuple[str, int | None] | None:
+    def _position_row(self, cur: psycopg.Cursor[Any]) -> tuple[str, int | None, int | None] | None:
+        """(file_id, the last log entry shipped, the last status-history row shipped by number)."""
         row = cur.execute(
-            f"SELECT file_id, position FROM {self.schema}.ship_positions WHERE source_name = %s", (self.source,)
+            f"SELECT file_id, position, history_id FROM {self.schema}.ship_positions WHERE source_name = %s",
+            (self.source,),
         ).fetchone()
-        return None if row is None else (row[0], row[1])
+        return None if row is None else (row[0], row[1], row[2])
 
     def ship_batch(self) -> int:
         """Ship the next batch of the change log; returns how many log entries it covered (0: none
@@ -336,15 +338,26 @@ class Shipper:
             try:
                 start = changelog.complete_from(self.sqlite)
                 last = changelog.last_seq(self.sqlite)
-                if known is None or known[1] is None or known[0] != self.file_id or start is None:
+                if known is None or known[1] is None or known[2] is None or known[0] != self.file_id or start is None:
                     raise NeedsCopy("no position for this file")
-                position = known[1]
+                position, history_id = known[1], known[2]
                 if position > last:
                     raise NeedsCopy("the file is older than what was shipped (a restored copy)")
                 if position + 1 < start:
                     raise NeedsCopy("the change log was cut short")
                 entries = changelog.read(self.sqlite, position, self.batch_size)
-                if not entries:
+                history = self.tables["status_history"]
+                new_history = self._read(
+                    partial(
+                        _fetch_all,
+                        self.sqlite,
+                        f"SELECT {', '.join(history.columns)} FROM status_history WHERE id > ? ORDER BY id LIMIT ?",
+                        (history_id, self.batch_size),
+                    )
+                )
+                # a number above the highest row is used again once that row is deleted: ship it again then
+                newest = self.sqlite.execute("SELECT coalesce(max(id), 0) FROM status_history").fetchone()[0]
+                if not entries and not new_history and history_id <= newest:
                     self.sqlite.execute("COMMIT")
                     self.position = position
                     return 0
@@ -356,18 +369,21 @@ class Shipper:
             finally:
                 if self.sqlite.in_transaction:
                     self.sqlite.execute("COMMIT")
+            self._put(cur, history, new_history)
             for table, keys, rows in found.values():
                 self._put(cur, table, rows)
                 present = {r[0] for r in rows} if table.columns[0] == table.key else set()
                 gone = [k for k in keys if k not in present]
                 self._remove(cur, table, gone)
-            new_position = entries[-1][0]
+            new_position = entries[-1][0] if entries else position
+            new_history_id = min(new_history[-1][0] if new_history else history_id, newest)
             cur.execute(
-                f"UPDATE {self.schema}.ship_positions SET position = %s, shipped_at = now() WHERE source_name = %s",
-                (new_position, self.source),
+                f"UPDATE {self.schema}.ship_positions SET position = %s, history_id = %s, shipped_at = now() "
+                "WHERE source_name = %s",
+                (new_position, new_history_id, self.source),
             )
         self.position = new_position
-        return len(entries)
+        return max(1, len(entries) + len(new_history))
 
     def trim(self) -> int:
         """Delete the entries PostgreSQL holds from the file's log."""
@@ -398,6 +414,7 @@ class Shipper:
             try:
                 snapshot = changelog.last_seq(self.sqlite)
                 logging = changelog.complete_from(self.sqlite) is not None
+                history_id = self.sqlite.execute("SELECT coalesce(max(id), 0) FROM status_history").fetchone()[0]
             finally:
                 self.sqlite.execute("COMMIT")
             if known is not None and known[0] == self.file_id and known[1] is not None and known[1] > snapshot:
@@ -411,14 +428,16 @@ class Shipper:
             report.position = snapshot if logging else None
             with self.pg.transaction(), self.pg.cursor() as cur:
                 cur.execute(
-                    f"INSERT INTO {self.schema}.ship_positions (source_name, file_id, position, host, file, copied_at) "
-                    "VALUES (%s, %s, %s, %s, %s, now()) ON CONFLICT (source_name) DO UPDATE SET "
+                    f"INSERT INTO {self.schema}.ship_positions AS p (source_name, file_id, position, history_id, host, "
+                    "file, copied_at) VALUES (%s, %s, %s, %s, %s, %s, now()) ON CONFLICT (source_name) DO UPDATE SET "
                     "file_id = EXCLUDED.file_id, host = EXCLUDED.host, file = EXCLUDED.file, "
-                    "copied_at = EXCLUDED.copied_at, shipped_at = now(), position = CASE "
-                    f"WHEN {self.schema}.ship_positions.file_id = EXCLUDED.file_id AND EXCLUDED.position IS NOT NULL "
-                    f"THEN GREATEST({self.schema}.ship_positions.position, EXCLUDED.position) "
-                    "ELSE EXCLUDED.position END",
-                    (self.source, self.file_id, report.position, _hostname(), str(self.db_path)),
+                    "copied_at = EXCLUDED.copied_at, shipped_at = now(), "
+                    # a daemon that shipped further meanwhile (same file) keeps its place
+                    "position = CASE WHEN p.file_id = EXCLUDED.file_id AND p.position > EXCLUDED.position "
+                    "THEN p.position ELSE EXCLUDED.position END, "
+                    "history_id = CASE WHEN p.file_id = EXCLUDED.file_id AND p.position > EXCLUDED.position "
+                    "THEN p.history_id ELSE EXCLUDED.history_id END",
+                    (self.source, self.file_id, report.position, history_id, _hostname(), str(self.db_path)),
                 )
                 self.position = report.position
         finally:

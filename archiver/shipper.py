@@ -6,6 +6,7 @@ import contextlib
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from archiver.config import Settings
@@ -29,9 +30,10 @@ class ShipperThread(threading.Thread):
     own. PostgreSQL down, slow or refusing only delays it (it retries with a growing pause); the
     daemon's writer never waits for it, and it holds no more than one batch in memory."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, busy: Callable[[], bool] | None = None) -> None:
         super().__init__(name="archiver-shipper", daemon=True)
         self.settings = settings
+        self.busy = busy  # the daemon has changes waiting: the archive goes first
         self.shipper = Shipper(settings)
         self._stop_event = threading.Event()
         self.wake = threading.Event()
@@ -121,6 +123,7 @@ class ShipperThread(threading.Thread):
             log.info("ship.connected", postgres=self.settings.postgres_address(), source=shipper.source)
         shipped, copied, trimmed_at = 0, False, 0
         while not self.stopping:
+            started = time.monotonic()
             try:
                 n = shipper.ship_batch()
             except NeedsCopy as why:
@@ -141,6 +144,11 @@ class ShipperThread(threading.Thread):
             if shipped - trimmed_at >= _TRIM_EVERY:  # far behind: trim on the way, not only at the end
                 shipper.trim()
                 trimmed_at = shipped
+            if self.busy is not None and self.busy():
+                # Catching up while the daemon has changes to archive: the two share the cores (and
+                # the interpreter), and the archive goes first. Shipping at most half the time leaves
+                # it the rest; the backlog waits in the file.
+                self._stop_event.wait(min(1.0, time.monotonic() - started))
             if shipper.batch_size < self.settings.ship_batch_size:
                 shipper.batch_size = min(self.settings.ship_batch_size, shipper.batch_size * 2)
         if shipped > trimmed_at:

@@ -99,7 +99,9 @@ def shipping(rows: int, folder: Path) -> dict[str, Any]:
     conn = sqlite3.connect(db_path)
     log_from = changelog.complete_from(conn)
     assert log_from is not None
+    # the log's entries, and the status history's rows (found by number, not logged)
     entries = conn.execute("SELECT count(*) FROM archiver_changes WHERE seq >= ?", (log_from,)).fetchone()[0]
+    entries += conn.execute("SELECT count(*) FROM status_history").fetchone()[0]
     shipped_rows = sum(conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in ("sessions", "status_history"))
     conn.close()
     out: dict[str, Any] = {"rows": shipped_rows, "log_entries": entries}
@@ -113,7 +115,8 @@ def shipping(rows: int, folder: Path) -> dict[str, Any]:
         assert shipper.pg is not None
         # the daemon's path: a position at the log's start, then batch after batch
         shipper.pg.execute(
-            "INSERT INTO desto_archiver.ship_positions (source_name, file_id, position) VALUES (%s, %s, %s)",
+            "INSERT INTO desto_archiver.ship_positions (source_name, file_id, position, history_id) "
+            "VALUES (%s, %s, %s, 0)",
             ("bench", shipper.file_id, log_from - 1),
         )
         started = time.perf_counter()
