@@ -126,7 +126,7 @@ def test_daemon_ships_every_change_and_deletions_follow(redis, redis_server, db_
         text = wait_for(lambda: (t := scrape()) and "desto_archiver_ship_backlog 0.0" in t and t, 10)
         assert "desto_archiver_ship_failing 0.0" in text and "desto_archiver_ship_copies_total 1.0" in text
         shipped = [line for line in text.splitlines() if line.startswith("desto_archiver_ship_entries_shipped_total")]
-        assert float(shipped[0].split()[1]) > 20
+        assert float(shipped[0].split()[1]) > 0
     failed = [r for r in pg_rows(pg_url, "sessions") if r["session_id"] == ids[2]]
     assert failed[0]["status"] == "failed"
 
@@ -416,7 +416,9 @@ def test_check_reports_how_far_shipping_is_behind(redis, redis_server, db_path, 
     settings = settings_for(redis_server, db_path, postgres_url=pg_url, source_name="gpu1", ship_interval=0.05)
     with daemon_thread(settings) as daemon:
         _fill(redis, 3)
-        wait_for(lambda: daemon.shipper is not None and daemon.shipper.shipped > 0 and daemon.shipper.backlog == 0, 10)
+        wait_for(lambda: _count(db_path, "sessions") == 3, 10)
+        wait_for(lambda: central_differences(pg_url, db_path, "gpu1") == [], 15, interval=0.2, what="PG = file")
+        wait_for(lambda: daemon.shipper is not None and daemon.shipper.backlog == 0, 10)
         base = ["check", "--json", "--no-verify", "--db", str(db_path), "--redis-url", redis_server.url]
         capsys.readouterr()
         main([*base, "--postgres-url", pg_url, "--source", "gpu1"])
