@@ -13,10 +13,14 @@ ratio against a baseline measured in the same run.
    over the time until the last one is in the file. Shipping on (to a database of the run's own)
    against off; with shipping on, also how long PostgreSQL took to hold every row after the file.
 
+The machine's other work moves a single run a lot: parts 1 and 3 alternate off and on ``--trials``
+times (default 3) and compare the medians. PostgreSQL runs on the same cores as the daemon here, so
+its own work on the shipped rows is counted against the daemon; a central server elsewhere is not.
+
 PostgreSQL: ``$ARCHIVER_BENCH_POSTGRES`` (default ``postgresql://postgres@127.0.0.1:5432``); each
 part uses a database of its own, dropped afterwards.
 
-    .venv/bin/python -m bench.ship --rows 50000 --rate 20000 --seconds 5
+    .venv/bin/python -m bench.ship --rows 50000 --rate 20000 --seconds 5 --trials 3
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import contextlib
 import json
 import os
 import sqlite3
+import statistics
 import sys
 import tempfile
 import time
@@ -58,15 +63,21 @@ def scratch_database() -> Iterator[str]:
             conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
-def write_path(rows: int, folder: Path) -> dict[str, Any]:
-    """The daemon's write path without and with the change log's triggers, one after the other."""
-    off = write_cost.measure(folder / "off.db", rows, 8000, 64, change_log=False)
-    on = write_cost.measure(folder / "on.db", rows, 8000, 64, change_log=True)
+def write_path(rows: int, folder: Path, trials: int) -> dict[str, Any]:
+    """The daemon's write path without and with the change log's triggers, alternately ``trials``
+    times each (the machine's other work moves single runs a lot); the medians are compared."""
+    off, on = [], []
+    for n in range(trials):
+        off.append(write_cost.measure(folder / f"off-{n}.db", rows, 8000, 64, change_log=False)["us_per_row"])
+        on.append(write_cost.measure(folder / f"on-{n}.db", rows, 8000, 64, change_log=True)["us_per_row"])
     return {
         "rows": rows,
-        "us_per_row_without": off["us_per_row"],
-        "us_per_row_with_change_log": on["us_per_row"],
-        "ratio": off["us_per_row"] / on["us_per_row"],
+        "trials": trials,
+        "us_per_row_without": statistics.median(off),
+        "us_per_row_with_change_log": statistics.median(on),
+        "ratio": statistics.median(off) / statistics.median(on),
+        "runs_without": off,
+        "runs_with": on,
     }
 
 
@@ -173,16 +184,28 @@ def _ingest(ctx: Context, server: Any, rate: float, seconds: float, url: str | N
     return out
 
 
-def ingest(rate: float, seconds: float, folder: Path) -> dict[str, Any]:
+def ingest(rate: float, seconds: float, folder: Path, trials: int) -> dict[str, Any]:
+    """Shipping off and on, alternately ``trials`` times each; the ratio of the median rates."""
     ctx = Context(smoke=False, workdir=folder)
+    runs: dict[str, list[dict[str, Any]]] = {"off": [], "on": []}
     try:
-        with ctx.redis("ship") as server:
-            off = _ingest(ctx, server, rate, seconds, None)
-            with scratch_database() as url:
-                on = _ingest(ctx, server, rate, seconds, url)
+        with ctx.redis("ship") as server, scratch_database() as url:
+            for _ in range(trials):
+                runs["off"].append(_ingest(ctx, server, rate, seconds, None))
+                with psycopg.connect(url, autocommit=True) as pg:  # each trial ships into an empty database
+                    pg.execute("DROP SCHEMA IF EXISTS desto_archiver CASCADE")
+                runs["on"].append(_ingest(ctx, server, rate, seconds, url))
     finally:
         ctx.procs.stop_all()
-    return {"off": off, "on": on, "ratio": on["rate"] / off["rate"]}
+    off = statistics.median(r["rate"] for r in runs["off"])
+    on = statistics.median(r["rate"] for r in runs["on"])
+    behind = statistics.median(r["postgres_behind_file_s"] for r in runs["on"])
+    return {
+        "trials": trials,
+        "off": {"rate": off, "runs": runs["off"]},
+        "on": {"rate": on, "postgres_behind_file_s": behind, "runs": runs["on"]},
+        "ratio": on / off,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -190,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", type=int, default=50_000, help="sessions in the shipped archive and write path")
     parser.add_argument("--rate", type=float, default=20_000, help="live ingest: changes/s the writer sends")
     parser.add_argument("--seconds", type=float, default=5, help="live ingest: how long it sends")
+    parser.add_argument("--trials", type=int, default=3, help="write path and live ingest: runs of each, alternated")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="bench-ship-") as folder:
@@ -198,13 +222,14 @@ def main(argv: list[str] | None = None) -> int:
         (base / "s").mkdir()
         (base / "i").mkdir()
         results = {
-            "write_path": write_path(args.rows, base / "w"),
+            "write_path": write_path(args.rows, base / "w", args.trials),
             "shipping": shipping(args.rows, base / "s"),
-            "ingest": ingest(args.rate, args.seconds, base / "i"),
+            "ingest": ingest(args.rate, args.seconds, base / "i", args.trials),
         }
     w, s, i = results["write_path"], results["shipping"], results["ingest"]
     print(
-        f"write path, {w['rows']:,} new sessions: {w['us_per_row_without']:.1f} µs/row without the change log, "
+        f"write path, {w['rows']:,} new sessions (median of {w['trials']}): {w['us_per_row_without']:.1f} µs/row "
+        "without the change log, "
         f"{w['us_per_row_with_change_log']:.1f} with it: ratio {w['ratio']:.2f}"
     )
     print(
@@ -214,7 +239,8 @@ def main(argv: list[str] | None = None) -> int:
         f"(ratio {s['copy_ratio']:.2f})"
     )
     print(
-        f"live ingest, {args.rate:,.0f}/s sent for {args.seconds:g} s: {i['off']['rate']:,.0f} changes/s archived "
+        f"live ingest, {args.rate:,.0f}/s sent for {args.seconds:g} s (median of {i['trials']}): "
+        f"{i['off']['rate']:,.0f} changes/s archived "
         f"without shipping, {i['on']['rate']:,.0f} with it: ratio {i['ratio']:.2f} (target >= 0.9); PostgreSQL "
         f"held every row {i['on']['postgres_behind_file_s']:.2f} s after the file"
     )
