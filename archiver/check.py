@@ -250,6 +250,8 @@ def doctor(
     findings += _file(settings.db_path, integrity)
     if with_daemon:
         findings.append(_daemon(settings))
+    if settings.postgres_url is not None:
+        findings.append(_postgres(settings))
     return findings, redis_ok
 
 
@@ -377,6 +379,69 @@ def _quick_check(conn: sqlite3.Connection) -> str | None:
             raise
         return str(exc)
     return None if problems == ["ok"] else "; ".join(problems)[:300]
+
+
+def _postgres(settings: Settings) -> Finding:
+    """The central database: reachable, its schema, and how far this file's shipping is behind."""
+    from archiver.postgres import ShipError, require_psycopg
+
+    try:
+        require_psycopg()
+    except ShipError as exc:
+        return Finding("postgres", "fail", "psycopg is not installed", str(exc).split(": ", 1)[1])
+    import psycopg
+
+    from archiver import changelog
+    from archiver.postgres import PG_SCHEMA_VERSION, connect, pg_schema_version
+
+    where = settings.postgres_address()
+    try:
+        with connect(settings) as pg:
+            version = pg_schema_version(pg, settings.postgres_schema)
+            if version > PG_SCHEMA_VERSION:
+                return Finding(
+                    "postgres",
+                    "fail",
+                    f"{where}: schema version {version} > {PG_SCHEMA_VERSION}",
+                    "upgrade desto-archiver",
+                )
+            if version == 0:
+                return Finding(
+                    "postgres",
+                    "warn",
+                    f"{where}: no schema {settings.postgres_schema} yet",
+                    "the daemon creates it (its role needs CREATE), or run 'desto-archiver ship' as its owner",
+                )
+            row = pg.execute(
+                f"SELECT position, shipped_at FROM {settings.postgres_schema}.ship_positions WHERE source_name = %s",
+                (settings.source_name,),
+            ).fetchone()
+    except psycopg.Error as exc:
+        return Finding("postgres", "fail", f"cannot use {where}: {str(exc).strip()}", "see docs/postgresql.md")
+    detail = f"{where}, schema version {version}, source {settings.source_name!r}"
+    if row is None:
+        return Finding("postgres", "warn", detail + ": nothing shipped yet", "start 'desto-archiver run' or 'ship'")
+    try:
+        conn = sqlite3.connect(f"file:{settings.db_path}?mode=ro", uri=True, timeout=10)
+        try:
+            last, logging = changelog.last_seq(conn), changelog.complete_from(conn) is not None
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        return Finding("postgres", "fail", detail + f": cannot read the change log: {exc}")
+    shipped = f", last batch {row[1]:%Y-%m-%d %H:%M:%S %Z}"
+    if not logging:
+        return Finding(
+            "postgres", "warn", detail + shipped + ": the change log is off", "start 'desto-archiver run' with it set"
+        )
+    behind = max(0, last - (row[0] or 0))
+    status = "ok" if behind < 100_000 else "warn"
+    return Finding(
+        "postgres",
+        status,
+        detail + shipped + f", {behind:,} changes waiting",
+        None if status == "ok" else ("shipping is far behind: see the daemon's log (ship.*)"),
+    )
 
 
 def _daemon(settings: Settings) -> Finding:

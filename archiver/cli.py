@@ -83,6 +83,28 @@ def _config_options() -> argparse.ArgumentParser:
     return parent
 
 
+def _postgres_options(reading: bool) -> argparse.ArgumentParser:
+    """Where the central PostgreSQL database is; for reading commands, which host's history."""
+    parent = argparse.ArgumentParser(add_help=False)
+    group = parent.add_argument_group("PostgreSQL (docs/postgresql.md)")
+    group.add_argument(
+        "--postgres-url",
+        metavar="URL",
+        help="postgresql:// URL of the central database (ARCHIVER_POSTGRES_URL)"
+        + ("; read it instead of the file" if reading else ""),
+    )
+    group.add_argument(
+        "--postgres-schema", metavar="NAME", help="its schema (ARCHIVER_POSTGRES_SCHEMA, desto_archiver)"
+    )
+    if reading:
+        group.add_argument("--source", dest="source_filter", metavar="NAME", help="only this host's history")
+    else:
+        group.add_argument(
+            "--source", dest="source_name", metavar="NAME", help="this host's name there (ARCHIVER_SOURCE_NAME)"
+        )
+    return parent
+
+
 def _json_option() -> argparse.ArgumentParser:
     parent = argparse.ArgumentParser(add_help=False)
     parent.add_argument("--json", action="store_true", help="machine output (JSON) instead of a table")
@@ -123,6 +145,7 @@ def _command(
 
 def build_parser() -> argparse.ArgumentParser:
     common, as_json = _config_options(), _json_option()
+    shipping, central = _postgres_options(reading=False), _postgres_options(reading=True)
     parser = argparse.ArgumentParser(
         prog="desto-archiver",
         description="Keep desto's Redis history forever in a SQLite file desto's History tab can read.",
@@ -135,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = _command(
         sub,
         "run",
-        [common],
+        [common, shipping],
         "archive continuously (the daemon)",
         "Follow Redis' keyspace notifications and desto's channels, and keep every session, job, favorite and "
         "at-job in the SQLite file. Stops cleanly on SIGTERM, SIGHUP (its terminal closed) or Ctrl-C.",
@@ -168,10 +191,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     backfill.add_argument("--dry-run", action="store_true", help="report what would change; write nothing")
 
+    _command(
+        sub,
+        "ship",
+        [common, shipping, as_json],
+        "copy the whole archive into PostgreSQL, then exit",
+        "Copy every record, status change and quarantined value of the file into the central PostgreSQL "
+        "database (creating its schema), delete central rows this file no longer holds, and exit. Safe to run "
+        "again and beside 'run' on the same file; the daemon ships continuously when ARCHIVER_POSTGRES_URL is set.",
+        "desto-archiver ship --postgres-url postgresql://archiver@db.example/desto --source gpu1",
+        cmd_ship,
+    )
+
     check = _command(
         sub,
         "check",
-        [common, as_json],
+        [common, shipping, as_json],
         "check the whole set-up and verify the archive against Redis",
         "Redis reachable and its version; keyspace notification flags and whether CONFIG is allowed; the file "
         "(writable, WAL, schema); the daemon (heartbeat, lag); then every live desto record compared with the "
@@ -192,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     _command(
         sub,
         "stats",
-        [common, as_json],
+        [common, central, as_json],
         "counts, ages and sizes of the archive",
         "Records by kind and status, oldest and newest, tombstones, quarantine, file size, last event and last "
         "reconcile.",
@@ -203,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     _command(
         sub,
         "history",
-        [common, as_json, _filter_options("session status: starting, running, finished, failed, scheduled")],
+        [common, central, as_json, _filter_options("session status: starting, running, finished, failed, scheduled")],
         "list archived sessions, newest first",
         "The sessions in the archive, kept after Redis forgot them, with their status, times, jobs and whether "
         "their key is gone from Redis.",
@@ -226,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     export = _command(
         sub,
         "export",
-        [common, _filter_options("status (for quarantine: the record kind)")],
+        [common, central, _filter_options("status (for quarantine: the record kind)")],
         "export sessions, jobs, favorites, at-jobs, history or quarantine as CSV or JSON Lines",
         "Stream a table out as CSV (header row, quoted as spreadsheets expect) or JSON Lines (one object per "
         "line, typed values). Time filters apply to start_time (sessions, jobs), created_at (favorites), "
@@ -326,6 +361,9 @@ _SETTING_ARGS = (
     "configure_notifications",
     "metrics_port",
     "metrics_host",
+    "postgres_url",
+    "postgres_schema",
+    "source_name",
 )
 
 
@@ -387,6 +425,13 @@ def collect_less_often() -> None:
 def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
     from archiver.pipeline import Daemon
 
+    if settings.postgres_url is not None:
+        from archiver.postgres import ShipError, require_psycopg
+
+        try:
+            require_psycopg()
+        except ShipError as exc:
+            raise UsageError(str(exc)) from None
     collect_less_often()
     daemon = Daemon(settings)
 
@@ -442,6 +487,65 @@ def cmd_backfill(settings: Settings, args: argparse.Namespace) -> int:
         print(to_json(report.as_dict()))
         return EXIT_OK
     print(render.backfill(report))
+    return EXIT_OK
+
+
+def cmd_ship(settings: Settings, args: argparse.Namespace) -> int:
+    from archiver.postgres import ShipError, require_psycopg
+    from archiver.ship import Shipper
+
+    if settings.postgres_url is None:
+        raise UsageError("give the central database with --postgres-url URL (or ARCHIVER_POSTGRES_URL)")
+    try:
+        require_psycopg()
+    except ShipError as exc:
+        raise UsageError(str(exc)) from None
+    import psycopg
+
+    if not settings.db_path.exists():
+        raise UsageError(f"{settings.db_path} does not exist: nothing to ship (give the archive with --db PATH)")
+    live = sys.stderr.isatty() and not args.json
+    last = [0.0]
+
+    def progress(table: str, copied: int, total: int) -> None:
+        now = time.monotonic()
+        if live and now - last[0] >= 0.1:
+            last[0] = now
+            sys.stderr.write(f"\r\033[K{table}: {copied:,} of {total:,} rows copied ")
+            sys.stderr.flush()
+
+    shipper = Shipper(settings)
+    try:
+        # the file is migrated (and its schema checked) the way every command opens it
+        from archiver.store import Store
+
+        Store.open(settings.db_path, settings.sqlite_busy_timeout, build_deferred=False).close()
+        shipper.open()
+        report = shipper.copy_all(progress)
+    except ShipError as exc:
+        print(f"desto-archiver ship: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except psycopg.Error as exc:
+        print(
+            f"desto-archiver ship: PostgreSQL at {settings.postgres_address()} failed: {str(exc).strip()}\n"
+            "  nothing is lost: run the same command again once it answers",
+            file=sys.stderr,
+        )
+        return EXIT_FAILURE
+    finally:
+        shipper.close()
+    if live:
+        sys.stderr.write("\r\033[K")
+    if args.json:
+        print(to_json(report.as_dict()))
+        return EXIT_OK
+    copied = ", ".join(f"{n:,} {t}" for t, n in report.copied.items())
+    deleted = sum(report.deleted.values())
+    print(
+        f"shipped {settings.db_path} to {settings.postgres_address()} as source {report.source!r}: {copied}"
+        + (f"; {deleted:,} central rows the file no longer holds deleted" if deleted else "")
+        + f"; {report.elapsed_s:.1f} s"
+    )
     return EXIT_OK
 
 
@@ -532,20 +636,47 @@ def _report(
     return EXIT_OK
 
 
+def _central(settings: Settings, args: argparse.Namespace) -> Any:
+    """The central database's reader when --postgres-url (or ARCHIVER_POSTGRES_URL with --source) asks
+    for it; None: read the file."""
+    if args.postgres_url is None and args.source_filter is None:
+        return None
+    if settings.postgres_url is None:
+        raise UsageError("--source reads the central database: give it with --postgres-url URL")
+    from archiver.postgres import ShipError, require_psycopg
+
+    try:
+        require_psycopg()
+    except ShipError as exc:
+        raise UsageError(str(exc)) from None
+    from archiver.central import CentralReader
+
+    return CentralReader.open(settings, args.source_filter)
+
+
 def cmd_stats(settings: Settings, args: argparse.Namespace) -> int:
-    return _report(settings, args, lambda reader: reader.stats(), render.stats)
+    central = _central(settings, args)
+    if central is None:
+        return _report(settings, args, lambda reader: reader.stats(), render.stats)
+    with central:
+        data = central.stats()
+    print(to_json(data) if args.json else render.central_stats(data))
+    return EXIT_OK
 
 
 def cmd_history(settings: Settings, args: argparse.Namespace) -> int:
     from archiver.reader import Reader
 
     filters = _filters(args)
-    with Reader.open(settings.db_path) as reader:  # streamed: a million sessions print in flat memory
+    central = _central(settings, args)
+    columns = render.HISTORY_COLUMNS if central is None else render.CENTRAL_HISTORY_COLUMNS
+    # streamed: a million sessions print in flat memory
+    with central if central is not None else Reader.open(settings.db_path) as reader:
         sessions = reader.sessions(filters)
         if args.json:
             write_json_array(sessions, sys.stdout)
         else:
-            write_table(render.history(sessions), render.HISTORY_COLUMNS, sys.stdout)
+            write_table(render.history(sessions), columns, sys.stdout)
     return EXIT_OK
 
 
@@ -557,7 +688,8 @@ def cmd_export(settings: Settings, args: argparse.Namespace) -> int:
     from archiver.reader import Reader
 
     filters = _filters(args)
-    with Reader.open(settings.db_path) as reader:
+    central = _central(settings, args)
+    with central if central is not None else Reader.open(settings.db_path) as reader:
         columns, rows = reader.export(args.what, filters)
         if args.format == "csv" and args.what == "quarantine":
             rows = (_flat_payload(r) for r in rows)

@@ -7,6 +7,7 @@ ARCHIVER_*. Command-line flags override both (they are passed as init arguments)
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import parse_qs, urlsplit, urlunsplit
@@ -186,6 +187,42 @@ class Settings(BaseSettings):
             "0660 files (the group shares them with desto). Unset: the process' own umask"
         ),
     )
+    # PostgreSQL: every record written to the file is also shipped there (archiver/ship.py)
+    postgres_url: SecretStr | None = Field(
+        None,
+        validation_alias=_env("postgres_url", "ARCHIVER_POSTGRES_URL"),
+        description=(
+            "A PostgreSQL database (postgresql://user:password@host/db) that every record of the file is also "
+            "shipped to, from a change log in the file; unset: no shipping. Needs the `postgres` extra"
+        ),
+    )
+    postgres_schema: str = Field(
+        "desto_archiver",
+        pattern=r"^[a-z_][a-z0-9_]{0,62}$",
+        validation_alias=_env("postgres_schema", "ARCHIVER_POSTGRES_SCHEMA"),
+        description="The PostgreSQL schema the central tables live in",
+    )
+    source_name: str = Field(
+        default_factory=socket.gethostname,
+        min_length=1,
+        max_length=200,
+        validation_alias=_env("source_name", "ARCHIVER_SOURCE_NAME"),
+        description="This archive's name in the central database, part of every key there (default: the host name)",
+    )
+    ship_batch_size: int = Field(
+        2000,
+        ge=1,
+        le=100_000,
+        validation_alias=_env("ship_batch_size", "ARCHIVER_SHIP_BATCH_SIZE"),
+        description="Changes shipped to PostgreSQL per transaction",
+    )
+    ship_interval: float = Field(
+        1.0,
+        gt=0,
+        le=3600,
+        validation_alias=_env("ship_interval", "ARCHIVER_SHIP_INTERVAL"),
+        description="Seconds between looks at the change log when nothing is waiting to be shipped",
+    )
     log_format: Literal["auto", "json", "console"] = Field(
         "auto",
         validation_alias=_env("log_format", "ARCHIVER_LOG_FORMAT"),
@@ -231,6 +268,19 @@ class Settings(BaseSettings):
             raise ValueError("has an invalid port") from None
         return value
 
+    @field_validator("postgres_url", mode="before")
+    @classmethod
+    def _check_postgres_url(cls, value: Any) -> Any:
+        text = value.get_secret_value() if isinstance(value, SecretStr) else value
+        if text in (None, ""):
+            return None
+        if not isinstance(text, str):
+            return value
+        parts = urlsplit(text)
+        if parts.scheme not in ("postgres", "postgresql"):
+            raise ValueError("must start with postgresql:// (or postgres://)")
+        return text
+
     @model_validator(mode="after")
     def _resolve_db_path(self) -> Settings:
         if self.sqlite_db_path is None:
@@ -274,6 +324,19 @@ class Settings(BaseSettings):
             return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
         return f"redis://{self.redis_host}:{self.redis_port}/{self.redis_db}"
 
+    def postgres_address(self) -> str | None:
+        """Where PostgreSQL is, for people and logs: never includes a password."""
+        if self.postgres_url is None:
+            return None
+        parts = urlsplit(self.postgres_url.get_secret_value())
+        netloc = parts.hostname or ""
+        if parts.port:
+            netloc += f":{parts.port}"
+        if parts.username:
+            netloc = f"{parts.username}@{netloc}"
+        query = "&".join(p for p in parts.query.split("&") if p and not p.lower().startswith("password="))
+        return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
+
     def redis_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``redis.Redis`` (or ``from_url`` with ``url``)."""
         kwargs: dict[str, Any] = {}
@@ -304,6 +367,6 @@ def load_settings(**overrides: Any) -> Settings:
         for err in exc.errors():
             field = str(err["loc"][0]) if err["loc"] else ""
             where = ENV_NAMES.get(field, field) if field not in given else f"--{field.replace('_', '-')}"
-            shown = "" if field in ("redis_password", "redis_url") else f" (got {err.get('input')!r})"
+            shown = "" if field in ("redis_password", "redis_url", "postgres_url") else f" (got {err.get('input')!r})"
             lines.append(f"{where}: {err['msg']}{shown}")
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines)) from None

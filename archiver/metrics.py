@@ -38,6 +38,7 @@ class Snapshot:
     subscribed: bool = False
     failing: str | None = None  # "sqlite" or "redis" while the daemon retries it
     write_failures: int = 0
+    ship: dict[str, Any] | None = None  # the shipper's status (ShipperThread.status), when shipping
 
 
 class _DaemonCollector(Collector):
@@ -74,6 +75,20 @@ class _DaemonCollector(Collector):
         for operation in FAILING_OPERATIONS:
             failing.add_metric([operation], int(s.failing == operation))
         yield failing
+        if s.ship is not None:
+            ship = s.ship
+            yield _counter("ship_entries_shipped", "Changes shipped to PostgreSQL", ship["shipped"])
+            yield _counter("ship_copies", "Whole copies of the file made into PostgreSQL", ship["copies"])
+            yield GaugeMetricFamily(
+                f"{PREFIX}_ship_backlog",
+                "Changes in the file not yet in PostgreSQL (NaN until the first batch)",
+                value=float("nan") if ship["backlog"] is None else ship["backlog"],
+            )
+            yield GaugeMetricFamily(
+                f"{PREFIX}_ship_failing",
+                "1 while shipping to PostgreSQL fails or has stopped",
+                value=int(bool(ship["failing"] or ship["refused"])),
+            )
 
 
 def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:

@@ -18,8 +18,9 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from archiver import erase
+from archiver import changelog, erase
 from archiver.config import Settings
 from archiver.dirty import Dirty, Hints
 from archiver.fetcher import Fetcher, Work
@@ -33,6 +34,9 @@ from archiver.reconcile import Reconcile, archive, now_us, records_of, write_bat
 from archiver.redis_client import CONNECTION_ERRORS, log_unreachable, unreachable_advice
 from archiver.source import NotifyState, Source
 from archiver.store import BatchResult, DaemonLock, Store, StoreError, store_advice
+
+if TYPE_CHECKING:
+    from archiver.shipper import ShipperThread
 
 log = get_logger("archiver.pipeline")
 
@@ -96,6 +100,7 @@ class Daemon:
         self.notifier = Notifier()
         self._next_watchdog = 0.0
         self.metrics: Metrics | None = None
+        self.shipper: ShipperThread | None = None
 
     # ─── the listener's sink (called from its thread: only cheap, thread-safe work) ──────────
 
@@ -156,6 +161,14 @@ class Daemon:
             self._lock.release()
             self._lock = None
             raise
+        try:
+            # the change log's triggers exist while shipping is configured, and only then
+            changelog.set_enabled(self.store.conn, settings.postgres_url is not None, settings.sqlite_busy_timeout)
+        except sqlite3.Error as exc:
+            self.store.close()
+            self._lock.release()
+            self._lock = None
+            raise StoreError(f"cannot set up the change log in {settings.db_path}: {exc}") from None
 
     def _note_file(self) -> None:
         """Tell the reads' clock the newest version in the file just opened."""
@@ -187,6 +200,12 @@ class Daemon:
         self._open_store()
         self._note_file()
         assert self.store is not None
+        if self.shipper is not None:  # its connection reads the lost file: ship from the new one
+            from archiver.shipper import ShipperThread
+
+            self.shipper.stop(2.0)
+            self.shipper = ShipperThread(self.settings, self._busy)
+            self.shipper.start()
         self._sweep = None  # it swept the lost file; the reconcile below replaces it
         self._reconcile_wanted = self._reconcile_wanted or "reopened"
         self._next_heartbeat = 0.0
@@ -219,6 +238,11 @@ class Daemon:
                     f"{exc.strerror}; choose another ARCHIVER_METRICS_PORT"
                 ) from None
             log.info("metrics.serving", host=self.settings.metrics_host, port=self.settings.metrics_port)
+        if self.settings.postgres_url is not None:
+            from archiver.shipper import ShipperThread
+
+            self.shipper = ShipperThread(self.settings, self._busy)
+            self.shipper.start()
         self.fetcher = Fetcher(self.settings, self.source, self.dirty)
         self.fetcher.start()
         self.listener = Listener(self.settings, self.source, self)
@@ -456,6 +480,7 @@ class Daemon:
                     "reconciles": self.totals.reconciles,
                     "reconnects": self.listener.reconnects if self.listener else 0,
                     "failing": self._failing_now(),
+                    **({"ship": self.shipper.status()} if self.shipper is not None else {}),
                 }
             )
         }
@@ -465,6 +490,11 @@ class Daemon:
             log.debug("heartbeat.skipped", error=str(exc))
         if self.notifier.enabled:
             self.notifier.status(self._status_line())
+
+    def _busy(self) -> bool:
+        """Changes wait to be read or written (called from the shipper's thread: reads only)."""
+        fetcher = self.fetcher
+        return len(self.dirty) > 0 or (fetcher is not None and fetcher.has_queued())
 
     def _failing_now(self) -> str | None:
         """What is failing: the writer's own failure, else the fetcher's reads from Redis."""
@@ -507,6 +537,7 @@ class Daemon:
             subscribed=self._subscribed.is_set(),
             failing=self._failing_now(),
             write_failures=self._write_failures,
+            ship=self.shipper.status() if self.shipper is not None else None,
         )
 
     def _shutdown(self) -> None:
@@ -541,6 +572,9 @@ class Daemon:
         left = len(self.dirty) + (self._pending.keys if self._pending is not None else 0)
         if fetcher is not None:
             left += fetcher.queued_keys()
+        if self.shipper is not None:
+            # the batch under way lands or not; whatever is left waits in the file for the next start
+            self.shipper.stop(min(5.0, max(0.5, deadline - time.monotonic())))
         if self.store is not None:
             with contextlib.suppress(sqlite3.Error):
                 self._finish_erasures()  # a deletion desto made a moment ago

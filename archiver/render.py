@@ -104,12 +104,56 @@ def _erased_line(erased: dict[str, Any]) -> str:
     return "; ".join(parts) + f"; last at {erased['last_at']}{pending}"
 
 
+def central_stats(stats: dict[str, Any]) -> str:
+    """``stats --postgres-url``: the kinds across the hosts shipping there, then each host's shipping."""
+    rows = [
+        {
+            "kind": kind,
+            "total": data["total"],
+            "tombstoned": data["tombstoned"],
+            "by status": ", ".join(f"{s} {n}" for s, n in data["by_status"].items()) or "-",
+            "oldest": data["oldest"],
+            "newest": data["newest"],
+        }
+        for kind, data in stats["records"].items()
+    ]
+    q = stats["quarantine"]
+    summary = pairs(
+        [
+            ("database", f"{stats['database']} (schema {stats['schema']}, version {stats['schema_version']})"),
+            ("history events", f"{stats['history_events']:,}"),
+            ("quarantine", f"{q['total']:,} ({q['unresolved']:,} unresolved, {q['payload_bytes']:,} bytes)"),
+        ]
+    )
+    sources = [
+        {**s, "shipped at": s["shipped_at"] or "-", "copied at": s["copied_at"] or "-"} for s in stats["sources"]
+    ]
+    return (
+        table(rows, ["kind", "total", "tombstoned", "by status", "oldest", "newest"])
+        + "\n\n"
+        + summary
+        + "\n\n"
+        + table(sources, ["source", "host", "file", "position", "shipped at", "copied at"])
+    )
+
+
 def _backfill_line(last: dict[str, Any] | None) -> str:
     if not last:
         return "-"
     return f"{last['keys_read']:,} keys in {last['elapsed_s']} s, {sum(last['written'].values()):,} written"
 
 
+CENTRAL_HISTORY_COLUMNS = [
+    "source_name",
+    "id",
+    "session_name",
+    "status",
+    "start_time",
+    "end_time",
+    "duration_s",
+    "jobs",
+    "gone",
+]
 HISTORY_COLUMNS = ["id", "session_name", "status", "start_time", "end_time", "duration_s", "jobs", "gone"]
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Callable
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 # The oldest SQLite the archiver's statements run on: RETURNING came in 3.35.0 (UPSERT in 3.24.0).
 MIN_SQLITE = (3, 35, 0)
@@ -292,7 +292,23 @@ def _migrate_to_3(conn: sqlite3.Connection) -> None:
         )
 
 
-MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {1: _migrate_to_1, 2: _migrate_to_2, 3: _migrate_to_3}
+def _migrate_to_4(conn: sqlite3.Connection) -> None:
+    """The change log the shipper to PostgreSQL reads (archiver/changelog.py): which row of which
+    table changed, in order. Its triggers exist only while shipping is configured; the table
+    always, so desto's own writes into a shared file never fail on a missing table."""
+    # No AUTOINCREMENT (its counter is one more write per change): the log never gives its last
+    # entry up, so numbers are never used twice.
+    conn.execute(
+        "CREATE TABLE IF NOT EXISTS archiver_changes (seq INTEGER PRIMARY KEY, tbl TEXT NOT NULL, key NOT NULL)"
+    )
+
+
+MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {
+    1: _migrate_to_1,
+    2: _migrate_to_2,
+    3: _migrate_to_3,
+    4: _migrate_to_4,
+}
 
 
 class NewerSchemaError(Exception):
@@ -316,7 +332,7 @@ def migrate(conn: sqlite3.Connection) -> tuple[int, int]:
     conn.execute("BEGIN IMMEDIATE")
     try:
         current = conn.execute("PRAGMA user_version").fetchone()[0]
-        for version in range(current + 1, SCHEMA_VERSION + 1):
+        for version in sorted(v for v in MIGRATIONS if current < v <= SCHEMA_VERSION):
             MIGRATIONS[version](conn)
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         conn.execute("COMMIT")

@@ -30,6 +30,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from archiver import changelog
 from archiver.erase import note
 from archiver.keys import classify
 from archiver.kinds import Kind
@@ -103,13 +104,17 @@ def outcomes(start: int, count: int, read_at_us: int) -> list[Outcome]:
     return out
 
 
-def measure(path: Path, rows: int, per_transaction: int, cache_mb: int, erased: int = 0) -> dict[str, Any]:
+def measure(
+    path: Path, rows: int, per_transaction: int, cache_mb: int, erased: int = 0, change_log: bool = False
+) -> dict[str, Any]:
     """Each transaction's records are normalized off the clock, one transaction at a time (memory
     stays flat at any ``rows``); only ``write_batch`` is timed. ``erased``: ids noted as erased
     first (other than the rows'), as a Clear History of that many records leaves them, so every
-    new row is looked up among them."""
+    new row is looked up among them. ``change_log``: with the triggers that keep the change log for
+    shipping to PostgreSQL."""
     read_at_us = time.time_ns() // 1000
     store = Store.open(path, cache_mb=cache_mb)
+    changelog.set_enabled(store.conn, change_log)
     if erased:
         with store.transaction() as conn:
             note(conn, ((Kind.SESSION, record_id(i, "dead").decode()) for i in range(erased)), "desto", read_at_us)
@@ -138,6 +143,7 @@ def measure(path: Path, rows: int, per_transaction: int, cache_mb: int, erased: 
         "statements_us_per_row": per_row,
         "python_us_per_row": elapsed / rows * 1e6 - sum(per_row.values()),
         "file_mb": path.stat().st_size / 1e6,
+        "change_log": change_log,
     }
 
 
@@ -147,14 +153,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per-transaction", type=int, default=8_000, help="rows per transaction")
     parser.add_argument("--cache-mb", type=int, default=DAEMON_CACHE_MB, help="SQLite's page cache")
     parser.add_argument("--erased", type=int, default=0, help="erased ids in the file before the writes")
+    parser.add_argument("--change-log", action="store_true", help="with the change log's triggers (shipping on)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="write-cost-") as folder:
-        result = measure(Path(folder) / "desto.db", args.rows, args.per_transaction, args.cache_mb, args.erased)
+        result = measure(
+            Path(folder) / "desto.db", args.rows, args.per_transaction, args.cache_mb, args.erased, args.change_log
+        )
     print(
         f"{result['rows']:,} new session records, {result['per_transaction']:,} per transaction, "
         f"{result['cache_mb']} MB page cache, {result['erased']:,} erased ids: {result['us_per_row']:.1f} µs per row "
-        f"(file {result['file_mb']:.0f} MB)"
+        f"(file {result['file_mb']:.0f} MB){', change log on' if args.change_log else ''}"
     )
     for kind, us in result["statements_us_per_row"].items():
         print(f"  {us:6.1f} µs  {kind}")

@@ -212,3 +212,16 @@ def archiver_image() -> Image:
 def dashboard_image() -> Image:
     """desto 0.7.0's dashboard (tests/fixtures/desto-dashboard), built once per test session."""
     return build_image("desto-dashboard:0.7.0-test", REPO / "tests" / "fixtures" / "desto-dashboard")
+
+
+# ─── PostgreSQL (the shipping tests) ─────────────────────────────────────────────────────────────
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A database of the test's own on the machine's PostgreSQL; the test skips where none answers."""
+    from tests.pg_helpers import scratch_database, skip_without_postgres
+
+    skip_without_postgres()
+    with scratch_database() as url:
+        yield url

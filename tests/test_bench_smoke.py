@@ -336,3 +336,21 @@ def test_erase_cost_measures_size_and_every_way_of_erasing(tmp_path: Path) -> No
 def test_rewrite_cost_compares_secure_delete_off_and_on() -> None:
     proc = bench_module("bench.rewrite_cost", "--rows", "2000", "--rounds", "1")
     assert "secure_delete off:" in proc.stdout and "secure_delete on :" in proc.stdout
+
+
+def test_ship_benchmark_prints_its_three_ratios(tmp_path: Path) -> None:
+    """``python -m bench.ship`` at a tiny size: every figure is measured, and the shipped rows are all there."""
+    from tests.pg_helpers import skip_without_postgres
+
+    skip_without_postgres()
+    out = tmp_path / "ship.json"
+    result = bench_module(
+        "bench.ship", "--rows", "600", "--rate", "1000", "--seconds", "1", "--trials", "1", "--json", str(out),
+        timeout=300,
+    )  # fmt: skip
+    figures = json.loads(out.read_text())
+    assert figures["shipping"]["rows"] == 1200 and figures["shipping"]["log_entries"] >= 1200
+    assert figures["write_path"]["ratio"] > 0 and figures["ingest"]["ratio"] > 0
+    runs = [*figures["ingest"]["on"]["runs"], *figures["ingest"]["off"]["runs"]]
+    assert [r["exit_code"] for r in runs] == [0, 0]
+    assert "ratio" in result.stdout and "target >= 0.9" in result.stdout

@@ -1,0 +1,505 @@
+"""Shipping the archive into PostgreSQL (see archiver/postgres.py for the central tables).
+
+The SQLite file stays the source of truth and the buffer. Changes are found in the file's change
+log (archiver/changelog.py), their rows' current state is read from the file, and upserted into
+PostgreSQL together with the shipper's position, in one PostgreSQL transaction per batch: a batch
+lands whole or not at all, and a batch shipped twice changes nothing (at-least-once, idempotent).
+Only then are the shipped entries trimmed from the file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+import time
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from operator import itemgetter
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from archiver import changelog
+from archiver.config import Settings
+from archiver.log import get_logger
+from archiver.postgres import NUMBERED, connect, migrate_pg
+from archiver.sql import select_in
+
+if TYPE_CHECKING:
+    import psycopg
+
+log = get_logger("archiver.ship")
+
+STATE_FILE_ID = "ship_file_id"
+_COPY_FROM = 50  # rows from which a batch is copied into a temporary table rather than upserted row by row
+
+
+class NeedsCopy(Exception):
+    """The log alone cannot bring PostgreSQL up to date: the whole file must be copied first."""
+
+
+@dataclass
+class _Table:
+    """How one table is copied: the columns both sides have, and the central statements."""
+
+    name: str
+    key: str
+    columns: list[str]
+    kinds: list[str]  # the central type of each column: bigint, text, bytea
+    upsert: str
+    delete: str
+    numbered: bool
+    stage: str  # the connection's temporary table a big batch is copied into
+    copy: str
+    upsert_staged: str
+    good_shapes: set[tuple[type, ...]] = field(default_factory=set)
+    text_of: dict[tuple[type, ...], Callable[[Sequence[Any]], Any] | None] = field(default_factory=dict)
+
+    def learn(self, shape: tuple[type, ...]) -> bool:
+        """Whether rows of these value types go to PostgreSQL as they are (then remembered)."""
+        wanted = {"text": str, "bigint": int, "bytea": bytes}
+        if not all(t is type(None) or t is wanted[k] for t, k in zip(shape, self.kinds, strict=True)):
+            return False
+        texts = [i for i, t in enumerate(shape) if t is str]
+        self.text_of[shape] = itemgetter(*texts) if texts else None
+        self.good_shapes.add(shape)
+        return True
+
+
+def _coerce(kind: str, value: Any) -> Any:
+    """SQLite stores any value in any column; the central column has one type. A value that does
+    not fit becomes NULL rather than stopping the shipping of every row after it."""
+    if value is None:
+        return None
+    if kind == "bigint":
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        try:
+            return int(str(value).strip())
+        except ValueError:
+            return None
+    if kind == "bytea":
+        return value.encode("utf-8", "surrogateescape") if isinstance(value, str) else bytes(value)
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    text = str(value)
+    return text.replace("\x00", "\ufffd") if "\x00" in text else text  # PostgreSQL's text holds no NUL
+
+
+def _fetch_all(conn: sqlite3.Connection, sql: str, params: Sequence[Any]) -> list[Any]:
+    return conn.execute(sql, params).fetchall()
+
+
+def _select_all(conn: sqlite3.Connection, query: str, values: Sequence[Any]) -> list[Any]:
+    return list(select_in(conn, query, values))
+
+
+@dataclass
+class CopyReport:
+    source: str
+    file_id: str
+    copied: dict[str, int] = field(default_factory=dict)
+    deleted: dict[str, int] = field(default_factory=dict)
+    position: int | None = None
+    elapsed_s: float = 0.0
+    shipped_after_copy: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "file_id": self.file_id,
+            "copied": self.copied,
+            "deleted": self.deleted,
+            "rows": sum(self.copied.values()),
+            "position": self.position,
+            "shipped_after_copy": self.shipped_after_copy,
+            "elapsed_s": round(self.elapsed_s, 3),
+        }
+
+
+Progress = Callable[[str, int, int], None]  # table, rows copied so far, rows in the file
+
+
+class Shipper:
+    """One file shipped to one central database, from connections of its own (never the daemon's
+    writer connection): ``ship_batch`` follows the change log, ``copy_all`` copies everything."""
+
+    def __init__(self, settings: Settings, db_path: Path | None = None) -> None:
+        self.settings = settings
+        self.source = settings.source_name
+        self.schema = settings.postgres_schema
+        self.db_path = db_path or settings.db_path
+        self.batch_size = settings.ship_batch_size
+        self.sqlite: sqlite3.Connection | None = None
+        self.pg: psycopg.Connection[Any] | None = None
+        self.tables: dict[str, _Table] = {}
+        self.file_id = ""
+        self.position: int | None = None  # the last seq PostgreSQL confirmed
+        self.use_copy = False
+
+    # ─── connections ───────────────────────────────────────────────────────────────────────
+
+    def open_file(self) -> None:
+        if self.sqlite is None:
+            timeout = self.settings.sqlite_busy_timeout
+            self.sqlite = sqlite3.connect(self.db_path, timeout=timeout, isolation_level=None, check_same_thread=False)
+
+    def open(self) -> None:
+        self.open_file()
+        if self.pg is None:
+            self.pg = connect(self.settings)
+            migrate_pg(self.pg, self.schema)
+            self.tables = self._tables()
+            self._stage()
+        self.file_id = self._file_id()
+
+    def close_pg(self) -> None:
+        if self.pg is not None:
+            try:
+                self.pg.close()
+            except Exception as exc:  # a dead connection: nothing left to close
+                log.debug("ship.close_failed", error=str(exc))
+            self.pg = None
+
+    def close(self) -> None:
+        self.close_pg()
+        if self.sqlite is not None:
+            self.sqlite.close()
+            self.sqlite = None
+
+    def _tables(self) -> dict[str, _Table]:
+        assert self.pg is not None and self.sqlite is not None
+        central: dict[str, list[tuple[str, str]]] = {}
+        for table, column, kind in self.pg.execute(
+            "SELECT table_name, column_name, data_type FROM information_schema.columns WHERE table_schema = %s "
+            "ORDER BY table_name, ordinal_position",
+            (self.schema,),
+        ):
+            central.setdefault(table, []).append((column, kind))
+        found: dict[str, _Table] = {}
+        for table, key in changelog.SHIPPED.items():
+            mine = {row[1] for row in self.sqlite.execute(f"PRAGMA table_info({table})")}
+            both = [(c, k) for c, k in central.get(table, []) if c in mine]
+            columns, kinds = [c for c, _ in both], [k for _, k in both]
+            quoted = [f'"{c}"' for c in columns]
+            numbered = table in NUMBERED
+            conflict = f"source_name, file_id, {key}" if numbered else f"source_name, {key}"
+            sets = ", ".join(f"{q} = EXCLUDED.{q}" for q in ["file_id", *quoted] if q != f'"{key}"')
+            guard = (
+                ""
+                if numbered
+                else (
+                    f" WHERE {table}.read_at_us IS NULL OR EXCLUDED.read_at_us IS NULL "
+                    f"OR EXCLUDED.read_at_us >= {table}.read_at_us"
+                )
+            )
+            upsert = (
+                f"INSERT INTO {self.schema}.{table} (source_name, file_id, {', '.join(quoted)}) "
+                f"VALUES (%s, %s, {', '.join(['%s'] * len(quoted))}) "
+                f"ON CONFLICT ({conflict}) DO UPDATE SET {sets}{guard}"
+            )
+            delete = f"DELETE FROM {self.schema}.{table} WHERE source_name = %s AND {key} = ANY(%s)" + (
+                " AND file_id = %s" if numbered else ""
+            )
+            stage = f"archiver_stage_{table}"
+            names = f"source_name, file_id, {', '.join(quoted)}"
+            upsert_staged = (
+                f"INSERT INTO {self.schema}.{table} ({names}) SELECT {names} FROM {stage} "
+                f"ON CONFLICT ({conflict}) DO UPDATE SET {sets}{guard}"
+            )
+            copy = f"COPY {stage} ({names}) FROM STDIN"
+            found[table] = _Table(table, key, columns, kinds, upsert, delete, numbered, stage, copy, upsert_staged)
+        return found
+
+    def _stage(self) -> None:
+        """Temporary tables that big batches are copied into (COPY, then one upsert: several times
+        faster than a row at a time), where the role may create them (TEMP, granted by default)."""
+        assert self.pg is not None
+        row = self.pg.execute("SELECT has_database_privilege(current_database(), 'TEMP')").fetchone()
+        self.use_copy = bool(row and row[0])
+        if self.use_copy:
+            for table in self.tables.values():
+                self.pg.execute(
+                    f"CREATE TEMP TABLE IF NOT EXISTS {table.stage} (LIKE {self.schema}.{table.name}) "
+                    "ON COMMIT DELETE ROWS"
+                )
+
+    def _file_id(self) -> str:
+        """This file's identity in the central database, made on first use."""
+        assert self.sqlite is not None
+        row = self.sqlite.execute("SELECT value FROM archiver_state WHERE name = ?", (STATE_FILE_ID,)).fetchone()
+        if row is not None:
+            return str(row[0])
+        return self._new_file_id()
+
+    def _new_file_id(self) -> str:
+        assert self.sqlite is not None
+        file_id = uuid.uuid4().hex
+        changelog._write(self.sqlite, self.settings.sqlite_busy_timeout)
+        try:
+            self.sqlite.execute(
+                "INSERT INTO archiver_state (name, value, updated_at) VALUES (?, ?, strftime('%Y-%m-%dT%H:%M:%fZ')) "
+                "ON CONFLICT (name) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
+                (STATE_FILE_ID, file_id),
+            )
+            self.sqlite.execute("COMMIT")
+        except BaseException:
+            self.sqlite.execute("ROLLBACK")
+            raise
+        return file_id
+
+    # ─── moving rows ───────────────────────────────────────────────────────────────────────
+
+    def _read(self, query: Callable[[], list[Any]]) -> list[Any]:
+        """``query``'s rows; text SQLite holds that is not UTF-8 (another writer's) is read with its
+        bad bytes replaced, so it is shipped readable rather than refused forever."""
+        assert self.sqlite is not None
+        try:
+            return query()
+        except sqlite3.OperationalError as exc:
+            if "decode" not in str(exc):
+                raise
+        self.sqlite.text_factory = lambda raw: raw.decode("utf-8", "replace")
+        try:
+            return query()
+        finally:
+            self.sqlite.text_factory = str
+
+    def _rows(self, table: _Table, keys: Sequence[Any]) -> list[tuple[Any, ...]]:
+        assert self.sqlite is not None
+        quoted = ", ".join(f'"{c}"' for c in table.columns)
+        return self._read(
+            partial(_select_all, self.sqlite, f"SELECT {quoted} FROM {table.name} WHERE {table.key} IN", keys)
+        )
+
+    def _params(self, table: _Table, rows: Iterable[Sequence[Any]]) -> list[tuple[Any, ...]]:
+        """The rows as PostgreSQL takes them. Most rows already are: their types (a signature
+        checked once per shape) match the columns and their text holds no NUL; only the others go
+        through _coerce, value by value."""
+        head = (self.source, self.file_id)
+        out: list[tuple[Any, ...]] = []
+        append, good, text_of = out.append, table.good_shapes, table.text_of
+        for r in rows:
+            shape = tuple(map(type, r))
+            if shape not in good and not table.learn(shape):
+                append((*head, *(_coerce(k, v) for k, v in zip(table.kinds, r, strict=True))))
+                continue
+            getter = text_of[shape]
+            texts = getter(r) if getter is not None else ""
+            if "\x00" in (texts if isinstance(texts, str) else "".join(texts)):
+                append((*head, *(_coerce(k, v) for k, v in zip(table.kinds, r, strict=True))))
+            else:
+                append((*head, *r))
+        return out
+
+    def _put(self, cur: psycopg.Cursor[Any], table: _Table, rows: list[tuple[Any, ...]]) -> None:
+        if not rows:
+            return
+        params = self._params(table, rows)
+        if not self.use_copy or len(params) < _COPY_FROM:
+            cur.executemany(table.upsert, params)
+            return
+        with cur.copy(table.copy) as copy:
+            for p in params:
+                copy.write_row(p)
+        cur.execute(table.upsert_staged)
+        cur.execute(f"TRUNCATE {table.stage}")  # a second batch in the same transaction starts empty
+
+    def _remove(self, cur: psycopg.Cursor[Any], table: _Table, keys: list[Any]) -> int:
+        if not keys:
+            return 0
+        central = [_coerce(table.kinds[table.columns.index(table.key)], k) for k in keys]
+        params: tuple[Any, ...] = (self.source, central, self.file_id) if table.numbered else (self.source, central)
+        cur.execute(table.delete, params)
+        return cur.rowcount
+
+    def _lock_key(self) -> str:
+        return f"desto-archiver:ship:{self.schema}:{self.source}"
+
+    def _position_row(self, cur: psycopg.Cursor[Any]) -> tuple[str, int | None, int | None] | None:
+        """(file_id, the last log entry shipped, the last status-history row shipped by number)."""
+        row = cur.execute(
+            f"SELECT file_id, position, history_id FROM {self.schema}.ship_positions WHERE source_name = %s",
+            (self.source,),
+        ).fetchone()
+        return None if row is None else (row[0], row[1], row[2])
+
+    def ship_batch(self) -> int:
+        """Ship the next batch of the change log; returns how many log entries it covered (0: none
+        waiting). Raises NeedsCopy when the log cannot bring PostgreSQL up to date."""
+        assert self.pg is not None and self.sqlite is not None
+        with self.pg.transaction(), self.pg.cursor() as cur:
+            cur.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (self._lock_key(),))
+            known = self._position_row(cur)
+            self.sqlite.execute("BEGIN")
+            try:
+                start = changelog.complete_from(self.sqlite)
+                last = changelog.last_seq(self.sqlite)
+                if known is None or known[1] is None or known[2] is None or known[0] != self.file_id or start is None:
+                    raise NeedsCopy("no position for this file")
+                position, history_id = known[1], known[2]
+                if position > last:
+                    raise NeedsCopy("the file is older than what was shipped (a restored copy)")
+                if position + 1 < start:
+                    raise NeedsCopy("the change log was cut short")
+                entries = changelog.read(self.sqlite, position, self.batch_size)
+                history = self.tables["status_history"]
+                new_history = self._read(
+                    partial(
+                        _fetch_all,
+                        self.sqlite,
+                        f"SELECT {', '.join(history.columns)} FROM status_history WHERE id > ? ORDER BY id LIMIT ?",
+                        (history_id, self.batch_size),
+                    )
+                )
+                # a number above the highest row is used again once that row is deleted: ship it again then
+                newest = self.sqlite.execute("SELECT coalesce(max(id), 0) FROM status_history").fetchone()[0]
+                if not entries and not new_history and history_id <= newest:
+                    self.sqlite.execute("COMMIT")
+                    self.position = position
+                    return 0
+                found = {}
+                for name, keys in changelog.kinds(entries).items():
+                    table = self.tables[name]
+                    rows = self._rows(table, keys)
+                    found[name] = (table, keys, rows)
+            finally:
+                if self.sqlite.in_transaction:
+                    self.sqlite.execute("COMMIT")
+            self._put(cur, history, new_history)
+            for table, keys, rows in found.values():
+                self._put(cur, table, rows)
+                present = {r[0] for r in rows} if table.columns[0] == table.key else set()
+                gone = [k for k in keys if k not in present]
+                self._remove(cur, table, gone)
+            new_position = entries[-1][0] if entries else position
+            new_history_id = min(new_history[-1][0] if new_history else history_id, newest)
+            cur.execute(
+                f"UPDATE {self.schema}.ship_positions SET position = %s, history_id = %s, shipped_at = now() "
+                "WHERE source_name = %s",
+                (new_position, new_history_id, self.source),
+            )
+        self.position = new_position
+        return max(1, len(entries) + len(new_history))
+
+    def trim(self) -> int:
+        """Delete the entries PostgreSQL holds from the file's log."""
+        if self.position is None or self.sqlite is None:
+            return 0
+        return changelog.trim(self.sqlite, self.position, self.settings.sqlite_busy_timeout)
+
+    def backlog(self) -> int | None:
+        """Changes in the file not yet confirmed by PostgreSQL (None: not known before a first
+        batch). Counted by number, not by row: cheap however long the log."""
+        if self.sqlite is None or self.position is None:
+            return None
+        return max(0, changelog.last_seq(self.sqlite) - self.position)
+
+    def copy_all(self, progress: Progress | None = None) -> CopyReport:
+        """Copy every row of the file, then delete central rows of this file that the file no longer
+        holds, and record the position the log goes on from. Holds the source's lock throughout,
+        so a daemon shipping the same source waits rather than interleaving."""
+        assert self.pg is not None and self.sqlite is not None
+        started = time.monotonic()
+        report = CopyReport(self.source, self.file_id)
+        lock = self._lock_key()
+        self.pg.execute("SELECT pg_advisory_lock(hashtextextended(%s, 0))", (lock,))
+        try:
+            with self.pg.cursor() as cur:
+                known = self._position_row(cur)
+            self.sqlite.execute("BEGIN")
+            try:
+                snapshot = changelog.last_seq(self.sqlite)
+                logging = changelog.complete_from(self.sqlite) is not None
+                history_id = self.sqlite.execute("SELECT coalesce(max(id), 0) FROM status_history").fetchone()[0]
+            finally:
+                self.sqlite.execute("COMMIT")
+            if known is not None and known[0] == self.file_id and known[1] is not None and known[1] > snapshot:
+                # a copy restored over the file: its numbers would be taken for ones already shipped
+                self.file_id = report.file_id = self._new_file_id()
+                self.tables = self._tables()
+            for table in self.tables.values():
+                report.copied[table.name] = self._copy_table(table, progress)
+            for table in self.tables.values():
+                report.deleted[table.name] = self._sweep(table)
+            report.position = snapshot if logging else None
+            with self.pg.transaction(), self.pg.cursor() as cur:
+                cur.execute(
+                    f"INSERT INTO {self.schema}.ship_positions AS p (source_name, file_id, position, history_id, host, "
+                    "file, copied_at) VALUES (%s, %s, %s, %s, %s, %s, now()) ON CONFLICT (source_name) DO UPDATE SET "
+                    "file_id = EXCLUDED.file_id, host = EXCLUDED.host, file = EXCLUDED.file, "
+                    "copied_at = EXCLUDED.copied_at, shipped_at = now(), "
+                    # a daemon that shipped further meanwhile (same file) keeps its place
+                    "position = CASE WHEN p.file_id = EXCLUDED.file_id AND p.position > EXCLUDED.position "
+                    "THEN p.position ELSE EXCLUDED.position END, "
+                    "history_id = CASE WHEN p.file_id = EXCLUDED.file_id AND p.position > EXCLUDED.position "
+                    "THEN p.history_id ELSE EXCLUDED.history_id END",
+                    (self.source, self.file_id, report.position, history_id, _hostname(), str(self.db_path)),
+                )
+                self.position = report.position
+        finally:
+            import psycopg
+
+            with contextlib.suppress(psycopg.Error):  # a lost connection released it already
+                self.pg.execute("SELECT pg_advisory_unlock(hashtextextended(%s, 0))", (lock,))
+        report.elapsed_s = time.monotonic() - started
+        return report
+
+    def _copy_table(self, table: _Table, progress: Progress | None) -> int:
+        assert self.pg is not None and self.sqlite is not None
+        total = self.sqlite.execute(f"SELECT count(*) FROM {table.name}").fetchone()[0]
+        quoted = ", ".join(f'"{c}"' for c in table.columns)
+        key_at = table.columns.index(table.key)
+        copied, after, sqlite = 0, None, self.sqlite
+        while True:
+            sql, params = f"SELECT {quoted} FROM {table.name} ORDER BY {table.key} LIMIT ?", [self.batch_size]
+            if after is not None:
+                sql = f"SELECT {quoted} FROM {table.name} WHERE {table.key} > ? ORDER BY {table.key} LIMIT ?"
+                params.insert(0, after)
+            page: Callable[[], list[Any]] = partial(_fetch_all, sqlite, sql, params)
+            rows = self._read(page)
+            if not rows:
+                break
+            with self.pg.transaction(), self.pg.cursor() as cur:
+                self._put(cur, table, rows)
+            copied += len(rows)
+            after = rows[-1][key_at]
+            if progress is not None:
+                progress(table.name, copied, total)
+        return copied
+
+    def _sweep(self, table: _Table) -> int:
+        """Delete this file's central rows whose row the file no longer holds (deleted while no
+        change log was kept)."""
+        assert self.pg is not None and self.sqlite is not None
+        deleted, after = 0, None
+        query = f"SELECT {table.key} FROM {self.schema}.{table.name} WHERE source_name = %s AND file_id = %s"
+        in_file = f"SELECT {table.key} FROM {table.name} WHERE {table.key} IN"
+        while True:
+            if after is None:
+                found = self.pg.execute(
+                    f"{query} ORDER BY {table.key} LIMIT %s", (self.source, self.file_id, self.batch_size)
+                )
+            else:
+                found = self.pg.execute(
+                    f"{query} AND {table.key} > %s ORDER BY {table.key} LIMIT %s",
+                    (self.source, self.file_id, after, self.batch_size),
+                )
+            keys = [r[0] for r in found]
+            if not keys:
+                return deleted
+            present = {r[0] for r in self._read(partial(_select_all, self.sqlite, in_file, keys))}
+            gone = [k for k in keys if k not in present]
+            if gone:
+                with self.pg.transaction(), self.pg.cursor() as cur:
+                    deleted += self._remove(cur, table, gone)
+            after = keys[-1]
+
+
+def _hostname() -> str:
+    import socket
+
+    return socket.gethostname()

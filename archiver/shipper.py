@@ -1,0 +1,160 @@
+"""The daemon's shipper thread: the file's change log into PostgreSQL, off the daemon's hot path."""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from archiver.config import Settings
+from archiver.log import get_logger
+from archiver.postgres import ShipError
+from archiver.ship import NeedsCopy, Shipper
+
+log = get_logger("archiver.ship")
+
+
+class _Stopping(Exception):
+    pass
+
+
+# Entries shipped between trims of the log while catching up: each trim takes the file's write lock.
+_TRIM_EVERY = 20_000
+
+
+class ShipperThread(threading.Thread):
+    """The daemon's shipper: follows the file's change log into PostgreSQL from connections of its
+    own. PostgreSQL down, slow or refusing only delays it (it retries with a growing pause); the
+    daemon's writer never waits for it, and it holds no more than one batch in memory."""
+
+    def __init__(self, settings: Settings, busy: Callable[[], bool] | None = None) -> None:
+        super().__init__(name="archiver-shipper", daemon=True)
+        self.settings = settings
+        self.busy = busy  # the daemon has changes waiting: the archive goes first
+        self.shipper = Shipper(settings)
+        self._stop_event = threading.Event()
+        self.wake = threading.Event()
+        self.shipped = 0  # log entries shipped since start
+        self.copies = 0
+        self.failures = 0
+        self.failing: str | None = None  # the last error while shipping fails
+        self.refused: str | None = None  # shipping stopped until a person acts
+        self.connected = False
+        self.last_shipped_at: float | None = None  # monotonic
+        self.backlog: int | None = None  # changes waiting in the file, as of the last look
+
+    def _copy_progress(self, table: str, copied: int, total: int) -> None:
+        if self.stopping:  # a whole copy is long: a stop request ends it between pages
+            raise _Stopping
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop_event.set()
+        self.wake.set()
+        self.join(timeout)
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop_event.is_set()
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "connected": self.connected,
+            "position": self.shipper.position,
+            "shipped": self.shipped,
+            "copies": self.copies,
+            "failing": self.failing,
+            "refused": self.refused,
+            "backlog": self.backlog,
+        }
+
+    def run(self) -> None:
+        import psycopg
+
+        backoff = 0.0
+        while not self.stopping:
+            try:
+                self._round()
+                backoff = 0.0
+                if self.failing is not None:
+                    log.info("ship.recovered", after=self.failing, failures=self.failures)
+                    self.failing, self.failures = None, 0
+            except ShipError as exc:
+                self.refused = str(exc)
+                self.connected = False
+                log.error("ship.refused", error=str(exc), detail="shipping stopped; the archive goes on")
+                self.shipper.close_pg()
+                return
+            except _Stopping:
+                break
+            except Exception as exc:  # whatever fails, the archive goes on and shipping retries
+                expected = isinstance(exc, psycopg.Error | OSError | sqlite3.Error)
+                if not expected:
+                    log.exception("ship.error", error=repr(exc))
+                self.failures += 1
+                self.failing = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+                if isinstance(exc, psycopg.errors.QueryCanceled) and self.shipper.batch_size > 1:
+                    # a statement timeout: smaller batches fit in it
+                    self.shipper.batch_size = max(1, self.shipper.batch_size // 2)
+                backoff = min(self.settings.reconnect_max_backoff, max(0.5, backoff * 2))
+                log.warning(
+                    "ship.failed",
+                    error=self.failing,
+                    failures=self.failures,
+                    retry_in_s=backoff,
+                    postgres=self.settings.postgres_address(),
+                    batch_size=self.shipper.batch_size,
+                )
+                if not isinstance(exc, OSError | sqlite3.Error):
+                    self.connected = False
+                    self.shipper.close_pg()
+                with contextlib.suppress(sqlite3.Error):
+                    self.backlog = self.shipper.backlog()
+                self._stop_event.wait(backoff)
+        self.shipper.close()
+
+    def _round(self) -> None:
+        shipper = self.shipper
+        if shipper.pg is None:
+            shipper.open()
+            self.connected = True
+            log.info("ship.connected", postgres=self.settings.postgres_address(), source=shipper.source)
+        shipped, copied, trimmed_at = 0, False, 0
+        while not self.stopping:
+            started = time.monotonic()
+            try:
+                n = shipper.ship_batch()
+            except NeedsCopy as why:
+                if copied:  # the log is still not usable right after a copy: try again later, not at once
+                    log.warning("ship.copy_again", reason=str(why), source=shipper.source)
+                    break
+                copied = True
+                log.info("ship.copying", reason=str(why), source=shipper.source)
+                report = shipper.copy_all(self._copy_progress)
+                self.copies += 1
+                log.info("ship.copied", **report.as_dict())
+                continue
+            if n == 0:
+                break
+            shipped += n
+            self.shipped += n
+            self.last_shipped_at = time.monotonic()
+            if shipped - trimmed_at >= _TRIM_EVERY:  # far behind: trim on the way, not only at the end
+                shipper.trim()
+                trimmed_at = shipped
+            if self.busy is not None and self.busy():
+                # Catching up while the daemon has changes to archive: the two share the cores (and
+                # the interpreter), and the archive goes first. Shipping at most half the time leaves
+                # it the rest; the backlog waits in the file.
+                self._stop_event.wait(min(1.0, time.monotonic() - started))
+            if shipper.batch_size < self.settings.ship_batch_size:
+                shipper.batch_size = min(self.settings.ship_batch_size, shipper.batch_size * 2)
+        if shipped > trimmed_at:
+            shipper.trim()
+        self.backlog = shipper.backlog()
+        if shipped:
+            log.debug("ship.shipped", entries=shipped, position=shipper.position)
+        self.wake.wait(self.settings.ship_interval)
+        self.wake.clear()
