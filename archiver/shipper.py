@@ -94,19 +94,25 @@ class ShipperThread(threading.Thread):
                 if not expected:
                     log.exception("ship.error", error=repr(exc))
                 self.failures += 1
-                self.failing = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+                previous, self.failing = (
+                    self.failing,
+                    f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}",
+                )
                 if isinstance(exc, psycopg.errors.QueryCanceled) and self.shipper.batch_size > 1:
                     # a statement timeout: smaller batches fit in it
                     self.shipper.batch_size = max(1, self.shipper.batch_size // 2)
                 backoff = min(self.settings.reconnect_max_backoff, max(0.5, backoff * 2))
-                log.warning(
-                    "ship.failed",
-                    error=self.failing,
-                    failures=self.failures,
-                    retry_in_s=backoff,
-                    postgres=self.settings.postgres_address(),
-                    batch_size=self.shipper.batch_size,
-                )
+                # an outage is a few lines, not one a retry: the first, a new kind of error, every 20th
+                new_kind = previous is None or previous.split(":", 1)[0] != self.failing.split(":", 1)[0]
+                if new_kind or self.failures % 20 == 0:
+                    log.warning(
+                        "ship.failed",
+                        error=self.failing,
+                        failures=self.failures,
+                        retry_in_s=backoff,
+                        postgres=self.settings.postgres_address(),
+                        batch_size=self.shipper.batch_size,
+                    )
                 if not isinstance(exc, OSError | sqlite3.Error):
                     self.connected = False
                     self.shipper.close_pg()
