@@ -27,7 +27,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 PAGE = REPO / "docs" / "reliability.md"
 START, END = "<!-- reliability:start -->", "<!-- reliability:end -->"
-SUITES = ["tests/test_reliability.py", "tests/test_faults.py"]
+SUITES = ["tests/test_reliability.py", "tests/test_faults.py", "tests/test_postgres_faults.py"]
 
 
 def run_suite(full: bool, pytest_args: list[str]) -> tuple[int, list[dict[str, Any]]]:
