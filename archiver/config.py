@@ -160,7 +160,7 @@ class Settings(BaseSettings):
         gt=0,
         validation_alias=_env("retention_days", "ARCHIVER_RETENTION_DAYS"),
         description=(
-            "Erase records that left Redis more than this many days ago (their rows, history and quarantine "
+            "erase records that left Redis more than this many days ago (their rows, history and quarantine "
             "entries), hourly and in small steps; never a record Redis still holds. Unset: keep everything"
         ),
     )
@@ -183,7 +183,7 @@ class Settings(BaseSettings):
         le=0o777,
         validation_alias=_env("umask", "ARCHIVER_UMASK"),
         description=(
-            "Permission bits the archive's files are created without, in octal like umask(1): `0007` gives "
+            "permission bits the archive's files are created without, in octal like umask(1): `0007` gives "
             "0660 files (the group shares them with desto). Unset: the process' own umask"
         ),
     )
@@ -192,7 +192,7 @@ class Settings(BaseSettings):
         None,
         validation_alias=_env("postgres_url", "ARCHIVER_POSTGRES_URL"),
         description=(
-            "A PostgreSQL database (postgresql://user:password@host/db) that every record of the file is also "
+            "a PostgreSQL database (postgresql://user:password@host/db) that every record of the file is also "
             "shipped to, from a change log in the file; unset: no shipping. Needs the `postgres` extra"
         ),
     )
@@ -200,28 +200,28 @@ class Settings(BaseSettings):
         "desto_archiver",
         pattern=r"^[a-z_][a-z0-9_]{0,62}$",
         validation_alias=_env("postgres_schema", "ARCHIVER_POSTGRES_SCHEMA"),
-        description="The PostgreSQL schema the central tables live in",
+        description="the PostgreSQL schema the central tables live in",
     )
     source_name: str = Field(
         default_factory=socket.gethostname,
         min_length=1,
         max_length=200,
         validation_alias=_env("source_name", "ARCHIVER_SOURCE_NAME"),
-        description="This archive's name in the central database, part of every key there (default: the host name)",
+        description="this archive's name in the central database, part of every key there (default: the host name)",
     )
     ship_batch_size: int = Field(
         2000,
         ge=1,
         le=100_000,
         validation_alias=_env("ship_batch_size", "ARCHIVER_SHIP_BATCH_SIZE"),
-        description="Changes shipped to PostgreSQL per transaction",
+        description="changes shipped to PostgreSQL per transaction",
     )
     ship_interval: float = Field(
         1.0,
         gt=0,
         le=3600,
         validation_alias=_env("ship_interval", "ARCHIVER_SHIP_INTERVAL"),
-        description="Seconds between looks at the change log when nothing is waiting to be shipped",
+        description="seconds between looks at the change log when nothing is waiting to be shipped",
     )
     log_format: Literal["auto", "json", "console"] = Field(
         "auto",
