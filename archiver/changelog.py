@@ -15,10 +15,10 @@ that cannot trust the log, and copies the whole file first.
 from __future__ import annotations
 
 import sqlite3
-import time
 from collections.abc import Sequence
 
 from archiver.kinds import KINDS
+from archiver.sql import begin_immediate
 
 # The tables shipped, with their key column: every record kind's, its history and the quarantine.
 SHIPPED: dict[str, str] = {
@@ -85,19 +85,6 @@ def _put_state(conn: sqlite3.Connection, value: str | None) -> None:
         )
 
 
-def _write(conn: sqlite3.Connection, busy_timeout: float) -> None:
-    """BEGIN IMMEDIATE, trying again while another writer holds the lock (up to ``busy_timeout``)."""
-    deadline = time.monotonic() + busy_timeout
-    while True:
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            return
-        except sqlite3.OperationalError as exc:
-            if exc.sqlite_errorcode & 0xFF != sqlite3.SQLITE_BUSY or time.monotonic() >= deadline:
-                raise
-        time.sleep(0.001)
-
-
 def set_enabled(conn: sqlite3.Connection, enabled: bool, busy_timeout: float = 5.0) -> bool:
     """Create (or drop) the triggers; returns whether anything changed. Creating them starts a
     complete log after a marker; dropping them empties the log (but for the last entry) and
@@ -105,7 +92,7 @@ def set_enabled(conn: sqlite3.Connection, enabled: bool, busy_timeout: float = 5
     present = _present(conn)
     if (enabled and present == _expected()) or (not enabled and not present):
         return False
-    _write(conn, busy_timeout)
+    begin_immediate(conn, busy_timeout)
     try:
         if enabled:
             for table, key in SHIPPED.items():
@@ -158,7 +145,7 @@ def trim(conn: sqlite3.Connection, upto: int, busy_timeout: float = 5.0, step: i
         first = conn.execute("SELECT min(seq) FROM archiver_changes").fetchone()[0]
         if first is None or first > upto:
             return removed
-        _write(conn, busy_timeout)
+        begin_immediate(conn, busy_timeout)
         try:
             cur = conn.execute("DELETE FROM archiver_changes WHERE seq <= ?", (min(upto, first + step - 1),))
             removed += cur.rowcount

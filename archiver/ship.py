@@ -24,7 +24,7 @@ from archiver import changelog
 from archiver.config import Settings
 from archiver.log import get_logger
 from archiver.postgres import NUMBERED, connect, migrate_pg
-from archiver.sql import select_in
+from archiver.sql import begin_immediate, select_in
 
 if TYPE_CHECKING:
     import psycopg
@@ -238,7 +238,7 @@ class Shipper:
     def _new_file_id(self) -> str:
         assert self.sqlite is not None
         file_id = uuid.uuid4().hex
-        changelog._write(self.sqlite, self.settings.sqlite_busy_timeout)
+        begin_immediate(self.sqlite, self.settings.sqlite_busy_timeout)
         try:
             self.sqlite.execute(
                 "INSERT INTO archiver_state (name, value, updated_at) VALUES (?, ?, strftime('%Y-%m-%dT%H:%M:%fZ')) "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -47,3 +48,19 @@ def has_erasures(conn: sqlite3.Connection) -> bool:
     """Whether the file has the table of erasures (schema 3): read-only readers of older files."""
     found = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'archiver_erased'")
     return found.fetchone() is not None
+
+
+def begin_immediate(conn: sqlite3.Connection, busy_timeout: float, poll_s: float = 0.001) -> None:
+    """BEGIN IMMEDIATE, trying for the write lock every ``poll_s`` until ``busy_timeout``. SQLite's
+    own busy handler sleeps longer and longer between tries (100 ms at a time after the first
+    quarter second): against another writer that holds the lock most of the time and lets go of
+    it briefly (desto's own store, a backup), it misses most of the gaps."""
+    deadline = time.monotonic() + busy_timeout
+    while True:
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            return
+        except sqlite3.OperationalError as exc:
+            if exc.sqlite_errorcode & 0xFF != sqlite3.SQLITE_BUSY or time.monotonic() >= deadline:
+                raise
+        time.sleep(poll_s)

@@ -26,7 +26,7 @@ from archiver.keys import GONE_EVENTS
 from archiver.kinds import RECORD_TABLES, TABLES, Kind
 from archiver.models import COLUMNS, Gone, Outcome, Rejected, Row, TimedHint, encode_resp, iso_utc
 from archiver.schema import NewerSchemaError, migrate, unsupported_sqlite
-from archiver.sql import erased_among
+from archiver.sql import begin_immediate, erased_among
 from archiver.writer import RowWriter, add_history
 
 _LOCK_POLL_S = 0.001  # how often a write tries again for a lock another writer holds
@@ -309,20 +309,10 @@ class Store:
             conn.execute(f"PRAGMA busy_timeout = {round(self.busy_timeout * 1000)}")
 
     def _begin(self) -> None:
-        """BEGIN IMMEDIATE, trying for the write lock every millisecond until the busy timeout.
-        SQLite's own busy handler sleeps longer and longer between tries (100 ms at a time after
-        the first quarter second): against another writer that holds the lock most of the time
-        and lets go of it briefly (desto's own store, a backup), it misses most of the gaps."""
+        """BEGIN IMMEDIATE on the writer's connection, polling for the lock (sql.begin_immediate)
+        with SQLite's own busy handler off meanwhile."""
         with self._without_busy_wait() as conn:
-            deadline = time.monotonic() + self.busy_timeout
-            while True:
-                try:
-                    conn.execute("BEGIN IMMEDIATE")
-                    return
-                except sqlite3.OperationalError as exc:
-                    if exc.sqlite_errorcode & 0xFF != sqlite3.SQLITE_BUSY or time.monotonic() >= deadline:
-                        raise
-                time.sleep(_LOCK_POLL_S)
+            begin_immediate(conn, self.busy_timeout, _LOCK_POLL_S)
 
     def transaction(self, commit: bool = True) -> AbstractContextManager[sqlite3.Connection]:
         """One write transaction (BEGIN IMMEDIATE), for the commands that change the file."""
