@@ -61,18 +61,7 @@ def _last_column_whole(rows: list[dict[str, Any]], columns: list[str]) -> str:
 
 
 def stats(stats: dict[str, Any]) -> str:
-    rows = []
-    for kind, data in stats["records"].items():
-        rows.append(
-            {
-                "kind": kind,
-                "total": data["total"],
-                "tombstoned": data["tombstoned"],
-                "by status": ", ".join(f"{s} {n}" for s, n in data["by_status"].items()) or "-",
-                "oldest": data["oldest"],
-                "newest": data["newest"],
-            }
-        )
+    rows = _kind_rows(stats)
     q = stats["quarantine"]
     summary = pairs(
         [
@@ -106,17 +95,7 @@ def _erased_line(erased: dict[str, Any]) -> str:
 
 def central_stats(stats: dict[str, Any]) -> str:
     """``stats --postgres-url``: the kinds across the hosts shipping there, then each host's shipping."""
-    rows = [
-        {
-            "kind": kind,
-            "total": data["total"],
-            "tombstoned": data["tombstoned"],
-            "by status": ", ".join(f"{s} {n}" for s, n in data["by_status"].items()) or "-",
-            "oldest": data["oldest"],
-            "newest": data["newest"],
-        }
-        for kind, data in stats["records"].items()
-    ]
+    rows = _kind_rows(stats)
     q = stats["quarantine"]
     summary = pairs(
         [
@@ -230,3 +209,18 @@ def prune(data: dict[str, Any]) -> str:
             ),
         ]
     )
+
+
+def _kind_rows(stats: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per record kind of a ``stats`` result, the file's or the central database's."""
+    return [
+        {
+            "kind": kind,
+            "total": data["total"],
+            "tombstoned": data["tombstoned"],
+            "by status": ", ".join(f"{s} {n}" for s, n in data["by_status"].items()) or "-",
+            "oldest": data["oldest"],
+            "newest": data["newest"],
+        }
+        for kind, data in stats["records"].items()
+    ]
