@@ -25,7 +25,8 @@ from typing import Any
 
 from archiver.config import Settings
 from archiver.models import Outcome
-from archiver.reconcile import Reconcile, archive, now_us, read_batch, records_of, write_batch
+from archiver.read_clock import now_us
+from archiver.reconcile import Reconcile, archive, read_batch, records_of, write_batch
 from archiver.schema import SCHEMA_VERSION
 from archiver.source import Source
 from archiver.store import Store

@@ -22,8 +22,9 @@ from archiver.config import Settings
 from archiver.keys import record_key
 from archiver.kinds import TABLES, Kind
 from archiver.models import COLUMNS, Rejected, Row, iso_utc
+from archiver.read_clock import now_us
 from archiver.reader import Reader
-from archiver.reconcile import now_us, read_batch, records_of
+from archiver.reconcile import read_batch, records_of
 from archiver.redis_client import CONNECTION_ERRORS, unreachable_advice
 from archiver.schema import SCHEMA_VERSION, unsupported_sqlite
 from archiver.source import Source, flags_sufficient, merge_flags

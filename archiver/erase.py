@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from archiver.kinds import TABLES, Kind
 from archiver.models import COLUMNS, iso_utc
+from archiver.read_clock import now_us
 from archiver.sql import select_in
 
 if TYPE_CHECKING:
@@ -39,10 +40,6 @@ def describe(kind: str, how: str) -> str:
     if how == "desto" and kind == "favorite":
         return "desto (favorite deleted)"
     return HOW.get(how, how)
-
-
-def now_us() -> int:
-    return time.time_ns() // 1000
 
 
 # ─── erasing: the rows, their history and quarantine, then the bytes ─────────────────────────

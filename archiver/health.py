@@ -10,8 +10,8 @@ import socket
 from typing import Any
 
 from archiver.config import Settings
+from archiver.read_clock import now_us
 from archiver.reader import Reader
-from archiver.reconcile import now_us
 from archiver.redis_client import CONNECTION_ERRORS
 from archiver.source import Source
 

@@ -12,6 +12,11 @@ log = get_logger("archiver.read_clock")
 _CLOCK_LOG_S = 60.0  # Redis' clock going back by less than a second is logged once a minute at most
 
 
+def now_us() -> int:
+    """This host's wall clock in microseconds: when something happened here (not a read's version)."""
+    return time.time_ns() // 1000
+
+
 class ReadClock:
     """The version of each read: Redis' clock, moved ahead by as much as that clock went back.
 

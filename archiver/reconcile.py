@@ -21,10 +21,6 @@ from archiver.store import Batch, BatchResult, Store
 log = get_logger("archiver.reconcile")
 
 
-def now_us() -> int:
-    return time.time_ns() // 1000
-
-
 class Reconcile:
     """One full pass, in steps: SCAN desto's keys page by page, then re-read the live rows the
     scan did not meet (their keys left Redis while nobody listened) so they get tombstones."""
