@@ -1,5 +1,9 @@
 """The daemon's reading thread: dirty keys and reconcile pages, read from Redis and normalized.
 
+Every read from Redis the daemon makes, but the listener's subscription, is made here: dirty keys
+first, then a page of a reconcile's sweep, then a page of its scan; before a reconcile on the
+timer, a look at Redis' notification flags.
+
 It hands each batch to the writing (main) thread through a bounded queue. Reading a batch (a
 socket round trip, normalizing in Python) overlaps writing the previous one (SQLite, which
 releases the GIL), and a writer that falls behind holds the reader back instead of letting
@@ -12,6 +16,7 @@ import queue
 import random
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from archiver.config import Settings
@@ -20,7 +25,7 @@ from archiver.log import get_logger
 from archiver.models import Outcome
 from archiver.reconcile import Reconcile, read_batch, records_of
 from archiver.redis_client import CONNECTION_ERRORS, unreachable_advice
-from archiver.source import Source
+from archiver.source import NotifyState, Source
 
 log = get_logger("archiver.fetcher")
 
@@ -43,8 +48,9 @@ class Work:
     items: list[tuple[bytes, bytes | None]]  # the dirty entries taken (put back if writing fails)
     outcomes: list[Outcome]
     read_s: float
-    reconcile: Reconcile | None = None  # a page of this reconcile's scan
+    reconcile: Reconcile | None = None  # a page of this reconcile's scan or sweep
     scan_done: bool = False  # the scan is over: its sweep may begin once this page is written
+    sweep: bool = False  # a page of the sweep
     keys: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -52,11 +58,18 @@ class Work:
 
 
 class Fetcher(threading.Thread):
-    def __init__(self, settings: Settings, source: Source, dirty: Dirty) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        source: Source,
+        dirty: Dirty,
+        notified: Callable[[NotifyState], None] = lambda notify: None,
+    ) -> None:
         super().__init__(name="archiver-fetcher", daemon=True)
         self.settings = settings
         self.source = source
         self.dirty = dirty
+        self._notified = notified  # told what each look at the notification flags found
         self._rate = 0.0  # events/s: rises at once, falls halving each tenth of a second
         self._rate_at = 0.0
         self._rate_events = 0
@@ -67,9 +80,11 @@ class Fetcher(threading.Thread):
         self._recent: set[bytes] = set()
         self._older: set[bytes] = set()
         self._recent_since = 0.0
-        self._scan_request: str | None = None
+        self._scan_request: tuple[str, bool] | None = None  # the reason, and whether to look at the flags
         self._scan_requests = 0  # how many were made: a new one cuts a backoff short
         self._scan: Reconcile | None = None
+        self._sweep_lock = threading.Lock()
+        self._sweep_page: tuple[Reconcile, list[bytes]] | None = None  # keys of a sweep, to read
         self._draining = False
         self._stop_now = False
         self.failing = False
@@ -78,10 +93,19 @@ class Fetcher(threading.Thread):
 
     # ─── asked by the main thread ─────────────────────────────────────────────────────────────
 
-    def request_scan(self, reason: str) -> None:
-        """Start a reconcile's scan (replacing one under way: Redis' clock starts anew)."""
-        self._scan_request = reason
-        self._scan_requests += 1
+    def request_scan(self, reason: str, check_notifications: bool = False) -> None:
+        """Start a reconcile's scan (replacing one under way: Redis' clock starts anew), after a
+        look at Redis' notification flags (setting them where they are off) if asked."""
+        with self._sweep_lock:
+            self._sweep_page = None  # a page of the pass replaced
+            self._scan_request = (reason, check_notifications)
+            self._scan_requests += 1
+        self.dirty.wake.set()
+
+    def request_sweep(self, rec: Reconcile, keys: list[bytes]) -> None:
+        """Read these keys, a page of ``rec``'s sweep (archived rows its scan did not meet)."""
+        with self._sweep_lock:
+            self._sweep_page = (rec, keys)
         self.dirty.wake.set()
 
     def drain(self) -> None:
@@ -166,13 +190,12 @@ class Fetcher(threading.Thread):
             now = time.monotonic()
             try:
                 if self._scan_request is not None and not self._draining:
-                    reason = self._scan_request
-                    self._scan = Reconcile(self.source, batch, reason)  # reads Redis' clock: may fail
-                    if self._scan_request == reason:
-                        self._scan_request = None
+                    self._start_scan(self._scan_request)
                 hold = self._read_later()
                 if not hold and self.dirty.ready(batch, 0.0 if self._draining else self._interval(now)):
                     self._read_dirty()
+                elif self._sweep_page is not None and not self._draining:
+                    self._read_sweep_page()
                 elif self._scan is not None and not self._draining:
                     self._read_scan_page(self._scan)
                 elif hold:
@@ -189,6 +212,15 @@ class Fetcher(threading.Thread):
             if self.failing:
                 log.info("archiver.recovered", after="redis", failures=self._failures)
                 self.failing, self._failures = False, 0
+
+    def _start_scan(self, request: tuple[str, bool]) -> None:
+        reason, check_notifications = request
+        if check_notifications:
+            self._notified(self.source.ensure_notifications())
+        self._scan = Reconcile(self.source, self.settings.batch_size, reason)  # reads Redis' clock: may fail
+        with self._sweep_lock:
+            if self._scan_request is request:
+                self._scan_request = None
 
     def _interval(self, now: float) -> float:
         """How long a change may wait to be read: ARCHIVER_FLUSH_INTERVAL while changes are few, up
@@ -226,7 +258,9 @@ class Fetcher(threading.Thread):
         if oldest is not None:
             timeout = min(timeout, max(0.0, oldest + self._interval(now) - now))
         self.dirty.wake.clear()
-        if not len(self.dirty) and self._scan_request is None:
+        if self._scan_request is not None or self._sweep_page is not None:
+            return  # asked for meanwhile
+        if not len(self.dirty):
             self.dirty.wake.wait(timeout)
         elif timeout > 0:
             time.sleep(timeout)
@@ -263,8 +297,29 @@ class Fetcher(threading.Thread):
         items = list(self.dirty.take(keys).items())
         self._read(items, keys, rec, done)
 
+    def _read_sweep_page(self) -> None:
+        with self._sweep_lock:
+            page, self._sweep_page = self._sweep_page, None
+            asked = self._scan_requests
+        if page is None:
+            return
+        rec, keys = page
+        items = list(self.dirty.take(keys).items())
+        try:
+            self._read(items, keys, rec, False, sweep=True)
+        except BaseException:
+            with self._sweep_lock:
+                if self._sweep_page is None and self._scan_requests == asked:  # not replaced: read it again
+                    self._sweep_page = page
+            raise
+
     def _read(
-        self, items: list[tuple[bytes, bytes | None]], keys: list[bytes], rec: Reconcile | None, done: bool
+        self,
+        items: list[tuple[bytes, bytes | None]],
+        keys: list[bytes],
+        rec: Reconcile | None,
+        done: bool,
+        sweep: bool = False,
     ) -> None:
         started = time.perf_counter()
         try:
@@ -272,7 +327,7 @@ class Fetcher(threading.Thread):
         except BaseException:
             self.dirty.requeue(items)
             raise
-        work = Work(items, outcomes, time.perf_counter() - started, rec, done)
+        work = Work(items, outcomes, time.perf_counter() - started, rec, done, sweep)
         self._note_read(items, time.monotonic())
         while not self._stop_now:
             try:

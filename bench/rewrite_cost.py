@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from archiver.pipeline import DAEMON_CACHE_MB
+from archiver.archive_file import DAEMON_CACHE_MB
 from archiver.reconcile import write_batch
 from archiver.store import Store
 from bench.write_cost import outcomes

@@ -31,11 +31,11 @@ from pathlib import Path
 from typing import Any
 
 from archiver import changelog
+from archiver.archive_file import DAEMON_CACHE_MB
 from archiver.erase import note
 from archiver.keys import classify
 from archiver.kinds import Kind
 from archiver.models import Fetched, Outcome, normalize
-from archiver.pipeline import DAEMON_CACHE_MB
 from archiver.reconcile import write_batch
 from archiver.store import Store
 from bench.records import DESTO_TTL_SECONDS, record_id, session_key

@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import signal
 import stat
+import time
 import uuid
 from pathlib import Path
 
 from structlog.testing import capture_logs
 
-from tests.fault_helpers import start_ready
+from tests.fault_helpers import heartbeat, start_ready
 from tests.helpers import (
     atjob_hash,
     count,
@@ -201,3 +202,47 @@ def test_archive_files_follow_the_umask_not_sqlites_own_0644(redis_server, redis
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_a_frozen_redis_never_holds_up_the_writer_s_thread(fresh_redis, db_path: Path) -> None:
+    """Every read from Redis but the subscription is the reading thread's: the timer's look at the
+    notification flags and a reconcile's sweep too. So while Redis does not answer (frozen, a
+    slow disk under its fork), the writing thread goes on: its heartbeat (and systemd's watchdog,
+    which would otherwise kill the daemon) keeps coming, and the file stays current for readers."""
+    client = fresh_redis.client()
+    for _ in range(50):  # archived rows for the sweeps to look at
+        record = session_hash()
+        client.hset(f"desto:session:{record['session_id']}", mapping=record)
+    settings = settings_for(
+        fresh_redis,
+        db_path,
+        reconcile_interval=0.3,  # a reconcile is always under way or due: the freeze meets one
+        heartbeat_interval=0.1,
+        socket_timeout=8,  # longer than the freeze: a read waits for it to end
+        health_check_interval=8,  # nor does the listener reconnect meanwhile
+    )
+    beats: list[tuple[float, int]] = []
+
+    def look() -> None:
+        beat = heartbeat(db_path)
+        if beat is not None and (not beats or beat["at_us"] != beats[-1][1]):
+            beats.append((time.monotonic(), beat["at_us"]))
+
+    with daemon_thread(settings):
+        wait_for(lambda: count(db_path, "sessions") == 50, what="the sessions archived")
+        fresh_redis.freeze()
+        try:
+            frozen_at = time.monotonic()
+            while time.monotonic() - frozen_at < 3.0:
+                look()
+                time.sleep(0.05)
+        finally:
+            fresh_redis.thaw()
+        done = wait_for(lambda: heartbeat(db_path)["reconciles"], what="reconciles counted")
+        wait_for(
+            lambda: heartbeat(db_path)["reconciles"] > done + 1, 10, what="reconciles on the timer after the freeze"
+        )
+    during = [at for at, _ in beats if at >= frozen_at]
+    gaps = [b - a for a, b in zip([frozen_at, *during], during, strict=False)]
+    assert len(during) >= 10 and max(gaps) < 1.0, f"heartbeats during a 3 s freeze: {len(during)}, gaps {gaps}"
+    client.close()

@@ -219,8 +219,8 @@ def test_desto_deletions_stick_through_changes_reconciles_restarts_and_backfill(
         redis.hset(f"desto:favorite:{fav['favorite_id']}", "use_count", "9")
         chained = _put(redis, Kind.JOB, job_hash(session_id=a["session_id"]))
         wait_for(lambda: daemon.totals.result.erased >= 4, 10, what="the changes of erased records met")
-        reconciles = daemon.totals.reconciles
-        wait_for(lambda: daemon.totals.reconciles >= reconciles + 2, 15, what="two reconciles")
+        reconciles = daemon.reconciles.done
+        wait_for(lambda: daemon.reconciles.done >= reconciles + 2, 15, what="two reconciles")
 
         assert desto.clear_sessions_and_jobs()
         wait_for(lambda: not count(db_path, "archiver_erased", "purged_at IS NULL"), 10, what="clear finished")

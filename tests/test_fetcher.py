@@ -22,8 +22,9 @@ from archiver.config import load_settings
 from archiver.dirty import Dirty
 from archiver.fetcher import QUEUE_DEPTH, Fetcher, Work
 from archiver.kinds import Kind
-from archiver.models import Gone
+from archiver.models import Fetched, Gone
 from archiver.reconcile import Reconcile
+from archiver.source import NotifyState
 from tests.helpers import wait_for
 
 pytestmark = pytest.mark.unit
@@ -232,3 +233,118 @@ def test_an_os_error_that_is_not_redis_s_stops_the_reader_instead_of_passing_for
     assert isinstance(fetcher.error, PermissionError) and source.attempts == 1
     assert not fetcher.failing
     assert [e["event"] for e in logs] == ["fetcher.crashed"]
+
+
+class GoneSource:
+    """A Redis where every key read is gone; its reads can be made to fail, and each read notes
+    the thread that made it."""
+
+    def __init__(self) -> None:
+        self.failing: BaseException | None = None
+        self.reads: list[tuple[str, list[bytes]]] = []
+        self.flag_looks: list[str] = []
+        self.now = 1_000
+
+    def version_now(self) -> int:
+        return self.now
+
+    def scan_page(self, cursor: int, count: int) -> tuple[int, list[bytes]]:
+        return 0, []
+
+    def ensure_notifications(self) -> NotifyState:
+        self.flag_looks.append(threading.current_thread().name)
+        return NotifyState(ok=False, found="", set_to=None, error="CONFIG is disabled")
+
+    def fetch(self, batch: list[bytes]) -> list[Fetched]:
+        if not batch:
+            return []
+        if self.failing is not None:
+            raise self.failing
+        self.reads.append((threading.current_thread().name, list(batch)))
+        self.now += 1
+        return [Fetched(key, "none", None, -2, self.now, self.now) for key in batch]
+
+
+@contextmanager
+def running(fetcher: Fetcher) -> Iterator[Fetcher]:
+    fetcher.start()
+    try:
+        yield fetcher
+    finally:
+        fetcher.stop_now()
+        fetcher.join(timeout=2)
+
+
+def sweeping(source: GoneSource) -> Reconcile:
+    rec = Reconcile(source, 10, "start")  # type: ignore[arg-type]
+    rec.scanning = False  # scanned: its sweep pages come from the file
+    return rec
+
+
+def test_a_sweep_page_is_read_by_the_fetcher_with_the_changes_met_for_its_keys(tmp_path: Path) -> None:
+    """The main thread finds a sweep's keys in the file; reading them from Redis is the fetcher's
+    job, so a slow or unreachable Redis never holds up the writes of live changes."""
+    # a change waits up to the flush interval to be read: long here, so the page comes first
+    settings = load_settings(sqlite_db_path=tmp_path / "desto.db", batch_size=10, flush_interval=5)
+    source = GoneSource()
+    fetcher = Fetcher(settings, source=source, dirty=Dirty(1000))  # type: ignore[arg-type]
+    rec = sweeping(source)
+    page = keys("swept", 3)
+    fetcher.dirty.add(page[0], b"expired")  # its expiry was met meanwhile: it goes with the page
+    fetcher.request_sweep(rec, page)
+    with running(fetcher):
+        work = fetcher.take(2.0)
+    assert work is not None and work.sweep and work.reconcile is rec and not work.scan_done
+    assert [(thread, batch) for thread, batch in source.reads] == [("archiver-fetcher", page)]
+    assert dict(work.items) == {page[0]: b"expired"}  # its removal event is kept for its tombstone
+    assert len(fetcher.dirty) == 0
+    assert [o.key for o in work.outcomes] == page
+
+
+def test_a_sweep_page_whose_read_fails_is_read_again_and_a_new_pass_drops_it(tmp_path: Path) -> None:
+    settings = load_settings(sqlite_db_path=tmp_path / "desto.db", batch_size=10, reconnect_max_backoff=0.2)
+    source = GoneSource()
+    source.failing = redis_lib.ConnectionError("Connection refused")
+    fetcher = Fetcher(settings, source=source, dirty=Dirty(1000))  # type: ignore[arg-type]
+    page = keys("swept", 2)
+    with running(fetcher):
+        fetcher.request_sweep(sweeping(source), page)
+        wait_for(lambda: fetcher.failing, 2, what="the read to fail")
+        assert fetcher.take(0.3) is None
+        source.failing = None  # Redis is back: the page is read after the backoff, not lost
+        work = fetcher.take(3.0)
+        assert work is not None and work.sweep and [o.key for o in work.outcomes] == page
+
+        source.failing = redis_lib.ConnectionError("Connection refused")
+        fetcher.request_sweep(sweeping(source), keys("stale", 2))
+        wait_for(lambda: fetcher.failing, 2, what="the read to fail")
+        source.failing = None
+        fetcher.request_scan("reconnect")  # a new pass: the page of the old one is not read again
+        scan = fetcher.take(3.0)
+        assert scan is not None and scan.scan_done and scan.reconcile is not None
+        assert scan.reconcile.reason == "reconnect"
+        assert fetcher.take(0.5) is None
+    assert [batch for _, batch in source.reads] == [page]
+
+
+def test_the_timer_s_look_at_the_notification_flags_is_made_by_the_fetcher(tmp_path: Path) -> None:
+    """Before a reconcile on the timer the daemon looks at Redis' notification flags again (an
+    operator or a restart may have changed them): a read from Redis, made on the fetcher's thread
+    and reported to the main loop, which never waits on Redis."""
+    settings = load_settings(sqlite_db_path=tmp_path / "desto.db", batch_size=10)
+    source = GoneSource()
+    reported: list[tuple[str, NotifyState]] = []
+    fetcher = Fetcher(
+        settings,
+        source=source,  # type: ignore[arg-type]
+        dirty=Dirty(1000),
+        notified=lambda notify: reported.append((threading.current_thread().name, notify)),
+    )
+    with running(fetcher):
+        fetcher.request_scan("start")
+        assert fetcher.take(2.0) is not None
+        fetcher.request_scan("timer", check_notifications=True)
+        work = fetcher.take(2.0)
+    assert work is not None and work.reconcile is not None and work.reconcile.reason == "timer"
+    assert source.flag_looks == ["archiver-fetcher"]
+    assert [(thread, notify.ok) for thread, notify in reported] == [("archiver-fetcher", False)]

@@ -1,0 +1,57 @@
+"""What the daemon's writing thread does when Redis or the file fails: back off, log, recover."""
+
+from __future__ import annotations
+
+from archiver.log import get_logger
+from archiver.redis_client import unreachable_advice
+from archiver.store import store_advice
+
+log = get_logger("archiver.failures")
+
+_LOG_EVERY = 20  # while one thing keeps failing, one warning in this many
+
+
+class Failures:
+    """The failures in a row, what fails, and how long to wait before the next try.
+
+    A failure doubles the wait (from 0.1 s, to ``max_backoff``). The first failure of each
+    kind is logged, then one in every twenty; the first success after them logs the recovery."""
+
+    def __init__(self, max_backoff: float) -> None:
+        self.max_backoff = max_backoff
+        self.in_a_row = 0
+        self.failing: str | None = None  # "redis" or "sqlite"
+        self.write_failures = 0  # every failed write to the file since start, for the metrics
+
+    def failed(self, what: str, exc: BaseException) -> float:
+        """Note a failure of ``what`` ("redis" or "sqlite"); the seconds to wait before the next try."""
+        self.in_a_row += 1
+        if what == "sqlite":
+            self.write_failures += 1
+        delay: float = min(self.max_backoff, 0.1 * 2.0 ** min(self.in_a_row, 10))
+        if self.failing != what or self.in_a_row % _LOG_EVERY == 0:
+            error = str(exc) or type(exc).__name__
+            if what == "sqlite":
+                advice = store_advice(exc)
+                log.warning(
+                    "store.write_failed",
+                    error=error,
+                    failures=self.in_a_row,
+                    retry_in_s=delay,
+                    **({"action": advice} if advice else {}),
+                )
+            else:
+                log.warning(
+                    "redis.read_failed",
+                    error=error,
+                    failures=self.in_a_row,
+                    retry_in_s=delay,
+                    action=unreachable_advice(exc),
+                )
+        self.failing = what
+        return delay
+
+    def succeeded(self) -> None:
+        if self.failing is not None:
+            log.info("archiver.recovered", after=self.failing, failures=self.in_a_row)
+            self.failing, self.in_a_row = None, 0
