@@ -40,8 +40,8 @@ class Reconciles:
         self.wanted = self.wanted or reason
 
     def due(self, now: float) -> str | None:
-        """Why to begin a reconcile now (None: not now). Only while subscribed: a reconcile with
-        nobody listening would miss the changes made during it."""
+        """Why to begin a reconcile now (None: not now). Asked only while subscribed: a reconcile
+        with nobody listening would miss the changes made during it."""
         if self.wanted:
             return self.wanted
         if not self.running and self.schedule.due(Deadline.RECONCILE, now):
