@@ -86,6 +86,9 @@ class Reconciles:
             self._page_out = False
 
     def _finish(self, rec: Reconcile, store: Store) -> None:
+        summary = rec.summary()
+        # first, as it may fail (a busy file): the pass is then finished at the next try
+        store.set_state({"last_reconcile_at": str(now_us()), "last_reconcile": json.dumps(summary)}, now_us())
         self.sweep = None
         self.running = False
         self.done += 1
@@ -93,8 +96,7 @@ class Reconciles:
         if self.notify is None or not self.notify.ok:
             interval = min(interval, self.settings.fallback_reconcile_interval)
         self.schedule.set_after(Deadline.RECONCILE, interval, time.monotonic())
-        store.set_state({"last_reconcile_at": str(now_us()), "last_reconcile": json.dumps(rec.summary())}, now_us())
-        log.info("reconcile.done", **rec.summary(), next_in_s=interval)
+        log.info("reconcile.done", **summary, next_in_s=interval)
 
     # ─── Redis' notification flags ────────────────────────────────────────────────────────────
 

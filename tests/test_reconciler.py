@@ -1,0 +1,141 @@
+"""When the daemon reconciles, how a pass's sweep goes page by page, and what a busy file does to
+the end of a pass. No Redis and no file: the reconcile's source and the store are stand-ins."""
+
+from __future__ import annotations
+
+import json
+import math
+import sqlite3
+import time
+from pathlib import Path
+
+import pytest
+from structlog.testing import capture_logs
+
+from archiver.config import load_settings
+from archiver.keys import record_key
+from archiver.kinds import Kind
+from archiver.reconcile import Reconcile
+from archiver.reconciler import Reconciles
+from archiver.schedule import Deadline, Schedule
+from archiver.source import NotifyState
+
+pytestmark = pytest.mark.unit
+
+ON = NotifyState(ok=True, found="KEA", set_to=None, error=None)
+OFF = NotifyState(ok=False, found="", set_to=None, error="CONFIG is disabled")
+
+
+class Clock:
+    def version_now(self) -> int:
+        return 1_000
+
+
+class ArchivedRows:
+    """The archived rows a sweep looks for, and a file that can be busy when the pass ends."""
+
+    def __init__(self, sessions: int) -> None:
+        self.rows = {Kind.SESSION: [(rowid, f"s{rowid}") for rowid in range(1, sessions + 1)]}
+        self.busy = 0  # the next set_state calls that find the file busy
+        self.state: dict[str, str] = {}
+
+    def live_not_read_since(self, kind: Kind, since_us: int, after_rowid: int, limit: int) -> list[tuple[int, str]]:
+        return [row for row in self.rows.get(kind, []) if row[0] > after_rowid][:limit]
+
+    def set_state(self, values: dict[str, str], now_us: int) -> None:
+        if self.busy:
+            self.busy -= 1
+            raise sqlite3.OperationalError("database is locked")
+        self.state.update(values)
+
+
+def reconciles(tmp_path: Path, **settings: float) -> Reconciles:
+    values = {"sqlite_db_path": tmp_path / "desto.db", "reconcile_interval": 300.0, **settings}
+    return Reconciles(load_settings(**values), Schedule())
+
+
+def scanned(page: int = 10) -> Reconcile:
+    rec = Reconcile(Clock(), page, "start")  # type: ignore[arg-type]
+    rec.scanning = False
+    return rec
+
+
+def test_a_reconcile_is_wanted_for_a_reason_and_on_the_timer_once_none_runs(tmp_path: Path) -> None:
+    plan = reconciles(tmp_path)
+    assert plan.due(time.monotonic()) is None  # the timer starts with the first pass's end
+    plan.want("start")
+    plan.want("overflow")  # the first reason stands: one pass answers both
+    assert plan.due(time.monotonic()) == "start"
+    plan.begun()
+    assert plan.wanted is None and plan.running
+    plan.schedule.set_now(Deadline.RECONCILE)
+    assert plan.due(time.monotonic()) is None  # a pass runs: the timer waits for it
+    plan.want("reconnect")
+    assert plan.due(time.monotonic()) == "reconnect"  # a reason replaces the pass under way
+
+
+def test_a_sweep_goes_page_by_page_each_page_once_written(tmp_path: Path) -> None:
+    plan, rows = reconciles(tmp_path), ArchivedRows(sessions=25)
+    plan.want("start")
+    plan.begun()
+    rec = scanned(page=10)
+    plan.scan_written(rec)
+    pages = []
+    while plan.sweep_waits():
+        page = plan.next_sweep_page(rows)  # type: ignore[arg-type]
+        if page is None:
+            break
+        assert page[0] is rec and not plan.sweep_waits()  # one page at a time
+        pages.append(page[1])
+        plan.page_written(rec)
+    assert [len(keys) for keys in pages] == [10, 10, 5]
+    assert pages[0][0] == record_key(Kind.SESSION, "s1")
+    assert plan.done == 1 and not plan.running and plan.sweep is None
+    assert json.loads(rows.state["last_reconcile"])["reason"] == "start"
+
+
+def test_a_page_of_a_replaced_pass_does_not_move_the_new_one(tmp_path: Path) -> None:
+    plan, rows = reconciles(tmp_path), ArchivedRows(sessions=25)
+    old = scanned()
+    plan.scan_written(old)
+    assert plan.next_sweep_page(rows) is not None  # type: ignore[arg-type]
+    plan.want("reconnect")
+    plan.begun()  # the old pass is dropped
+    new = scanned()
+    plan.scan_written(new)
+    assert plan.next_sweep_page(rows) is not None  # type: ignore[arg-type]
+    plan.page_written(old)  # the old pass's page, read before the new pass began, is written late
+    assert not plan.sweep_waits()  # the new pass's own page is still out
+
+
+def test_a_busy_file_at_the_end_of_a_pass_finishes_it_at_the_next_try(tmp_path: Path) -> None:
+    """The end of a pass writes its summary into the file; a busy file then must not leave the
+    pass half finished (counted, timer set, never reported, the daemon never ready)."""
+    plan, rows = reconciles(tmp_path), ArchivedRows(sessions=0)
+    plan.notified(ON)
+    plan.begun()
+    plan.scan_written(scanned())
+    rows.busy = 1
+    with pytest.raises(sqlite3.OperationalError):
+        plan.next_sweep_page(rows)  # type: ignore[arg-type]
+    assert plan.done == 0 and plan.running and plan.sweep_waits()
+    assert plan.schedule.at(Deadline.RECONCILE) == math.inf
+    with capture_logs() as logs:
+        assert plan.next_sweep_page(rows) is None  # type: ignore[arg-type]
+    assert plan.done == 1 and not plan.running
+    assert [e["event"] for e in logs] == ["reconcile.done"] and logs[0]["next_in_s"] == 300
+    assert "last_reconcile_at" in rows.state
+
+
+def test_without_notifications_the_timer_runs_at_the_fallback_interval_and_warns_once(tmp_path: Path) -> None:
+    plan, rows = reconciles(tmp_path, fallback_reconcile_interval=10), ArchivedRows(sessions=0)
+    with capture_logs() as logs:
+        plan.notified(OFF)
+        plan.notified(OFF)  # the timer's next look finds them still off: no second warning
+        plan.begun()
+        plan.scan_written(scanned())
+        plan.next_sweep_page(rows)  # type: ignore[arg-type]
+        plan.notified(ON)
+    events = [e["event"] for e in logs]
+    assert events == ["notifications.unavailable", "reconcile.done", "notifications.available"]
+    assert logs[1]["next_in_s"] == 10
