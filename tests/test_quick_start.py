@@ -1,0 +1,78 @@
+"""The README's quick start, as a new user runs it: its exact command, in a copy of the project's
+own files, a fresh virtual environment, then Ctrl-C."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+from pathlib import Path
+
+from tests.helpers import REPO, count, log_events, session_hash, wait_for
+
+
+def quick_start_command() -> str:
+    """The README's "Quick start" command, the first of its section (the second runs the tests)."""
+    section = (REPO / "README.md").read_text(encoding="utf-8").split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```sh\n(.*?)```", section, flags=re.S)
+    [command] = blocks[0].strip().splitlines()
+    assert command.endswith("desto-archiver run"), command
+    return command
+
+
+def project_copy(dest: Path) -> Path:
+    """The project's own files, as a clone holds them (no .venv, no archive, no caches)."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO,
+        capture_output=True,
+        check=True,
+    ).stdout.split(b"\0")
+    for name in filter(None, listed):
+        source = REPO / os.fsdecode(name)
+        if source.is_file():
+            (dest / os.fsdecode(name)).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, dest / os.fsdecode(name))
+    return dest
+
+
+def test_the_readme_s_quick_start_archives_into_desto_data_and_stops_at_ctrl_c(fresh_redis, tmp_path: Path) -> None:
+    """desto's default Redis is localhost:6379, which the machine's own Redis may hold: the test's
+    server stands in through REDIS_PORT, the one thing added to the user's environment."""
+    clone = project_copy(tmp_path / "desto-archiver")
+    assert not (clone / ".venv").exists() and not (clone / "desto_data").exists()
+    client = fresh_redis.client()
+    record = session_hash(session_name="nightly-report")
+    client.hset(f"desto:session:{record['session_id']}", mapping=record)
+    log_path = tmp_path / "quick-start.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ARCHIVER_", "REDIS_", "SQLITE_", "VIRTUAL_ENV"))}
+    env["REDIS_PORT"] = str(fresh_redis.port)
+    with log_path.open("wb") as out:
+        # its own process group, as a terminal's foreground job: Ctrl-C reaches the whole group
+        proc = subprocess.Popen(
+            ["bash", "-c", quick_start_command()],
+            cwd=clone,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        archive = clone / "desto_data" / "desto.db"
+        wait_for(lambda: archive.exists() and count(archive, "sessions") == 1, 180, what="the quick start's archive")
+        later = session_hash(session_name="after-start")
+        client.hset(f"desto:session:{later['session_id']}", mapping=later)
+        wait_for(lambda: count(archive, "sessions") == 2, 10, what="a change made while it runs")
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(timeout=30) == 0, log_path.read_text(errors="replace")[-3000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        client.close()
+    events = [e["event"] for e in log_events(log_path) if "event" in e]
+    assert events[0] == "archiver.started" and events[-1] == "archiver.stopped", events
+    stopped = log_events(log_path)[-1]
+    assert stopped["left_for_next_start"] == 0 and stopped["written"] == {"session": 2}, stopped
