@@ -13,7 +13,6 @@ memory grow: the queue holds at most QUEUE_DEPTH batches, the dirty set is bound
 from __future__ import annotations
 
 import queue
-import random
 import threading
 import time
 from collections.abc import Callable
@@ -21,10 +20,11 @@ from dataclasses import dataclass, field
 
 from archiver.config import Settings
 from archiver.dirty import Dirty
+from archiver.failures import Failures
 from archiver.log import get_logger
 from archiver.models import Outcome
 from archiver.reconcile import Reconcile, read_batch, records_of
-from archiver.redis_client import CONNECTION_ERRORS, unreachable_advice
+from archiver.redis_client import CONNECTION_ERRORS
 from archiver.source import NotifyState, Source
 
 log = get_logger("archiver.fetcher")
@@ -87,8 +87,7 @@ class Fetcher(threading.Thread):
         self._sweep_page: tuple[Reconcile, list[bytes]] | None = None  # keys of a sweep, to read
         self._draining = False
         self._stop_now = False
-        self.failing = False
-        self._failures = 0
+        self._failures = Failures(settings.reconnect_max_backoff, jitter=True)
         self.error: BaseException | None = None
 
     # ─── asked by the main thread ─────────────────────────────────────────────────────────────
@@ -209,9 +208,12 @@ class Fetcher(threading.Thread):
             except CONNECTION_ERRORS as exc:
                 self._failed(exc)
                 continue
-            if self.failing:
-                log.info("archiver.recovered", after="redis", failures=self._failures)
-                self.failing, self._failures = False, 0
+            self._failures.succeeded()
+
+    @property
+    def failing(self) -> bool:
+        """Reads from Redis fail (and are retried)."""
+        return self._failures.failing is not None
 
     def _start_scan(self, request: tuple[str, bool]) -> None:
         reason, check_notifications = request
@@ -266,17 +268,7 @@ class Fetcher(threading.Thread):
             time.sleep(timeout)
 
     def _failed(self, exc: BaseException) -> None:
-        self._failures += 1
-        delay = min(self.settings.reconnect_max_backoff, 0.1 * 2 ** min(self._failures, 10))
-        if not self.failing or self._failures % 20 == 0:
-            log.warning(
-                "redis.read_failed",
-                error=str(exc) or type(exc).__name__,
-                failures=self._failures,
-                action=unreachable_advice(exc),
-            )
-        self.failing = True
-        deadline = time.monotonic() + delay * random.uniform(0.5, 1.0)
+        deadline = time.monotonic() + self._failures.failed("redis", exc)
         # A scan asked for while this backoff runs (Redis is back: reconcile) ends it; one already
         # waiting does not: it may be what failed (its first read), and would be retried at once.
         asked = self._scan_requests

@@ -215,11 +215,8 @@ class Daemon:
                     return
             self._write(store, self._pending)
             self._pending = None
-        except CONNECTION_ERRORS as exc:
-            self._failed("redis", exc)
-            return
-        except sqlite3.Error as exc:
-            self._failed("sqlite", exc)
+        except sqlite3.Error as exc:  # this thread never reads Redis: the fetcher's reads fail there
+            self._failed(exc)
             return
         self.failures.succeeded()
 
@@ -251,8 +248,8 @@ class Daemon:
             elif work.sweep:
                 self.reconciles.page_written(rec)
 
-    def _failed(self, what: str, exc: BaseException) -> None:
-        delay = self.failures.failed(what, exc)
+    def _failed(self, exc: sqlite3.Error) -> None:
+        delay = self.failures.failed("sqlite", exc)
         self.schedule.set_after(Deadline.RETRY, delay, time.monotonic())
 
     def _check_file(self, now: float) -> None:

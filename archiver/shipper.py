@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from archiver.config import Settings
+from archiver.failures import worth_logging
 from archiver.log import get_logger
 from archiver.postgres import ShipError
 from archiver.ship import NeedsCopy, Shipper
@@ -102,9 +103,8 @@ class ShipperThread(threading.Thread):
                     # a statement timeout: smaller batches fit in it
                     self.shipper.batch_size = max(1, self.shipper.batch_size // 2)
                 backoff = min(self.settings.reconnect_max_backoff, max(0.5, backoff * 2))
-                # an outage is a few lines, not one a retry: the first, a new kind of error, every 20th
-                new_kind = previous is None or previous.split(":", 1)[0] != self.failing.split(":", 1)[0]
-                if new_kind or self.failures % 20 == 0:
+                before = None if previous is None else previous.split(":", 1)[0]
+                if worth_logging(before, type(exc).__name__, self.failures):
                     log.warning(
                         "ship.failed",
                         error=self.failing,
