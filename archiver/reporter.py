@@ -76,54 +76,9 @@ class Reporter:
         listener = self.workers.listener
         return listener.reconnects if listener is not None else 0
 
-    def heartbeat(self, store: Store) -> None:
-        """The heartbeat in the file's state, which ``health`` and ``stats`` read; skipped while
-        the file is busy (the next one comes within ARCHIVER_HEARTBEAT_INTERVAL)."""
-        dirty, totals, notify, shipper = self.inbox.dirty, self.totals, self.reconciles.notify, self.workers.shipper
-        beat = {
-            "pid": os.getpid(),
-            "host": socket.gethostname(),
-            "at_us": now_us(),
-            "redis": self.settings.redis_address(),
-            "subscribed": self.inbox.connected.is_set(),
-            "notifications": None if notify is None else notify.ok,
-            "pending": len(dirty),
-            "events": dirty.events,
-            "keys_read": totals.keys_read,
-            "written": sum(totals.result.written.values()),
-            "quarantined": totals.result.new_quarantined,
-            "tombstoned": totals.result.tombstoned,
-            "erased": totals.erased_records,
-            "reconciles": self.reconciles.done,
-            "reconnects": self.reconnects(),
-            "failing": self.failing(),
-            **({"ship": shipper.status()} if shipper is not None else {}),
-        }
-        try:
-            store.set_state({"heartbeat": json.dumps(beat)}, now_us())
-        except sqlite3.Error as exc:
-            log.debug("heartbeat.skipped", error=str(exc))
-
-    def status_line(self) -> str:
-        """A one-line summary for systemd's STATUS= (shown by systemctl status)."""
-        r, dirty = self.totals.result, self.inbox.dirty
-        if not self.inbox.connected.is_set():
-            state = f"waiting for Redis at {self.settings.redis_address()}"
-        elif not self.ready.is_set():
-            state = "reconciling with Redis"
-        else:
-            state = "archiving"
-        failing = self.failing()
-        if failing:
-            state = f"retrying ({failing} failing)"
-        return (
-            f"{state}: {dirty.events} events, {self.totals.keys_read} keys read, "
-            f"{sum(r.written.values())} rows written, {r.new_quarantined} quarantined, "
-            f"{len(dirty)} pending, {self.reconciles.done} reconciles"
-        )
-
     def snapshot(self) -> Snapshot:
-        """The counters Prometheus reads (called from the metrics server's thread)."""
+        """The counters, read at once: the metrics server's (from its own thread), the heartbeat's
+        and the status line's."""
         dirty, totals, shipper = self.inbox.dirty, self.totals, self.workers.shipper
         oldest = dirty.oldest_at
         r = totals.result
@@ -145,19 +100,63 @@ class Reporter:
             ship=shipper.status() if shipper is not None else None,
         )
 
+    def heartbeat(self, store: Store) -> None:
+        """The heartbeat in the file's state, which ``health`` and ``stats`` read; skipped while
+        the file is busy (the next one comes within ARCHIVER_HEARTBEAT_INTERVAL)."""
+        s, notify = self.snapshot(), self.reconciles.notify
+        beat = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "at_us": now_us(),
+            "redis": self.settings.redis_address(),
+            "subscribed": s.subscribed,
+            "notifications": None if notify is None else notify.ok,
+            "pending": s.pending,
+            "events": s.events,
+            "keys_read": s.keys_read,
+            "written": sum(s.written.values()),
+            "quarantined": s.quarantined,
+            "tombstoned": s.tombstones,
+            "erased": s.erased,
+            "reconciles": s.reconciles,
+            "reconnects": s.reconnects,
+            "failing": s.failing,
+            **({"ship": s.ship} if s.ship is not None else {}),
+        }
+        try:
+            store.set_state({"heartbeat": json.dumps(beat)}, now_us())
+        except sqlite3.Error as exc:
+            log.debug("heartbeat.skipped", error=str(exc))
+
+    def status_line(self) -> str:
+        """A one-line summary for systemd's STATUS= (shown by systemctl status)."""
+        s = self.snapshot()
+        if s.failing:
+            state = f"retrying ({s.failing} failing)"
+        elif not s.subscribed:
+            state = f"waiting for Redis at {self.settings.redis_address()}"
+        elif not self.ready.is_set():
+            state = "reconciling with Redis"
+        else:
+            state = "archiving"
+        return (
+            f"{state}: {s.events} events, {s.keys_read} keys read, {sum(s.written.values())} rows written, "
+            f"{s.quarantined} quarantined, {s.pending} pending, {s.reconciles} reconciles"
+        )
+
     def stopped(self, flushed: int, left: int) -> None:
-        totals = self.totals
+        s = self.snapshot()
         log.info(
             "archiver.stopped",
             flushed_at_stop=flushed,
             left_for_next_start=left,
-            events=self.inbox.dirty.events,
-            keys_read=totals.keys_read,
-            written=dict(totals.result.written),
-            tombstoned=totals.result.tombstoned,
-            erased=totals.erased_records,
-            erased_not_written=totals.result.erased,
-            quarantined=totals.result.new_quarantined,
-            reconciles=self.reconciles.done,
-            reconnects=self.reconnects(),
+            events=s.events,
+            keys_read=s.keys_read,
+            written=s.written,
+            tombstoned=s.tombstones,
+            erased=s.erased,
+            erased_not_written=s.erased_not_written,
+            quarantined=s.quarantined,
+            reconciles=s.reconciles,
+            reconnects=s.reconnects,
         )
