@@ -50,8 +50,11 @@ def has_erasures(conn: sqlite3.Connection) -> bool:
     return found.fetchone() is not None
 
 
-def begin_immediate(conn: sqlite3.Connection, busy_timeout: float, poll_s: float = 0.001) -> None:
-    """BEGIN IMMEDIATE, trying for the write lock every ``poll_s`` until ``busy_timeout``. SQLite's
+_LOCK_POLL_S = 0.001  # how often a write tries again for a lock another writer holds
+
+
+def begin_immediate(conn: sqlite3.Connection, busy_timeout: float) -> None:
+    """BEGIN IMMEDIATE, trying for the write lock every millisecond until ``busy_timeout``. SQLite's
     own busy handler sleeps longer and longer between tries (100 ms at a time after the first
     quarter second): against another writer that holds the lock most of the time and lets go of
     it briefly (desto's own store, a backup), it misses most of the gaps."""
@@ -63,4 +66,4 @@ def begin_immediate(conn: sqlite3.Connection, busy_timeout: float, poll_s: float
         except sqlite3.OperationalError as exc:
             if exc.sqlite_errorcode & 0xFF != sqlite3.SQLITE_BUSY or time.monotonic() >= deadline:
                 raise
-        time.sleep(poll_s)
+        time.sleep(_LOCK_POLL_S)

@@ -29,8 +29,6 @@ from archiver.schema import NewerSchemaError, migrate, unsupported_sqlite
 from archiver.sql import begin_immediate, erased_among
 from archiver.writer import RowWriter, add_history
 
-_LOCK_POLL_S = 0.001  # how often a write tries again for a lock another writer holds
-
 
 class StoreError(Exception):
     """The file cannot be used; the message says what to do."""
@@ -312,7 +310,7 @@ class Store:
         """BEGIN IMMEDIATE on the writer's connection, polling for the lock (sql.begin_immediate)
         with SQLite's own busy handler off meanwhile."""
         with self._without_busy_wait() as conn:
-            begin_immediate(conn, self.busy_timeout, _LOCK_POLL_S)
+            begin_immediate(conn, self.busy_timeout)
 
     def transaction(self, commit: bool = True) -> AbstractContextManager[sqlite3.Connection]:
         """One write transaction (BEGIN IMMEDIATE), for the commands that change the file."""
