@@ -26,6 +26,18 @@ from archiver.pipeline import Daemon
 REPO = Path(__file__).resolve().parent.parent
 
 
+def project_files() -> list[str]:
+    """The project's own files, as a clone holds them: tracked, or new and not ignored (no .venv,
+    no archive, no caches)."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO,
+        capture_output=True,
+        check=True,
+    ).stdout.split(b"\0")
+    return [os.fsdecode(name) for name in listed if name]
+
+
 def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02, what: str = "") -> Any:
     """Poll ``predicate`` until it returns something truthy; fail with ``what`` at the deadline."""
     deadline = time.monotonic() + timeout

@@ -27,7 +27,7 @@ import pytest
 import yaml
 
 from archiver.config import ENV_NAMES, ConfigError, load_settings
-from tests.helpers import REPO
+from tests.helpers import REPO, project_files
 
 DOCKERFILE = REPO / "docker" / "Dockerfile"
 DOCKERIGNORE = REPO / ".dockerignore"
@@ -225,13 +225,7 @@ def test_dockerignore_sends_the_package_and_nothing_else(stages: list[Stage]) ->
         for word in rest.split()[:-1]
     ]
     assert set(sources) == {"pyproject.toml", "README.md", "archiver"}, sources
-    listed = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split()
+    listed = project_files()
     sent = {path for path in listed if not dockerignore_excludes(patterns, path)}
     needed = {p for p in listed if p in ("pyproject.toml", "README.md") or p.startswith("archiver/")}
     assert needed <= sent, f"excluded but copied: {sorted(needed - sent)}"

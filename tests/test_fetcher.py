@@ -295,7 +295,7 @@ def test_a_sweep_page_is_read_by_the_fetcher_with_the_changes_met_for_its_keys(t
     with running(fetcher):
         work = fetcher.take(2.0)
     assert work is not None and work.sweep and work.reconcile is rec and not work.scan_done
-    assert [(thread, batch) for thread, batch in source.reads] == [("archiver-fetcher", page)]
+    assert source.reads == [("archiver-fetcher", page)]
     assert dict(work.items) == {page[0]: b"expired"}  # its removal event is kept for its tombstone
     assert len(fetcher.dirty) == 0
     assert [o.key for o in work.outcomes] == page

@@ -10,7 +10,7 @@ import signal
 import subprocess
 from pathlib import Path
 
-from tests.helpers import REPO, count, log_events, session_hash, wait_for
+from tests.helpers import REPO, count, log_events, project_files, session_hash, wait_for
 
 
 def quick_start_command() -> str:
@@ -23,18 +23,10 @@ def quick_start_command() -> str:
 
 
 def project_copy(dest: Path) -> Path:
-    """The project's own files, as a clone holds them (no .venv, no archive, no caches)."""
-    listed = subprocess.run(
-        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-        cwd=REPO,
-        capture_output=True,
-        check=True,
-    ).stdout.split(b"\0")
-    for name in filter(None, listed):
-        source = REPO / os.fsdecode(name)
-        if source.is_file():
-            (dest / os.fsdecode(name)).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, dest / os.fsdecode(name))
+    for name in project_files():
+        if (REPO / name).is_file():  # a file deleted but not yet committed is listed too
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, dest / name)
     return dest
 
 
