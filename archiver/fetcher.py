@@ -23,7 +23,8 @@ from archiver.dirty import Dirty
 from archiver.failures import Failures
 from archiver.log import get_logger
 from archiver.models import Outcome
-from archiver.reconcile import Reconcile, read_batch, records_of
+from archiver.reconcile import read_batch, records_of
+from archiver.reconcile_pass import ReconcilePass, State
 from archiver.redis_client import CONNECTION_ERRORS
 from archiver.source import NotifyState, Source
 
@@ -48,7 +49,7 @@ class Work:
     items: list[tuple[bytes, bytes | None]]  # the dirty entries taken (put back if writing fails)
     outcomes: list[Outcome]
     read_s: float
-    reconcile: Reconcile | None = None  # a page of this reconcile's scan or sweep
+    reconcile: ReconcilePass | None = None  # a page of this reconcile's scan or sweep
     scan_done: bool = False  # the scan is over: its sweep may begin once this page is written
     sweep: bool = False  # a page of the sweep
     keys: int = field(init=False)
@@ -80,11 +81,8 @@ class Fetcher(threading.Thread):
         self._recent: set[bytes] = set()
         self._older: set[bytes] = set()
         self._recent_since = 0.0
-        self._scan_request: tuple[str, bool] | None = None  # the reason, and whether to look at the flags
-        self._scan_requests = 0  # how many were made: a new one cuts a backoff short
-        self._scan: Reconcile | None = None
-        self._sweep_lock = threading.Lock()
-        self._sweep_page: tuple[Reconcile, list[bytes]] | None = None  # keys of a sweep, to read
+        self._pass: ReconcilePass | None = None  # the reconcile whose pages this thread reads
+        self._passes = 0  # how many were followed: a new one cuts a backoff short
         self._draining = False
         self._stop_now = False
         self._failures = Failures(settings.reconnect_max_backoff, jitter=True)
@@ -92,19 +90,15 @@ class Fetcher(threading.Thread):
 
     # ─── asked by the main thread ─────────────────────────────────────────────────────────────
 
-    def request_scan(self, reason: str, check_notifications: bool = False) -> None:
-        """Start a reconcile's scan (replacing one under way: Redis' clock starts anew), after a
-        look at Redis' notification flags (setting them where they are off) if asked."""
-        with self._sweep_lock:
-            self._sweep_page = None  # a page of the pass replaced
-            self._scan_request = (reason, check_notifications)
-            self._scan_requests += 1
+    def follow(self, rec: ReconcilePass | None) -> None:
+        """Read the pages of ``rec`` from now on (replacing the pass followed until now, whose
+        page under way is still handed over); None: no pass."""
+        self._pass = rec
+        self._passes += 1
         self.dirty.wake.set()
 
-    def request_sweep(self, rec: Reconcile, keys: list[bytes]) -> None:
-        """Read these keys, a page of ``rec``'s sweep (archived rows its scan did not meet)."""
-        with self._sweep_lock:
-            self._sweep_page = (rec, keys)
+    def wake(self) -> None:
+        """The pass followed has a page to read (its sweep's, found by the main thread)."""
         self.dirty.wake.set()
 
     def drain(self) -> None:
@@ -187,16 +181,17 @@ class Fetcher(threading.Thread):
         batch = self.settings.batch_size
         while not self._stop_now:
             now = time.monotonic()
+            rec = None if self._draining else self._pass
             try:
-                if self._scan_request is not None and not self._draining:
-                    self._start_scan(self._scan_request)
+                if rec is not None and rec.state is State.REQUESTED:
+                    self._start(rec)
                 hold = self._read_later()
                 if not hold and self.dirty.ready(batch, 0.0 if self._draining else self._interval(now)):
                     self._read_dirty()
-                elif self._sweep_page is not None and not self._draining:
-                    self._read_sweep_page()
-                elif self._scan is not None and not self._draining:
-                    self._read_scan_page(self._scan)
+                elif rec is not None and (keys := rec.sweep_page()) is not None:
+                    self._read_sweep_page(rec, keys)
+                elif rec is not None and rec.state is State.SCANNING:
+                    self._read_scan_page(rec)
                 elif hold:
                     time.sleep(_HOLD_S)  # changes meanwhile coalesce in the dirty set
                     continue
@@ -215,14 +210,10 @@ class Fetcher(threading.Thread):
         """Reads from Redis fail (and are retried)."""
         return self._failures.failing is not None
 
-    def _start_scan(self, request: tuple[str, bool]) -> None:
-        reason, check_notifications = request
-        if check_notifications:
+    def _start(self, rec: ReconcilePass) -> None:
+        if rec.check_notifications:
             self._notified(self.source.ensure_notifications())
-        self._scan = Reconcile(self.source, self.settings.batch_size, reason)  # reads Redis' clock: may fail
-        with self._sweep_lock:
-            if self._scan_request is request:
-                self._scan_request = None
+        rec.start(self.source)  # reads Redis' clock: may fail, and is then tried again
 
     def _interval(self, now: float) -> float:
         """How long a change may wait to be read: ARCHIVER_FLUSH_INTERVAL while changes are few, up
@@ -260,7 +251,8 @@ class Fetcher(threading.Thread):
         if oldest is not None:
             timeout = min(timeout, max(0.0, oldest + self._interval(now) - now))
         self.dirty.wake.clear()
-        if self._scan_request is not None or self._sweep_page is not None:
+        rec = self._pass
+        if rec is not None and (rec.state in _READS or rec.sweep_page() is not None):
             return  # asked for meanwhile
         if not len(self.dirty):
             self.dirty.wake.wait(timeout)
@@ -269,62 +261,52 @@ class Fetcher(threading.Thread):
 
     def _failed(self, exc: BaseException) -> None:
         deadline = time.monotonic() + self._failures.failed("redis", exc)
-        # A scan asked for while this backoff runs (Redis is back: reconcile) ends it; one already
-        # waiting does not: it may be what failed (its first read), and would be retried at once.
-        asked = self._scan_requests
-        while time.monotonic() < deadline and not self._stop_now and self._scan_requests == asked:
+        # A pass begun while this backoff runs (Redis is back: reconcile) ends it; the one already
+        # followed does not: its read may be what failed, and would be tried again at once.
+        asked = self._passes
+        while time.monotonic() < deadline and not self._stop_now and self._passes == asked:
             time.sleep(min(_TICK, max(0.0, deadline - time.monotonic())))
 
     def _read_dirty(self) -> None:
         items = self.dirty.pop(self.settings.batch_size)
         if items:
-            self._read(items, [key for key, _ in items], None, False)
+            keys = [key for key, _ in items]
+            self._hand_over(Work(items, *self._read(items, keys)))
 
-    def _read_scan_page(self, rec: Reconcile) -> None:
-        keys = rec.next_scan_keys()
-        done = not rec.scanning
-        if done:
-            self._scan = None
+    def _read_scan_page(self, rec: ReconcilePass) -> None:
+        keys = rec.scan_page()  # the page whose read failed, again; else SCAN's next
         # the keys about to be read need no separate flush: take them (and their events) along
         items = list(self.dirty.take(keys).items())
-        self._read(items, keys, rec, done)
+        outcomes, read_s = self._read(items, keys)
+        last = rec.scan_page_read()
+        self._hand_over(Work(items, outcomes, read_s, rec, scan_done=last))
 
-    def _read_sweep_page(self) -> None:
-        with self._sweep_lock:
-            page, self._sweep_page = self._sweep_page, None
-            asked = self._scan_requests
-        if page is None:
-            return
-        rec, keys = page
+    def _read_sweep_page(self, rec: ReconcilePass, keys: list[bytes]) -> None:
         items = list(self.dirty.take(keys).items())
-        try:
-            self._read(items, keys, rec, False, sweep=True)
-        except BaseException:
-            with self._sweep_lock:
-                if self._sweep_page is None and self._scan_requests == asked:  # not replaced: read it again
-                    self._sweep_page = page
-            raise
+        outcomes, read_s = self._read(items, keys)
+        rec.sweep_page_read()
+        self._hand_over(Work(items, outcomes, read_s, rec, sweep=True))
 
-    def _read(
-        self,
-        items: list[tuple[bytes, bytes | None]],
-        keys: list[bytes],
-        rec: Reconcile | None,
-        done: bool,
-        sweep: bool = False,
-    ) -> None:
+    def _read(self, items: list[tuple[bytes, bytes | None]], keys: list[bytes]) -> tuple[list[Outcome], float]:
+        """Read ``keys``; on a failure the dirty entries taken go back to the set (and the caller's
+        pass keeps its page)."""
         started = time.perf_counter()
         try:
             outcomes = read_batch(self.source, records_of(keys))
         except BaseException:
             self.dirty.requeue(items)
             raise
-        work = Work(items, outcomes, time.perf_counter() - started, rec, done, sweep)
         self._note_read(items, time.monotonic())
+        return outcomes, time.perf_counter() - started
+
+    def _hand_over(self, work: Work) -> None:
         while not self._stop_now:
             try:
                 self.queue.put(work, timeout=_TICK)
                 return
             except queue.Full:
                 continue
-        self.dirty.requeue(items)
+        self.dirty.requeue(work.items)
+
+
+_READS = (State.REQUESTED, State.SCANNING)  # states of a pass with a read for this thread to make

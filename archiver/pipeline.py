@@ -197,8 +197,7 @@ class Daemon:
         try:
             self.totals.erased_records += self.housekeeping.step(store, now)
             if self.inbox.connected.is_set() and (reason := self.reconciles.due(now)):
-                self.reconciles.begun()
-                fetcher.request_scan(reason, check_notifications=reason == "timer")
+                fetcher.follow(self.reconciles.begin(reason))
             if self._pending is None:
                 # while a sweep is under way, a batch waits for no one: the sweep's next page is
                 # looked for meanwhile
@@ -206,9 +205,8 @@ class Daemon:
                 self._pending = fetcher.take(0 if sweep else _TICK)
                 if self._pending is None:
                     if sweep:
-                        page = self.reconciles.next_sweep_page(store)
-                        if page is not None:
-                            fetcher.request_sweep(*page)
+                        if self.reconciles.next_sweep_page(store):
+                            fetcher.wake()
                         else:  # the reconcile is over
                             self.ready.set()
                             self.notifier.status(self.reporter.status_line())
@@ -240,13 +238,9 @@ class Daemon:
             self.metrics.batch_seconds.observe(work.read_s + time.perf_counter() - started)
         self.totals.keys_read += work.keys
         self.totals.result.merge(result)
-        rec = work.reconcile
-        if rec is not None:
-            rec.result.merge(result)
-            if work.scan_done:
-                self.reconciles.scan_written(rec)
-            elif work.sweep:
-                self.reconciles.page_written(rec)
+        if work.reconcile is not None and work.reconcile.rec is not None:
+            work.reconcile.rec.result.merge(result)
+            self.reconciles.written(work)
 
     def _failed(self, exc: sqlite3.Error) -> None:
         delay = self.failures.failed("sqlite", exc)
@@ -261,7 +255,9 @@ class Daemon:
         if self.workers.shipper is not None:  # its connection reads the lost file: ship from the new one
             self.workers.shipper.stop(2.0)
             self._start_shipper()
-        self.reconciles.abandon_sweep()  # it swept the lost file; the reconcile below replaces it
+        self.reconciles.abandon()  # it swept the lost file; the reconcile below replaces it
+        if self.workers.fetcher is not None:
+            self.workers.fetcher.follow(None)
         self.reconciles.want("reopened")
         self.schedule.set_now(Deadline.HEARTBEAT)
 

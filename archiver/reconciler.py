@@ -1,9 +1,10 @@
 """When the daemon reconciles, the pass under way, and what it tells of Redis' notifications.
 
 A reconcile is asked for at start, after a reconnect, after the dirty set overflowed, after the
-file was opened again, and on a timer (more often while notifications are off). The fetcher
-reads its scan; once the scan is written, its sweep (the archived rows the scan did not meet)
-goes page by page: the main thread finds each page's keys in the file, the fetcher reads them.
+file was opened again, and on a timer (more often while notifications are off). Each pass is a
+reconcile_pass.ReconcilePass, which the fetcher follows: it reads the scan; once the scan is
+written, its sweep (the archived rows the scan did not meet) goes page by page: this thread finds
+each page's keys in the file, the fetcher reads them.
 """
 
 from __future__ import annotations
@@ -12,9 +13,10 @@ import json
 import time
 
 from archiver.config import Settings
+from archiver.fetcher import Work
 from archiver.log import get_logger
 from archiver.read_clock import now_us
-from archiver.reconcile import Reconcile
+from archiver.reconcile_pass import ReconcilePass
 from archiver.schedule import Deadline, Schedule
 from archiver.source import NotifyState
 from archiver.store import Store
@@ -29,12 +31,14 @@ class Reconciles:
         self.settings = settings
         self.schedule = schedule
         self.wanted: str | None = None  # why the next reconcile begins as soon as it can
-        self.running = False  # a reconcile's scan or sweep is under way
-        self.sweep: Reconcile | None = None  # the reconcile whose sweep is under way
-        self._page_out = False  # a page of that sweep is being read or waits to be written
+        self.current: ReconcilePass | None = None  # the pass under way (or the last, done)
         self.notify: NotifyState | None = None
         self._warned = False
         self.done = 0
+
+    @property
+    def running(self) -> bool:
+        return self.current is not None and not self.current.done
 
     def want(self, reason: str) -> None:
         self.wanted = self.wanted or reason
@@ -48,49 +52,53 @@ class Reconciles:
             return "timer"
         return None
 
-    def begun(self) -> None:
+    def begin(self, reason: str) -> ReconcilePass:
+        """A new pass, for the fetcher to follow; it replaces the one under way."""
         self.wanted = None
-        self.running = True
-        self.sweep = None  # a sweep under way belongs to a pass now replaced
-        self._page_out = False
+        self.current = ReconcilePass(reason, self.settings.batch_size, check_notifications=reason == "timer")
+        return self.current
 
-    def abandon_sweep(self) -> None:
-        """The file the sweep read from is gone: the reconcile wanted instead replaces the pass."""
-        self.sweep = None
-        self._page_out = False
+    def abandon(self) -> None:
+        """The file the pass read from is gone: the reconcile wanted instead replaces it."""
+        self.current = None
+
+    # ─── its pages, written ───────────────────────────────────────────────────────────────────
+
+    def written(self, work: Work) -> None:
+        """A page of a pass is in the file (a page of a replaced pass moves nothing)."""
+        rec = work.reconcile
+        if rec is None:
+            return
+        assert rec.rec is not None
+        if rec is not self.current:
+            return
+        if work.scan_done:
+            rec.scan_written()
+        elif work.sweep:
+            rec.sweep_page_written()
 
     # ─── the sweep ────────────────────────────────────────────────────────────────────────────
 
-    def scan_written(self, rec: Reconcile) -> None:
-        self.sweep = rec
-        self._page_out = False
-
     def sweep_waits(self) -> bool:
         """A sweep is under way and its next page may be looked for."""
-        return self.sweep is not None and not self._page_out
+        return self.current is not None and self.current.sweep_waits
 
-    def next_sweep_page(self, store: Store) -> tuple[Reconcile, list[bytes]] | None:
-        """The keys of the sweep's next page, for the fetcher to read; None when the sweep is over
-        (the reconcile is then finished)."""
-        rec = self.sweep
-        assert rec is not None and not self._page_out
-        keys = rec.next_keys(store)
-        if keys:
-            self._page_out = True
-            return rec, keys
+    def next_sweep_page(self, store: Store) -> bool:
+        """Find the sweep's next page in the file, for the fetcher to read (True); with none left,
+        finish the pass (False)."""
+        rec = self.current
+        assert rec is not None
+        if rec.next_sweep_page(store):
+            return True
         self._finish(rec, store)
-        return None
+        return False
 
-    def page_written(self, rec: Reconcile) -> None:
-        if rec is self.sweep:
-            self._page_out = False
-
-    def _finish(self, rec: Reconcile, store: Store) -> None:
-        summary = rec.summary()
+    def _finish(self, rec: ReconcilePass, store: Store) -> None:
+        assert rec.rec is not None
+        summary = rec.rec.summary()
         # first, as it may fail (a busy file): the pass is then finished at the next try
         store.set_state({"last_reconcile_at": str(now_us()), "last_reconcile": json.dumps(summary)}, now_us())
-        self.sweep = None
-        self.running = False
+        rec.finished()
         self.done += 1
         interval = self.settings.reconcile_interval
         if self.notify is None or not self.notify.ok:

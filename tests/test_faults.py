@@ -216,6 +216,44 @@ def test_without_notifications_fallback_reconciles_keep_the_archive_complete(
         client.close()
 
 
+def test_a_write_pause_during_a_fallback_reconcile_does_not_stop_the_reconciles(
+    configless_redis, db_path, daemons, reliability
+):
+    """What a failover does (CLIENT PAUSE ... WRITE) while notifications are off and reconciles on
+    a 1 s timer keep the archive complete: SCAN and TIME still answer, the read of the pass's page
+    times out. That pass must be read again once Redis writes again, and the timer go on: a
+    session written after the pause is archived."""
+    report = reliability(
+        "write pause during a fallback reconcile",
+        "CLIENT PAUSE 2500 WRITE (as a failover does) x2, notifications unavailable, reconciles every 1 s",
+    )
+    client = configless_redis.client()
+    try:
+        daemon = start_ready(
+            daemons,
+            configless_redis,
+            db_path,
+            ARCHIVER_FALLBACK_RECONCILE_INTERVAL="1",
+            ARCHIVER_SOCKET_TIMEOUT="1",
+        )
+        written = []
+        for _ in range(2):
+            key, _ = write_session(client)
+            written.append(key)
+            wait_for(lambda key=key: archived(db_path, key) is not None, 5, what="a session archived by a reconcile")
+            failures = len(daemon.events("redis.read_failed"))
+            client.execute_command("CLIENT", "PAUSE", "2500", "WRITE")
+            daemon.wait_log("redis.read_failed", failures + 1, timeout=5)  # a reconcile's read timed out
+            time.sleep(2.6)  # the pause is over
+        later, _ = write_session(client)  # no notification, no message on desto's channels
+        written.append(later)
+        wait_for(lambda: archived(db_path, later) is not None, 8, what="a session written after the pauses archived")
+        settle(report, client, db_path, written, timeout=5)
+        assert daemon.proc.poll() is None
+    finally:
+        client.close()
+
+
 # ─── 5. SIGTERM, SIGINT and SIGHUP flush what is pending ─────────────────────────────────────────
 
 

@@ -23,7 +23,7 @@ from archiver.dirty import Dirty
 from archiver.fetcher import QUEUE_DEPTH, Fetcher, Work
 from archiver.kinds import Kind
 from archiver.models import Fetched, Gone
-from archiver.reconcile import Reconcile
+from archiver.reconcile_pass import ReconcilePass, State
 from archiver.source import NotifyState
 from tests.helpers import wait_for
 
@@ -44,7 +44,7 @@ def fetcher(tmp_path: Path) -> Fetcher:
     return Fetcher(settings, source=None, dirty=Dirty(1000))  # type: ignore[arg-type]
 
 
-def queue_batch(fetcher: Fetcher, batch: list[bytes], reconcile: Reconcile | None = None) -> Work:
+def queue_batch(fetcher: Fetcher, batch: list[bytes], reconcile: ReconcilePass | None = None) -> Work:
     """What the reading loop does with a batch it read: note its keys as read, queue it."""
     work = Work([(key, None) for key in batch], [gone(key) for key in batch], 0.001, reconcile)
     fetcher._note_read(work.items, time.monotonic())
@@ -64,7 +64,7 @@ def test_waiting_batches_join_into_one_up_to_the_limit(fetcher: Fetcher) -> None
 
 
 def test_a_reconcile_page_is_never_joined(fetcher: Fetcher) -> None:
-    page = object.__new__(Reconcile)  # only its identity matters here
+    page = ReconcilePass("start", 10)  # only its identity matters here
     queue_batch(fetcher, keys("a", 3))
     queue_batch(fetcher, keys("p", 3), reconcile=page)
     queue_batch(fetcher, keys("b", 3))
@@ -157,7 +157,7 @@ def test_a_part_batch_is_written_at_once(fetcher: Fetcher, long_linger: None) ->
 
 
 def test_a_reconcile_page_met_while_lingering_is_written_next(fetcher: Fetcher, long_linger: None) -> None:
-    page = object.__new__(Reconcile)
+    page = ReconcilePass("start", 10)
     busy_writer(fetcher, 0.5)
     queue_batch(fetcher, keys("a", 10))
     with later(0.05, lambda: queue_batch(fetcher, keys("p", 4), reconcile=page)):
@@ -200,7 +200,7 @@ def test_a_reconcile_whose_first_read_fails_is_retried_with_a_backoff_not_at_onc
     settings = load_settings(sqlite_db_path=tmp_path / "desto.db", reconnect_max_backoff=5)
     source = RefusingSource(error)
     fetcher = Fetcher(settings, source=source, dirty=Dirty(1000))  # type: ignore[arg-type]
-    fetcher.request_scan("start")
+    fetcher.follow(ReconcilePass("start", 10))
     fetcher.start()
     try:
         time.sleep(1.0)
@@ -211,7 +211,7 @@ def test_a_reconcile_whose_first_read_fails_is_retried_with_a_backoff_not_at_onc
         # is back: reconcile) ends: the backoff looks every tick (0.25 s)
         wait_for(lambda: source.attempts >= 4, 3, what="a fourth try")
         asked = source.attempts
-        fetcher.request_scan("reconnect")
+        fetcher.follow(ReconcilePass("reconnect", 10))
         wait_for(lambda: source.attempts > asked, 0.5, what="the new request tried within a tick")
     finally:
         fetcher.stop_now()
@@ -225,7 +225,7 @@ def test_an_os_error_that_is_not_redis_s_stops_the_reader_instead_of_passing_for
     settings = load_settings(sqlite_db_path=tmp_path / "desto.db", reconnect_max_backoff=5)
     source = RefusingSource(PermissionError(13, "Permission denied", "/var/lib/desto/desto.db"))
     fetcher = Fetcher(settings, source=source, dirty=Dirty(1000))  # type: ignore[arg-type]
-    fetcher.request_scan("start")
+    fetcher.follow(ReconcilePass("start", 10))
     with capture_logs() as logs:
         fetcher.start()
         fetcher.join(timeout=5)
@@ -237,19 +237,22 @@ def test_an_os_error_that_is_not_redis_s_stops_the_reader_instead_of_passing_for
 
 class GoneSource:
     """A Redis where every key read is gone; its reads can be made to fail, and each read notes
-    the thread that made it."""
+    the thread that made it. Its scan meets ``scanned`` keys, in one page."""
 
-    def __init__(self) -> None:
+    def __init__(self, scanned: list[bytes] | None = None) -> None:
         self.failing: BaseException | None = None
         self.reads: list[tuple[str, list[bytes]]] = []
         self.flag_looks: list[str] = []
+        self.scans = 0
+        self.scanned = scanned or []
         self.now = 1_000
 
     def version_now(self) -> int:
         return self.now
 
     def scan_page(self, cursor: int, count: int) -> tuple[int, list[bytes]]:
-        return 0, []
+        self.scans += 1
+        return 0, list(self.scanned)
 
     def ensure_notifications(self) -> NotifyState:
         self.flag_looks.append(threading.current_thread().name)
@@ -265,6 +268,17 @@ class GoneSource:
         return [Fetched(key, "none", None, -2, self.now, self.now) for key in batch]
 
 
+class FileRows:
+    """The archived sessions a sweep finds in the file."""
+
+    def __init__(self, ids: list[str]) -> None:
+        self.ids = ids
+
+    def live_not_read_since(self, kind: Kind, since_us: int, after_rowid: int, limit: int) -> list[tuple[int, str]]:
+        rows = [(rowid, record_id) for rowid, record_id in enumerate(self.ids, 1) if rowid > after_rowid]
+        return rows[:limit] if kind is Kind.SESSION else []
+
+
 @contextmanager
 def running(fetcher: Fetcher) -> Iterator[Fetcher]:
     fetcher.start()
@@ -275,9 +289,14 @@ def running(fetcher: Fetcher) -> Iterator[Fetcher]:
         fetcher.join(timeout=2)
 
 
-def sweeping(source: GoneSource) -> Reconcile:
-    rec = Reconcile(source, 10, "start")  # type: ignore[arg-type]
-    rec.scanning = False  # scanned: its sweep pages come from the file
+def paging(source: GoneSource, ids: list[str]) -> ReconcilePass:
+    """A pass whose (empty) scan is written and whose sweep's first page, sessions ``ids``
+    archived and not met by the scan, waits to be read."""
+    rec = ReconcilePass("start", 10)
+    rec.start(source)  # type: ignore[arg-type]
+    assert rec.scan_page() == [] and rec.scan_page_read()
+    rec.scan_written()
+    assert rec.next_sweep_page(FileRows(ids))  # type: ignore[arg-type]
     return rec
 
 
@@ -288,13 +307,14 @@ def test_a_sweep_page_is_read_by_the_fetcher_with_the_changes_met_for_its_keys(t
     settings = load_settings(sqlite_db_path=tmp_path / "desto.db", batch_size=10, flush_interval=5)
     source = GoneSource()
     fetcher = Fetcher(settings, source=source, dirty=Dirty(1000))  # type: ignore[arg-type]
-    rec = sweeping(source)
     page = keys("swept", 3)
+    rec = paging(source, [f"swept-{i}" for i in range(3)])
     fetcher.dirty.add(page[0], b"expired")  # its expiry was met meanwhile: it goes with the page
-    fetcher.request_sweep(rec, page)
+    fetcher.follow(rec)
     with running(fetcher):
         work = fetcher.take(2.0)
     assert work is not None and work.sweep and work.reconcile is rec and not work.scan_done
+    assert rec.state is State.PAGED  # read: the main thread writes it, then looks for the next
     assert source.reads == [("archiver-fetcher", page)]
     assert dict(work.items) == {page[0]: b"expired"}  # its removal event is kept for its tombstone
     assert len(fetcher.dirty) == 0
@@ -308,23 +328,46 @@ def test_a_sweep_page_whose_read_fails_is_read_again_and_a_new_pass_drops_it(tmp
     fetcher = Fetcher(settings, source=source, dirty=Dirty(1000))  # type: ignore[arg-type]
     page = keys("swept", 2)
     with running(fetcher):
-        fetcher.request_sweep(sweeping(source), page)
+        rec = paging(source, ["swept-0", "swept-1"])
+        fetcher.follow(rec)
         wait_for(lambda: fetcher.failing, 2, what="the read to fail")
-        assert fetcher.take(0.3) is None
+        assert fetcher.take(0.3) is None and rec.state is State.PAGING
         source.failing = None  # Redis is back: the page is read after the backoff, not lost
         work = fetcher.take(3.0)
         assert work is not None and work.sweep and [o.key for o in work.outcomes] == page
 
         source.failing = redis_lib.ConnectionError("Connection refused")
-        fetcher.request_sweep(sweeping(source), keys("stale", 2))
+        fetcher.follow(paging(source, ["stale-0", "stale-1"]))
         wait_for(lambda: fetcher.failing, 2, what="the read to fail")
         source.failing = None
-        fetcher.request_scan("reconnect")  # a new pass: the page of the old one is not read again
+        fetcher.follow(ReconcilePass("reconnect", 10))  # a new pass: the page of the old one is not read again
         scan = fetcher.take(3.0)
         assert scan is not None and scan.scan_done and scan.reconcile is not None
         assert scan.reconcile.reason == "reconnect"
         assert fetcher.take(0.5) is None
     assert [batch for _, batch in source.reads] == [page]
+
+
+def test_a_scan_s_last_page_whose_read_fails_is_read_again_and_ends_the_scan(tmp_path: Path) -> None:
+    """SCAN answers but the page's read times out (a write pause, as in a failover): the page is
+    read again after the backoff, and only the page read ends the scan. Once dropped, no
+    reconcile would ever begin again on the timer."""
+    settings = load_settings(sqlite_db_path=tmp_path / "desto.db", batch_size=10, reconnect_max_backoff=0.2)
+    page = keys("live", 3)
+    source = GoneSource(scanned=page)
+    source.failing = redis_lib.TimeoutError("Timeout reading from 127.0.0.1:6379")
+    fetcher = Fetcher(settings, source=source, dirty=Dirty(1000))  # type: ignore[arg-type]
+    rec = ReconcilePass("timer", 10)
+    with running(fetcher):
+        fetcher.follow(rec)
+        wait_for(lambda: fetcher.failing, 2, what="the page's read to fail")
+        assert rec.state is State.SCANNING  # SCAN is past its last page; the page is kept
+        assert fetcher.take(0.3) is None
+        source.failing = None
+        work = fetcher.take(3.0)
+    assert work is not None and work.reconcile is rec and work.scan_done
+    assert [o.key for o in work.outcomes] == page and rec.state is State.SCANNED
+    assert source.scans == 1  # the page kept, not a new SCAN from the start
 
 
 def test_the_timer_s_look_at_the_notification_flags_is_made_by_the_fetcher(tmp_path: Path) -> None:
@@ -341,9 +384,9 @@ def test_the_timer_s_look_at_the_notification_flags_is_made_by_the_fetcher(tmp_p
         notified=lambda notify: reported.append((threading.current_thread().name, notify)),
     )
     with running(fetcher):
-        fetcher.request_scan("start")
+        fetcher.follow(ReconcilePass("start", 10))
         assert fetcher.take(2.0) is not None
-        fetcher.request_scan("timer", check_notifications=True)
+        fetcher.follow(ReconcilePass("timer", 10, check_notifications=True))
         work = fetcher.take(2.0)
     assert work is not None and work.reconcile is not None and work.reconcile.reason == "timer"
     assert source.flag_looks == ["archiver-fetcher"]

@@ -13,9 +13,10 @@ import pytest
 from structlog.testing import capture_logs
 
 from archiver.config import load_settings
+from archiver.fetcher import Work
 from archiver.keys import record_key
 from archiver.kinds import Kind
-from archiver.reconcile import Reconcile
+from archiver.reconcile_pass import ReconcilePass, State
 from archiver.reconciler import Reconciles
 from archiver.schedule import Deadline, Schedule
 from archiver.source import NotifyState
@@ -27,8 +28,13 @@ OFF = NotifyState(ok=False, found="", set_to=None, error="CONFIG is disabled")
 
 
 class Clock:
+    """Redis' clock, and a SCAN that meets nothing."""
+
     def version_now(self) -> int:
         return 1_000
+
+    def scan_page(self, cursor: int, count: int) -> tuple[int, list[bytes]]:
+        return 0, []
 
 
 class ArchivedRows:
@@ -54,10 +60,21 @@ def reconciles(tmp_path: Path, **settings: float) -> Reconciles:
     return Reconciles(load_settings(**values), Schedule())
 
 
-def scanned(page: int = 10) -> Reconcile:
-    rec = Reconcile(Clock(), page, "start")  # type: ignore[arg-type]
-    rec.scanning = False
+def scanned(plan: Reconciles, reason: str = "start") -> ReconcilePass:
+    """A pass begun, its scan read by the fetcher (nothing met) and written."""
+    rec = plan.begin(reason)
+    rec.start(Clock())  # type: ignore[arg-type]
+    assert rec.scan_page() == [] and rec.scan_page_read()
+    plan.written(Work([], [], 0.0, rec, scan_done=True))
+    assert rec.state is State.SWEEPING
     return rec
+
+
+def read_and_written(plan: Reconciles, rec: ReconcilePass) -> None:
+    """The fetcher reads the sweep's page, the main thread writes it."""
+    assert rec.sweep_page() is not None
+    rec.sweep_page_read()
+    plan.written(Work([], [], 0.0, rec, sweep=True))
 
 
 def test_a_reconcile_is_wanted_for_a_reason_and_on_the_timer_once_none_runs(tmp_path: Path) -> None:
@@ -66,7 +83,7 @@ def test_a_reconcile_is_wanted_for_a_reason_and_on_the_timer_once_none_runs(tmp_
     plan.want("start")
     plan.want("overflow")  # the first reason stands: one pass answers both
     assert plan.due(time.monotonic()) == "start"
-    plan.begun()
+    plan.begin("start")
     assert plan.wanted is None and plan.running
     plan.schedule.set_now(Deadline.RECONCILE)
     assert plan.due(time.monotonic()) is None  # a pass runs: the timer waits for it
@@ -75,36 +92,34 @@ def test_a_reconcile_is_wanted_for_a_reason_and_on_the_timer_once_none_runs(tmp_
 
 
 def test_a_sweep_goes_page_by_page_each_page_once_written(tmp_path: Path) -> None:
-    plan, rows = reconciles(tmp_path), ArchivedRows(sessions=25)
+    plan, rows = reconciles(tmp_path, batch_size=10), ArchivedRows(sessions=25)
     plan.want("start")
-    plan.begun()
-    rec = scanned(page=10)
-    plan.scan_written(rec)
+    rec = scanned(plan)
     pages = []
     while plan.sweep_waits():
-        page = plan.next_sweep_page(rows)  # type: ignore[arg-type]
-        if page is None:
+        if not plan.next_sweep_page(rows):  # type: ignore[arg-type]
             break
-        assert page[0] is rec and not plan.sweep_waits()  # one page at a time
-        pages.append(page[1])
-        plan.page_written(rec)
+        assert not plan.sweep_waits()  # one page at a time
+        keys = rec.sweep_page()
+        assert keys is not None
+        pages.append(keys)
+        read_and_written(plan, rec)
     assert [len(keys) for keys in pages] == [10, 10, 5]
     assert pages[0][0] == record_key(Kind.SESSION, "s1")
-    assert plan.done == 1 and not plan.running and plan.sweep is None
+    assert plan.done == 1 and not plan.running and rec.done
     assert json.loads(rows.state["last_reconcile"])["reason"] == "start"
 
 
 def test_a_page_of_a_replaced_pass_does_not_move_the_new_one(tmp_path: Path) -> None:
     plan, rows = reconciles(tmp_path), ArchivedRows(sessions=25)
-    old = scanned()
-    plan.scan_written(old)
-    assert plan.next_sweep_page(rows) is not None  # type: ignore[arg-type]
+    old = scanned(plan)
+    assert plan.next_sweep_page(rows)  # type: ignore[arg-type]
+    old.sweep_page_read()  # read by the fetcher, not yet written
     plan.want("reconnect")
-    plan.begun()  # the old pass is dropped
-    new = scanned()
-    plan.scan_written(new)
-    assert plan.next_sweep_page(rows) is not None  # type: ignore[arg-type]
-    plan.page_written(old)  # the old pass's page, read before the new pass began, is written late
+    new = scanned(plan, "reconnect")  # the old pass is dropped
+    assert plan.next_sweep_page(rows)  # type: ignore[arg-type]
+    plan.written(Work([], [], 0.0, old, sweep=True))  # the old pass's page, written late
+    assert old.state is State.PAGED and new.state is State.PAGING
     assert not plan.sweep_waits()  # the new pass's own page is still out
 
 
@@ -113,15 +128,14 @@ def test_a_busy_file_at_the_end_of_a_pass_finishes_it_at_the_next_try(tmp_path: 
     pass half finished (counted, timer set, never reported, the daemon never ready)."""
     plan, rows = reconciles(tmp_path), ArchivedRows(sessions=0)
     plan.notified(ON)
-    plan.begun()
-    plan.scan_written(scanned())
+    scanned(plan)
     rows.busy = 1
     with pytest.raises(sqlite3.OperationalError):
         plan.next_sweep_page(rows)  # type: ignore[arg-type]
     assert plan.done == 0 and plan.running and plan.sweep_waits()
     assert plan.schedule.at(Deadline.RECONCILE) == math.inf
     with capture_logs() as logs:
-        assert plan.next_sweep_page(rows) is None  # type: ignore[arg-type]
+        assert not plan.next_sweep_page(rows)  # type: ignore[arg-type]
     assert plan.done == 1 and not plan.running
     assert [e["event"] for e in logs] == ["reconcile.done"] and logs[0]["next_in_s"] == 300
     assert "last_reconcile_at" in rows.state
@@ -132,8 +146,7 @@ def test_without_notifications_the_timer_runs_at_the_fallback_interval_and_warns
     with capture_logs() as logs:
         plan.notified(OFF)
         plan.notified(OFF)  # the timer's next look finds them still off: no second warning
-        plan.begun()
-        plan.scan_written(scanned())
+        scanned(plan)
         plan.next_sweep_page(rows)  # type: ignore[arg-type]
         plan.notified(ON)
     events = [e["event"] for e in logs]
