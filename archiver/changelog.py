@@ -10,6 +10,10 @@ write path and the file does not grow.
 ``archiver_state['changes_from']`` says from which ``seq`` on the log is complete (every change
 since is in it, or was shipped and trimmed). A shipper whose position in PostgreSQL is older than
 that cannot trust the log, and copies the whole file first.
+
+Erasures are logged too: a note added to ``archiver_erased`` (or taken back, when desto saves the
+record again) is an entry of the table ``archiver_erased`` whose key is ``kind:record_id``, so the
+shipper can erase the record's central rows whichever of the host's files shipped them.
 """
 
 from __future__ import annotations
@@ -26,29 +30,43 @@ SHIPPED: dict[str, str] = {
     "status_history": "id",
     "quarantine": "id",
 }
+ERASURES = "archiver_erased"  # logged with the key kind:record_id (see erasure_key)
 STATE_FROM = "changes_from"
 _OPS = ("insert", "update", "delete")
 # The status history only grows (by rowid): the shipper finds its new rows by number, so the write
-# path pays for no log entry there; only the rare change or deletion of a row is logged.
+# path pays for no log entry there; only the rare change or deletion of a row is logged. An erasure
+# note is made or taken back, never changed (but for when it was scrubbed: nothing to ship).
 OPS: dict[str, tuple[str, ...]] = {
-    table: ("update", "delete") if table == "status_history" else _OPS for table in SHIPPED
+    **{table: ("update", "delete") if table == "status_history" else _OPS for table in SHIPPED},
+    ERASURES: ("insert", "delete"),
 }
+
+
+def erasure_key(key: object) -> tuple[str, str]:
+    """(kind, record_id) of an erasure's log key."""
+    kind, _, record_id = str(key).partition(":")
+    return kind, record_id
+
+
+def _key(table: str, row: str) -> str:
+    if table == ERASURES:
+        return f"{row}.kind || ':' || {row}.record_id"
+    return f"{row}.{SHIPPED[table]}"
 
 
 def _trigger_name(table: str, op: str) -> str:
     return f"archiver_changes_{table}_{op}"
 
 
-def _trigger_sql(table: str, key: str, op: str) -> str:
+def _trigger_sql(table: str, op: str) -> str:
     note = "INSERT INTO archiver_changes (tbl, key) "
+    new, old = _key(table, "NEW"), _key(table, "OLD")
     if op == "insert":
-        body = f"{note}VALUES ('{table}', NEW.{key});"
+        body = f"{note}VALUES ('{table}', {new});"
     elif op == "delete":
-        body = f"{note}VALUES ('{table}', OLD.{key});"
+        body = f"{note}VALUES ('{table}', {old});"
     else:  # a changed key (never done by desto or the archiver) is a delete of the old one too
-        body = (
-            f"{note}VALUES ('{table}', NEW.{key}); {note}SELECT '{table}', OLD.{key} WHERE OLD.{key} IS NOT NEW.{key};"
-        )
+        body = f"{note}VALUES ('{table}', {new}); {note}SELECT '{table}', {old} WHERE {old} IS NOT {new};"
     return f"CREATE TRIGGER IF NOT EXISTS {_trigger_name(table, op)} AFTER {op.upper()} ON {table} BEGIN {body} END"
 
 
@@ -62,7 +80,7 @@ def _present(conn: sqlite3.Connection) -> set[str]:
 
 
 def _expected() -> set[str]:
-    return {_trigger_name(t, op) for t in SHIPPED for op in OPS[t]}
+    return {_trigger_name(t, op) for t in OPS for op in OPS[t]}
 
 
 def is_enabled(conn: sqlite3.Connection) -> bool:
@@ -95,9 +113,9 @@ def set_enabled(conn: sqlite3.Connection, enabled: bool, busy_timeout: float = 5
     begin_immediate(conn, busy_timeout)
     try:
         if enabled:
-            for table, key in SHIPPED.items():
-                for op in OPS[table]:
-                    conn.execute(_trigger_sql(table, key, op))
+            for table, ops in OPS.items():
+                for op in ops:
+                    conn.execute(_trigger_sql(table, op))
             for name in present - _expected():
                 conn.execute(f"DROP TRIGGER IF EXISTS {name}")
             # A marker that names no row takes a number: a shipper that stopped at the last seq
@@ -162,6 +180,6 @@ def kinds(entries: Sequence[tuple[int, str, object]]) -> dict[str, list[object]]
     """The entries' keys by table, each once (the log names a row once per change)."""
     found: dict[str, dict[object, None]] = {}
     for _, table, key in entries:
-        if table in SHIPPED:  # not a marker
+        if table in OPS:  # not a marker
             found.setdefault(table, {})[key] = None
     return {table: list(keys) for table, keys in found.items()}

@@ -18,7 +18,7 @@ from archiver.config import Settings
 if TYPE_CHECKING:
     import psycopg
 
-PG_SCHEMA_VERSION = 1
+PG_SCHEMA_VERSION = 2
 RECORD_KEYS = {"sessions": "session_id", "jobs": "job_id", "favorites": "favorite_id", "at_jobs": "at_job_id"}
 NUMBERED = ("status_history", "quarantine")  # rows numbered by the file: keyed by file_id too
 
@@ -74,7 +74,21 @@ def _migrate_pg_to_1(cur: Any, schema: str) -> None:
     )
 
 
-PG_MIGRATIONS: dict[int, Callable[[Any, str], None]] = {1: _migrate_pg_to_1}
+def _migrate_pg_to_2(cur: Any, schema: str) -> None:
+    """Erasures: what each host erased (desto's History tab, forget, retention), so a central reader
+    can tell an erased record from one never shipped; erasing a record finds its quarantined values
+    by record as its status history already is."""
+    cur.execute(
+        f"CREATE TABLE IF NOT EXISTS {schema}.erased (source_name text NOT NULL, file_id text NOT NULL, "
+        "kind text NOT NULL, record_id text NOT NULL, erased_at text, how text, "
+        "PRIMARY KEY (source_name, kind, record_id))"
+    )
+    cur.execute(
+        f"CREATE INDEX IF NOT EXISTS quarantine_record_idx ON {schema}.quarantine (source_name, kind, record_id)"
+    )
+
+
+PG_MIGRATIONS: dict[int, Callable[[Any, str], None]] = {1: _migrate_pg_to_1, 2: _migrate_pg_to_2}
 
 
 class ShipError(Exception):

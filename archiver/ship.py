@@ -20,7 +20,7 @@ from operator import itemgetter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from archiver import changelog
+from archiver import changelog, ship_erasures
 from archiver.config import Settings
 from archiver.log import get_logger
 from archiver.postgres import NUMBERED, connect, migrate_pg
@@ -103,6 +103,7 @@ class CopyReport:
     file_id: str
     copied: dict[str, int] = field(default_factory=dict)
     deleted: dict[str, int] = field(default_factory=dict)
+    erasures: int = 0  # the file's erasures applied to every central row of the records
     position: int | None = None
     elapsed_s: float = 0.0
     shipped_after_copy: int = 0
@@ -113,6 +114,7 @@ class CopyReport:
             "file_id": self.file_id,
             "copied": self.copied,
             "deleted": self.deleted,
+            "erasures": self.erasures,
             "rows": sum(self.copied.values()),
             "position": self.position,
             "shipped_after_copy": self.shipped_after_copy,
@@ -362,7 +364,9 @@ class Shipper:
                     self.position = position
                     return 0
                 found = {}
-                for name, keys in changelog.kinds(entries).items():
+                changed = changelog.kinds(entries)
+                erasures, taken_back = ship_erasures.read(self.sqlite, changed.pop(changelog.ERASURES, []))
+                for name, keys in changed.items():
                     table = self.tables[name]
                     rows = self._rows(table, keys)
                     found[name] = (table, keys, rows)
@@ -375,6 +379,9 @@ class Shipper:
                 present = {r[0] for r in rows} if table.columns[0] == table.key else set()
                 gone = [k for k in keys if k not in present]
                 self._remove(cur, table, gone)
+            # last: the batch may carry rows of a record erased since (its history not purged yet)
+            ship_erasures.apply(cur, self.schema, self.source, self.file_id, erasures)
+            ship_erasures.take_back(cur, self.schema, self.source, taken_back)
             new_position = entries[-1][0] if entries else position
             new_history_id = min(new_history[-1][0] if new_history else history_id, newest)
             cur.execute(
@@ -425,6 +432,7 @@ class Shipper:
                 report.copied[table.name] = self._copy_table(table, progress)
             for table in self.tables.values():
                 report.deleted[table.name] = self._sweep(table)
+            report.erasures = self._apply_erasures(report)
             report.position = snapshot if logging else None
             with self.pg.transaction(), self.pg.cursor() as cur:
                 cur.execute(
@@ -470,6 +478,20 @@ class Shipper:
             if progress is not None:
                 progress(table.name, copied, total)
         return copied
+
+    def _apply_erasures(self, report: CopyReport) -> int:
+        """Every erasure the file remembers, applied to every central row of its records (of any
+        file_id: a rebuilt host's earlier files too); then the central notes of this file that the
+        file took back. Returns how many erasures were applied."""
+        assert self.pg is not None and self.sqlite is not None
+        applied = 0
+        for page in ship_erasures.pages(self.sqlite, self.batch_size):
+            with self.pg.transaction(), self.pg.cursor() as cur:
+                for name, n in ship_erasures.apply(cur, self.schema, self.source, self.file_id, page).items():
+                    report.deleted[name] = report.deleted.get(name, 0) + n
+            applied += len(page)
+        ship_erasures.sweep(self.pg, self.sqlite, self.schema, self.source, self.file_id, self.batch_size)
+        return applied
 
     def _sweep(self, table: _Table) -> int:
         """Delete this file's central rows whose row the file no longer holds (deleted while no

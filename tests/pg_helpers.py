@@ -71,15 +71,23 @@ def _comparable(value: Any) -> Any:
 
 
 def file_rows(db_path: Path, table: str) -> dict[Any, dict[str, Any]]:
+    """The file's rows of ``table`` by key, but for the status history and quarantine of records
+    erased and not purged yet (an erasure reaches PostgreSQL before the daemon purges the file)."""
     conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
     conn.row_factory = sqlite3.Row
     try:
+        numbered = table in ("status_history", "quarantine")
         key = (
             "id"
-            if table in ("status_history", "quarantine")
+            if numbered
             else conn.execute(f"SELECT name FROM pragma_table_info('{table}') WHERE pk = 1").fetchone()[0]
         )
-        return {r[key]: dict(r) for r in conn.execute(f"SELECT * FROM {table}")}
+        where = (
+            " WHERE NOT EXISTS (SELECT 1 FROM archiver_erased e WHERE e.kind = t.kind AND e.record_id = t.record_id)"
+            if numbered
+            else ""
+        )
+        return {r[key]: dict(r) for r in conn.execute(f"SELECT * FROM {table} t{where}")}
     finally:
         conn.close()
 

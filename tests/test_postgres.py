@@ -20,6 +20,7 @@ from desto.redis.sqlite_store import SQLiteStore
 
 from archiver import changelog
 from archiver.cli import main
+from archiver.postgres import PG_SCHEMA_VERSION
 from tests.helpers import REPO, atjob_hash, daemon_thread, job_hash, session_hash, settings_for, wait_for
 from tests.pg_helpers import central_differences, pg_rows
 from tests.redis_server import free_port
@@ -194,7 +195,9 @@ def test_a_newer_central_schema_is_refused_with_the_reason(db_path, pg_url, redi
     code = main(["ship", "--db", str(db_path), "--postgres-url", pg_url, "--source", "gpu1"])
     assert code == 2
     err = capsys.readouterr().err
-    assert "version 99, newer than this desto-archiver's 1" in err and "upgrade desto-archiver" in err
+    assert (
+        f"version 99, newer than this desto-archiver's {PG_SCHEMA_VERSION}" in err and "upgrade desto-archiver" in err
+    )
     settings = settings_for(redis_server, db_path, postgres_url=pg_url, source_name="gpu1", ship_interval=0.05)
     with daemon_thread(settings) as daemon:  # the archive goes on; shipping stops, saying why
         assert daemon.shipper is not None
