@@ -18,7 +18,7 @@ from archiver.config import Settings
 if TYPE_CHECKING:
     import psycopg
 
-PG_SCHEMA_VERSION = 2
+PG_SCHEMA_VERSION = 3
 RECORD_KEYS = {"sessions": "session_id", "jobs": "job_id", "favorites": "favorite_id", "at_jobs": "at_job_id"}
 NUMBERED = ("status_history", "quarantine")  # rows numbered by the file: keyed by file_id too
 
@@ -88,7 +88,26 @@ def _migrate_pg_to_2(cur: Any, schema: str) -> None:
     )
 
 
-PG_MIGRATIONS: dict[int, Callable[[Any, str], None]] = {1: _migrate_pg_to_1, 2: _migrate_pg_to_2}
+def _migrate_pg_to_3(cur: Any, schema: str) -> None:
+    """The mark of the change log each host shipped: the number and random token of the log's last
+    entry as of the read its rows came from (``head``, ``head_token``). A file whose log has another
+    entry of that number, or none, is not the one shipped (a restored backup, a copy) and is copied
+    whole under a new file_id. ``ship_files`` keeps the mark of a host's earlier files, so a file
+    shipped before that comes back is told from a copy of it."""
+    cur.execute(f"ALTER TABLE {schema}.ship_positions ADD COLUMN IF NOT EXISTS head bigint")
+    cur.execute(f"ALTER TABLE {schema}.ship_positions ADD COLUMN IF NOT EXISTS head_token bytea")
+    cur.execute(
+        f"CREATE TABLE IF NOT EXISTS {schema}.ship_files (source_name text NOT NULL, file_id text NOT NULL, "
+        "head bigint, head_token bytea, left_at timestamptz NOT NULL DEFAULT now(), "
+        "PRIMARY KEY (source_name, file_id))"
+    )
+
+
+PG_MIGRATIONS: dict[int, Callable[[Any, str], None]] = {
+    1: _migrate_pg_to_1,
+    2: _migrate_pg_to_2,
+    3: _migrate_pg_to_3,
+}
 
 
 class ShipError(Exception):

@@ -39,6 +39,29 @@ class NeedsCopy(Exception):
     """The log alone cannot bring PostgreSQL up to date: the whole file must be copied first."""
 
 
+NOT_THE_SHIPPED_LOG = "not the change log that was shipped: a restored or copied file"
+
+
+@dataclass(frozen=True, slots=True)
+class Shipped:
+    """What PostgreSQL holds of a source: the file shipping it, the last log entry and the last
+    status-history row shipped, and the mark of the log its rows were read from (the number and
+    token of that log's last entry then: ``head``, ``head_token``)."""
+
+    file_id: str
+    position: int | None
+    history_id: int | None
+    head: int | None
+    head_token: bytes | None
+
+
+def log_is_shipped(conn: sqlite3.Connection, head: int | None, head_token: bytes | None) -> bool:
+    """Whether the file's change log is the one PostgreSQL's mark names: its entry ``head`` has the
+    token kept. A restored or copied file numbers its entries on from where it was taken, so a
+    number alone cannot tell; the token can."""
+    return head is not None and head_token is not None and changelog.token_at(conn, head) == head_token
+
+
 @dataclass
 class _Table:
     """How one table is copied: the columns both sides have, and the central statements."""
@@ -321,13 +344,13 @@ class Shipper:
     def _lock_key(self) -> str:
         return f"desto-archiver:ship:{self.schema}:{self.source}"
 
-    def _position_row(self, cur: psycopg.Cursor[Any]) -> tuple[str, int | None, int | None] | None:
-        """(file_id, the last log entry shipped, the last status-history row shipped by number)."""
+    def _position_row(self, cur: psycopg.Cursor[Any]) -> Shipped | None:
         row = cur.execute(
-            f"SELECT file_id, position, history_id FROM {self.schema}.ship_positions WHERE source_name = %s",
+            f"SELECT file_id, position, history_id, head, head_token FROM {self.schema}.ship_positions "
+            "WHERE source_name = %s",
             (self.source,),
         ).fetchone()
-        return None if row is None else (row[0], row[1], row[2])
+        return None if row is None else Shipped(row[0], row[1], row[2], row[3], _bytes(row[4]))
 
     def ship_batch(self) -> int:
         """Ship the next batch of the change log; returns how many log entries it covered (0: none
@@ -340,13 +363,22 @@ class Shipper:
             try:
                 start = changelog.complete_from(self.sqlite)
                 last = changelog.last_seq(self.sqlite)
-                if known is None or known[1] is None or known[2] is None or known[0] != self.file_id or start is None:
+                if (
+                    known is None
+                    or known.position is None
+                    or known.history_id is None
+                    or known.file_id != self.file_id
+                    or start is None
+                ):
                     raise NeedsCopy("no position for this file")
-                position, history_id = known[1], known[2]
-                if position > last:
-                    raise NeedsCopy("the file is older than what was shipped (a restored copy)")
+                position, history_id = known.position, known.history_id
+                if known.head is None:
+                    raise NeedsCopy("PostgreSQL holds no mark of the change log shipped (an older desto-archiver's)")
+                if not log_is_shipped(self.sqlite, known.head, known.head_token):
+                    raise NeedsCopy(NOT_THE_SHIPPED_LOG)
                 if position + 1 < start:
                     raise NeedsCopy("the change log was cut short")
+                head_token = changelog.token_at(self.sqlite, last)
                 entries = changelog.read(self.sqlite, position, self.batch_size)
                 history = self.tables["status_history"]
                 new_history = self._read(
@@ -384,10 +416,11 @@ class Shipper:
             ship_erasures.take_back(cur, self.schema, self.source, taken_back)
             new_position = entries[-1][0] if entries else position
             new_history_id = min(new_history[-1][0] if new_history else history_id, newest)
+            # the rows were read with the log up to ``last``: its entry marks the log they came from
             cur.execute(
-                f"UPDATE {self.schema}.ship_positions SET position = %s, history_id = %s, shipped_at = now() "
-                "WHERE source_name = %s",
-                (new_position, new_history_id, self.source),
+                f"UPDATE {self.schema}.ship_positions SET position = %s, history_id = %s, head = %s, head_token = %s, "
+                "shipped_at = now() WHERE source_name = %s AND file_id = %s",
+                (new_position, new_history_id, last, head_token, self.source, self.file_id),
             )
         self.position = new_position
         return max(1, len(entries) + len(new_history))
@@ -422,10 +455,11 @@ class Shipper:
                 snapshot = changelog.last_seq(self.sqlite)
                 logging = changelog.complete_from(self.sqlite) is not None
                 history_id = self.sqlite.execute("SELECT coalesce(max(id), 0) FROM status_history").fetchone()[0]
+                new_file = self._is_another_file(known, snapshot)
             finally:
                 self.sqlite.execute("COMMIT")
-            if known is not None and known[0] == self.file_id and known[1] is not None and known[1] > snapshot:
-                # a copy restored over the file: its numbers would be taken for ones already shipped
+            if new_file:
+                # its numbers (log, status history, quarantine) would be taken for the ones shipped
                 self.file_id = report.file_id = self._new_file_id()
                 self.tables = self._tables()
             for table in self.tables.values():
@@ -434,19 +468,11 @@ class Shipper:
                 report.deleted[table.name] = self._sweep(table)
             report.erasures = self._apply_erasures(report)
             report.position = snapshot if logging else None
+            # every row above was read with the log up to here at most: the mark of the log copied
+            head = changelog.last_seq(self.sqlite) if logging else None
+            head_token = None if head is None else changelog.token_at(self.sqlite, head)
             with self.pg.transaction(), self.pg.cursor() as cur:
-                cur.execute(
-                    f"INSERT INTO {self.schema}.ship_positions AS p (source_name, file_id, position, history_id, host, "
-                    "file, copied_at) VALUES (%s, %s, %s, %s, %s, %s, now()) ON CONFLICT (source_name) DO UPDATE SET "
-                    "file_id = EXCLUDED.file_id, host = EXCLUDED.host, file = EXCLUDED.file, "
-                    "copied_at = EXCLUDED.copied_at, shipped_at = now(), "
-                    # a daemon that shipped further meanwhile (same file) keeps its place
-                    "position = CASE WHEN p.file_id = EXCLUDED.file_id AND p.position > EXCLUDED.position "
-                    "THEN p.position ELSE EXCLUDED.position END, "
-                    "history_id = CASE WHEN p.file_id = EXCLUDED.file_id AND p.position > EXCLUDED.position "
-                    "THEN p.history_id ELSE EXCLUDED.history_id END",
-                    (self.source, self.file_id, report.position, history_id, _hostname(), str(self.db_path)),
-                )
+                self._record_copy(cur, report.position, history_id, head, head_token)
                 self.position = report.position
         finally:
             import psycopg
@@ -455,6 +481,61 @@ class Shipper:
                 self.pg.execute("SELECT pg_advisory_unlock(hashtextextended(%s, 0))", (lock,))
         report.elapsed_s = time.monotonic() - started
         return report
+
+    def _is_another_file(self, known: Shipped | None, snapshot: int) -> bool:
+        """Whether the file, though its file_id says so, is not the one that shipped under it: its
+        change log is not the one marked in PostgreSQL (a backup restored, a copy, a snapshot
+        rolled back; also a file this host shipped from earlier and that comes back as a copy)."""
+        assert self.sqlite is not None and self.pg is not None
+        if known is not None and known.file_id == self.file_id:
+            if known.head is None:  # a mark an older desto-archiver did not keep: its own rule
+                return known.position is not None and known.position > snapshot
+            return not log_is_shipped(self.sqlite, known.head, known.head_token)
+        earlier = self.pg.execute(
+            f"SELECT head, head_token FROM {self.schema}.ship_files WHERE source_name = %s AND file_id = %s",
+            (self.source, self.file_id),
+        ).fetchone()
+        if earlier is not None and earlier[0] is not None:
+            return not log_is_shipped(self.sqlite, earlier[0], _bytes(earlier[1]))
+        # never the source's current file: only one that never shipped keeps its id
+        shipped = self.pg.execute(
+            f"SELECT EXISTS (SELECT 1 FROM {self.schema}.status_history WHERE source_name = %s AND file_id = %s) "
+            f"OR EXISTS (SELECT 1 FROM {self.schema}.quarantine WHERE source_name = %s AND file_id = %s)",
+            (self.source, self.file_id, self.source, self.file_id),
+        ).fetchone()
+        return bool(shipped and shipped[0])
+
+    def _record_copy(
+        self, cur: psycopg.Cursor[Any], position: int | None, history_id: int, head: int | None,
+        head_token: bytes | None,
+    ) -> None:  # fmt: skip
+        """The source's position after a copy; the mark of the file it replaces, if another, is kept
+        in ship_files (a file that comes back is told from a copy of it by that mark)."""
+        s = self.schema
+        cur.execute(
+            f"INSERT INTO {s}.ship_files AS f (source_name, file_id, head, head_token) "
+            f"SELECT source_name, file_id, head, head_token FROM {s}.ship_positions "
+            "WHERE source_name = %s AND file_id <> %s ON CONFLICT (source_name, file_id) DO UPDATE SET "
+            "head = EXCLUDED.head, head_token = EXCLUDED.head_token, left_at = now()",
+            (self.source, self.file_id),
+        )
+        cur.execute(f"DELETE FROM {s}.ship_files WHERE source_name = %s AND file_id = %s", (self.source, self.file_id))
+        cur.execute(
+            f"INSERT INTO {s}.ship_positions AS p (source_name, file_id, position, history_id, head, head_token, "
+            "host, file, copied_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, now()) ON CONFLICT (source_name) "
+            "DO UPDATE SET file_id = EXCLUDED.file_id, host = EXCLUDED.host, file = EXCLUDED.file, "
+            "copied_at = EXCLUDED.copied_at, shipped_at = now(), "
+            # a daemon that shipped further meanwhile (same file) keeps its place
+            "position = CASE WHEN p.file_id = EXCLUDED.file_id AND p.position > EXCLUDED.position "
+            "THEN p.position ELSE EXCLUDED.position END, "
+            "history_id = CASE WHEN p.file_id = EXCLUDED.file_id AND p.position > EXCLUDED.position "
+            "THEN p.history_id ELSE EXCLUDED.history_id END, "
+            "head = CASE WHEN p.file_id = EXCLUDED.file_id AND p.head > EXCLUDED.head "
+            "THEN p.head ELSE EXCLUDED.head END, "
+            "head_token = CASE WHEN p.file_id = EXCLUDED.file_id AND p.head > EXCLUDED.head "
+            "THEN p.head_token ELSE EXCLUDED.head_token END",
+            (self.source, self.file_id, position, history_id, head, head_token, _hostname(), str(self.db_path)),
+        )
 
     def _copy_table(self, table: _Table, progress: Progress | None) -> int:
         assert self.pg is not None and self.sqlite is not None
@@ -519,6 +600,10 @@ class Shipper:
                 with self.pg.transaction(), self.pg.cursor() as cur:
                     deleted += self._remove(cur, table, gone)
             after = keys[-1]
+
+
+def _bytes(value: Any) -> bytes | None:
+    return None if value is None else bytes(value)
 
 
 def _hostname() -> str:
