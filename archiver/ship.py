@@ -13,17 +13,17 @@ import contextlib
 import sqlite3
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from operator import itemgetter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from archiver import changelog, ship_erasures
 from archiver.config import Settings
 from archiver.log import get_logger
-from archiver.postgres import NUMBERED, connect, migrate_pg
+from archiver.postgres import connect, migrate_pg
+from archiver.ship_tables import Table, as_params, coerce, describe
 from archiver.sql import begin_immediate, select_in
 
 if TYPE_CHECKING:
@@ -60,56 +60,6 @@ def log_is_shipped(conn: sqlite3.Connection, head: int | None, head_token: bytes
     token kept. A restored or copied file numbers its entries on from where it was taken, so a
     number alone cannot tell; the token can."""
     return head is not None and head_token is not None and changelog.token_at(conn, head) == head_token
-
-
-@dataclass
-class _Table:
-    """How one table is copied: the columns both sides have, and the central statements."""
-
-    name: str
-    key: str
-    columns: list[str]
-    kinds: list[str]  # the central type of each column: bigint, text, bytea
-    upsert: str
-    delete: str
-    numbered: bool
-    stage: str  # the connection's temporary table a big batch is copied into
-    copy: str
-    upsert_staged: str
-    good_shapes: set[tuple[type, ...]] = field(default_factory=set)
-    text_of: dict[tuple[type, ...], Callable[[Sequence[Any]], Any] | None] = field(default_factory=dict)
-
-    def learn(self, shape: tuple[type, ...]) -> bool:
-        """Whether rows of these value types go to PostgreSQL as they are (then remembered)."""
-        wanted = {"text": str, "bigint": int, "bytea": bytes}
-        if not all(t is type(None) or t is wanted[k] for t, k in zip(shape, self.kinds, strict=True)):
-            return False
-        texts = [i for i, t in enumerate(shape) if t is str]
-        self.text_of[shape] = itemgetter(*texts) if texts else None
-        self.good_shapes.add(shape)
-        return True
-
-
-def _coerce(kind: str, value: Any) -> Any:
-    """SQLite stores any value in any column; the central column has one type. A value that does
-    not fit becomes NULL rather than stopping the shipping of every row after it."""
-    if value is None:
-        return None
-    if kind == "bigint":
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        try:
-            return int(str(value).strip())
-        except ValueError:
-            return None
-    if kind == "bytea":
-        return value.encode("utf-8", "surrogateescape") if isinstance(value, str) else bytes(value)
-    if isinstance(value, bytes):
-        return value.decode("utf-8", "replace")
-    text = str(value)
-    return text.replace("\x00", "\ufffd") if "\x00" in text else text  # PostgreSQL's text holds no NUL
 
 
 def _fetch_all(conn: sqlite3.Connection, sql: str, params: Sequence[Any]) -> list[Any]:
@@ -160,7 +110,7 @@ class Shipper:
         self.batch_size = settings.ship_batch_size
         self.sqlite: sqlite3.Connection | None = None
         self.pg: psycopg.Connection[Any] | None = None
-        self.tables: dict[str, _Table] = {}
+        self.tables: dict[str, Table] = {}
         self.file_id = ""
         self.position: int | None = None  # the last seq PostgreSQL confirmed
         self.use_copy = False
@@ -195,49 +145,9 @@ class Shipper:
             self.sqlite.close()
             self.sqlite = None
 
-    def _tables(self) -> dict[str, _Table]:
+    def _tables(self) -> dict[str, Table]:
         assert self.pg is not None and self.sqlite is not None
-        central: dict[str, list[tuple[str, str]]] = {}
-        for table, column, kind in self.pg.execute(
-            "SELECT table_name, column_name, data_type FROM information_schema.columns WHERE table_schema = %s "
-            "ORDER BY table_name, ordinal_position",
-            (self.schema,),
-        ):
-            central.setdefault(table, []).append((column, kind))
-        found: dict[str, _Table] = {}
-        for table, key in changelog.SHIPPED.items():
-            mine = {row[1] for row in self.sqlite.execute(f"PRAGMA table_info({table})")}
-            both = [(c, k) for c, k in central.get(table, []) if c in mine]
-            columns, kinds = [c for c, _ in both], [k for _, k in both]
-            quoted = [f'"{c}"' for c in columns]
-            numbered = table in NUMBERED
-            conflict = f"source_name, file_id, {key}" if numbered else f"source_name, {key}"
-            sets = ", ".join(f"{q} = EXCLUDED.{q}" for q in ["file_id", *quoted] if q != f'"{key}"')
-            guard = (
-                ""
-                if numbered
-                else (
-                    f" WHERE {table}.read_at_us IS NULL OR EXCLUDED.read_at_us IS NULL "
-                    f"OR EXCLUDED.read_at_us >= {table}.read_at_us"
-                )
-            )
-            upsert = (
-                f"INSERT INTO {self.schema}.{table} (source_name, file_id, {', '.join(quoted)}) "
-                f"VALUES (%s, %s, {', '.join(['%s'] * len(quoted))}) "
-                f"ON CONFLICT ({conflict}) DO UPDATE SET {sets}{guard}"
-            )
-            delete = f"DELETE FROM {self.schema}.{table} WHERE source_name = %s AND {key} = ANY(%s)" + (
-                " AND file_id = %s" if numbered else ""
-            )
-            stage = f"archiver_stage_{table}"
-            names = f"source_name, file_id, {', '.join(quoted)}"
-            upsert_staged = (
-                f"INSERT INTO {self.schema}.{table} ({names}) SELECT {names} FROM {stage} "
-                f"ON CONFLICT ({conflict}) DO UPDATE SET {sets}{guard}"
-            )
-            copy = f"COPY {stage} ({names}) FROM STDIN"
-            found[table] = _Table(table, key, columns, kinds, upsert, delete, numbered, stage, copy, upsert_staged)
-        return found
+        return describe(self.pg, self.sqlite, self.schema)
 
     def _stage(self) -> None:
         """Temporary tables that big batches are copied into (COPY, then one upsert: several times
@@ -293,37 +203,17 @@ class Shipper:
         finally:
             self.sqlite.text_factory = str
 
-    def _rows(self, table: _Table, keys: Sequence[Any]) -> list[tuple[Any, ...]]:
+    def _rows(self, table: Table, keys: Sequence[Any]) -> list[tuple[Any, ...]]:
         assert self.sqlite is not None
         quoted = ", ".join(f'"{c}"' for c in table.columns)
         return self._read(
             partial(_select_all, self.sqlite, f"SELECT {quoted} FROM {table.name} WHERE {table.key} IN", keys)
         )
 
-    def _params(self, table: _Table, rows: Iterable[Sequence[Any]]) -> list[tuple[Any, ...]]:
-        """The rows as PostgreSQL takes them. Most rows already are: their types (a signature
-        checked once per shape) match the columns and their text holds no NUL; only the others go
-        through _coerce, value by value."""
-        head = (self.source, self.file_id)
-        out: list[tuple[Any, ...]] = []
-        append, good, text_of = out.append, table.good_shapes, table.text_of
-        for r in rows:
-            shape = tuple(map(type, r))
-            if shape not in good and not table.learn(shape):
-                append((*head, *(_coerce(k, v) for k, v in zip(table.kinds, r, strict=True))))
-                continue
-            getter = text_of[shape]
-            texts = getter(r) if getter is not None else ""
-            if "\x00" in (texts if isinstance(texts, str) else "".join(texts)):
-                append((*head, *(_coerce(k, v) for k, v in zip(table.kinds, r, strict=True))))
-            else:
-                append((*head, *r))
-        return out
-
-    def _put(self, cur: psycopg.Cursor[Any], table: _Table, rows: list[tuple[Any, ...]]) -> None:
+    def _put(self, cur: psycopg.Cursor[Any], table: Table, rows: list[tuple[Any, ...]]) -> None:
         if not rows:
             return
-        params = self._params(table, rows)
+        params = as_params(table, (self.source, self.file_id), rows)
         if not self.use_copy or len(params) < _COPY_FROM:
             cur.executemany(table.upsert, params)
             return
@@ -333,10 +223,10 @@ class Shipper:
         cur.execute(table.upsert_staged)
         cur.execute(f"TRUNCATE {table.stage}")  # a second batch in the same transaction starts empty
 
-    def _remove(self, cur: psycopg.Cursor[Any], table: _Table, keys: list[Any]) -> int:
+    def _remove(self, cur: psycopg.Cursor[Any], table: Table, keys: list[Any]) -> int:
         if not keys:
             return 0
-        central = [_coerce(table.kinds[table.columns.index(table.key)], k) for k in keys]
+        central = [coerce(table.kinds[table.columns.index(table.key)], k) for k in keys]
         params: tuple[Any, ...] = (self.source, central, self.file_id) if table.numbered else (self.source, central)
         cur.execute(table.delete, params)
         return cur.rowcount
@@ -537,7 +427,7 @@ class Shipper:
             (self.source, self.file_id, position, history_id, head, head_token, _hostname(), str(self.db_path)),
         )
 
-    def _copy_table(self, table: _Table, progress: Progress | None) -> int:
+    def _copy_table(self, table: Table, progress: Progress | None) -> int:
         assert self.pg is not None and self.sqlite is not None
         total = self.sqlite.execute(f"SELECT count(*) FROM {table.name}").fetchone()[0]
         quoted = ", ".join(f'"{c}"' for c in table.columns)
@@ -574,7 +464,7 @@ class Shipper:
         ship_erasures.sweep(self.pg, self.sqlite, self.schema, self.source, self.file_id, self.batch_size)
         return applied
 
-    def _sweep(self, table: _Table) -> int:
+    def _sweep(self, table: Table) -> int:
         """Delete this file's central rows whose row the file no longer holds (deleted while no
         change log was kept)."""
         assert self.pg is not None and self.sqlite is not None
