@@ -162,19 +162,28 @@ class Shipper:
                     "ON COMMIT DELETE ROWS"
                 )
 
-    def _file_id(self) -> str:
-        """This file's identity in the central database, made on first use."""
+    def _stored_file_id(self) -> str | None:
         assert self.sqlite is not None
         row = self.sqlite.execute("SELECT value FROM archiver_state WHERE name = ?", (STATE_FILE_ID,)).fetchone()
-        if row is not None:
-            return str(row[0])
-        return self._new_file_id()
+        return None if row is None else str(row[0])
 
-    def _new_file_id(self) -> str:
+    def _file_id(self) -> str:
+        """This file's identity in the central database, made on first use."""
+        found = self._stored_file_id()
+        return found if found is not None else self._new_file_id(None)
+
+    def _new_file_id(self, replacing: str | None) -> str:
+        """A new identity for the file, unless another shipper of it (the daemon's, a one-shot ship)
+        gave it one since ``replacing`` was read: compare and set, so every shipper of the file ends
+        with the one id the file holds, and none is lost."""
         assert self.sqlite is not None
         file_id = uuid.uuid4().hex
         begin_immediate(self.sqlite, self.settings.sqlite_busy_timeout)
         try:
+            current = self._stored_file_id()
+            if current is not None and current != replacing:
+                self.sqlite.execute("COMMIT")
+                return current
             self.sqlite.execute(
                 "INSERT INTO archiver_state (name, value, updated_at) VALUES (?, ?, strftime('%Y-%m-%dT%H:%M:%fZ')) "
                 "ON CONFLICT (name) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
@@ -251,6 +260,8 @@ class Shipper:
             known = self._position_row(cur)
             self.sqlite.execute("BEGIN")
             try:
+                # another shipper of the file (a one-shot ship beside the daemon) may have given it a new id
+                self.file_id = self._stored_file_id() or self.file_id
                 start = changelog.complete_from(self.sqlite)
                 last = changelog.last_seq(self.sqlite)
                 if (
@@ -334,10 +345,11 @@ class Shipper:
         so a daemon shipping the same source waits rather than interleaving."""
         assert self.pg is not None and self.sqlite is not None
         started = time.monotonic()
-        report = CopyReport(self.source, self.file_id)
         lock = self._lock_key()
         self.pg.execute("SELECT pg_advisory_lock(hashtextextended(%s, 0))", (lock,))
         try:
+            self.file_id = self._file_id()  # as the file holds it now (another shipper may have changed it)
+            report = CopyReport(self.source, self.file_id)
             with self.pg.cursor() as cur:
                 known = self._position_row(cur)
             self.sqlite.execute("BEGIN")
@@ -350,7 +362,7 @@ class Shipper:
                 self.sqlite.execute("COMMIT")
             if new_file:
                 # its numbers (log, status history, quarantine) would be taken for the ones shipped
-                self.file_id = report.file_id = self._new_file_id()
+                self.file_id = report.file_id = self._new_file_id(self.file_id)
                 self.tables = self._tables()
             for table in self.tables.values():
                 report.copied[table.name] = self._copy_table(table, progress)
