@@ -492,7 +492,7 @@ def cmd_backfill(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_ship(settings: Settings, args: argparse.Namespace) -> int:
     from archiver.postgres import ShipError, require_psycopg
-    from archiver.ship import Shipper
+    from archiver.ship import FileReplaced, Shipper
 
     if settings.postgres_url is None:
         raise UsageError("give the central database with --postgres-url URL (or ARCHIVER_POSTGRES_URL)")
@@ -525,6 +525,9 @@ def cmd_ship(settings: Settings, args: argparse.Namespace) -> int:
     except ShipError as exc:
         print(f"desto-archiver ship: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except FileReplaced as exc:
+        print(f"desto-archiver ship: {exc}; run the same command again", file=sys.stderr)
+        return EXIT_FAILURE
     except psycopg.Error as exc:
         print(
             f"desto-archiver ship: PostgreSQL at {settings.postgres_address()} failed: {str(exc).strip()}\n"

@@ -10,6 +10,7 @@ Only then are the shipped entries trimmed from the file.
 from __future__ import annotations
 
 import contextlib
+import os
 import sqlite3
 import time
 import uuid
@@ -37,6 +38,11 @@ _COPY_FROM = 50  # rows from which a batch is copied into a temporary table rath
 
 class NeedsCopy(Exception):
     """The log alone cannot bring PostgreSQL up to date: the whole file must be copied first."""
+
+
+class FileReplaced(Exception):
+    """The file this shipper reads is no longer the one at the archive's path (removed, or another
+    put there): what it read from it must not land in PostgreSQL. Ship from the path's file instead."""
 
 
 NOT_THE_SHIPPED_LOG = "not the change log that was shipped: a restored or copied file"
@@ -114,21 +120,48 @@ class Shipper:
         self.file_id = ""
         self.position: int | None = None  # the last seq PostgreSQL confirmed
         self.use_copy = False
+        self._opened: tuple[int, int] | None = None  # the file the connection reads: (device, inode)
 
     # ─── connections ───────────────────────────────────────────────────────────────────────
 
     def open_file(self) -> None:
-        if self.sqlite is None:
-            timeout = self.settings.sqlite_busy_timeout
-            self.sqlite = sqlite3.connect(self.db_path, timeout=timeout, isolation_level=None, check_same_thread=False)
+        """Open the file at the archive's path (never creating one), and note which file it is."""
+        if self.sqlite is not None:
+            return
+        timeout = self.settings.sqlite_busy_timeout
+        uri = Path(os.path.abspath(self.db_path)).as_uri() + "?mode=rw"
+        for _ in range(10):  # the path's file the same before and after: the one the connection opened
+            before = _identity(self.db_path)
+            conn = sqlite3.connect(uri, uri=True, timeout=timeout, isolation_level=None, check_same_thread=False)
+            if _identity(self.db_path) == before:
+                break
+            conn.close()
+        self.sqlite, self._opened = conn, before
+
+    def close_file(self) -> None:
+        """Let go of the file (replaced under the shipper): the next open reads the path's file."""
+        if self.sqlite is not None:
+            self.sqlite.close()
+            self.sqlite = None
+        self.position = None  # PostgreSQL's position is known again at the next file's first batch
+
+    def _check_file(self) -> None:
+        """Raises FileReplaced when the path no longer holds the file this shipper reads. Called in
+        each PostgreSQL transaction before it commits, under the source's lock, so a batch read from
+        a lost file never lands after the file's replacement (and a new shipper of it) began."""
+        if _identity(self.db_path) != self._opened:
+            raise FileReplaced(f"{self.db_path} was replaced or removed: what was read from it is not shipped")
 
     def open(self) -> None:
+        reopened = self.sqlite is None
         self.open_file()
         if self.pg is None:
             self.pg = connect(self.settings)
             migrate_pg(self.pg, self.schema)
             self.tables = self._tables()
             self._stage()
+        elif reopened:
+            self.tables = self._tables()
         self.file_id = self._file_id()
 
     def close_pg(self) -> None:
@@ -141,9 +174,7 @@ class Shipper:
 
     def close(self) -> None:
         self.close_pg()
-        if self.sqlite is not None:
-            self.sqlite.close()
-            self.sqlite = None
+        self.close_file()
 
     def _tables(self) -> dict[str, Table]:
         assert self.pg is not None and self.sqlite is not None
@@ -317,6 +348,7 @@ class Shipper:
             ship_erasures.take_back(cur, self.schema, self.source, taken_back)
             new_position = entries[-1][0] if entries else position
             new_history_id = min(new_history[-1][0] if new_history else history_id, newest)
+            self._check_file()
             # the rows were read with the log up to ``last``: its entry marks the log they came from
             cur.execute(
                 f"UPDATE {self.schema}.ship_positions SET position = %s, history_id = %s, head = %s, head_token = %s, "
@@ -375,7 +407,8 @@ class Shipper:
             head_token = None if head is None else changelog.token_at(self.sqlite, head)
             with self.pg.transaction(), self.pg.cursor() as cur:
                 self._record_copy(cur, report.position, history_id, head, head_token)
-                self.position = report.position
+                self._check_file()
+            self.position = report.position
         finally:
             import psycopg
 
@@ -456,6 +489,7 @@ class Shipper:
                 break
             with self.pg.transaction(), self.pg.cursor() as cur:
                 self._put(cur, table, rows)
+                self._check_file()
             copied += len(rows)
             after = rows[-1][key_at]
             if progress is not None:
@@ -472,8 +506,11 @@ class Shipper:
             with self.pg.transaction(), self.pg.cursor() as cur:
                 for name, n in ship_erasures.apply(cur, self.schema, self.source, self.file_id, page).items():
                     report.deleted[name] = report.deleted.get(name, 0) + n
+                self._check_file()
             applied += len(page)
-        ship_erasures.sweep(self.pg, self.sqlite, self.schema, self.source, self.file_id, self.batch_size)
+        ship_erasures.sweep(
+            self.pg, self.sqlite, self.schema, self.source, self.file_id, self.batch_size, self._check_file
+        )
         return applied
 
     def _sweep(self, table: Table) -> int:
@@ -501,7 +538,17 @@ class Shipper:
             if gone:
                 with self.pg.transaction(), self.pg.cursor() as cur:
                     deleted += self._remove(cur, table, gone)
+                    self._check_file()
             after = keys[-1]
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of the file at ``path`` (None: no file there)."""
+    try:
+        found = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return found.st_dev, found.st_ino
 
 
 def _bytes(value: Any) -> bytes | None:

@@ -11,7 +11,7 @@ record again); a whole copy applies every note the file holds.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -128,9 +128,9 @@ def take_back(cur: psycopg.Cursor[Any], schema: str, source: str, records: Seque
 
 
 def sweep(pg: psycopg.Connection[Any], conn: sqlite3.Connection, schema: str, source: str, file_id: str,
-          size: int) -> int:  # fmt: skip
+          size: int, before_commit: Callable[[], None]) -> int:  # fmt: skip
     """Forget the central notes of this file that the file no longer holds (taken back while no
-    change log was kept). Returns how many went."""
+    change log was kept); ``before_commit`` may refuse each transaction. Returns how many went."""
     removed, after = 0, ("", "")
     while True:
         keys = [
@@ -147,5 +147,6 @@ def sweep(pg: psycopg.Connection[Any], conn: sqlite3.Connection, schema: str, so
         if gone:
             with pg.transaction(), pg.cursor() as cur:
                 take_back(cur, schema, source, gone)
+                before_commit()
             removed += len(gone)
         after = keys[-1]

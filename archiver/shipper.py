@@ -13,7 +13,7 @@ from archiver.config import Settings
 from archiver.failures import worth_logging
 from archiver.log import get_logger
 from archiver.postgres import ShipError
-from archiver.ship import NeedsCopy, Shipper
+from archiver.ship import FileReplaced, NeedsCopy, Shipper
 
 log = get_logger("archiver.ship")
 
@@ -90,6 +90,9 @@ class ShipperThread(threading.Thread):
                 return
             except _Stopping:
                 break
+            except FileReplaced as exc:  # the daemon replaces this thread too, once it notices
+                log.info("ship.file_replaced", detail=str(exc), source=self.shipper.source)
+                self.shipper.close_file()
             except Exception as exc:  # whatever fails, the archive goes on and shipping retries
                 expected = isinstance(exc, psycopg.Error | OSError | sqlite3.Error)
                 if not expected:
@@ -127,6 +130,8 @@ class ShipperThread(threading.Thread):
             shipper.open()
             self.connected = True
             log.info("ship.connected", postgres=self.settings.postgres_address(), source=shipper.source)
+        elif shipper.sqlite is None:  # let go of after its file was replaced
+            shipper.open()
         shipped, copied, trimmed_at = 0, False, 0
         while not self.stopping:
             started = time.monotonic()

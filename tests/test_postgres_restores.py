@@ -248,3 +248,28 @@ def test_an_archive_shipped_before_the_log_had_tokens_is_copied_once_under_its_f
         assert bodies and all("randomblob(8)" in b for b in bodies)
     finally:
         conn.close()
+
+
+def test_a_backup_moved_into_place_under_the_shipping_daemon_is_shipped_from_then_on(
+    redis, redis_server, db_path, pg_url, tmp_path
+):
+    """The daemon notices its file replaced, opens the path again and starts a new shipper: the
+    restored file is copied whole under a file_id of its own and followed from then on."""
+    settings = settings_for(redis_server, db_path, postgres_url=pg_url, source_name=SOURCE, ship_interval=0.05)
+    backup = tmp_path / "backup.db"
+    with daemon_thread(settings) as daemon:
+        records = fill(redis, 2)
+        wait_for(lambda: central_differences(pg_url, db_path, SOURCE) == [], 15, interval=0.2, what="PG = file")
+        take_copy("backup", db_path, backup)
+        for sid in records:
+            redis.hset(f"desto:session:{sid}", "status", "failed")
+        wait_for(lambda: daemon.shipper.backlog == 0 and shipped(pg_url)[1] > last_seq(backup), 15, what="shipped")
+        first_thread, first_file = daemon.shipper, daemon.shipper.shipper.file_id
+        restore(backup, db_path, tmp_path / "aside")
+        wait_for(lambda: daemon.shipper is not first_thread and daemon.shipper.copies == 1, 15, what="a new shipper")
+        assert not first_thread.is_alive()
+        more = fill(redis, 1)
+        wait_for(lambda: set(more) <= central_ids(pg_url, "sessions", "session_id"), 15, what="shipped on")
+        new_file = daemon.shipper.shipper.file_id
+        assert new_file != first_file and shipped(pg_url)[0] == new_file
+        wait_for(lambda: central_differences(pg_url, db_path, SOURCE, file_id=new_file) == [], 15, 0.2, "PG = file")

@@ -15,10 +15,12 @@ import uuid
 from pathlib import Path
 
 import psycopg
+from desto.redis import SQLiteStore
+from desto.redis.models import DestoSession
 
 from archiver import ship
 from archiver.cli import main
-from archiver.ship import NeedsCopy, Shipper
+from archiver.ship import FileReplaced, NeedsCopy, Shipper
 from archiver.store import Store
 from tests.helpers import daemon_thread, session_hash, settings_for, wait_for
 from tests.pg_helpers import central_differences, pg_rows
@@ -117,3 +119,87 @@ def test_a_shipper_whose_file_took_a_new_id_from_another_follows_it(redis, redis
     finally:
         daemons.close()
         one_shot.close()
+
+
+def test_a_shipper_mid_batch_when_its_file_is_replaced_never_commits_what_it_read_from_the_lost_file(
+    redis, redis_server, db_path, pg_url, tmp_path
+):
+    """The daemon notices its file replaced (a restore moved into place), stops its shipper thread
+    with a 2 s timeout and starts a new one. An old thread still in a batch (PostgreSQL slow to
+    answer) holds rows read from the lost file: once the new shipper has started, that batch must
+    not land (its rows and position would be the lost file's), whenever PostgreSQL lets it go on."""
+    settings = settings_for(redis_server, db_path, postgres_url=pg_url, source_name=SOURCE, ship_interval=0.05)
+    with daemon_thread(settings) as daemon:
+        s = session_hash()
+        redis.hset(f"desto:session:{s['session_id']}", mapping=s)
+        wait_for(lambda: central_differences(pg_url, db_path, SOURCE) == [], 15, interval=0.2, what="PG = file")
+        wait_for(lambda: daemon.shipper.backlog == 0, 10)
+    copy = tmp_path / "copy.db"
+    assert main(["backup", "--db", str(db_path), str(copy)]) == 0
+
+    old = Shipper(settings)
+    old.open()
+    only_in_lost = session_hash()
+    store = SQLiteStore(str(db_path))  # a change the lost file holds, not yet shipped
+    store.save_session(DestoSession(session_id=only_in_lost["session_id"], session_name="lost"))
+    store.close()
+    read, go_on = threading.Event(), threading.Event()
+    put = old._put
+
+    def slow_put(*args: object) -> None:  # the batch has read the file; PostgreSQL answers late
+        read.set()
+        assert go_on.wait(30)
+        put(*args)  # type: ignore[arg-type]
+
+    old._put = slow_put  # type: ignore[method-assign]
+    outcome: list[object] = []
+
+    def old_batch() -> None:
+        try:
+            outcome.append(old.ship_batch())
+        except Exception as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=old_batch)
+    thread.start()
+    try:
+        assert read.wait(10)
+        aside = tmp_path / "aside"
+        aside.mkdir()
+        for suffix in ("", "-wal", "-shm"):  # the restore, as docs/operations.md says
+            if Path(f"{db_path}{suffix}").exists():
+                Path(f"{db_path}{suffix}").rename(aside / f"desto.db{suffix}")
+        shutil.copyfile(copy, db_path)
+        new = Shipper(settings)
+        new.open()  # the new shipper has started; its first batch waits for the old one's lock
+        go_on.set()
+        thread.join(30)
+        assert only_in_lost["session_id"] not in {r["session_id"] for r in pg_rows(pg_url, "sessions")}
+        assert outcome and isinstance(outcome[0], FileReplaced), outcome
+        new.ship_batch()
+        new.close()
+    finally:
+        go_on.set()
+        thread.join(30)
+        old.close()
+
+
+def test_ship_whose_file_is_replaced_during_the_copy_stops_and_says_to_run_again(
+    redis, redis_server, db_path, pg_url, capsys, monkeypatch
+):
+    s = session_hash()
+    redis.hset(f"desto:session:{s['session_id']}", mapping=s)
+    assert main(["backfill", "--db", str(db_path), "--redis-url", redis_server.url]) == 0
+    checked = Shipper._check_file
+
+    def replaced_at_the_first_page(self: Shipper) -> None:
+        Path(db_path).rename(db_path.with_name("moved.db"))
+        shutil.copyfile(db_path.with_name("moved.db"), db_path)
+        checked(self)
+
+    monkeypatch.setattr(Shipper, "_check_file", replaced_at_the_first_page)
+    capsys.readouterr()
+    assert main(["ship", "--db", str(db_path), "--postgres-url", pg_url, "--source", SOURCE]) == 1
+    err = capsys.readouterr().err
+    assert "was replaced or removed" in err and "run the same command again" in err
+    assert pg_rows(pg_url, "sessions") == []
