@@ -7,6 +7,7 @@ reason where none answers."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import sqlite3
 import subprocess
@@ -273,3 +274,26 @@ def test_a_backup_moved_into_place_under_the_shipping_daemon_is_shipped_from_the
         new_file = daemon.shipper.shipper.file_id
         assert new_file != first_file and shipped(pg_url)[0] == new_file
         wait_for(lambda: central_differences(pg_url, db_path, SOURCE, file_id=new_file) == [], 15, 0.2, "PG = file")
+
+
+def test_check_says_a_restored_file_is_behind_what_was_shipped_and_will_be_copied_whole(
+    redis, redis_server, db_path, pg_url, tmp_path, capsys
+):
+    """PostgreSQL's position is ahead of the restored file's log: that is not "0 changes waiting"
+    but a file behind what was shipped, which the next shipping copies whole."""
+    settings = settings_for(redis_server, db_path, postgres_url=pg_url, source_name=SOURCE, ship_interval=0.05)
+    backup = tmp_path / "backup.db"
+    with daemon_thread(settings) as daemon:
+        records = fill(redis, 2)
+        wait_for(lambda: central_differences(pg_url, db_path, SOURCE) == [], 15, interval=0.2, what="PG = file")
+        take_copy("backup", db_path, backup)
+        for sid in records:
+            redis.hset(f"desto:session:{sid}", "status", "failed")
+        wait_for(lambda: daemon.shipper.backlog == 0 and shipped(pg_url)[1] > last_seq(backup), 15, what="shipped")
+    restore(backup, db_path, tmp_path / "aside")
+    capsys.readouterr()
+    base = ["check", "--json", "--no-verify", "--no-daemon", "--db", str(db_path), "--redis-url", redis_server.url]
+    main([*base, "--postgres-url", pg_url, "--source", SOURCE])
+    found = {c["check"]: c for c in json.loads(capsys.readouterr().out)["checks"]}["postgres"]
+    assert found["status"] == "warn", found
+    assert "behind what was shipped" in found["detail"] and "copies it whole" in (found["hint"] or ""), found
