@@ -393,7 +393,7 @@ def _postgres(settings: Settings) -> Finding:
     import psycopg
 
     from archiver import changelog
-    from archiver.postgres import PG_SCHEMA_VERSION, connect, pg_schema_version
+    from archiver.postgres import PG_SCHEMA_VERSION, connect, may_write, pg_schema_version, refusal
     from archiver.ship import STATE_FILE_ID, log_is_shipped
 
     where = settings.postgres_address()
@@ -414,6 +414,10 @@ def _postgres(settings: Settings) -> Finding:
                     f"{where}: no schema {settings.postgres_schema} yet",
                     "the daemon creates it (its role needs CREATE), or run 'desto-archiver ship' as its owner",
                 )
+            allowed, role = may_write(pg, settings.postgres_schema, settings.source_name)
+            if not allowed:
+                what, action = refusal(role, settings.postgres_schema, settings.source_name)
+                return Finding("postgres", "fail", f"{where}: {what}", action)
             mark = "head, head_token" if version >= 3 else "NULL, NULL"  # kept from central schema 3 on
             row = pg.execute(
                 f"SELECT position, shipped_at, file_id, {mark} FROM {settings.postgres_schema}.ship_positions "

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from archiver import changelog, ship_erasures
 from archiver.config import Settings
 from archiver.log import get_logger
-from archiver.postgres import connect, migrate_pg
+from archiver.postgres import connect, migrate_pg, not_allowed, require_write
 from archiver.ship_tables import Table, as_params, coerce, describe
 from archiver.sql import begin_immediate, select_in
 
@@ -158,6 +158,7 @@ class Shipper:
         if self.pg is None:
             self.pg = connect(self.settings)
             migrate_pg(self.pg, self.schema)
+            require_write(self.pg, self.schema, self.source)
             self.tables = self._tables()
             self._stage()
         elif reopened:
@@ -355,6 +356,8 @@ class Shipper:
                 "shipped_at = now() WHERE source_name = %s AND file_id = %s",
                 (new_position, new_history_id, last, head_token, self.source, self.file_id),
             )
+            if cur.rowcount == 0:  # the row is there (read above): the policies hid it from this role
+                raise not_allowed(str(self.pg.info.user), self.schema, self.source)
         self.position = new_position
         return max(1, len(entries) + len(new_history))
 

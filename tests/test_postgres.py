@@ -212,18 +212,17 @@ def test_a_newer_central_schema_is_refused_with_the_reason(db_path, pg_url, redi
 
 
 def test_least_privilege_role_ships_into_a_schema_its_owner_created(redis, redis_server, db_path, pg_url, capsys):
-    """The owner creates the schema once (ship as the owner); the archiver's role has only CONNECT,
-    USAGE on the schema and DML on its tables, and can neither create nor drop anything."""
+    """The owner creates the schema and lets the host's role write its source (``grant``, as
+    docs/postgresql.md says); the role has only CONNECT, USAGE on the schema and DML on the tables
+    hosts write, and can neither create nor drop anything."""
     _archive(redis, redis_server, db_path)
-    _ship(db_path, pg_url, "setup", capsys=capsys)  # the owner's run creates the schema
     role = f"archiver_{uuid.uuid4().hex[:8]}"
     database = pg_url.rsplit("/", 1)[1]
     with psycopg.connect(pg_url, autocommit=True) as conn:
         conn.execute(f"CREATE ROLE {role} LOGIN")
         conn.execute(f"REVOKE ALL ON DATABASE {database} FROM PUBLIC")
-        conn.execute(f"GRANT CONNECT ON DATABASE {database} TO {role}")
-        conn.execute(f"GRANT USAGE ON SCHEMA desto_archiver TO {role}")
-        conn.execute(f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA desto_archiver TO {role}")
+    capsys.readouterr()
+    assert main(["grant", "--postgres-url", pg_url, "--source", "gpu1", "--role", role]) == 0  # the owner's run
     try:
         role_url = pg_url.replace("postgres@", f"{role}@")
         report = _ship(db_path, role_url, "gpu1", capsys=capsys)
