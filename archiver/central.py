@@ -122,6 +122,12 @@ class CentralReader:
         ]
         if self.source is not None and not sources:
             raise ReadError(f"no host ships to {self.address} as source {self.source!r}")
+        erased: dict[str, dict[str, int]] = {}
+        for kind, how, n in self.conn.execute(
+            f"SELECT kind, how, count(*) FROM {s}.erased WHERE {cond} GROUP BY kind, how ORDER BY kind, how", params
+        ):
+            erased.setdefault(how, {})[kind] = n
+        last_erased = self._one(f"SELECT max(erased_at) FROM {s}.erased WHERE {cond}", params)[0]
         return {
             "database": self.address,
             "schema": self.schema,
@@ -130,6 +136,7 @@ class CentralReader:
             "records": kinds,
             "history_events": self._one(f"SELECT count(*) FROM {s}.status_history WHERE {cond}", params)[0],
             "quarantine": {"total": quarantine[0], "unresolved": quarantine[1], "payload_bytes": int(quarantine[2])},
+            "erased": {"by_how": erased, "pending": 0, "last_at": last_erased},
         }
 
     # ─── sessions, exports ───────────────────────────────────────────────────────────────────

@@ -393,7 +393,8 @@ def _postgres(settings: Settings) -> Finding:
     import psycopg
 
     from archiver import changelog
-    from archiver.postgres import PG_SCHEMA_VERSION, connect, pg_schema_version
+    from archiver.postgres import PG_SCHEMA_VERSION, connect, may_write, pg_schema_version, refusal
+    from archiver.ship import STATE_FILE_ID, log_is_shipped
 
     where = settings.postgres_address()
     try:
@@ -413,8 +414,14 @@ def _postgres(settings: Settings) -> Finding:
                     f"{where}: no schema {settings.postgres_schema} yet",
                     "the daemon creates it (its role needs CREATE), or run 'desto-archiver ship' as its owner",
                 )
+            allowed, role = may_write(pg, settings.postgres_schema, settings.source_name)
+            if not allowed:
+                what, action = refusal(role, settings.postgres_schema, settings.source_name)
+                return Finding("postgres", "fail", f"{where}: {what}", action)
+            mark = "head, head_token" if version >= 3 else "NULL, NULL"  # kept from central schema 3 on
             row = pg.execute(
-                f"SELECT position, shipped_at FROM {settings.postgres_schema}.ship_positions WHERE source_name = %s",
+                f"SELECT position, shipped_at, file_id, {mark} FROM {settings.postgres_schema}.ship_positions "
+                "WHERE source_name = %s",
                 (settings.source_name,),
             ).fetchone()
     except psycopg.Error as exc:
@@ -422,20 +429,37 @@ def _postgres(settings: Settings) -> Finding:
     detail = f"{where}, schema version {version}, source {settings.source_name!r}"
     if row is None:
         return Finding("postgres", "warn", detail + ": nothing shipped yet", "start 'desto-archiver run' or 'ship'")
+    position, shipped_at, shipped_file, head, head_token = row
     try:
         conn = sqlite3.connect(f"file:{settings.db_path}?mode=ro", uri=True, timeout=10)
         try:
             last, logging = changelog.last_seq(conn), changelog.complete_from(conn) is not None
+            found = conn.execute("SELECT value FROM archiver_state WHERE name = ?", (STATE_FILE_ID,)).fetchone()
+            same_log = log_is_shipped(conn, head, None if head_token is None else bytes(head_token))
         finally:
             conn.close()
     except sqlite3.Error as exc:
         return Finding("postgres", "fail", detail + f": cannot read the change log: {exc}")
-    shipped = f", last batch {row[1]:%Y-%m-%d %H:%M:%S %Z}"
+    shipped = f", last batch {shipped_at:%Y-%m-%d %H:%M:%S %Z}"
+    copies = "the next ship (the daemon's, or 'desto-archiver ship') copies it whole"
+    problem: tuple[str, str] | None = None
+    if found is None or str(found[0]) != shipped_file:
+        problem = f"PostgreSQL holds another file of this source (file_id {shipped_file[:12]})", ""
+    elif head is None:
+        problem = "PostgreSQL holds no mark of the change log shipped (an older desto-archiver's)", ", once"
+    elif not same_log:
+        problem = (
+            "the file is behind what was shipped (a restored or copied file: its change log is not the one "
+            f"PostgreSQL holds, shipped up to {position or 0:,}, the file's at {last:,})",
+            " under a new file_id",
+        )
+    if problem is not None:
+        return Finding("postgres", "warn", f"{detail}{shipped}: {problem[0]}", copies + problem[1])
     if not logging:
         return Finding(
             "postgres", "warn", detail + shipped + ": the change log is off", "start 'desto-archiver run' with it set"
         )
-    behind = max(0, last - (row[0] or 0))
+    behind = max(0, last - (position or 0))
     status = "ok" if behind < 100_000 else "warn"
     return Finding(
         "postgres",

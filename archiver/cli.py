@@ -203,6 +203,20 @@ def build_parser() -> argparse.ArgumentParser:
         cmd_ship,
     )
 
+    grant = _command(
+        sub,
+        "grant",
+        [common, shipping, as_json],
+        "let a host's PostgreSQL role write its source (run by the database's owner)",
+        "As the owner of the central schema (its URL in --postgres-url): create or upgrade the schema, give ROLE "
+        "what a host's archiver needs (connect, read every host's rows, write its own) and let it write the rows "
+        "of the source --source NAME, and no other's. Run once per host, with a role per host; the role must "
+        "exist (CREATE ROLE). Running it again moves the source to another role.",
+        "desto-archiver grant --postgres-url postgresql://owner@db.example/desto --source gpu1 --role desto_gpu1",
+        cmd_grant,
+    )
+    grant.add_argument("--role", required=True, metavar="ROLE", help="the host's PostgreSQL role")
+
     check = _command(
         sub,
         "check",
@@ -492,7 +506,7 @@ def cmd_backfill(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_ship(settings: Settings, args: argparse.Namespace) -> int:
     from archiver.postgres import ShipError, require_psycopg
-    from archiver.ship import Shipper
+    from archiver.ship import FileReplaced, Shipper
 
     if settings.postgres_url is None:
         raise UsageError("give the central database with --postgres-url URL (or ARCHIVER_POSTGRES_URL)")
@@ -525,6 +539,9 @@ def cmd_ship(settings: Settings, args: argparse.Namespace) -> int:
     except ShipError as exc:
         print(f"desto-archiver ship: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except FileReplaced as exc:
+        print(f"desto-archiver ship: {exc}; run the same command again", file=sys.stderr)
+        return EXIT_FAILURE
     except psycopg.Error as exc:
         print(
             f"desto-archiver ship: PostgreSQL at {settings.postgres_address()} failed: {str(exc).strip()}\n"
@@ -546,6 +563,44 @@ def cmd_ship(settings: Settings, args: argparse.Namespace) -> int:
         + (f"; {deleted:,} central rows the file no longer holds deleted" if deleted else "")
         + f"; {report.elapsed_s:.1f} s"
     )
+    return EXIT_OK
+
+
+def cmd_grant(settings: Settings, args: argparse.Namespace) -> int:
+    from archiver.postgres import PG_SCHEMA_VERSION, ShipError, connect, grant_source, migrate_pg, require_psycopg
+
+    if settings.postgres_url is None:
+        raise UsageError("give the central database with --postgres-url <owner's URL> (or ARCHIVER_POSTGRES_URL)")
+    if args.source_name is None:
+        raise UsageError("give the source the role may write with --source NAME (its ARCHIVER_SOURCE_NAME)")
+    try:
+        require_psycopg()
+    except ShipError as exc:
+        raise UsageError(str(exc)) from None
+    import psycopg
+
+    where = settings.postgres_address()
+    try:
+        with connect(settings) as pg:
+            migrate_pg(pg, settings.postgres_schema)
+            report = grant_source(pg, settings.postgres_schema, settings.source_name, args.role)
+    except ShipError as exc:
+        print(f"desto-archiver grant: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except psycopg.Error as exc:
+        print(f"desto-archiver grant: PostgreSQL at {where} failed: {str(exc).strip()}", file=sys.stderr)
+        return EXIT_FAILURE
+    report = {"database": where, "schema": settings.postgres_schema, "schema_version": PG_SCHEMA_VERSION, **report}
+    if args.json:
+        print(to_json(report))
+        return EXIT_OK
+    print(
+        f"role {report['role']!r} may write the rows of source {report['source']!r} in {where} "
+        f"(schema {settings.postgres_schema}, version {PG_SCHEMA_VERSION})"
+        + (f"; it writes {', '.join(report['role_sources'])}" if len(report["role_sources"]) > 1 else "")
+    )
+    if report["not_granted"]:
+        print(f"sources no role may write yet (their hosts cannot ship): {', '.join(report['not_granted'])}")
     return EXIT_OK
 
 

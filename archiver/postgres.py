@@ -18,7 +18,7 @@ from archiver.config import Settings
 if TYPE_CHECKING:
     import psycopg
 
-PG_SCHEMA_VERSION = 1
+PG_SCHEMA_VERSION = 4
 RECORD_KEYS = {"sessions": "session_id", "jobs": "job_id", "favorites": "favorite_id", "at_jobs": "at_job_id"}
 NUMBERED = ("status_history", "quarantine")  # rows numbered by the file: keyed by file_id too
 
@@ -74,7 +74,75 @@ def _migrate_pg_to_1(cur: Any, schema: str) -> None:
     )
 
 
-PG_MIGRATIONS: dict[int, Callable[[Any, str], None]] = {1: _migrate_pg_to_1}
+def _migrate_pg_to_2(cur: Any, schema: str) -> None:
+    """Erasures: what each host erased (desto's History tab, forget, retention), so a central reader
+    can tell an erased record from one never shipped; erasing a record finds its quarantined values
+    by record as its status history already is."""
+    cur.execute(
+        f"CREATE TABLE IF NOT EXISTS {schema}.erased (source_name text NOT NULL, file_id text NOT NULL, "
+        "kind text NOT NULL, record_id text NOT NULL, erased_at text, how text, "
+        "PRIMARY KEY (source_name, kind, record_id))"
+    )
+    cur.execute(
+        f"CREATE INDEX IF NOT EXISTS quarantine_record_idx ON {schema}.quarantine (source_name, kind, record_id)"
+    )
+
+
+def _migrate_pg_to_3(cur: Any, schema: str) -> None:
+    """The mark of the change log each host shipped: the number and random token of the log's last
+    entry as of the read its rows came from (``head``, ``head_token``). A file whose log has another
+    entry of that number, or none, is not the one shipped (a restored backup, a copy) and is copied
+    whole under a new file_id. ``ship_files`` keeps the mark of a host's earlier files, so a file
+    shipped before that comes back is told from a copy of it."""
+    cur.execute(f"ALTER TABLE {schema}.ship_positions ADD COLUMN IF NOT EXISTS head bigint")
+    cur.execute(f"ALTER TABLE {schema}.ship_positions ADD COLUMN IF NOT EXISTS head_token bytea")
+    cur.execute(
+        f"CREATE TABLE IF NOT EXISTS {schema}.ship_files (source_name text NOT NULL, file_id text NOT NULL, "
+        "head bigint, head_token bytea, left_at timestamptz NOT NULL DEFAULT now(), "
+        "PRIMARY KEY (source_name, file_id))"
+    )
+
+
+# The tables each host writes its own rows of (keyed by source_name), and those only the owner does.
+HOSTS_WRITE = (*RECORD_KEYS, *NUMBERED, "erased", "ship_positions", "ship_files")
+OWNER_WRITES = ("archiver_schema", "sources")
+
+
+def _writable(schema: str) -> str:
+    """The sources the current role may write: those ``sources`` maps to a role it has the
+    privileges of. Uncorrelated, so PostgreSQL computes it once per statement, not once per row."""
+    return (
+        f"ARRAY(SELECT m.source_name FROM {schema}.sources m JOIN pg_catalog.pg_roles r ON r.rolname = m.role_name "
+        "WHERE pg_catalog.pg_has_role(r.oid, 'USAGE'))"
+    )
+
+
+def _migrate_pg_to_4(cur: Any, schema: str) -> None:
+    """Row-level security: each host's role may write only the rows of the sources ``sources``
+    gives it (the owner's ``desto-archiver grant``), and read every host's; only the owner (who
+    bypasses the policies) writes ``sources`` and ``archiver_schema``, whatever DML was granted.
+    A later migration that adds a table hosts write gives it the same policies, and grants it to
+    the roles ``sources`` names (as ``grant_source`` does)."""
+    cur.execute(
+        f"CREATE TABLE IF NOT EXISTS {schema}.sources (source_name text PRIMARY KEY, role_name text NOT NULL, "
+        "granted_at timestamptz NOT NULL DEFAULT now())"
+    )
+    own = f"source_name = ANY ({_writable(schema)})"
+    for table in (*HOSTS_WRITE, *OWNER_WRITES):
+        cur.execute(f"ALTER TABLE {schema}.{table} ENABLE ROW LEVEL SECURITY")
+        cur.execute(f"DROP POLICY IF EXISTS read_all ON {schema}.{table}")
+        cur.execute(f"CREATE POLICY read_all ON {schema}.{table} FOR SELECT USING (true)")
+    for table in HOSTS_WRITE:
+        cur.execute(f"DROP POLICY IF EXISTS write_own_source ON {schema}.{table}")
+        cur.execute(f"CREATE POLICY write_own_source ON {schema}.{table} FOR ALL USING ({own}) WITH CHECK ({own})")
+
+
+PG_MIGRATIONS: dict[int, Callable[[Any, str], None]] = {
+    1: _migrate_pg_to_1,
+    2: _migrate_pg_to_2,
+    3: _migrate_pg_to_3,
+    4: _migrate_pg_to_4,
+}
 
 
 class ShipError(Exception):
@@ -83,6 +151,11 @@ class ShipError(Exception):
 
 class NewerPostgresSchema(ShipError):
     pass
+
+
+class NotAllowed(ShipError):
+    """This host's role may not write its source's rows, or upgrade the schema: the database's
+    owner must act. Not for good: the daemon tries again, and ships once the owner has run ``grant``."""
 
 
 def require_psycopg() -> None:
@@ -154,9 +227,99 @@ def migrate_pg(conn: psycopg.Connection[Any], schema: str) -> tuple[int, int]:
             if current < PG_SCHEMA_VERSION:
                 cur.execute(f"INSERT INTO {schema}.archiver_schema (version) VALUES (%s)", (PG_SCHEMA_VERSION,))
     except psycopg.errors.InsufficientPrivilege as exc:
+        if found:  # the owner's run upgrades it: the daemon tries again meanwhile
+            raise NotAllowed(
+                f"cannot upgrade the schema {schema} in PostgreSQL from version {found} to {PG_SCHEMA_VERSION} "
+                f"({exc.diag.message_primary}): its owner upgrades it once, with `desto-archiver grant "
+                "--postgres-url <owner's URL> --source NAME --role ROLE` (docs/postgresql.md, 'Upgrading')"
+            ) from None
         raise ShipError(
             f"cannot create the schema {schema} in PostgreSQL ({exc.diag.message_primary}): grant the archiver's "
             f"role CREATE on the schema {schema} (or on the database), or create it once with "
             "`desto-archiver ship --postgres-url <owner's URL>` (docs/postgresql.md, 'The role')"
         ) from None
     return found, PG_SCHEMA_VERSION
+
+
+def may_write(conn: psycopg.Connection[Any], schema: str, source: str) -> tuple[bool, str]:
+    """(whether the connection's role may write ``source``'s rows, the role's name). The owner of
+    the tables (and a role with its privileges), a superuser and a role with BYPASSRLS may write
+    every source; so does every role where the schema predates row-level security."""
+    policies = conn.execute("SELECT to_regclass(%s) IS NOT NULL, current_user", (f"{schema}.sources",)).fetchone()
+    assert policies is not None
+    if not policies[0]:
+        return True, str(policies[1])
+    row = conn.execute(
+        f"SELECT %s = ANY ({_writable(schema)}) "
+        "OR pg_catalog.pg_has_role((SELECT relowner FROM pg_catalog.pg_class WHERE oid = to_regclass(%s)), 'USAGE') "
+        "OR (SELECT rolbypassrls FROM pg_catalog.pg_roles WHERE rolname = current_user), current_user",
+        (source, f"{schema}.ship_positions"),
+    ).fetchone()
+    assert row is not None
+    return bool(row[0]), str(row[1])
+
+
+def refusal(role: str, schema: str, source: str) -> tuple[str, str]:
+    """(what is refused, what the database's owner must run) for a role that may not write a source."""
+    return (
+        f"PostgreSQL role {role!r} may not write the rows of source {source!r} in {schema}",
+        f"the database's owner must run `desto-archiver grant --postgres-url <owner's URL> --source {source} "
+        f"--role {role}` (docs/postgresql.md, 'The role')",
+    )
+
+
+def not_allowed(role: str, schema: str, source: str) -> NotAllowed:
+    return NotAllowed(": ".join(refusal(role, schema, source)))
+
+
+def require_write(conn: psycopg.Connection[Any], schema: str, source: str) -> None:
+    allowed, role = may_write(conn, schema, source)
+    if not allowed:
+        raise not_allowed(role, schema, source)
+
+
+def grant_source(conn: psycopg.Connection[Any], schema: str, source: str, role: str) -> dict[str, Any]:
+    """As the owner of the central schema: let ``role`` write ``source``'s rows (and read every
+    host's): the privileges it needs, and the row of ``sources`` the policies read. Returns what
+    the role may write now, and the sources already shipped that no role may write."""
+    from psycopg import sql
+
+    if conn.execute("SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = %s", (role,)).fetchone() is None:
+        raise ShipError(
+            f"no role {role!r} in PostgreSQL: create it first (CREATE ROLE {role} LOGIN PASSWORD '...'), "
+            "one per host (docs/postgresql.md, 'The role')"
+        )
+    owner = conn.execute(
+        "SELECT pg_catalog.pg_has_role(nspowner, 'USAGE') FROM pg_catalog.pg_namespace WHERE nspname = %s", (schema,)
+    ).fetchone()
+    if not owner or not owner[0]:
+        raise ShipError(
+            f"only the database's owner (the owner of the schema {schema}) may grant a source: "
+            "run this with the owner's URL"
+        )
+    who, where = sql.Identifier(role), sql.Identifier(schema)
+    with conn.transaction(), conn.cursor() as cur:
+        found = cur.execute("SELECT current_database()").fetchone()
+        assert found is not None
+        database = sql.Identifier(str(found[0]))
+        cur.execute(sql.SQL("GRANT CONNECT, TEMPORARY ON DATABASE {} TO {}").format(database, who))
+        cur.execute(sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(where, who))
+        cur.execute(sql.SQL("GRANT SELECT ON ALL TABLES IN SCHEMA {} TO {}").format(where, who))
+        written = sql.SQL(", ").join(sql.Identifier(schema, table) for table in HOSTS_WRITE)
+        cur.execute(sql.SQL("GRANT INSERT, UPDATE, DELETE ON {} TO {}").format(written, who))
+        cur.execute(
+            f"INSERT INTO {schema}.sources (source_name, role_name) VALUES (%s, %s) ON CONFLICT (source_name) "
+            "DO UPDATE SET role_name = EXCLUDED.role_name, granted_at = now()",
+            (source, role),
+        )
+    mine = [
+        r[0] for r in conn.execute(f"SELECT source_name FROM {schema}.sources WHERE role_name = %s ORDER BY 1", (role,))
+    ]
+    ungranted = [
+        r[0]
+        for r in conn.execute(
+            f"SELECT source_name FROM {schema}.ship_positions p WHERE NOT EXISTS "
+            f"(SELECT 1 FROM {schema}.sources s WHERE s.source_name = p.source_name) ORDER BY 1"
+        )
+    ]
+    return {"source": source, "role": role, "role_sources": mine, "not_granted": ungranted}

@@ -102,6 +102,7 @@ def central_stats(stats: dict[str, Any]) -> str:
             ("database", f"{stats['database']} (schema {stats['schema']}, version {stats['schema_version']})"),
             ("history events", f"{stats['history_events']:,}"),
             ("quarantine", f"{q['total']:,} ({q['unresolved']:,} unresolved, {q['payload_bytes']:,} bytes)"),
+            ("erased", _erased_line(stats["erased"])),
         ]
     )
     sources = [

@@ -10,7 +10,7 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Callable
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 6
 
 # The oldest SQLite the archiver's statements run on: RETURNING came in 3.35.0 (UPSERT in 3.24.0).
 MIN_SQLITE = (3, 35, 0)
@@ -303,11 +303,29 @@ def _migrate_to_4(conn: sqlite3.Connection) -> None:
     )
 
 
+def _migrate_to_6(conn: sqlite3.Connection) -> None:
+    """Each change-log entry carries a random token, so a shipper can tell the log it shipped from
+    another with the same numbers (a backup restored, a copy, a snapshot rolled back: their logs
+    go on numbering from where the copy was taken). The triggers that wrote entries without one are
+    dropped, and the log no longer counts as complete: the next daemon that ships creates them
+    again, and its shipper copies the file whole once."""
+    if "token" not in _columns(conn, "archiver_changes"):
+        conn.execute("ALTER TABLE archiver_changes ADD COLUMN token BLOB")
+    conn.execute("UPDATE archiver_changes SET token = randomblob(8) WHERE token IS NULL")
+    triggers = conn.execute(
+        "SELECT name FROM sqlite_master WHERE type = 'trigger' AND name LIKE 'archiver\\_changes\\_%' ESCAPE '\\'"
+    ).fetchall()
+    for (name,) in triggers:
+        conn.execute(f"DROP TRIGGER IF EXISTS {name}")
+    conn.execute("DELETE FROM archiver_state WHERE name = 'changes_from'")
+
+
 MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {
     1: _migrate_to_1,
     2: _migrate_to_2,
     3: _migrate_to_3,
     4: _migrate_to_4,
+    6: _migrate_to_6,
 }
 
 

@@ -12,8 +12,8 @@ from typing import Any
 from archiver.config import Settings
 from archiver.failures import worth_logging
 from archiver.log import get_logger
-from archiver.postgres import ShipError
-from archiver.ship import NeedsCopy, Shipper
+from archiver.postgres import NotAllowed, ShipError
+from archiver.ship import FileReplaced, NeedsCopy, Shipper
 
 log = get_logger("archiver.ship")
 
@@ -46,6 +46,7 @@ class ShipperThread(threading.Thread):
         self.connected = False
         self.last_shipped_at: float | None = None  # monotonic
         self.backlog: int | None = None  # changes waiting in the file, as of the last look
+        self._backoff = 0.0  # seconds before the next try while shipping fails
 
     def _copy_progress(self, table: str, copied: int, total: int) -> None:
         if self.stopping:  # a whole copy is long: a stop request ends it between pages
@@ -74,14 +75,16 @@ class ShipperThread(threading.Thread):
     def run(self) -> None:
         import psycopg
 
-        backoff = 0.0
+        self._backoff = 0.0
         while not self.stopping:
             try:
                 self._round()
-                backoff = 0.0
+                self._backoff = 0.0
                 if self.failing is not None:
                     log.info("ship.recovered", after=self.failing, failures=self.failures)
                     self.failing, self.failures = None, 0
+            except NotAllowed as exc:  # the owner's grant lets it go on: tried again, not refused for good
+                self._failed(exc, expected=True)
             except ShipError as exc:
                 self.refused = str(exc)
                 self.connected = False
@@ -90,36 +93,45 @@ class ShipperThread(threading.Thread):
                 return
             except _Stopping:
                 break
+            except FileReplaced as exc:  # the daemon replaces this thread too, once it notices
+                log.info("ship.file_replaced", detail=str(exc), source=self.shipper.source)
+                self.shipper.close_file()
             except Exception as exc:  # whatever fails, the archive goes on and shipping retries
-                expected = isinstance(exc, psycopg.Error | OSError | sqlite3.Error)
-                if not expected:
-                    log.exception("ship.error", error=repr(exc))
-                self.failures += 1
-                previous, self.failing = (
-                    self.failing,
-                    f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}",
-                )
-                if isinstance(exc, psycopg.errors.QueryCanceled) and self.shipper.batch_size > 1:
-                    # a statement timeout: smaller batches fit in it
-                    self.shipper.batch_size = max(1, self.shipper.batch_size // 2)
-                backoff = min(self.settings.reconnect_max_backoff, max(0.5, backoff * 2))
-                before = None if previous is None else previous.split(":", 1)[0]
-                if worth_logging(before, type(exc).__name__, self.failures):
-                    log.warning(
-                        "ship.failed",
-                        error=self.failing,
-                        failures=self.failures,
-                        retry_in_s=backoff,
-                        postgres=self.settings.postgres_address(),
-                        batch_size=self.shipper.batch_size,
-                    )
-                if not isinstance(exc, OSError | sqlite3.Error):
-                    self.connected = False
-                    self.shipper.close_pg()
-                with contextlib.suppress(sqlite3.Error):
-                    self.backlog = self.shipper.backlog()
-                self._stop_event.wait(backoff)
+                self._failed(exc, expected=isinstance(exc, psycopg.Error | OSError | sqlite3.Error))
         self.shipper.close()
+
+    def _failed(self, exc: Exception, expected: bool) -> None:
+        """Note a failure, log it (once per outage, each new kind, every 20th) and wait, longer and
+        longer up to ARCHIVER_RECONNECT_MAX_BACKOFF, before the next try."""
+        import psycopg
+
+        if not expected:
+            log.exception("ship.error", error=repr(exc))
+        self.failures += 1
+        previous, self.failing = (
+            self.failing,
+            f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}",
+        )
+        if isinstance(exc, psycopg.errors.QueryCanceled) and self.shipper.batch_size > 1:
+            # a statement timeout: smaller batches fit in it
+            self.shipper.batch_size = max(1, self.shipper.batch_size // 2)
+        self._backoff = min(self.settings.reconnect_max_backoff, max(0.5, self._backoff * 2))
+        before = None if previous is None else previous.split(":", 1)[0]
+        if worth_logging(before, type(exc).__name__, self.failures):
+            log.warning(
+                "ship.failed",
+                error=self.failing,
+                failures=self.failures,
+                retry_in_s=self._backoff,
+                postgres=self.settings.postgres_address(),
+                batch_size=self.shipper.batch_size,
+            )
+        if not isinstance(exc, OSError | sqlite3.Error):
+            self.connected = False
+            self.shipper.close_pg()
+        with contextlib.suppress(sqlite3.Error):
+            self.backlog = self.shipper.backlog()
+        self._stop_event.wait(self._backoff)
 
     def _round(self) -> None:
         shipper = self.shipper
@@ -127,6 +139,8 @@ class ShipperThread(threading.Thread):
             shipper.open()
             self.connected = True
             log.info("ship.connected", postgres=self.settings.postgres_address(), source=shipper.source)
+        elif shipper.sqlite is None:  # let go of after its file was replaced
+            shipper.open()
         shipped, copied, trimmed_at = 0, False, 0
         while not self.stopping:
             started = time.monotonic()

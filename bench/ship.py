@@ -123,12 +123,13 @@ def shipping(rows: int, folder: Path) -> dict[str, Any]:
         settings = load_settings(postgres_url=url, source_name="bench", sqlite_db_path=db_path)
         shipper = Shipper(settings)
         shipper.open()
-        assert shipper.pg is not None
-        # the daemon's path: a position at the log's start, then batch after batch
+        assert shipper.pg is not None and shipper.sqlite is not None
+        # the daemon's path: a position at the log's start (its marker, whose token marks the log),
+        # then batch after batch
         shipper.pg.execute(
-            "INSERT INTO desto_archiver.ship_positions (source_name, file_id, position, history_id) "
-            "VALUES (%s, %s, %s, 0)",
-            ("bench", shipper.file_id, log_from - 1),
+            "INSERT INTO desto_archiver.ship_positions (source_name, file_id, position, history_id, head, head_token) "
+            "VALUES (%s, %s, %s, 0, %s, %s)",
+            ("bench", shipper.file_id, log_from - 1, log_from - 1, changelog.token_at(shipper.sqlite, log_from - 1)),
         )
         started = time.perf_counter()
         shipped = 0

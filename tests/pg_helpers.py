@@ -55,12 +55,19 @@ def scratch_database() -> Iterator[str]:
             conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
-def pg_rows(url: str, table: str, source: str | None = None, schema: str = "desto_archiver") -> list[dict[str, Any]]:
+def pg_rows(
+    url: str, table: str, source: str | None = None, schema: str = "desto_archiver", file_id: str | None = None
+) -> list[dict[str, Any]]:
     import psycopg
     from psycopg.rows import dict_row
 
+    clauses, params = [], []
+    for column, value in (("source_name", source), ("file_id", file_id)):
+        if value is not None:
+            clauses.append(f"{column} = %s")
+            params.append(value)
+    where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
     with psycopg.connect(url, row_factory=dict_row) as conn:
-        where, params = ("WHERE source_name = %s", (source,)) if source else ("", ())
         return list(conn.execute(f"SELECT * FROM {schema}.{table} {where}", params))
 
 
@@ -71,29 +78,41 @@ def _comparable(value: Any) -> Any:
 
 
 def file_rows(db_path: Path, table: str) -> dict[Any, dict[str, Any]]:
+    """The file's rows of ``table`` by key, but for the status history and quarantine of records
+    erased and not purged yet (an erasure reaches PostgreSQL before the daemon purges the file)."""
     conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
     conn.row_factory = sqlite3.Row
     try:
+        numbered = table in ("status_history", "quarantine")
         key = (
             "id"
-            if table in ("status_history", "quarantine")
+            if numbered
             else conn.execute(f"SELECT name FROM pragma_table_info('{table}') WHERE pk = 1").fetchone()[0]
         )
-        return {r[key]: dict(r) for r in conn.execute(f"SELECT * FROM {table}")}
+        where = (
+            " WHERE NOT EXISTS (SELECT 1 FROM archiver_erased e WHERE e.kind = t.kind AND e.record_id = t.record_id)"
+            if numbered
+            else ""
+        )
+        return {r[key]: dict(r) for r in conn.execute(f"SELECT * FROM {table} t{where}")}
     finally:
         conn.close()
 
 
-def central_differences(url: str, db_path: Path, source: str, schema: str = "desto_archiver") -> list[str]:
-    """How the central tables of ``source`` differ from the file, row for row and column for column."""
+def central_differences(
+    url: str, db_path: Path, source: str, schema: str = "desto_archiver", file_id: str | None = None
+) -> list[str]:
+    """How the central tables of ``source`` differ from the file, row for row and column for column;
+    with ``file_id``, the numbered tables' rows of that file only (a host's earlier files keep theirs)."""
     import psycopg
 
     problems: list[str] = []
     for table in SHIPPED:
         mine = file_rows(db_path, table)
-        key = "id" if table in ("status_history", "quarantine") else next(iter(_key_of(table)))
+        numbered = table in ("status_history", "quarantine")
+        key = "id" if numbered else next(iter(_key_of(table)))
         try:
-            theirs = {r[key]: r for r in pg_rows(url, table, source, schema)}
+            theirs = {r[key]: r for r in pg_rows(url, table, source, schema, file_id if numbered else None)}
         except psycopg.errors.UndefinedTable:  # the shipper has not created the central tables yet
             return [f"{schema}.{table} does not exist yet"]
         for k in mine.keys() - theirs.keys():
