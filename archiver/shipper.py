@@ -93,9 +93,15 @@ class ShipperThread(threading.Thread):
                 return
             except _Stopping:
                 break
-            except FileReplaced as exc:  # the daemon replaces this thread too, once it notices
+            except FileReplaced as exc:
+                # The daemon opens the path's new file and starts a shipper for it once it notices
+                # (within a second). This thread must not open the path itself meanwhile: it would
+                # race the daemon's creation of the new file (a connection in the middle of it
+                # keeps the file from being set to WAL, or meets the lost file's WAL still there).
                 log.info("ship.file_replaced", detail=str(exc), source=self.shipper.source)
                 self.shipper.close_file()
+                self._stop_event.wait()
+                break
             except Exception as exc:  # whatever fails, the archive goes on and shipping retries
                 self._failed(exc, expected=isinstance(exc, psycopg.Error | OSError | sqlite3.Error))
         self.shipper.close()
@@ -139,8 +145,6 @@ class ShipperThread(threading.Thread):
             shipper.open()
             self.connected = True
             log.info("ship.connected", postgres=self.settings.postgres_address(), source=shipper.source)
-        elif shipper.sqlite is None:  # let go of after its file was replaced
-            shipper.open()
         shipped, copied, trimmed_at = 0, False, 0
         while not self.stopping:
             started = time.monotonic()

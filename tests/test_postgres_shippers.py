@@ -11,12 +11,14 @@ from __future__ import annotations
 import shutil
 import sqlite3
 import threading
+import time
 import uuid
 from pathlib import Path
 
 import psycopg
 from desto.redis import SQLiteStore
 from desto.redis.models import DestoSession
+from structlog.testing import capture_logs
 
 from archiver import ship
 from archiver.cli import main
@@ -203,3 +205,30 @@ def test_ship_whose_file_is_replaced_during_the_copy_stops_and_says_to_run_again
     err = capsys.readouterr().err
     assert "was replaced or removed" in err and "run the same command again" in err
     assert pg_rows(pg_url, "sessions") == []
+
+
+def test_a_shipper_whose_file_was_removed_leaves_the_path_to_the_daemon(redis, redis_server, db_path, pg_url):
+    """A shipper thread that finds its file gone must not open the path itself: the daemon is about
+    to make a new file there, and a connection of the shipper's in the middle of that (the new
+    file still empty, not yet in WAL mode) or opened on the lost file's WAL and shared memory still
+    at the path gave disk I/O errors, the daemon's own start refused, and a SIGBUS. The daemon opens
+    the new file and only then starts a shipper for it."""
+    from archiver.shipper import ShipperThread
+
+    settings = settings_for(redis_server, db_path, postgres_url=pg_url, source_name=SOURCE, ship_interval=0.05)
+    Store.open(db_path, 5.0).close()
+    thread = ShipperThread(settings)
+    thread.start()
+    try:
+        wait_for(lambda: thread.copies >= 1, 15, what="the first copy")
+        with capture_logs() as logs:
+            for suffix in ("", "-wal", "-shm"):
+                Path(f"{db_path}{suffix}").unlink(missing_ok=True)
+            wait_for(lambda: any(e["event"] == "ship.file_replaced" for e in logs), 10, what="the loss noticed")
+            Store.open(db_path, 5.0).close()  # the daemon's new file, where the shipper could see it
+            time.sleep(1.5)  # a few rounds of the shipper's backoff
+        assert thread.is_alive() and thread.shipper.sqlite is None, "the shipper opened the path's new file itself"
+        assert not [e for e in logs if e["event"] == "ship.failed"], logs
+    finally:
+        thread.stop(5.0)
+    assert not thread.is_alive()
