@@ -127,7 +127,30 @@ def log_events(log_path: Path) -> list[dict[str, Any]]:
 
 def write_lock_holder(db_path: Path) -> int | None:
     """The pid holding SQLite's WAL write lock on ``db_path`` (byte 120 of the ``-shm`` file, taken
-    by BEGIN IMMEDIATE and released at COMMIT or ROLLBACK), or None. Takes no lock itself."""
+    by BEGIN IMMEDIATE and released at COMMIT or ROLLBACK), or None. Takes no lock itself, and
+    opens no descriptor of the file: /proc/locks tells (closing a descriptor of the -shm would drop
+    every POSIX lock this process's own SQLite connections hold on it)."""
+    try:
+        inode = os.stat(f"{db_path}-shm").st_ino
+    except FileNotFoundError:
+        return None
+    try:
+        table = Path("/proc/locks").read_text()
+    except OSError:
+        return _write_lock_holder_fcntl(db_path)
+    for line in table.splitlines():
+        fields = line.split()
+        if len(fields) < 8 or fields[1] != "POSIX" or fields[3] != "WRITE":
+            continue  # a lock of another kind, or a waiter ("->")
+        start, end = int(fields[6]), fields[7]
+        if int(fields[5].rsplit(":", 1)[1]) == inode and start <= 120 and (end == "EOF" or int(end) >= 120):
+            return int(fields[4])
+    return None
+
+
+def _write_lock_holder_fcntl(db_path: Path) -> int | None:
+    """Where there is no /proc/locks: a probe with F_GETLK (only from a process without SQLite
+    connections to the file)."""
     try:
         fd = os.open(f"{db_path}-shm", os.O_RDONLY)
     except FileNotFoundError:
