@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import sqlite3
 import stat
 import time
 import uuid
@@ -11,6 +12,7 @@ from pathlib import Path
 
 from structlog.testing import capture_logs
 
+import archiver
 from tests.fault_helpers import heartbeat, start_ready
 from tests.helpers import (
     atjob_hash,
@@ -150,6 +152,7 @@ def test_start_and_reconcile_log_lines(redis_server, redis, db_path: Path) -> No
     started = next(e for e in logs if e["event"] == "archiver.started")
     assert started["redis"] == f"redis://127.0.0.1:{redis_server.port}/0"
     assert started["db"] == str(db_path)
+    assert started["version"] == archiver.__version__ and started["sqlite"] == sqlite3.sqlite_version
     assert started["notify_flags_found"] == "" and set(started["notify_flags_set"]) == set("Kghxe")
     done = next(e for e in logs if e["event"] == "reconcile.done")
     assert done["reason"] == "start" and done["keys_scanned"] == 1 and done["written"] == {"job": 1}
