@@ -3,33 +3,23 @@ command of the code, the README stays a front door, and every benchmark run it c
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 
 from archiver.cli import build_parser
 from archiver.config import ENV_NAMES, Settings
-from tests.helpers import REPO
+from tests.helpers import REPO, script
 
 DOCS = REPO / "docs"
 RESULTS = REPO / "bench" / "results"
 COMMANDS = list(build_parser()._subparsers._group_actions[0].choices)  # type: ignore[union-attr]
 # Pages the README links to that are written and added to the site with their own change.
 CITED_RUN = re.compile(r"bench/results/([\w.-]+\.json)")
-
-
-def script(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
