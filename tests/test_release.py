@@ -17,7 +17,6 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-import tomllib
 import zipfile
 from pathlib import Path
 
@@ -27,37 +26,6 @@ from archiver import __version__
 from tests.helpers import REPO, count, project_files, script, session_hash
 
 release = script("release")
-PROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-
-
-# ─── the metadata, without building anything ─────────────────────────────────────────────────────
-
-
-@pytest.mark.unit
-def test_the_version_is_written_once_and_the_changelog_releases_it() -> None:
-    assert "version" not in PROJECT and "version" in PROJECT["dynamic"]
-    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
-    assert pyproject["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "archiver.__version__"}
-    changelog = (REPO / "CHANGELOG.md").read_text()
-    releases = re.findall(r"^## \[([^\]]+)\](?: - (\d{4}-\d{2}-\d{2}))?$", changelog, re.MULTILINE)
-    assert releases[0] == ("Unreleased", ""), "the changelog's first section is Unreleased"
-    assert releases[1][0] == __version__, f"the newest release in CHANGELOG.md is {releases[1][0]}, not {__version__}"
-    assert releases[1][1], "the release has a date"
-
-
-@pytest.mark.unit
-def test_the_metadata_an_index_page_shows() -> None:
-    assert PROJECT["license"] == "MIT" and PROJECT["license-files"] == ["LICENSE"]
-    assert (REPO / "LICENSE").read_text().startswith("MIT License")
-    build_requires = tomllib.loads((REPO / "pyproject.toml").read_text())["build-system"]["requires"]
-    assert "setuptools>=77" in build_requires, "SPDX license expressions need setuptools 77"
-    assert PROJECT["keywords"] and "desto" in PROJECT["keywords"]
-    assert PROJECT["urls"]["desto"] == "https://github.com/kalfasyan/desto"
-    assert PROJECT["urls"]["Source"] == "https://github.com/OWNER/desto-archiver"
-    minimum = re.fullmatch(r">=3\.(\d+)", PROJECT["requires-python"]).group(1)  # type: ignore[union-attr]
-    versions = sorted(int(c.rsplit(".", 1)[1]) for c in PROJECT["classifiers"] if re.fullmatch(r".*:: 3\.\d+", c))
-    assert versions and versions[0] == int(minimum), "the classifiers begin at requires-python's version"
-    assert "License ::" not in " ".join(PROJECT["classifiers"]), "the licence is the SPDX expression alone"
 
 
 # ─── built ───────────────────────────────────────────────────────────────────────────────────────
