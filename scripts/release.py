@@ -8,7 +8,7 @@
 what it built; ``sbom`` installs the wheel alone into a fresh virtual environment (outside any
 source tree), checks that its ``desto-archiver --version`` answers, and describes that
 environment with ``cyclonedx-py environment``; ``image-sbom`` lists the image's Python
-distributions (``pip freeze`` inside it) and describes them with ``cyclonedx-py requirements``.
+distributions (``pip list`` inside it) and describes them with ``cyclonedx-py requirements``.
 The tools come with the ``test`` extra.
 """
 
@@ -102,7 +102,8 @@ def wheel_sbom(wheel: Path, output: Path) -> dict[str, object]:
 
 def image_sbom(image: str, output: Path) -> dict[str, object]:
     """CycloneDX (JSON) of the Python distributions installed in ``image``."""
-    frozen = _run(["docker", "run", "--rm", "--entrypoint", "pip", image, "freeze", "--all"])
+    # name==version for each (pip freeze would give the wheel the image installed as a file: URL)
+    frozen = _run(["docker", "run", "--rm", "--entrypoint", "pip", image, "list", "--format=freeze"])
     with tempfile.TemporaryDirectory(prefix="desto-archiver-sbom-") as tmp:
         requirements = Path(tmp) / "requirements.txt"
         requirements.write_text(frozen)
