@@ -256,3 +256,67 @@ def test_the_metadata_an_index_page_shows() -> None:
     minimum = re.fullmatch(r">=(3\.\d+)", PROJECT["requires-python"]).group(1)  # type: ignore[union-attr]
     assert supported_pythons()[0] == minimum, "the classifiers begin at requires-python's version"
     assert "License ::" not in " ".join(PROJECT["classifiers"]), "the licence is the SPDX expression alone"
+
+
+# ─── the guides and the issue templates ──────────────────────────────────────────────────────────
+
+
+def local_links(path: Path) -> list[str]:
+    links = re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", path.read_text())
+    return [link for link in links if not link.startswith(("http://", "https://", "mailto:"))]
+
+
+@pytest.mark.parametrize("name", ["CONTRIBUTING.md", "SECURITY.md", "README.md"])
+def test_the_guides_links_resolve(name: str) -> None:
+    for link in local_links(REPO / name):
+        assert (REPO / link).exists(), f"{name} links to {link}, which does not exist"
+
+
+def test_contributing_says_how_to_test_add_a_kind_keep_a_benchmark_and_release() -> None:
+    text = (REPO / "CONTRIBUTING.md").read_text()
+    readme = (REPO / "README.md").read_text()
+    for command in (
+        "python3 -m venv .venv && .venv/bin/pip install -q . && .venv/bin/desto-archiver run",
+        "./scripts/test",
+    ):
+        assert command in text and command in readme, command
+    for tier in ("pytest -m unit", "pytest -m slow", "pytest -m container", "integration"):
+        assert tier in text, tier
+    for marker in re.findall(r'^    "(\w+):', (REPO / "pyproject.toml").read_text(), re.MULTILINE):
+        assert marker in text, f"the pytest marker {marker} is not among CONTRIBUTING.md's tiers"
+    for step in ("archiver/kinds.py", "archiver/models.py", "archiver/schema.py", "SCHEMA_VERSION"):
+        assert step in text, step
+    for step in ("python -m bench", "python -m bench.keep", "bench/results/", "scripts/bench_tables.py"):
+        assert step in text, step
+    for step in ("archiver/__init__.py", "ARG VERSION", "git tag v", "release.yml", "scripts/release.py build"):
+        assert step in text, step
+    assert "OWNER" in text and "SECURITY.md" in text
+    assert "## Contributing" in readme and "(CONTRIBUTING.md)" in readme and "(SECURITY.md)" in readme
+
+
+def test_security_says_what_the_archive_holds_how_to_report_and_what_is_in_scope() -> None:
+    text = (REPO / "SECURITY.md").read_text()
+    sections = re.findall(r"^## (.+)$", text, re.MULTILINE)
+    assert sections == ["What the archive holds", "Reporting a problem", "What is in scope", "The guarantees"]
+    scope = text.split("## What is in scope", 1)[1].split("\n## ", 1)[0]
+    for subject in ("Secrets in command lines and outputs", "The file's permissions", "The central database's roles",
+                    "Hostile values written into Redis"):  # fmt: skip
+        assert f"**{subject}**" in scope, subject
+    guarantees = text.split("## The guarantees", 1)[1]
+    assert "makes these" in guarantees and "does not make these" in guarantees
+    assert "privately" in text and "Report a vulnerability" in text
+
+
+def test_the_issue_templates_and_security_reports_go_elsewhere() -> None:
+    templates = REPO / ".github" / "ISSUE_TEMPLATE"
+    config = yaml.safe_load((templates / "config.yml").read_text())
+    assert config["blank_issues_enabled"] is False
+    [security] = [link for link in config["contact_links"] if link["url"].endswith("/SECURITY.md")]
+    assert security["url"] == PROJECT["urls"]["Source"] + "/blob/main/SECURITY.md"
+    for name in ("bug.yml", "feature.yml"):
+        form = yaml.safe_load((templates / name).read_text())
+        assert form["name"] and form["description"] and form["body"], name
+        ids = [field["id"] for field in form["body"] if "id" in field]
+        assert len(ids) == len(set(ids)) and any(f.get("validations", {}).get("required") for f in form["body"])
+    bug = (templates / "bug.yml").read_text()
+    assert "desto-archiver --version" in bug and "SECURITY.md" in bug
