@@ -1,8 +1,5 @@
 """desto-archiver: keeps desto's Redis history forever in a desto-readable SQLite file."""
 
-from importlib.metadata import PackageNotFoundError, version
-
-try:
-    __version__ = version("desto-archiver")
-except PackageNotFoundError:  # running from a source tree that is not installed
-    __version__ = "0.0.0+source"
+# The one place the version is written: the package metadata (pyproject.toml's dynamic version),
+# --version, the daemon's start log line, the metrics' build_info and the image's labels read it.
+__version__ = "0.2.0"

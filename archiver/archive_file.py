@@ -4,6 +4,7 @@ store open on it, and the watch on its path."""
 from __future__ import annotations
 
 import sqlite3
+from pathlib import Path
 
 from archiver import changelog
 from archiver.config import Settings
@@ -16,6 +17,15 @@ log = get_logger("archiver.archive_file")
 # outgrow SQLite's page cache, each insert reads pages back from the OS. A cache that holds the
 # indexes of a few hundred thousand records keeps the writer well ahead of desto.
 DAEMON_CACHE_MB = 64
+
+
+def log_created(path: Path) -> None:
+    """A new archive is never made silently: a mistyped path shows in the log at once."""
+    log.info(
+        "archive.created",
+        db=str(path.absolute()),
+        detail="there was no archive at this path: a new, empty one was created",
+    )
 
 
 class ArchiveFile:
@@ -33,20 +43,23 @@ class ArchiveFile:
         settings = self.settings
         lock = DaemonLock(settings.db_path)
         lock.acquire()
+        existed = settings.db_path.exists()
         try:
             store = Store.open(
                 settings.db_path, settings.sqlite_busy_timeout, cache_mb=settings.sqlite_cache_mb or DAEMON_CACHE_MB
             )
         except BaseException:
-            lock.release()
+            lock.release(failed_start=True)
             raise
         try:
             # the change log's triggers exist while shipping is configured, and only then
             changelog.set_enabled(store.conn, settings.postgres_url is not None, settings.sqlite_busy_timeout)
         except sqlite3.Error as exc:
             store.close()
-            lock.release()
+            lock.release(failed_start=True)
             raise StoreError(f"cannot set up the change log in {settings.db_path}: {exc}") from None
+        if not existed:
+            log_created(settings.db_path)
         self.store, self._lock = store, lock
         return store
 

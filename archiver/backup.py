@@ -44,6 +44,12 @@ def backup(source: Path, destination: Path, force: bool = False) -> BackupReport
     except OSError as exc:
         raise BackupError(f"cannot create {destination.parent}: {exc.strerror}") from None
     partial = destination.with_name(f".{destination.name}.partial-{os.getpid()}")
+    try:
+        # created here, so a folder that may not be written names the destination, not SQLite's
+        # "unable to open database file" taken for the source's
+        os.close(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    except OSError as exc:
+        raise BackupError(f"cannot write {destination}: {exc.strerror} (in {destination.parent.absolute()})") from None
     started = time.monotonic()
     try:
         src = sqlite3.connect(f"file:{source}?mode=ro", uri=True, timeout=30)

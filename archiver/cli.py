@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import gc
 import io
 import os
@@ -303,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     _command(
         sub,
         "health",
-        [common],
+        [common, as_json],
         "exit 0 when the daemon on this file is alive and Redis answers",
         "For Docker's HEALTHCHECK and monitors: healthy when the daemon writing the file has a recent heartbeat, "
         "is connected to Redis and not failing, and Redis answers this process too. Prints one line.",
@@ -354,7 +355,9 @@ def build_parser() -> argparse.ArgumentParser:
         "desto-archiver systemd-unit --user desto > /etc/systemd/system/desto-archiver.service",
         cmd_systemd_unit,
     )
-    unit.add_argument("--user", default=None, help="the account to run as (default: the current one)")
+    unit.add_argument(
+        "--user", default=None, help="the account to run as (default: the current one; run as root: desto)"
+    )
     unit.add_argument(
         "--env-file", default="/etc/desto-archiver/desto-archiver.env", help="EnvironmentFile= (optional file)"
     )
@@ -381,17 +384,45 @@ _SETTING_ARGS = (
 )
 
 
+def _is_folder(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except OSError:  # a folder on the way may not be looked into: the command itself says so
+        return False
+
+
+def _parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parse; an argument the command does not take is reported with the command's own usage (and
+    the nearest option it does take), not the top-level one."""
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        [commands] = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        command: argparse.ArgumentParser = commands.choices[args.command]
+        options = [o for action in command._actions for o in action.option_strings]
+        hints = [
+            f"{word}: did you mean {near[0]}?"
+            for word in extra
+            if word.startswith("--") and (near := difflib.get_close_matches(word.split("=")[0], options, n=1))
+        ]
+        command.error(f"unrecognized arguments: {' '.join(extra)}" + "".join(f"\n  {hint}" for hint in hints))
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = _parse(parser, argv)
     try:
         settings = load_settings(**{name: getattr(args, name, None) for name in _SETTING_ARGS})
     except ConfigError as exc:
         print(f"desto-archiver: {exc}", file=sys.stderr)
         return EXIT_USAGE
     configure(settings.log_format, settings.log_level)
-    if settings.umask is not None:
-        os.umask(settings.umask)
+    os.umask(settings.umask)  # 0007 unless set: the archive holds command lines
+    if _is_folder(settings.db_path):
+        path = settings.db_path.absolute()
+        print(f"desto-archiver {args.command}: {path} is a folder: give the archive's file, e.g. {path / 'desto.db'}",
+              file=sys.stderr)  # fmt: skip
+        return EXIT_USAGE
     stdout, sys.stdout = sys.stdout, _Stdout(sys.stdout)
     try:
         code: int = args.handler(settings, args)
@@ -436,8 +467,20 @@ def collect_less_often() -> None:
     gc.set_threshold(10_000, 10, 10)
 
 
+def _may_create_archive(settings: Settings) -> None:
+    """For the commands that create the archive when it is missing: refuse a path whose folder
+    does not exist (a mistyped --db), desto's default desto_data/ excepted."""
+    from archiver.store import archive_path_refused
+
+    refused = archive_path_refused(settings.db_path)
+    if refused is not None:
+        raise UsageError(refused)
+
+
 def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
     from archiver.pipeline import Daemon
+
+    _may_create_archive(settings)
 
     if settings.postgres_url is not None:
         from archiver.postgres import ShipError, require_psycopg
@@ -468,11 +511,14 @@ def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_backfill(settings: Settings, args: argparse.Namespace) -> int:
+    from archiver.archive_file import log_created
     from archiver.backfill import Progress, backfill
 
+    _may_create_archive(settings)
+    existed = settings.db_path.exists()
     collect_less_often()
     live = sys.stderr.isatty() and not args.json
-    last = [0.0]
+    last = [time.monotonic()]  # the first line after 0.1 s (live) or 5 s (logged): a quick run logs none
 
     def progress(p: Progress) -> None:
         now = time.monotonic()
@@ -497,6 +543,8 @@ def cmd_backfill(settings: Settings, args: argparse.Namespace) -> int:
     report = backfill(settings, progress, dry_run=args.dry_run)
     if live:
         sys.stderr.write("\r\033[K")
+    if not existed and not args.dry_run:
+        log_created(settings.db_path)
     if args.json:
         print(to_json(report.as_dict()))
         return EXIT_OK
@@ -651,7 +699,10 @@ def cmd_health(settings: Settings, args: argparse.Namespace) -> int:
     from archiver.health import health
 
     healthy, reason = health(settings)
-    print(("healthy: " if healthy else "unhealthy: ") + reason)
+    if args.json:
+        print(to_json({"healthy": healthy, "reason": reason}))
+    else:
+        print(("healthy: " if healthy else "unhealthy: ") + reason)
     return EXIT_OK if healthy else EXIT_FAILURE
 
 
@@ -659,16 +710,38 @@ def cmd_systemd_unit(settings: Settings, args: argparse.Namespace) -> int:
     from archiver.systemd import render_unit
 
     executable = Path(sys.argv[0]).resolve() if Path(sys.argv[0]).name == "desto-archiver" else None
-    print(render_unit(settings, executable=executable, user=args.user, env_file=args.env_file), end="")
+    try:
+        unit = render_unit(settings, executable=executable, user=args.user, env_file=args.env_file)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    print(unit, end="")
     return EXIT_OK
 
 
 # ─── reading the archive ─────────────────────────────────────────────────────────────────────────
 
 
-def _filters(args: argparse.Namespace) -> Any:
+def _statuses(what: str) -> frozenset[str] | None:
+    """The values ``--status`` may take when listing ``what``; None: any text (at-jobs' statuses
+    are desto's free text, and the history holds every kind's)."""
+    from archiver.kinds import BY_PLURAL, Kind
+
+    if what == "quarantine":  # there, --status is the record kind
+        return frozenset(kind.value for kind in Kind)
+    if what == "history":
+        return None
+    info = BY_PLURAL[what]
+    return info.statuses if info.has_status else frozenset()
+
+
+def _filters(args: argparse.Namespace, what: str) -> Any:
     from archiver.reader import Filters, parse_when
 
+    allowed = _statuses(what)
+    if args.status is not None and allowed is not None and args.status not in allowed:
+        if not allowed:
+            raise UsageError(f"{what} have no status: --status does not apply")
+        raise UsageError(f"--status {args.status!r} is not a status of {what} (one of: {', '.join(sorted(allowed))})")
     try:
         since = parse_when(args.since) if args.since else None
         until = parse_when(args.until) if args.until else None
@@ -722,7 +795,7 @@ def cmd_stats(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_history(settings: Settings, args: argparse.Namespace) -> int:
     from archiver.reader import Reader
 
-    filters = _filters(args)
+    filters = _filters(args, "sessions")
     central = _central(settings, args)
     columns = render.HISTORY_COLUMNS if central is None else render.CENTRAL_HISTORY_COLUMNS
     # streamed: a million sessions print in flat memory
@@ -742,7 +815,7 @@ def cmd_show(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_export(settings: Settings, args: argparse.Namespace) -> int:
     from archiver.reader import Reader
 
-    filters = _filters(args)
+    filters = _filters(args, args.what)
     central = _central(settings, args)
     with central if central is not None else Reader.open(settings.db_path) as reader:
         columns, rows = reader.export(args.what, filters)

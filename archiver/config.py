@@ -15,6 +15,10 @@ from urllib.parse import parse_qs, urlsplit, urlunsplit
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+# The archive holds command lines: its files are the owner's and its group's (0660), whichever way
+# the archiver runs (the image and the systemd unit say the same).
+DEFAULT_UMASK = 0o007
+
 
 class ConfigError(Exception):
     """A configuration value is unusable; the message says which and why."""
@@ -177,14 +181,16 @@ class Settings(BaseSettings):
         description="the address the metrics listen on",
     )
     # The archive holds command lines: the permission bits its files are created without.
-    umask: int | None = Field(
-        None,
+    umask: int = Field(
+        DEFAULT_UMASK,
         ge=0,
         le=0o777,
         validation_alias=_env("umask", "ARCHIVER_UMASK"),
         description=(
-            "permission bits the archive's files are created without, in octal like umask(1): `0007` gives "
-            "0660 files (the group shares them with desto). Unset: the process' own umask"
+            "permission bits the files the archiver creates (the archive, its WAL, backups, exports) are created "
+            "without, in octal like umask(1); it replaces the process' own umask. The default `0007` gives 0660 "
+            "files: the owner and its group (desto's user shares them through it), never the world; `0077` keeps "
+            "them the owner's alone"
         ),
     )
     # PostgreSQL: every record written to the file is also shipped there (archiver/ship.py)
@@ -245,7 +251,7 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             text = value.strip().lower().removeprefix("0o")
             if not text:
-                return None
+                return DEFAULT_UMASK
             if not all(c in "01234567" for c in text):
                 raise ValueError("must be octal permission bits, like 0027 or 0007")
             return int(text, 8)

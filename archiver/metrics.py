@@ -6,14 +6,18 @@ nothing for them; only the batch latency histogram is observed per batch.
 
 from __future__ import annotations
 
+import platform
+import sqlite3
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import redis
 from prometheus_client import CollectorRegistry, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from archiver import __version__
 from archiver.kinds import KINDS
 
 PREFIX = "desto_archiver"
@@ -41,11 +45,28 @@ class Snapshot:
     ship: dict[str, Any] | None = None  # the shipper's status (ShipperThread.status), when shipping
 
 
+def build_info() -> dict[str, str]:
+    """What is running: this archiver's version and those of Python, SQLite and redis-py under it
+    (the start log line says the same)."""
+    return {
+        "version": __version__,
+        "python": platform.python_version(),
+        "sqlite": sqlite3.sqlite_version,
+        "redis_py": redis.__version__,
+    }
+
+
 class _DaemonCollector(Collector):
     def __init__(self, snapshot: Callable[[], Snapshot]) -> None:
         self._snapshot = snapshot
 
     def collect(self) -> Iterator[Metric]:
+        info = build_info()
+        build = GaugeMetricFamily(
+            f"{PREFIX}_build_info", "Always 1; its labels say which versions run", labels=list(info)
+        )
+        build.add_metric(list(info.values()), 1)
+        yield build
         s = self._snapshot()
         yield _counter("events_received", "Keyspace notifications and desto messages received", s.events)
         yield _counter("keys_read", "Keys read from Redis", s.keys_read)

@@ -34,7 +34,7 @@ from archiver.housekeeping import Housekeeping
 from archiver.inbox import Inbox
 from archiver.listener import Listener
 from archiver.log import get_logger
-from archiver.metrics import Metrics, Snapshot
+from archiver.metrics import Metrics, Snapshot, build_info
 from archiver.read_clock import now_us
 from archiver.reconcile import write_batch
 from archiver.reconciler import Reconciles
@@ -130,6 +130,7 @@ class Daemon:
             log_unreachable(self.settings, exc)
         log.info(
             "archiver.started",
+            **build_info(),
             pid=os.getpid(),
             redis=self.settings.redis_address(),
             db=str(self.settings.db_path),

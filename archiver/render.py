@@ -42,7 +42,10 @@ def check(findings: list[Any], report: Any, show_diffs: bool) -> str:
         lines.append("  verify: the archive differs from Redis; 'desto-archiver backfill' brings it in line")
         if not show_diffs:
             lines.append("  (add --show-diffs to list them)")
-        for d in report.differences if show_diffs else []:
+        # grouped as the summary counts them (missing, differing, extra), each by key: not in Redis' SCAN order
+        order = {"missing": 0, "differing": 1, "extra": 2}
+        differences = sorted(report.differences, key=lambda d: (order.get(d.problem, 3), d.key))
+        for d in differences if show_diffs else []:
             lines.append(f"  {d.problem}: {d.key}")
             for column, (archived, in_redis) in d.columns.items():
                 lines.append(f"      {column}: archive {archived!r} != redis {in_redis!r}")

@@ -113,36 +113,92 @@ class BatchResult:
         self.erased += other.erased
 
 
+# desto's own default data folder (``desto_data/`` beside where it runs), which desto creates itself
+# when it is missing: the one folder the archiver creates too.
+DESTO_DEFAULT_FOLDER = "desto_data"
+
+
+def archive_path_refused(path: Path) -> str | None:
+    """Why ``path`` cannot be the archive, for a command that may create it; None when it can.
+
+    A mistyped path must not become a new, empty archive in folders nobody looks at: a missing
+    folder is refused, except desto's default ``desto_data`` in a folder that exists."""
+    try:
+        return _path_refused(path)
+    except OSError:  # a folder on the way may not be looked into: opening the file says so
+        return None
+
+
+def _path_refused(path: Path) -> str | None:
+    if path.is_dir():
+        return f"{path.absolute()} is a folder: give the archive's file in it, e.g. {path.absolute() / 'desto.db'}"
+    if path.exists():
+        return None
+    folder = path.absolute().parent
+    if folder.is_dir():
+        return None
+    if folder.exists():
+        return f"{folder} is not a folder: give the archive's path with --db PATH (or SQLITE_DB_PATH)"
+    if folder.name == DESTO_DEFAULT_FOLDER and folder.parent.is_dir():
+        return None
+    return (
+        f"the folder {folder} does not exist: create it first (mkdir -p {folder}), or correct --db "
+        "(SQLITE_DB_PATH) if it is mistyped; only desto's default folder desto_data/ is created"
+    )
+
+
 class DaemonLock:
-    """One daemon per file: an flock on ``<file>.archiver-lock``, released by the kernel on exit."""
+    """One daemon per file: an flock on ``<file>.archiver-lock``, released by the kernel on exit.
+
+    The lock file stays after a daemon's run (removing it at a stop would race a starting daemon
+    that has it open), except when this daemon created it and then could not use the archive: a
+    failed start leaves nothing behind. A lock taken on a file removed meanwhile is taken again."""
 
     def __init__(self, db_path: Path) -> None:
         self.path = db_path.with_name(db_path.name + ".archiver-lock")
         self._fd: int | None = None
+        self.created = False  # this daemon created the lock file
 
     def acquire(self) -> None:
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as exc:
-            raise StoreError(
-                f"cannot create {self.path}: {exc.strerror}; the archive's folder must be writable"
-            ) from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "unknown"
-            os.close(fd)
-            raise AlreadyRunning(
-                f"another desto-archiver is already running on {self.path.with_suffix('')} ({holder}); "
-                "stop it first, or point this one at another file with SQLITE_DB_PATH"
-            ) from None
+        while True:
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
+                    created = True
+                except FileExistsError:
+                    try:
+                        fd = os.open(self.path, os.O_RDWR)
+                    except FileNotFoundError:
+                        continue  # removed between the two opens (a failed start): create it again
+                    created = False
+            except OSError as exc:
+                raise StoreError(
+                    f"cannot create {self.path}: {exc.strerror}; the archive's folder must be writable"
+                ) from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "unknown"
+                os.close(fd)
+                raise AlreadyRunning(
+                    f"another desto-archiver is already running on {self.path.with_suffix('')} ({holder}); "
+                    "stop it first, or point this one at another file with SQLITE_DB_PATH"
+                ) from None
+            if _identity(self.path) == (os.fstat(fd).st_dev, os.fstat(fd).st_ino):
+                break
+            os.close(fd)  # a failed start removed the file after this one opened it: lock the new one
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
-        self._fd = fd
+        self._fd, self.created = fd, created
 
-    def release(self) -> None:
+    def release(self, failed_start: bool = False) -> None:
+        """Let the lock go; after ``failed_start``, also remove the lock file this daemon created
+        (while still holding the lock, so no other daemon holds it)."""
         if self._fd is not None:
+            if failed_start and self.created:
+                with suppress(FileNotFoundError):
+                    self.path.unlink()
             os.close(self._fd)
             self._fd = None
 

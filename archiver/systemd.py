@@ -8,6 +8,10 @@ from pathlib import Path
 
 from archiver.config import Settings
 
+# The account the shipped unit (docker/systemd/desto-archiver.service) runs as, and the one this
+# command names when root runs it without --user.
+SYSTEM_USER = "desto"
+
 UNIT_TEMPLATE = """\
 # desto-archiver as a systemd service. Install as /etc/systemd/system/desto-archiver.service, then:
 #   systemctl daemon-reload && systemctl enable --now desto-archiver
@@ -99,6 +103,13 @@ def render_unit(
     # this project's README, installed next to the virtual environment (<folder>/.venv/bin/desto-archiver)
     docs = Path(exec_start).parent.parent.parent / "README.md"
     account = user or getpass.getuser()
+    if account == "root":
+        if user is not None:
+            raise ValueError(
+                "--user root: the unit runs the archiver as an unprivileged account; name the one that owns "
+                "the archive's folder (the shipped unit's: useradd --system --home-dir /var/lib/desto desto)"
+            )
+        account = SYSTEM_USER  # run as root, the command is installing a system service: desto's account
     return UNIT_TEMPLATE.format(
         db=db,
         exec_start=exec_start,

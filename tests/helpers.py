@@ -4,6 +4,7 @@ desto-shaped records, and reading the archive back."""
 from __future__ import annotations
 
 import fcntl
+import importlib.util
 import json
 import os
 import sqlite3
@@ -17,6 +18,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from archiver.config import Settings, load_settings
@@ -24,6 +26,15 @@ from archiver.kinds import RECORD_TABLES
 from archiver.pipeline import Daemon
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def script(name: str) -> ModuleType:
+    """One of scripts/*.py, imported as a module (the scripts are no package)."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def project_files() -> list[str]:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import io
+import json
 import re
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -57,9 +59,8 @@ def test_backfill_with_redis_unreachable_says_what_to_do(db_path: Path) -> None:
 
 
 def test_run_with_an_unusable_path_exits_1_with_the_reason(redis_server, tmp_path: Path) -> None:
-    blocker = tmp_path / "not-a-folder"
-    blocker.write_text("")
-    result = cli("run", env=daemon_env(redis_server, blocker / "desto.db"))
+    # a folder that exists but takes no new file, even root's
+    result = cli("run", env=daemon_env(redis_server, Path("/proc/desto.db")))
     assert result.returncode == 1
     assert "archive's folder must be writable" in result.stderr or "cannot create" in result.stderr
 
@@ -111,3 +112,113 @@ def test_tables_and_json_arrays_are_written_as_their_rows_come() -> None:
     assert write_json_array(rows(1_234), pages, page=500) == 1_234
     assert pages.getvalue() == to_json(list(rows(1_234))) + "\n"
     assert write_json_array(iter([]), array) == 0 and array.getvalue().endswith("[]\n")
+
+
+# ─── what a new user stumbles on ─────────────────────────────────────────────────────────────────
+
+
+@pytest.mark.parametrize("command", ["run", "backfill"])
+def test_a_mistyped_folder_is_refused_not_made_into_a_new_archive(command: str, redis_server, tmp_path: Path) -> None:
+    typo = tmp_path / "srv" / "dsto" / "desto.db"
+    result = cli(command, env=daemon_env(redis_server, typo))
+    assert result.returncode == 2, result.stderr
+    assert f"the folder {typo.parent} does not exist" in result.stderr and "mkdir -p" in result.stderr
+    assert not (tmp_path / "srv").exists(), "nothing is created"
+    # a file given where the folder should be is refused the same way
+    (tmp_path / "a-file").write_text("")
+    result = cli(command, env=daemon_env(redis_server, tmp_path / "a-file" / "desto.db"))
+    assert result.returncode == 2 and "is not a folder" in result.stderr
+
+
+def test_a_new_archive_is_never_created_silently(redis_server, redis, tmp_path: Path) -> None:
+    """desto's default folder, desto_data/, is created (desto creates it too), and each new
+    archive is named with its absolute path; an existing one is not announced again."""
+    env = daemon_env(redis_server, Path("desto_data/desto.db"))
+    first = subprocess.run(
+        [sys.executable, "-m", "archiver", "backfill"], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert first.returncode == 0, first.stderr
+    created = [json.loads(line) for line in first.stderr.splitlines() if '"archive.created"' in line]
+    assert [e["db"] for e in created] == [str(tmp_path / "desto_data" / "desto.db")]
+    again = subprocess.run(
+        [sys.executable, "-m", "archiver", "backfill"], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert again.returncode == 0 and "archive.created" not in again.stderr
+
+
+def test_the_daemon_names_the_archive_it_creates(redis_server, tmp_path: Path) -> None:
+    db = tmp_path / "desto.db"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "archiver", "run"],
+        env=daemon_env(redis_server, db),
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stderr is not None
+        events = []
+        for line in proc.stderr:
+            events.append(json.loads(line)["event"])
+            if events[-1] == "archiver.started":
+                break
+        assert events[:2] == ["archive.created", "archiver.started"], events
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=15)
+
+
+@pytest.mark.parametrize("command", [["run"], ["backfill"], ["stats"], ["health"]])
+def test_db_pointing_at_a_folder_says_so(command: list[str], redis_server, tmp_path: Path) -> None:
+    result = cli(*command, env=daemon_env(redis_server, tmp_path))
+    assert result.returncode == 2
+    assert f"{tmp_path} is a folder: give the archive's file, e.g. {tmp_path / 'desto.db'}" in result.stderr
+    assert "disk I/O" not in result.stderr
+
+
+def test_a_mistyped_flag_after_a_command_shows_that_command_s_usage() -> None:
+    result = cli("history", "--stauts", "failed")
+    assert result.returncode == 2
+    assert result.stderr.startswith("usage: desto-archiver history "), result.stderr
+    assert "unrecognized arguments: --stauts failed" in result.stderr and "did you mean --status?" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["history", "--status", "done"], "'done' is not a status of sessions (one of: failed, finished, running, "),
+        (["export", "jobs", "--status", "starting"], "(one of: failed, finished, queued, running, scheduled)"),
+        (["export", "quarantine", "--status", "sessions"], "(one of: atjob, favorite, job, session)"),
+        (["export", "favorites", "--status", "x"], "favorites have no status"),
+    ],
+)
+def test_a_status_filter_is_checked_against_the_statuses(args: list[str], message: str, tmp_path: Path) -> None:
+    result = cli(*args, "--db", str(tmp_path / "desto.db"))
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+
+
+def test_health_answers_in_json(redis_server, tmp_path: Path) -> None:
+    result = cli("health", "--json", env=daemon_env(redis_server, tmp_path / "desto.db"))
+    assert result.returncode == 1
+    answer = json.loads(result.stdout)
+    assert answer["healthy"] is False and "desto.db" in answer["reason"]
+
+
+def test_a_quick_backfill_logs_no_progress(redis_server, redis, db_path: Path) -> None:
+    """Progress is for long runs: every 5 s, from 5 s on (a run of a few milliseconds used to log it)."""
+    redis.hset("desto:job:j1", mapping={"job_id": "j1", "session_id": "s", "command": "true", "status": "running"})
+    result = cli("backfill", env=daemon_env(redis_server, db_path))
+    assert result.returncode == 0, result.stderr
+    assert "backfill.progress" not in result.stderr
+
+
+def test_a_failed_start_on_a_file_that_is_not_sqlite_leaves_no_lock_file(redis_server, tmp_path: Path) -> None:
+    db = tmp_path / "desto.db"
+    db.write_text("these are notes, not a database\n" * 100)
+    result = cli("run", env=daemon_env(redis_server, db))
+    assert result.returncode == 1 and "is it a SQLite file" in result.stderr, result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["desto.db"]
+    # a lock file that was there before is another daemon's business: it stays
+    lock = tmp_path / "desto.db.archiver-lock"
+    lock.write_text("")
+    assert cli("run", env=daemon_env(redis_server, db)).returncode == 1
+    assert lock.exists()

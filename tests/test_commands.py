@@ -100,8 +100,6 @@ def test_backfill_of_20000_records_is_complete_idempotent_and_reports(redis_serv
     assert "favorite  3990     3990" in first.stdout and "atjob     1        1" in first.stdout
     assert "quarantined  10 new, 0 already in quarantine" in first.stdout
     assert "keys/s" in first.stdout
-    progress = [json.loads(line) for line in first.stderr.splitlines() if "backfill.progress" in line]
-    assert progress and progress[0]["keys_read"] > 0  # not a terminal: structured progress lines
     assert count(db_path, "sessions") == 8_000 and count(db_path, "jobs") == 8_000
     assert count(db_path, "favorites") == 3_990 and count(db_path, "at_jobs") == 1
     assert count(db_path, "quarantine") == 10
@@ -226,6 +224,32 @@ def test_a_backfill_with_redis_clock_behind_the_archive_brings_in_every_change(r
     assert row(db_path, "sessions", "session_id", done["session_id"])["status"] == "finished"
     assert row(db_path, "sessions", "session_id", gone["session_id"])["gone_reason"] == "missing"
     assert row(db_path, "jobs", "job_id", job["job_id"])["status"] == "running"
+
+
+def test_backfill_progress_is_logged_every_5_s_from_5_s_on_when_not_on_a_terminal(
+    redis_server, redis, db_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Each page of the scan takes 2 s by the command's clock: a line at 6 s, 12 s, ... and none
+    before 5 s (a run of a few milliseconds logs none: test_cli)."""
+    from archiver import cli as cli_module
+
+    load(redis, sessions=50)
+    ticks = iter(range(0, 10_000, 2))
+
+    class Clock:
+        @staticmethod
+        def monotonic() -> float:
+            return float(next(ticks))
+
+    monkeypatch.setattr(cli_module, "time", Clock)
+    args = ["backfill", "--redis-url", redis_server.url, "--db", str(db_path), "--batch-size", "5"]
+    code = cli_module.main([*args, "--log-format", "json"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    progress = [e for e in map(json.loads, err.splitlines()) if e["event"] == "backfill.progress"]
+    assert progress and progress[0]["phase"] == "scan" and progress[0]["keys_read"] > 0
+    calls = [int(e["keys_scanned"]) for e in progress]
+    assert calls == sorted(calls) and len(progress) < 50 // 5, "at most one line every 5 s (3 pages of 2 s)"
 
 
 def test_backfill_progress_is_a_live_line_on_a_terminal(redis_server, redis, db_path: Path) -> None:
@@ -377,6 +401,7 @@ def test_a_folder_this_user_may_not_read_is_reported_as_such_not_as_redis_unreac
     redis_server, redis, tmp_path: Path
 ) -> None:
     folder = tmp_path / "private"
+    folder.mkdir()
     db_path = folder / "desto.db"
     load(redis, sessions=2)
     assert cli(redis_server, db_path, "backfill").returncode == 0
@@ -438,6 +463,8 @@ def test_check_catches_a_corrupted_a_missing_and_an_extra_row(redis_server, redi
     assert f"missing: desto:session:{ids['session'][1]}" in result.stdout
     assert "extra: desto:session:ghost" in result.stdout
     assert "'desto-archiver backfill' brings it in line" in result.stdout
+    listed = [m.group(1) for m in re.finditer(r"^  (missing|differing|extra): ", result.stdout, re.MULTILINE)]
+    assert listed == ["missing", "differing", "extra"], "listed as the summary counts them, not in SCAN order"
 
 
 def test_check_counts_a_hundred_thousand_extra_rows_in_flat_memory(redis_server, redis, db_path: Path) -> None:
@@ -857,6 +884,10 @@ def test_backup_to_an_unwritable_place_says_so(redis_server, redis, db_path: Pat
     assert cli(redis_server, db_path, "backfill").returncode == 0
     result = cli(redis_server, db_path, "backup", "/sys/desto-backup/copy.db")
     assert result.returncode == 1 and "cannot create /sys/desto-backup" in result.stderr
+    # a folder that exists but takes no new file (even root's): the destination is named, not the source
+    result = cli(redis_server, db_path, "backup", "/proc/desto-copy.db")
+    assert result.returncode == 1 and "cannot write /proc/desto-copy.db" in result.stderr, result.stderr
+    assert str(db_path) not in result.stderr
 
 
 # ─── errors every command shares ─────────────────────────────────────────────────────────────────

@@ -128,4 +128,6 @@ def test_umask_is_octal(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ARCHIVER_UMASK", "027")
     assert load_settings().umask == 0o027
     monkeypatch.delenv("ARCHIVER_UMASK")
-    assert load_settings().umask is None, "the process' own umask unless told"
+    assert load_settings().umask == 0o007, "the owner's and the group's files unless told"
+    monkeypatch.setenv("ARCHIVER_UMASK", "")
+    assert load_settings().umask == 0o007

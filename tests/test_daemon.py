@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
+import sqlite3
 import stat
 import time
 import uuid
 from pathlib import Path
 
+import pytest
 from structlog.testing import capture_logs
 
+import archiver
 from tests.fault_helpers import heartbeat, start_ready
 from tests.helpers import (
     atjob_hash,
@@ -150,6 +154,7 @@ def test_start_and_reconcile_log_lines(redis_server, redis, db_path: Path) -> No
     started = next(e for e in logs if e["event"] == "archiver.started")
     assert started["redis"] == f"redis://127.0.0.1:{redis_server.port}/0"
     assert started["db"] == str(db_path)
+    assert started["version"] == archiver.__version__ and started["sqlite"] == sqlite3.sqlite_version
     assert started["notify_flags_found"] == "" and set(started["notify_flags_set"]) == set("Kghxe")
     done = next(e for e in logs if e["event"] == "reconcile.done")
     assert done["reason"] == "start" and done["keys_scanned"] == 1 and done["written"] == {"job": 1}
@@ -183,19 +188,24 @@ def test_the_page_cache_is_the_daemons_own_size_unless_set(redis_server, redis, 
         assert daemon.store.conn.execute("PRAGMA cache_size").fetchone()[0] == -16 * 1024
 
 
-def test_archive_files_follow_the_umask_not_sqlites_own_0644(redis_server, redis, db_path: Path, daemons):
-    """The archive holds command lines: under ARCHIVER_UMASK=0007 (the image's, and the unit's
-    UMask=) others may not read it, while desto, in the archiver's group, still writes it."""
-    proc = start_ready(daemons, redis_server, db_path, ARCHIVER_UMASK="0007").proc
+@pytest.mark.parametrize("umask", [None, "0007"], ids=["by-default", "ARCHIVER_UMASK=0007"])
+def test_archive_files_are_the_owner_s_and_group_s_not_sqlites_own_0644(
+    redis_server, redis, db_path: Path, daemons, umask: str | None
+):
+    """The archive holds command lines: by default (whatever umask the process was started with:
+    the usual 0022 here), as under the image's ARCHIVER_UMASK=0007 and the unit's UMask=0007,
+    others may not read it, while desto, in the archiver's group, still writes it."""
+    previous = os.umask(0o022)
+    try:
+        proc = start_ready(daemons, redis_server, db_path, **({"ARCHIVER_UMASK": umask} if umask else {})).proc
+    finally:
+        os.umask(previous)
     try:
         redis.hset("desto:job:j1", mapping=job_hash("j1"))
         wait_for(lambda: count(db_path, "jobs") == 1)
-        modes = {
-            p.name: stat.S_IMODE(p.stat().st_mode) for p in db_path.parent.iterdir() if "archiver-lock" not in p.name
-        }
-        assert modes == {"desto.db": 0o660, "desto.db-wal": 0o660, "desto.db-shm": 0o660}, {
-            k: oct(v) for k, v in modes.items()
-        }
+        modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in db_path.parent.iterdir()}
+        expected = {"desto.db": 0o660, "desto.db-wal": 0o660, "desto.db-shm": 0o660, "desto.db.archiver-lock": 0o660}
+        assert modes == expected, {k: oct(v) for k, v in modes.items()}
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=10) == 0
     finally:

@@ -198,6 +198,33 @@ def test_dockerfile_runs_the_daemon_as_pid_1_as_a_user(stages: list[Stage], fina
     assert "org.opencontainers.image.title=" in labels and "org.opencontainers.image.description=" in labels
 
 
+def image_labels(final: Stage) -> dict[str, str]:
+    """The final stage's labels, its build arguments' defaults substituted."""
+    args = {}
+    for rest in final.all("ARG"):
+        name, _, default = rest.partition("=")
+        args[name.strip()] = default.strip().strip('"')
+    labels = {}
+    for rest in final.all("LABEL"):
+        for word in shlex.split(rest):
+            key, _, value = word.partition("=")
+            labels[key] = re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], value)
+    return labels
+
+
+def test_the_image_labels_carry_the_package_s_version_licence_and_source(final: Stage) -> None:
+    import tomllib
+
+    from archiver import __version__
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    labels = image_labels(final)
+    assert labels["org.opencontainers.image.version"] == __version__, "docker/Dockerfile's VERSION default"
+    assert labels["org.opencontainers.image.licenses"] == project["license"] == "MIT"
+    assert labels["org.opencontainers.image.source"] == project["urls"]["Source"]
+    assert labels["org.opencontainers.image.documentation"] == project["urls"]["Documentation"]
+
+
 def dockerignore_excludes(patterns: list[str], path: str) -> bool:
     """Docker's rule: the last pattern matching the path or one of its parent folders decides."""
     parts = path.split("/")
@@ -224,10 +251,10 @@ def test_dockerignore_sends_the_package_and_nothing_else(stages: list[Stage]) ->
         if not rest.startswith("--from")
         for word in rest.split()[:-1]
     ]
-    assert set(sources) == {"pyproject.toml", "README.md", "archiver"}, sources
+    assert set(sources) == {"pyproject.toml", "README.md", "LICENSE", "archiver"}, sources
     listed = project_files()
     sent = {path for path in listed if not dockerignore_excludes(patterns, path)}
-    needed = {p for p in listed if p in ("pyproject.toml", "README.md") or p.startswith("archiver/")}
+    needed = {p for p in listed if p in ("pyproject.toml", "README.md", "LICENSE") or p.startswith("archiver/")}
     assert needed <= sent, f"excluded but copied: {sorted(needed - sent)}"
     assert sent <= needed, f"sent for nothing: {sorted(sent - needed)}"
     for path in (".venv/bin/python", "desto_data/desto.db", "archiver/__pycache__/cli.cpython-312.pyc", ".git/HEAD"):

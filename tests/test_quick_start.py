@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import signal
+import stat
 import subprocess
 from pathlib import Path
 
@@ -65,6 +66,11 @@ def test_the_readme_s_quick_start_archives_into_desto_data_and_stops_at_ctrl_c(f
             proc.wait()
         client.close()
     events = [e["event"] for e in log_events(log_path) if "event" in e]
-    assert events[0] == "archiver.started" and events[-1] == "archiver.stopped", events
+    assert events[:2] == ["archive.created", "archiver.started"] and events[-1] == "archiver.stopped", events
+    created = next(e for e in log_events(log_path) if e.get("event") == "archive.created")
+    assert created["db"] == str(archive), "a new archive is named by its absolute path"
+    # the archive holds command lines: the owner's and its group's, whatever the umask let the world
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in archive.parent.iterdir()}
+    assert all(mode & 0o007 == 0 for mode in modes.values()), {k: oct(v) for k, v in modes.items()}
     stopped = log_events(log_path)[-1]
     assert stopped["left_for_next_start"] == 0 and stopped["written"] == {"session": 2}, stopped

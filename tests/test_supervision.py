@@ -8,6 +8,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -212,6 +213,25 @@ def test_systemd_unit_command_prints_the_shipped_unit_for_its_paths(tmp_path: Pa
     assert directives(rendered) == directives(shipped)
     home = render_unit(load_settings(sqlite_db_path="/home/alice/desto_data/desto.db"), user="alice")
     assert "ProtectHome=read-only" in home and "ReadWritePaths=/home/alice/desto_data" in home
+
+
+def test_systemd_unit_run_as_root_names_desto_s_account_never_root(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Root installs system services: the unit it prints runs as desto's account, as the shipped
+    one does, and never tells to give desto's user the group root."""
+    monkeypatch.setattr("getpass.getuser", lambda: "root")
+    rendered = render_unit(load_settings(sqlite_db_path="/var/lib/desto/desto.db"))
+    assert "User=desto\nGroup=desto\n" in rendered and "root" not in rendered
+    assert "give desto's user the group desto" in rendered
+    with pytest.raises(ValueError, match="unprivileged account"):
+        render_unit(load_settings(sqlite_db_path="/var/lib/desto/desto.db"), user="root")
+    result = subprocess.run(
+        [sys.executable, "-m", "archiver", "systemd-unit", "--user", "root"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2 and "--user root" in result.stderr and not result.stdout
 
 
 def test_systemd_unit_for_this_installation_passes_systemd_analyze(tmp_path: Path) -> None:
