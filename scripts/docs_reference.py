@@ -25,6 +25,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -78,7 +79,10 @@ def setting_flags() -> dict[str, tuple[str, list[str]]]:
 
 
 def _default(name: str) -> str:
-    value = Settings.model_fields[name].default
+    field = Settings.model_fields[name]
+    if field.default_factory is not None:  # computed where the archiver runs
+        return {socket.gethostname: "the host name"}[field.default_factory]  # type: ignore[index]
+    value = field.default
     if value is None:
         return "unset"
     if isinstance(value, bool):
