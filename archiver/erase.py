@@ -128,23 +128,51 @@ def purge(conn: sqlite3.Connection, pending: Sequence[Sequence[Any]], at_us: int
     """Finish these erasures (kind, id, how, zeroed): rows, jobs of a session, history,
     quarantine; note them finished, and the scrub the file needs."""
     records = [(Kind(kind), record_id) for kind, record_id, _, _ in pending]
-    # A session's jobs go with it, also one written after desto deleted the others. (Retention
-    # erases only what left Redis: there a session's jobs go by their own tombstones.)
+    # A session's jobs go with it, also one written after desto deleted the others, one only in
+    # quarantine, one only its job list names. (Retention erases only what left Redis: there a
+    # session's jobs go by their own tombstones.)
     sessions = {r: how for kind, r, how, _ in pending if kind == Kind.SESSION.value and how != "retention"}
+    quarantined = 0
     if sessions:
-        jobs = list(select_in(conn, "SELECT job_id, session_id FROM jobs WHERE session_id IN", list(sessions)))
+        jobs = jobs_of(conn, list(sessions))
         for how in set(sessions.values()):
-            extra = [(Kind.JOB, job_id) for job_id, session_id in jobs if sessions[session_id] == how]
+            extra = [(Kind.JOB, job_id) for job_id, session_id in jobs.items() if sessions[session_id] == how]
             note(conn, extra, how, at_us)
             records.extend(extra)
+        # also the entries of jobs whose key had no readable id
+        query = "DELETE FROM quarantine WHERE kind = 'job' AND session_id IN"
+        quarantined = sum(c.rowcount for c in _each(conn, query, list(sessions)))
     out = remove(conn, records)
+    out.quarantine += quarantined
     out.erasures = len(pending)
     conn.executemany(
-        "UPDATE archiver_erased SET purged_at = ? WHERE kind = ? AND record_id = ?",
+        "UPDATE archiver_erased SET purged_at = ?, job_ids = NULL WHERE kind = ? AND record_id = ?",
         [(iso_utc(at_us), kind.value, record_id) for kind, record_id in records],
     )
     vacuum = any(not zeroed for *_, zeroed in pending)
     return out, want_scrub(conn, "vacuum" if vacuum else "truncate", at_us)
+
+
+def jobs_of(conn: sqlite3.Connection, session_ids: Sequence[str]) -> dict[str, str]:
+    """job id -> session id of every job the file knows these sessions to have: archived, in
+    quarantine, or named by the session's job list (its row's, or the one noted when desto
+    deleted it)."""
+    found: dict[str, str] = {}
+    for query in (
+        "SELECT job_id, session_id FROM jobs WHERE session_id IN",
+        "SELECT record_id, session_id FROM quarantine WHERE kind = 'job' AND record_id IS NOT NULL AND session_id IN",
+    ):
+        for job_id, session_id in select_in(conn, query, session_ids):
+            found.setdefault(job_id, session_id)
+    for query in (
+        "SELECT session_id, job_ids FROM sessions WHERE session_id IN",
+        "SELECT record_id, job_ids FROM archiver_erased WHERE kind = 'session' AND record_id IN",
+    ):
+        for session_id, listed in select_in(conn, query, session_ids):
+            for job_id in (listed or "").split(","):
+                if job_id:
+                    found.setdefault(job_id, session_id)
+    return found
 
 
 def want_scrub(conn: sqlite3.Connection, level: str, at_us: int) -> str:
@@ -311,12 +339,14 @@ def resolve(conn: sqlite3.Connection, ids: Sequence[str], names: Sequence[str]) 
     if unknown:
         raise UnknownRecord("; ".join(unknown))
     for target in [t for t in found.values() if t.kind is Kind.SESSION]:
-        row = conn.execute("SELECT job_ids FROM sessions WHERE session_id = ?", (target.record_id,)).fetchone()
-        listed = [j for j in ((row[0] or "") if row else "").split(",") if j]
         in_file = dict(conn.execute("SELECT job_id, command FROM jobs WHERE session_id = ?", (target.record_id,)))
-        for job_id in dict.fromkeys([*in_file, *listed]):
+        quarantined = {
+            r[0] for r in conn.execute("SELECT record_id FROM quarantine WHERE session_id = ?", (target.record_id,))
+        }
+        for job_id in jobs_of(conn, [target.record_id]):
+            label = in_file.get(job_id, "(quarantined)" if job_id in quarantined else "(not archived)")
             via = f"job of session {target.record_id}"
-            found.setdefault((Kind.JOB, job_id), Target(Kind.JOB, job_id, in_file.get(job_id, "(not archived)"), via))
+            found.setdefault((Kind.JOB, job_id), Target(Kind.JOB, job_id, label, via))
     return list(found.values()), already
 
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Callable
 
-SCHEMA_VERSION = 4
+from archiver.models import decode_resp, job_session
+
+SCHEMA_VERSION = 5
 
 # The oldest SQLite the archiver's statements run on: RETURNING came in 3.35.0 (UPSERT in 3.24.0).
 MIN_SQLITE = (3, 35, 0)
@@ -303,11 +305,40 @@ def _migrate_to_4(conn: sqlite3.Connection) -> None:
     )
 
 
+def _migrate_to_5(conn: sqlite3.Connection) -> None:
+    """A deleted session's jobs go with it wherever the file knows them from. A job desto's readers
+    refuse never reaches ``jobs``: its quarantine entry keeps its session's id (read from the raw
+    hash), and the note of a session desto deleted keeps the job list it had (cleared once purged)."""
+    if "session_id" not in _columns(conn, "quarantine"):
+        conn.execute("ALTER TABLE quarantine ADD COLUMN session_id TEXT")
+    conn.execute(
+        "CREATE INDEX IF NOT EXISTS idx_quarantine_session ON quarantine(session_id) WHERE session_id IS NOT NULL"
+    )
+    found = conn.execute("SELECT id, payload FROM quarantine WHERE kind = 'job' AND redis_type = 'hash'").fetchall()
+    for row_id, payload in found:
+        try:
+            session_id = job_session(decode_resp(bytes(payload)))
+        except ValueError:
+            continue
+        if session_id is not None:
+            conn.execute("UPDATE quarantine SET session_id = ? WHERE id = ?", (session_id, row_id))
+    if "job_ids" not in _columns(conn, "archiver_erased"):
+        conn.execute("ALTER TABLE archiver_erased ADD COLUMN job_ids TEXT")
+    conn.execute("DROP TRIGGER IF EXISTS archiver_erase_sessions")
+    conn.execute(
+        "CREATE TRIGGER archiver_erase_sessions AFTER DELETE ON sessions BEGIN "
+        "INSERT OR IGNORE INTO archiver_erased (kind, record_id, erased_at, how, zeroed, job_ids) VALUES "
+        "('session', OLD.session_id, strftime('%Y-%m-%dT%H:%M:%fZ', 'now'), 'desto', "
+        "sqlite_compileoption_used('SECURE_DELETE'), OLD.job_ids); END"
+    )
+
+
 MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {
     1: _migrate_to_1,
     2: _migrate_to_2,
     3: _migrate_to_3,
     4: _migrate_to_4,
+    5: _migrate_to_5,
 }
 
 

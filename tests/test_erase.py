@@ -179,6 +179,86 @@ def test_erased_records_are_not_written_nor_quarantined_and_jobs_of_an_erased_se
         store.close()
 
 
+def test_desto_deleting_a_session_erases_its_jobs_known_only_from_quarantine_or_its_job_list(db_path: Path) -> None:
+    from archiver import erase
+
+    store = Store.open(db_path)
+    desto = desto_store(db_path)
+    try:
+        s = session_hash()
+        sid = s["session_id"]
+        # a job desto's readers would refuse (its exit code): quarantined with its command line
+        bad = job_hash(session_id=sid, command=f"deploy --token {MARKER}", exit_code="exploded")
+        listed = str(uuid.uuid4())  # named by the session's job list, never read
+        s["job_ids"] = f"{bad['job_id']},{listed}"
+        unlisted = job_hash(session_id=sid, command=f"cleanup --token {MARKER}", exit_code="nan")  # chained later
+        store.apply(Batch([read(Kind.SESSION, sid, s, T0), read(Kind.JOB, bad["job_id"], bad, T0)]))
+        store.apply(Batch([read(Kind.JOB, unlisted["job_id"], unlisted, T0)]))
+        assert count(db_path, "quarantine") == 2 and count(db_path, "jobs") == 0
+
+        assert desto.delete_session(sid)
+        finished = erase.finish(store)
+        assert finished is not None and finished.scrub_done
+        assert count(db_path, "quarantine") == 0
+        assert erasures(db_path) == {
+            ("session", sid): "desto",
+            ("job", bad["job_id"]): "desto",
+            ("job", listed): "desto",
+            ("job", unlisted["job_id"]): "desto",
+        }
+        # later changes in Redis, still refused by desto's readers: never quarantined again
+        again = store.apply(
+            Batch(
+                [
+                    read(Kind.JOB, bad["job_id"], {**bad, "error_message": "retried"}, T0 + 10),
+                    read(Kind.JOB, listed, job_hash(listed, sid, exit_code="x", command=MARKER), T0 + 10),
+                    read(Kind.JOB, str(uuid.uuid4()), job_hash(session_id=sid, exit_code="x", command=MARKER), T0 + 10),
+                ]
+            )
+        )
+        assert again.erased == 3 and not again.quarantined
+        assert count(db_path, "quarantine") == 0
+        assert grep_count(db_path) + grep_count(Path(f"{db_path}-wal")) == 0
+    finally:
+        desto.close()
+        store.close()
+
+
+def test_a_file_of_version_4_learns_the_session_of_each_quarantined_job(tmp_path: Path) -> None:
+    from archiver import erase
+    from archiver.models import encode_resp
+
+    v4 = tmp_path / "desto.db"
+    conn = sqlite3.connect(v4, isolation_level=None)
+    for version in (1, 2, 3, 4):
+        schema.MIGRATIONS[version](conn)
+    conn.execute("PRAGMA user_version = 4")
+    s = session_hash()
+    bad = job_hash(session_id=s["session_id"], command=f"deploy --token {MARKER}", exit_code="exploded")
+    conn.execute(
+        "INSERT INTO sessions (session_id, session_name, status, read_at_us) VALUES (?, 'v4', 'finished', 1)",
+        (s["session_id"],),
+    )
+    payload = encode_resp([part.encode() for pair in bad.items() for part in pair])
+    conn.execute(
+        "INSERT INTO quarantine (key, key_text, kind, record_id, redis_type, payload, payload_sha256, reason, "
+        "first_seen_at, last_seen_at) VALUES (?, ?, 'job', ?, 'hash', ?, 'x', 'exit_code', 't', 't')",
+        (f"desto:job:{bad['job_id']}".encode(), f"desto:job:{bad['job_id']}", bad["job_id"], payload),
+    )
+    conn.close()
+    store = Store.open(v4)
+    desto = desto_store(v4)
+    try:
+        assert query(v4, "SELECT session_id FROM quarantine")[0][0] == s["session_id"]
+        assert desto.delete_session(s["session_id"])
+        erase.finish(store)
+        assert count(v4, "quarantine") == 0
+        assert erasures(v4) == {("session", s["session_id"]): "desto", ("job", bad["job_id"]): "desto"}
+    finally:
+        desto.close()
+        store.close()
+
+
 # ─── desto's History tab, the daemon running: deleted stays deleted ──────────────────────────
 
 
