@@ -273,7 +273,9 @@ def finish(store: Store) -> Erased | None:
 
 @dataclass
 class Target:
-    """A record ``forget`` or ``prune`` erases, with what a person recognizes it by."""
+    """A record ``forget`` or ``prune`` erases, with what a person recognizes it by: a name (a
+    session's, a favorite's, an at-job's session's) or a job's status, never a command line,
+    which may hold the very secret being erased, for a terminal, its scrollback or a journal."""
 
     kind: Kind
     record_id: str
@@ -286,9 +288,9 @@ class Target:
 
 _LABELS = {
     Kind.SESSION: "session_name",
-    Kind.JOB: "command",
+    Kind.JOB: "status",
     Kind.FAVORITE: "coalesce(real_name, name)",
-    Kind.ATJOB: "command",
+    Kind.ATJOB: "session_name",
 }
 
 
@@ -312,10 +314,10 @@ def resolve(conn: sqlite3.Connection, ids: Sequence[str], names: Sequence[str]) 
         ]  # fmt: skip
         if not hits:
             quarantined = conn.execute(
-                "SELECT kind, key_text FROM quarantine WHERE record_id = ? AND kind IS NOT NULL LIMIT 1", (ident,)
+                "SELECT kind FROM quarantine WHERE record_id = ? AND kind IS NOT NULL LIMIT 1", (ident,)
             ).fetchone()
             if quarantined is not None:
-                hits = [Target(Kind(quarantined[0]), ident, f"quarantined: {quarantined[1]}")]
+                hits = [Target(Kind(quarantined[0]), ident, "(quarantined)")]
         if not hits:
             erased = conn.execute("SELECT kind, erased_at, how FROM archiver_erased WHERE record_id = ?", (ident,))
             gone = [f"{k} {ident}: erased at {at} by {describe(k, how)}" for k, at, how in erased]
@@ -339,7 +341,7 @@ def resolve(conn: sqlite3.Connection, ids: Sequence[str], names: Sequence[str]) 
     if unknown:
         raise UnknownRecord("; ".join(unknown))
     for target in [t for t in found.values() if t.kind is Kind.SESSION]:
-        in_file = dict(conn.execute("SELECT job_id, command FROM jobs WHERE session_id = ?", (target.record_id,)))
+        in_file = dict(conn.execute("SELECT job_id, status FROM jobs WHERE session_id = ?", (target.record_id,)))
         quarantined = {
             r[0] for r in conn.execute("SELECT record_id FROM quarantine WHERE session_id = ?", (target.record_id,))
         }

@@ -23,6 +23,7 @@ from archiver.kinds import Kind
 from archiver.models import iso_utc
 from archiver.store import Batch, Store
 from tests.helpers import (
+    atjob_hash,
     count,
     daemon_thread,
     favorite_hash,
@@ -561,6 +562,85 @@ def test_forget_by_name_and_its_usage_errors(redis_server, db_path, archived) ->
     assert erasures(db_path) == {("favorite", archived["favorite"]): "forget"}
     again = cli(redis_server, db_path, "forget", archived["favorite"])
     assert again.returncode == 0 and "already erased" in again.stdout
+
+
+def test_forget_shows_ids_kinds_and_names_never_a_command_line(redis_server, redis, db_path, archived) -> None:
+    atjob = atjob_hash("41", command=f"tmux new-session -d -s nightly 'deploy {MARKER}'", session_name="nightly")
+    redis.hset("desto:atjob:41", mapping=atjob)
+    # a job of the session desto's readers would refuse: only in quarantine, with its command line
+    bad = job_hash(session_id=archived["session"], command=f"deploy {MARKER}", exit_code="exploded")
+    _put(redis, Kind.JOB, bad)
+    wait_for(lambda: count(db_path, "at_jobs") == 1 and count(db_path, "quarantine") == 1, 10, what="archived")
+    ids = [archived["session"], "41", archived["favorite"]]
+    for extra in ([], ["--json"]):
+        shown = cli(redis_server, db_path, "forget", *ids, "--dry-run", *extra)
+        assert shown.returncode == 0, shown.stderr
+        assert MARKER not in shown.stdout + shown.stderr
+        assert "with-secret" in shown.stdout and "leaky-fav" in shown.stdout and "nightly" in shown.stdout
+        assert bad["job_id"] in shown.stdout and archived["job1"] in shown.stdout
+    alone = cli(redis_server, db_path, "forget", bad["job_id"], "--dry-run")
+    assert alone.returncode == 0 and bad["job_id"] in alone.stdout and MARKER not in alone.stdout
+
+    done = cli(redis_server, db_path, "forget", archived["favorite"])
+    assert done.returncode == 0, done.stderr
+    assert "leaky-fav" in done.stdout and MARKER not in done.stdout + done.stderr
+    done = cli(redis_server, db_path, "forget", archived["session"], "41", "--json")
+    assert done.returncode == 0, done.stderr
+    assert MARKER not in done.stdout + done.stderr
+    erased = json.loads(done.stdout)
+    assert {(r["kind"], r["id"]) for r in erased["records"]} == {
+        ("session", archived["session"]), ("job", archived["job1"]), ("job", archived["job2"]),
+        ("job", bad["job_id"]), ("atjob", "41"),
+    }  # fmt: skip
+    assert erased["erased"]["quarantine"] == 1
+    assert count(db_path, "quarantine") == count(db_path, "at_jobs") == count(db_path, "favorites") == 0
+    assert grep_count(db_path) + grep_count(Path(f"{db_path}-wal")) == 0
+
+
+def test_the_logs_of_erasures_and_prune_never_show_a_command_line(redis_server, db_path: Path) -> None:
+    from structlog.testing import capture_logs
+
+    from archiver.dirty import Dirty
+    from archiver.housekeeping import Housekeeping
+    from archiver.schedule import Schedule
+
+    store = Store.open(db_path)
+    desto = desto_store(db_path)
+    try:
+        pairs = []
+        for _ in range(3):
+            s = session_hash()
+            j = job_hash(session_id=s["session_id"], command=f"deploy --token {MARKER}")
+            store.apply(Batch([read(Kind.SESSION, s["session_id"], s, T0), read(Kind.JOB, j["job_id"], j, T0)]))
+            pairs.append((s["session_id"], j["job_id"]))
+        housekeeping = Housekeeping(settings_for(redis_server, db_path, retention_days=30), Dirty(100), Schedule())
+        assert desto.delete_session(pairs[0][0])
+        with capture_logs() as logs:
+            assert housekeeping.finish_erasures(store) == 2
+        store.apply(Batch([read(Kind.SESSION, pairs[1][0], None, T0 + 1), read(Kind.JOB, pairs[1][1], None, T0 + 1)]))
+        old = iso_utc(T0 - 100 * 86_400 * 1_000_000)
+        with store.transaction() as conn:
+            conn.execute("UPDATE sessions SET gone_at = ? WHERE session_id = ?", (old, pairs[1][0]))
+            conn.execute("UPDATE jobs SET gone_at = ? WHERE job_id = ?", (old, pairs[1][1]))
+        with capture_logs() as more:
+            assert housekeeping.step(store, 0.0) == 2
+        events = [e["event"] for e in logs + more]
+        assert "erasure.finished" in events and "retention.erased" in events
+        assert MARKER not in repr(logs + more)
+    finally:
+        desto.close()
+        store.close()
+    store = Store.open(db_path)
+    with store.transaction() as conn:
+        conn.execute(
+            "UPDATE sessions SET gone_at = ?, gone_reason = 'expired' WHERE session_id = ?", (old, pairs[2][0])
+        )
+    store.close()
+    for extra in ([], ["--json"], ["--dry-run"]):
+        pruned = cli(redis_server, db_path, "prune", "--older-than", "90d", *extra)
+        assert pruned.returncode == 0, pruned.stderr
+        assert MARKER not in pruned.stdout + pruned.stderr
+    assert count(db_path, "sessions") == 0
 
 
 # ─── retention ───────────────────────────────────────────────────────────────────────────────
