@@ -32,7 +32,7 @@ HOW = {
     "retention": "the retention period",
 }
 _SCRUB_STATE = "scrub_pending"  # archiver_state: "vacuum" or "truncate", until the file is scrubbed
-_UNZEROED = "written_unzeroed"  # set by the migration to schema 3 (schema.py)
+_UNZEROED = "written_unzeroed"  # set by the migrations to schema 3 and 5, and schema 5's triggers (schema.py)
 _PAGES_PER_STEP = 256  # incremental_vacuum pages per transaction: 1 MB of 4 KB pages
 
 
@@ -202,11 +202,12 @@ def scrub(conn: sqlite3.Connection, level: str, attempts: int = 20) -> tuple[boo
     thread's, say) kept the WAL through ``attempts`` tries 50 ms apart: the daemon tries again."""
     started = time.perf_counter()
     if level == "vacuum":
+        # Before, not after: a write desto makes meanwhile notes it again, for the next scrub.
+        conn.execute("DELETE FROM archiver_state WHERE name = ?", (_UNZEROED,))
         conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
         conn.execute("VACUUM")
         # the file is rewritten: only the WAL is left to do, should it be kept this time
         conn.execute("UPDATE archiver_state SET value = 'truncate' WHERE name = ?", (_SCRUB_STATE,))
-        conn.execute("DELETE FROM archiver_state WHERE name = ?", (_UNZEROED,))
     done = False
     # Without a busy timeout: a reader on an old snapshot would hold each try for all of it.
     timeout = conn.execute("PRAGMA busy_timeout").fetchone()[0]

@@ -305,10 +305,23 @@ def _migrate_to_4(conn: sqlite3.Connection) -> None:
     )
 
 
+# A writer that does not overwrite what it frees leaves old copies of the rows it rewrites, not only
+# of those it deletes: a job desto saves again when it finishes grows, moves, and its first copy
+# stays in the page's free space. Triggers note desto's inserts and updates made by such a SQLite,
+# so the next erasure scrubs the whole file. Not INSERT OR IGNORE: inside a trigger the conflict
+# clause of the statement that fired it (desto's upsert: ABORT) overrides the trigger's own.
+_NOTE_UNZEROED = (
+    "INSERT INTO archiver_state (name, value, updated_at) SELECT 'written_unzeroed', '1', "
+    "strftime('%Y-%m-%dT%H:%M:%fZ', 'now') WHERE NOT EXISTS "
+    "(SELECT 1 FROM archiver_state WHERE name = 'written_unzeroed')"
+)
+
+
 def _migrate_to_5(conn: sqlite3.Connection) -> None:
     """A deleted session's jobs go with it wherever the file knows them from. A job desto's readers
     refuse never reaches ``jobs``: its quarantine entry keeps its session's id (read from the raw
-    hash), and the note of a session desto deleted keeps the job list it had (cleared once purged)."""
+    hash), and the note of a session desto deleted keeps the job list it had (cleared once purged).
+    And desto's inserts and updates by a SQLite that does not overwrite are noted, as its deletes."""
     if "session_id" not in _columns(conn, "quarantine"):
         conn.execute("ALTER TABLE quarantine ADD COLUMN session_id TEXT")
     conn.execute(
@@ -331,6 +344,16 @@ def _migrate_to_5(conn: sqlite3.Connection) -> None:
         "('session', OLD.session_id, strftime('%Y-%m-%dT%H:%M:%fZ', 'now'), 'desto', "
         "sqlite_compileoption_used('SECURE_DELETE'), OLD.job_ids); END"
     )
+    for table, _, _, _ in _FOREIGN_WRITES:  # the archiver's own writes set read_at_us
+        for op, foreign in (("insert", "NEW.read_at_us IS NULL"), ("update", "NEW.read_at_us IS OLD.read_at_us")):
+            conn.execute(
+                f"CREATE TRIGGER IF NOT EXISTS archiver_unzeroed_{table}_{op} AFTER {op.upper()} ON {table} "
+                f"WHEN {foreign} AND NOT sqlite_compileoption_used('SECURE_DELETE') BEGIN {_NOTE_UNZEROED}; END"
+            )
+    # Who wrote the rows already here, and with which SQLite, cannot be told: the first erasure
+    # scrubs the whole file once.
+    if any(conn.execute(f"SELECT EXISTS (SELECT 1 FROM {table})").fetchone()[0] for table, *_ in _FOREIGN_WRITES):
+        conn.execute(_NOTE_UNZEROED)
 
 
 MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {

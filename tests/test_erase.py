@@ -125,6 +125,42 @@ def test_only_a_delete_by_desto_notes_an_erasure(db_path: Path) -> None:
         store.close()
 
 
+def test_only_desto_s_writes_by_a_sqlite_that_does_not_overwrite_note_the_file_unzeroed(db_path: Path) -> None:
+    def unzeroed() -> bool:
+        return count(db_path, "archiver_state", "name = 'written_unzeroed'") == 1
+
+    store = Store.open(db_path)
+    # the archiver's connection as on a SQLite built without SECURE_DELETE: it overwrites anyway
+    store.conn.create_function("sqlite_compileoption_used", 1, lambda option: 0)
+    overwriting, not_overwriting = desto_store(db_path, secure_delete=True), desto_store(db_path, secure_delete=False)
+    untrusting = desto_store(db_path)
+    untrusting._get_connection().execute("PRAGMA trusted_schema = OFF")
+    try:
+        s, fav = session_hash(), favorite_hash()
+        j = job_hash(session_id=s["session_id"])
+        store.apply(Batch([read(Kind.SESSION, s["session_id"], s, T0), read(Kind.JOB, j["job_id"], j, T0)]))
+        store.apply(Batch([read(Kind.FAVORITE, fav["favorite_id"], fav, T0)]))
+        store.apply(Batch([read(Kind.SESSION, s["session_id"], {**s, "status": "finished"}, T0 + 1)]))
+        store.apply(Batch([read(Kind.JOB, j["job_id"], None, T0 + 2)]))
+        for desto in (overwriting, untrusting):
+            assert desto.save_session(desto_session(s["session_id"], "by-desto"))
+            assert desto.save_job(DestoJob(job_id=j["job_id"], session_id=s["session_id"], command="x"))
+            assert desto.save_favorite(FavoriteCommand(favorite_id=str(uuid.uuid4()), name=str(uuid.uuid4())))
+        assert not unzeroed()
+        assert not_overwriting.save_session(desto_session(s["session_id"], "updated"))  # an update
+        assert unzeroed()
+        with store.transaction() as conn:
+            conn.execute("DELETE FROM archiver_state WHERE name = 'written_unzeroed'")
+        assert not_overwriting.save_job(DestoJob(session_id=s["session_id"], command="y"))  # an insert
+        assert unzeroed()
+        assert not_overwriting.save_job(DestoJob(session_id=s["session_id"], command="z"))  # noted once
+        assert unzeroed()
+    finally:
+        for desto in (overwriting, not_overwriting, untrusting):
+            desto.close()
+        store.close()
+
+
 def test_the_migration_works_on_a_file_desto_created_and_on_a_file_of_version_2(tmp_path: Path) -> None:
     by_desto = tmp_path / "desto" / "desto.db"
     desto = desto_store(by_desto)
@@ -451,6 +487,36 @@ def test_old_page_images_in_the_wal_go_even_when_desto_overwrote_what_it_deleted
     finally:
         desto.close()
         store.close()
+
+
+def test_forget_leaves_no_old_image_of_a_row_desto_rewrote_without_overwriting(redis_server, db_path: Path) -> None:
+    """desto's SQLite built without SECURE_DELETE leaves the old copy of a row it rewrites (a job
+    that grows when it finishes) in free space: forget must find and scrub it too."""
+    from desto.redis.models import JobStatus
+
+    store = Store.open(db_path)
+    desto = desto_store(db_path, secure_delete=False)
+    try:
+        neighbours = [session_hash() for _ in range(50)]
+        store.apply(Batch([read(Kind.SESSION, n["session_id"], n, T0) for n in neighbours]))
+        s = session_hash(session_name="rewritten")
+        desto.save_session(desto_session(s["session_id"], "rewritten", SessionStatus.RUNNING))
+        job = DestoJob(session_id=s["session_id"], command=f"deploy --token {MARKER}", script_path="/x.sh")
+        assert desto.save_job(job)
+        for _ in range(5):  # jobs chained after it: their rows sit beside its first copy
+            assert desto.save_job(DestoJob(session_id=s["session_id"], command="ls", script_path="/y.sh"))
+        job.status, job.exit_code, job.error_message = JobStatus.FINISHED, 0, "e" * 600
+        assert desto.save_job(job)  # the row grows and moves: its first copy is freed, not overwritten
+        j = job_hash(job.job_id, s["session_id"], command=job.command, status="finished", exit_code="0")
+        store.apply(Batch([read(Kind.SESSION, s["session_id"], s, T0 + 1), read(Kind.JOB, job.job_id, j, T0 + 1)]))
+    finally:
+        store.close()
+    try:
+        done = cli(redis_server, db_path, "forget", job.job_id)
+        assert done.returncode == 0, done.stderr
+        assert grep_count(db_path) + grep_count(Path(f"{db_path}-wal")) == 0
+    finally:
+        desto.close()
 
 
 def test_a_reader_that_keeps_the_wal_delays_the_scrub_which_is_finished_later(db_path: Path) -> None:
