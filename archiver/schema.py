@@ -350,6 +350,12 @@ def _migrate_to_5(conn: sqlite3.Connection) -> None:
                 f"CREATE TRIGGER IF NOT EXISTS archiver_unzeroed_{table}_{op} AFTER {op.upper()} ON {table} "
                 f"WHEN {foreign} AND NOT sqlite_compileoption_used('SECURE_DELETE') BEGIN {_NOTE_UNZEROED}; END"
             )
+    # The row the scrub of the file's free space updates at each step (scrub.py): its page is
+    # only ever written by the archiver, never zeroed by the scrub.
+    conn.execute(
+        "CREATE TABLE IF NOT EXISTS archiver_scrub (id INTEGER PRIMARY KEY CHECK (id = 1), steps INTEGER NOT NULL)"
+    )
+    conn.execute("INSERT OR IGNORE INTO archiver_scrub (id, steps) VALUES (1, 0)")
     # Who wrote the rows already here, and with which SQLite, cannot be told: the first erasure
     # scrubs the whole file once.
     if any(conn.execute(f"SELECT EXISTS (SELECT 1 FROM {table})").fetchone()[0] for table, *_ in _FOREIGN_WRITES):

@@ -26,6 +26,7 @@ from archiver.keys import GONE_EVENTS
 from archiver.kinds import RECORD_TABLES, TABLES, Kind
 from archiver.models import COLUMNS, Gone, Outcome, Rejected, Row, TimedHint, encode_resp, iso_utc
 from archiver.schema import NewerSchemaError, migrate, unsupported_sqlite
+from archiver.scrub import PageScrub
 from archiver.sql import begin_immediate, erased_among
 from archiver.writer import RowWriter, add_history
 
@@ -158,10 +159,11 @@ class Checkpointer(threading.Thread):
         self._interval = interval
         self._stop_event = threading.Event()
         self.wrote = True  # set by the writer after each commit
+        self.paused = False  # while a scrub follows the WAL (scrub.py): it starts the WAL over itself
 
     def run(self) -> None:
         while not self._stop_event.wait(self._interval):
-            if self.wrote:  # nothing new in the WAL: no need to wake SQLite
+            if self.wrote and not self.paused:  # nothing new in the WAL: no need to wake SQLite
                 self.wrote = False
                 self.checkpoint()
 
@@ -201,6 +203,7 @@ class Store:
         self._unresolved: set[bytes] = {
             bytes(row[0]) for row in conn.execute("SELECT DISTINCT key FROM quarantine WHERE resolved_at IS NULL")
         }
+        self.page_scrub: PageScrub | None = None  # a scrub of the file under way (erase.py)
 
     @classmethod
     def open(cls, path: Path, busy_timeout: float = 5.0, *, cache_mb: int = 8, build_deferred: bool = True) -> Store:
@@ -261,6 +264,9 @@ class Store:
     def close(self) -> None:
         if self.checkpointer is not None:
             self.checkpointer.stop()
+        if self.page_scrub is not None:
+            self.page_scrub.close()
+            self.page_scrub = None
         with suppress(sqlite3.Error):
             self.conn.close()
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import subprocess
+import threading
 import uuid
 from collections.abc import Iterator
 from datetime import datetime
@@ -27,6 +28,7 @@ from tests.helpers import (
     count,
     daemon_thread,
     favorite_hash,
+    integrity,
     job_hash,
     query,
     row,
@@ -519,6 +521,115 @@ def test_forget_leaves_no_old_image_of_a_row_desto_rewrote_without_overwriting(r
         desto.close()
 
 
+class DestoSaving:
+    """desto's own store saving sessions on a thread of its own, each save waiting at most
+    ``timeout_ms`` for the write lock (desto's is 30 s: a shorter wait makes the point with a file
+    of tens of megabytes instead of gigabytes); counts its saves and its failures."""
+
+    def __init__(self, db_path: Path, timeout_ms: int) -> None:
+        self.db_path, self.timeout_ms = db_path, timeout_ms
+        self.saved = self.failed = 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="desto-saving", daemon=True)
+
+    def _run(self) -> None:
+        desto = SQLiteStore(db_path=str(self.db_path))
+        desto._get_connection().execute(f"PRAGMA busy_timeout = {self.timeout_ms}")
+        while not self.stop.is_set():
+            session = desto_session(str(uuid.uuid4()), "meanwhile", SessionStatus.RUNNING)
+            if desto.save_session(session):
+                self.saved += 1
+            else:
+                self.failed += 1
+            self.stop.wait(0.02)
+        desto.close()
+
+    def __enter__(self) -> DestoSaving:
+        self.thread.start()
+        wait_for(lambda: self.saved + self.failed >= 3, 10, what="desto saving")
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop.set()
+        self.thread.join(timeout=10)
+
+
+def _archive_with_a_rewritten_secret(db_path: Path, sessions: int) -> str:
+    """An archive of ``sessions`` sessions with two jobs each, and one job desto saved twice
+    without overwriting (the second time grown), its command carrying the marker; returns its id."""
+    from desto.redis.models import JobStatus
+
+    store = Store.open(db_path)
+    desto = desto_store(db_path, secure_delete=False)
+    try:
+        for start in range(0, sessions, 1000):
+            batch = []
+            for _ in range(min(1000, sessions - start)):
+                s = session_hash()
+                batch.append(read(Kind.SESSION, s["session_id"], s, T0))
+                for _ in range(2):
+                    j = job_hash(session_id=s["session_id"], command="bash /app/desto_scripts/run.sh --retries 3")
+                    batch.append(read(Kind.JOB, j["job_id"], j, T0))
+            store.apply(Batch(batch))
+        s = session_hash(session_name="rewritten")
+        desto.save_session(desto_session(s["session_id"], "rewritten", SessionStatus.RUNNING))
+        job = DestoJob(session_id=s["session_id"], command=f"deploy --token {MARKER}", script_path="/x.sh")
+        assert desto.save_job(job)
+        for _ in range(5):
+            assert desto.save_job(DestoJob(session_id=s["session_id"], command="ls", script_path="/y.sh"))
+        job.status, job.exit_code, job.error_message = JobStatus.FINISHED, 0, "e" * 600
+        assert desto.save_job(job)
+        j = job_hash(job.job_id, s["session_id"], command=job.command, status="finished", exit_code="0")
+        store.apply(Batch([read(Kind.SESSION, s["session_id"], s, T0 + 1), read(Kind.JOB, job.job_id, j, T0 + 1)]))
+    finally:
+        desto.close()
+        store.close()
+    return job.job_id
+
+
+def test_desto_s_writes_never_fail_during_the_scrub_which_leaves_no_erased_byte(db_path: Path, tmp_path: Path) -> None:
+    """A VACUUM holds the write lock for the whole file, and desto's writes fail once they have
+    waited their timeout; the scrub of every page holds it a few milliseconds at a time."""
+    from archiver import erase
+
+    secret = _archive_with_a_rewritten_secret(db_path, 25000)
+    copy = tmp_path / "copy" / "desto.db"
+    copy.parent.mkdir()
+    source, target = sqlite3.connect(db_path), sqlite3.connect(copy)
+    source.backup(target)
+    source.close()
+    target.close()
+    assert query(db_path, "PRAGMA page_count")[0][0] * 4096 > 40_000_000
+
+    # the same file, scrubbed by a VACUUM: desto's saves fail meanwhile
+    store = Store.open(copy)
+    try:
+        with DestoSaving(copy, timeout_ms=100) as desto:
+            saved = desto.saved
+            erase.forget(store, erase.resolve(store.conn, [secret], [])[0])  # a secure erasure...
+            erase.scrub(store, "vacuum")  # ... and the VACUUM the scrub used to be
+            wait_for(lambda: desto.saved > saved + 3, 10, what="desto saving again")
+        assert desto.failed > 0
+    finally:
+        store.close()
+
+    store = Store.open(db_path)
+    try:
+        with DestoSaving(db_path, timeout_ms=100) as desto:
+            saved = desto.saved
+            erased = erase.forget(store, erase.resolve(store.conn, [secret], [])[0])
+            during = desto.saved - saved
+            assert erased.scrub == "pages" and erased.scrub_done and erased.scrub_pages is not None
+            assert grep_count(db_path) + grep_count(Path(f"{db_path}-wal")) == 0
+        assert desto.failed == 0
+        assert during >= 5 and erased.scrub_pages["transactions"] > 5
+        assert erased.scrub_pages["longest_lock_ms"] < 100
+    finally:
+        store.close()
+    assert integrity(db_path) == "ok"
+    assert count(db_path, "sessions", "session_name = 'meanwhile'") == desto.saved
+
+
 def test_a_reader_that_keeps_the_wal_delays_the_scrub_which_is_finished_later(db_path: Path) -> None:
     from archiver import erase
 
@@ -533,11 +644,11 @@ def test_a_reader_that_keeps_the_wal_delays_the_scrub_which_is_finished_later(db
         reader.execute("SELECT count(*) FROM jobs").fetchone()  # a snapshot with the job in it
         assert desto.delete_session(s["session_id"])
         first = erase.finish(store)
-        assert first is not None and first.scrub == "vacuum" and not first.scrub_done
-        assert erase.scrub_pending(store.conn) == "truncate"  # the VACUUM is not done twice
+        assert first is not None and first.scrub == "pages" and not first.scrub_done
+        assert erase.scrub_pending(store.conn) == "pages" and store.page_scrub is not None  # it goes on from there
         reader.execute("COMMIT")
         second = erase.finish(store)
-        assert second is not None and second.scrub == "truncate" and second.scrub_done
+        assert second is not None and second.scrub == "pages" and second.scrub_done
         assert erase.finish(store) is None
         assert grep_count(db_path) + grep_count(Path(f"{db_path}-wal")) == 0
     finally:
@@ -780,7 +891,7 @@ def test_retention_gives_the_space_back_in_small_steps_once_the_file_is_in_incre
         assert erase.prune(store, T0 + 2, batch=500).pages_freed == 0  # not in incremental mode yet
         assert store.conn.execute("PRAGMA freelist_count").fetchone()[0] > 0
         store.apply(Batch([read(Kind.SESSION, s["session_id"], None, T0 + 3) for s in sessions[2000:]]))
-        erase.scrub(store.conn, "vacuum")  # what prune --vacuum does once
+        erase.scrub(store, "vacuum")  # what prune --vacuum does once
         assert store.conn.execute("PRAGMA auto_vacuum").fetchone()[0] == 2
         forgotten = [erase.Target(Kind.SESSION, s["session_id"], "") for s in sessions[2000:]]
         erase.forget(store, forgotten)
