@@ -309,7 +309,9 @@ def _migrate_to_4(conn: sqlite3.Connection) -> None:
 # of those it deletes: a job desto saves again when it finishes grows, moves, and its first copy
 # stays in the page's free space. Triggers note desto's inserts and updates made by such a SQLite,
 # so the next erasure scrubs the whole file. Not INSERT OR IGNORE: inside a trigger the conflict
-# clause of the statement that fired it (desto's upsert: ABORT) overrides the trigger's own.
+# clause of the statement that fired it (desto's upsert: ABORT) overrides the trigger's own. The
+# archiver's own writes set read_at_us but one, freeing a favorite's name: on a SQLite without
+# SECURE_DELETE that one is noted too (a scrub too many, never one too few).
 _NOTE_UNZEROED = (
     "INSERT INTO archiver_state (name, value, updated_at) SELECT 'written_unzeroed', '1', "
     "strftime('%Y-%m-%dT%H:%M:%fZ', 'now') WHERE NOT EXISTS "
