@@ -237,7 +237,25 @@ class PageScrub:
         read its pages anew), so it brings back nothing erased."""
         with self._write_lock():
             self._look()
+            empty = self._salt is None
+            if empty:
+                # A frame of the scrub's own, so that the generation the RESTART ends has a salt
+                # known to the next look: a generation begun on an empty WAL has none to compare.
+                self._w.execute("UPDATE archiver_scrub SET steps = steps + 1")
             self._hold_snapshot()
+        if empty:
+            # The snapshot began before that frame and keeps it from being copied back, so the
+            # WAL cannot be started over meanwhile: its header is the one that frame wrote, and
+            # that frame comes first.
+            self._wal = os.open(f"{self.path}-wal", os.O_RDONLY)
+            try:
+                self._salt = wal_salt(self._wal)
+                if self._salt is not None:
+                    ours = wal_frames(self._wal, self.page_size, self._salt, 0)
+                    self._seen = next((i + 1 for i, page, size in ours if page == self.keep and size), 0)
+            finally:
+                os.close(self._wal)
+                self._wal = -1
         self._copy_back()
         self._r.execute("COMMIT")
         assert self._window is None
@@ -352,16 +370,17 @@ class PageScrub:
             assert salt is not None
             self._salt, self._seen, self._in_wal = salt, 0, {}
             found = self._read_frames(salt, 0)
-        elif (
-            salt is not None
-            and salt[0] == (window.salt[0] + 1) & 0xFFFFFFFF
-            and sum(1 for _ in wal_frames(self._wal, self.page_size, salt, 0)) <= window.seen
-        ):
+        elif salt is not None and salt[0] == (window.salt[0] + 1) & 0xFFFFFFFF:
             # Started over once, by the first write after the RESTART (or another program's
-            # TRUNCATE), over frames already seen: the rest of the old generation is intact.
-            old = [page for _, page, _ in wal_frames(self._wal, self.page_size, window.salt, window.seen)]
-            if len(old) < window.frames - window.seen:
-                return self._lost()
+            # TRUNCATE): the old generation's frames not looked at yet, if any, must have been
+            # left there, not written over.
+            old: list[int] = []
+            if not (window.restarted and window.frames <= window.seen):
+                if sum(1 for _ in wal_frames(self._wal, self.page_size, salt, 0)) > window.seen:
+                    return self._lost()
+                old = [page for _, page, _ in wal_frames(self._wal, self.page_size, window.salt, window.seen)]
+                if len(old) < window.frames - window.seen:
+                    return self._lost()
             self._salt, self._seen, self._in_wal = salt, 0, {}
             found = old + self._read_frames(salt, 0)
         else:

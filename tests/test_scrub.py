@@ -233,6 +233,37 @@ def test_a_frame_that_could_have_been_missed_starts_the_pass_again(tmp_path: Pat
     assert not tokens_in(path) & erased_before
 
 
+def test_a_write_right_after_the_scrub_starts_the_wal_over_is_followed_without_a_new_pass(
+    tmp_path: Path, store_of: list[Store]
+) -> None:
+    path = archive(tmp_path, page_size=1024)
+    workload = Workload(path, seed=13)
+    workload.run(1500)
+    store = Store.open(path)
+    store_of.append(store)
+    keep = store.conn.execute("SELECT rootpage FROM sqlite_schema WHERE name = 'archiver_scrub'").fetchone()[0]
+    scrubbing = scrub.PageScrub(store.path, scrub.descriptor(store.path), 5.0, keep)
+    scrubbing.pause_s = 0.0
+    restart = scrubbing._restart_wal
+    writes = 0
+
+    def restart_then_write() -> tuple[int, int]:
+        nonlocal writes
+        busy, frames = restart()
+        if writes < 5:  # desto saving at that moment: its write starts the WAL over, many frames long
+            workload.run(100)
+            writes += 1
+        return busy, frames
+
+    scrubbing._restart_wal = restart_then_write  # type: ignore[method-assign]
+    while not scrubbing.step(1.0):
+        pass
+    assert writes == 5 and scrubbing.progress.passes == 1
+    workload.close()
+    store.close()
+    assert not tokens_in(path) & workload.erased
+
+
 def test_a_page_that_does_not_add_up_is_left_alone_and_a_vacuum_scrubs_instead(
     tmp_path: Path, store_of: list[Store]
 ) -> None:
