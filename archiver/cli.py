@@ -342,7 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--older-than", required=True, metavar="SPAN", help="e.g. 90d, 12w, 36h")
     prune.add_argument("--dry-run", action="store_true", help="count what would be erased; change nothing")
     prune.add_argument(
-        "--vacuum", action="store_true", help="rewrite the whole file once (turns on incremental auto-vacuum)"
+        "--vacuum",
+        action="store_true",
+        help="rewrite the whole file once (turns on incremental auto-vacuum); desto's writes wait for all of it",
     )
 
     unit = _command(
@@ -913,7 +915,7 @@ def cmd_prune(settings: Settings, args: argparse.Namespace) -> int:
         else:
             pruned = erase.prune(store, cutoff_us, settings.batch_size)
             if args.vacuum:
-                erase.scrub(store.conn, "vacuum")
+                erase.scrub(store, "vacuum")
                 pruned.bytes_after = erase.file_bytes(store.conn)
             data = {"dry_run": False, "cutoff": cutoff.isoformat(), **pruned.as_dict()}
     finally:

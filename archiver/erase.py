@@ -4,10 +4,10 @@ Losing what Redis forgets is what the archiver prevents; a person's deletion is 
 An erased record's id stays in ``archiver_erased`` (when, how), nothing else of it: its rows,
 status history and quarantine entries go, the archiver never writes it again, and the file is
 scrubbed of its bytes. The archiver's connection deletes with ``secure_delete`` on, so SQLite
-overwrites what it frees; a WAL started over (TRUNCATE) drops the older page images. A
-deletion by a connection that did not overwrite (desto's, with a SQLite built without
-SECURE_DELETE: the schema's trigger notes which) leaves bytes in free space that only VACUUM
-rewrites, so that case alone costs a VACUUM.
+overwrites what it frees; a WAL started over (TRUNCATE) drops the older page images. A write
+by a connection that does not overwrite (desto's, with a SQLite built without SECURE_DELETE:
+the schema's triggers note it) leaves bytes in free space, which the scrub of every page
+(scrub.py) zeroes where they lie, so that case alone costs a pass over the file.
 """
 
 from __future__ import annotations
@@ -19,8 +19,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from archiver.kinds import TABLES, Kind
+from archiver.log import get_logger
 from archiver.models import COLUMNS, iso_utc
+from archiver.pages import Unreadable
 from archiver.read_clock import now_us
+from archiver.scrub import PageScrub, ScrubBusy, Unsupported, descriptor, truncate_wal
 from archiver.sql import select_in
 
 if TYPE_CHECKING:
@@ -31,8 +34,11 @@ HOW = {
     "forget": "desto-archiver forget",
     "retention": "the retention period",
 }
-_SCRUB_STATE = "scrub_pending"  # archiver_state: "vacuum" or "truncate", until the file is scrubbed
-_UNZEROED = "written_unzeroed"  # set by the migration to schema 3 (schema.py)
+log = get_logger("archiver.erase")
+
+_SCRUB_STATE = "scrub_pending"  # archiver_state: "pages" or "truncate", until the file is scrubbed
+_UNZEROED = "written_unzeroed"  # set by the migrations to schema 3 and 5, and schema 5's triggers (schema.py)
+_WAL_TRIES = 20  # tries, 50 ms apart, at starting the WAL over past readers on old snapshots
 _PAGES_PER_STEP = 256  # incremental_vacuum pages per transaction: 1 MB of 4 KB pages
 
 
@@ -53,9 +59,10 @@ class Erased:
     erasures: int = 0  # erasures finished (desto's delete had removed the rows already)
     history: int = 0
     quarantine: int = 0
-    scrub: str | None = None  # vacuum, truncate (the WAL started over), or None (nothing to do)
+    scrub: str | None = None  # pages, vacuum, truncate (the WAL started over), or None (nothing to do)
     scrub_s: float = 0.0
-    scrub_done: bool = True  # False: readers kept the WAL; the daemon tries again
+    scrub_done: bool = True  # False: under way, or readers kept the WAL; the daemon goes on
+    scrub_pages: dict[str, Any] | None = None  # the scrub of every page, once it finished
 
     def merge(self, other: Erased) -> None:
         for kind, n in other.records.items():
@@ -73,6 +80,7 @@ class Erased:
             "scrub": self.scrub,
             "scrub_s": round(self.scrub_s, 3),
             "scrub_done": self.scrub_done,
+            **({"scrub_pages": self.scrub_pages} if self.scrub_pages is not None else {}),
         }
 
 
@@ -128,31 +136,60 @@ def purge(conn: sqlite3.Connection, pending: Sequence[Sequence[Any]], at_us: int
     """Finish these erasures (kind, id, how, zeroed): rows, jobs of a session, history,
     quarantine; note them finished, and the scrub the file needs."""
     records = [(Kind(kind), record_id) for kind, record_id, _, _ in pending]
-    # A session's jobs go with it, also one written after desto deleted the others. (Retention
-    # erases only what left Redis: there a session's jobs go by their own tombstones.)
+    # A session's jobs go with it, also one written after desto deleted the others, one only in
+    # quarantine, one only its job list names. (Retention erases only what left Redis: there a
+    # session's jobs go by their own tombstones.)
     sessions = {r: how for kind, r, how, _ in pending if kind == Kind.SESSION.value and how != "retention"}
+    quarantined = 0
     if sessions:
-        jobs = list(select_in(conn, "SELECT job_id, session_id FROM jobs WHERE session_id IN", list(sessions)))
+        jobs = jobs_of(conn, list(sessions))
         for how in set(sessions.values()):
-            extra = [(Kind.JOB, job_id) for job_id, session_id in jobs if sessions[session_id] == how]
+            extra = [(Kind.JOB, job_id) for job_id, session_id in jobs.items() if sessions[session_id] == how]
             note(conn, extra, how, at_us)
             records.extend(extra)
+        # also the entries of jobs whose key had no readable id
+        query = "DELETE FROM quarantine WHERE kind = 'job' AND session_id IN"
+        quarantined = sum(c.rowcount for c in _each(conn, query, list(sessions)))
     out = remove(conn, records)
+    out.quarantine += quarantined
     out.erasures = len(pending)
     conn.executemany(
-        "UPDATE archiver_erased SET purged_at = ? WHERE kind = ? AND record_id = ?",
+        "UPDATE archiver_erased SET purged_at = ?, job_ids = NULL WHERE kind = ? AND record_id = ?",
         [(iso_utc(at_us), kind.value, record_id) for kind, record_id in records],
     )
-    vacuum = any(not zeroed for *_, zeroed in pending)
-    return out, want_scrub(conn, "vacuum" if vacuum else "truncate", at_us)
+    overwritten = all(zeroed for *_, zeroed in pending)
+    return out, want_scrub(conn, "truncate" if overwritten else "pages", at_us)
+
+
+def jobs_of(conn: sqlite3.Connection, session_ids: Sequence[str]) -> dict[str, str]:
+    """job id -> session id of every job the file knows these sessions to have: archived, in
+    quarantine, or named by the session's job list (its row's, or the one noted when desto
+    deleted it)."""
+    found: dict[str, str] = {}
+    for query in (
+        "SELECT job_id, session_id FROM jobs WHERE session_id IN",
+        "SELECT record_id, session_id FROM quarantine WHERE kind = 'job' AND record_id IS NOT NULL AND session_id IN",
+    ):
+        for job_id, session_id in select_in(conn, query, session_ids):
+            found.setdefault(job_id, session_id)
+    for query in (
+        "SELECT session_id, job_ids FROM sessions WHERE session_id IN",
+        "SELECT record_id, job_ids FROM archiver_erased WHERE kind = 'session' AND record_id IN",
+    ):
+        for session_id, listed in select_in(conn, query, session_ids):
+            for job_id in (listed or "").split(","):
+                if job_id:
+                    found.setdefault(job_id, session_id)
+    return found
 
 
 def want_scrub(conn: sqlite3.Connection, level: str, at_us: int) -> str:
     """Note (in the transaction that deleted) that the file needs scrubbing: a daemon stopped
-    before it scrubbed does it at its next start. A vacuum covers a truncate."""
+    before it scrubbed does it at its next start. ``pages`` (every page's free space) covers
+    ``truncate`` (the WAL only)."""
     found = dict(conn.execute("SELECT name, value FROM archiver_state WHERE name IN (?, ?)", (_SCRUB_STATE, _UNZEROED)))
-    if found.get(_SCRUB_STATE) == "vacuum" or _UNZEROED in found:
-        level = "vacuum"
+    if found.get(_SCRUB_STATE) in ("pages", "vacuum") or _UNZEROED in found:
+        level = "pages"
     conn.execute(
         "INSERT INTO archiver_state (name, value, updated_at) VALUES (?, ?, ?) "
         "ON CONFLICT(name) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
@@ -163,40 +200,93 @@ def want_scrub(conn: sqlite3.Connection, level: str, at_us: int) -> str:
 
 def scrub_pending(conn: sqlite3.Connection) -> str | None:
     row = conn.execute("SELECT value FROM archiver_state WHERE name = ?", (_SCRUB_STATE,)).fetchone()
+    if row is None:
+        return None
+    return "pages" if row[0] == "vacuum" else str(row[0])  # an older archiver's note: the whole file
+
+
+def scrub(store: Store, level: str, budget_s: float | None = None) -> tuple[bool, float, dict[str, Any] | None]:
+    """Leave no byte of an erased record in the file or its WAL. ``pages``: zero the free space
+    of every page where it lies (scrub.PageScrub), in write transactions of a few milliseconds
+    that desto's writes go on between, ``budget_s`` seconds of it per call (None: to the end).
+    ``vacuum`` (``prune --vacuum``, or a file the page scrub cannot read): rewrite the file
+    through SQLite, holding the write lock for the whole of it; it also turns on incremental
+    auto-vacuum. Then a TRUNCATE checkpoint empties the WAL. Returns (done, seconds, the page
+    scrub's figures once it finished); not done while the page scrub goes on, while another
+    process scrubs the file, or when readers kept the WAL (the daemon tries again)."""
+    started = time.perf_counter()
+    conn, figures = store.conn, None
+    if level == "truncate" and scrub_pending(conn) == "pages":
+        level = "pages"  # a scrub of every page under way covers the WAL too
+    if level == "vacuum":
+        _end_page_scrub(store)
+    # What this scrub answers: notes made before it began (a scrub of every page also covers
+    # those made while it ran). A later one, by another process, asks for another.
+    covered = _asked_at(conn)
+    if level == "pages":
+        level, figures, covered = _page_scrub(store, budget_s)
+        if level == "pending":
+            return False, time.perf_counter() - started, None
+    if level == "vacuum":
+        # Before, not after: a write desto makes meanwhile notes it again, for the next scrub.
+        conn.execute("DELETE FROM archiver_state WHERE name = ?", (_UNZEROED,))
+        conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
+        conn.execute("VACUUM")
+    # the file is scrubbed: only the WAL is left to do, should it be kept this time
+    answered = "WHERE name = ? AND updated_at <= ?"
+    conn.execute(f"UPDATE archiver_state SET value = 'truncate' {answered}", (_SCRUB_STATE, covered))
+    done = truncate_wal(conn)
+    if done:
+        conn.execute(f"DELETE FROM archiver_state {answered}", (_SCRUB_STATE, covered))
+        # that delete went to the WAL: start it over once more, it holds nothing erased
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+    return done, time.perf_counter() - started, figures
+
+
+def _asked_at(conn: sqlite3.Connection) -> str | None:
+    row = conn.execute("SELECT updated_at FROM archiver_state WHERE name = ?", (_SCRUB_STATE,)).fetchone()
     return None if row is None else str(row[0])
 
 
-def scrub(conn: sqlite3.Connection, level: str, attempts: int = 20) -> tuple[bool, float]:
-    """Leave no byte of an erased record in the file or its WAL. ``vacuum`` rewrites the file
-    (also turning on incremental auto-vacuum, so retention can give space back in small steps);
-    then a TRUNCATE checkpoint copies the WAL's newest pages into the file and empties the WAL.
-    Returns (done, seconds); not done when readers or another checkpoint (the checkpointer
-    thread's, say) kept the WAL through ``attempts`` tries 50 ms apart: the daemon tries again."""
-    started = time.perf_counter()
-    if level == "vacuum":
-        conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
-        conn.execute("VACUUM")
-        # the file is rewritten: only the WAL is left to do, should it be kept this time
-        conn.execute("UPDATE archiver_state SET value = 'truncate' WHERE name = ?", (_SCRUB_STATE,))
-        conn.execute("DELETE FROM archiver_state WHERE name = ?", (_UNZEROED,))
-    done = False
-    # Without a busy timeout: a reader on an old snapshot would hold each try for all of it.
-    timeout = conn.execute("PRAGMA busy_timeout").fetchone()[0]
-    conn.execute("PRAGMA busy_timeout = 0")
+def _page_scrub(store: Store, budget_s: float | None) -> tuple[str, dict[str, Any] | None, str | None]:
+    """A step of the scrub of every page, begun at the first: (done, its figures, the time up to
+    which the notes asking for it are answered), (pending, ...), or (vacuum, ...) when this file
+    is not one the page scrub can read."""
+    scrubbing = store.page_scrub
+    asked = _asked_at(store.conn)
     try:
-        for attempt in range(attempts):
-            if attempt:
-                time.sleep(0.05)
-            if conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] == 0:
-                done = True
-                break
-    finally:
-        conn.execute(f"PRAGMA busy_timeout = {int(timeout)}")
-    if done:
-        conn.execute("DELETE FROM archiver_state WHERE name = ?", (_SCRUB_STATE,))
-        # that delete went to the WAL: start it over once more, it holds nothing erased
-        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
-    return done, time.perf_counter() - started
+        if scrubbing is None:
+            keep = store.conn.execute("SELECT rootpage FROM sqlite_schema WHERE name = 'archiver_scrub'").fetchone()
+            scrubbing = PageScrub(store.path, descriptor(store.path), store.busy_timeout, int(keep[0]))
+            store.page_scrub = scrubbing
+            if store.checkpointer is not None:
+                store.checkpointer.paused = True
+            # Before the pass: a write desto makes during it notes the file again, for the next.
+            with store.transaction() as conn:
+                conn.execute("DELETE FROM archiver_state WHERE name = ?", (_UNZEROED,))
+        tries = 0
+        while not scrubbing.step(float("inf") if budget_s is None else budget_s):
+            tries += 1
+            if budget_s is not None or tries >= _WAL_TRIES:
+                return "pending", None, asked
+            time.sleep(0.05)  # a reader on an old snapshot kept the WAL
+    except ScrubBusy:
+        return "pending", None, asked
+    except (Unreadable, Unsupported) as exc:
+        log.warning("scrub.vacuum_instead", reason=str(exc))
+        _end_page_scrub(store)
+        return "vacuum", None, asked
+    _end_page_scrub(store)
+    # every erasure committed before its last step took the write lock is covered
+    return "done", scrubbing.progress.as_dict(), iso_utc(int(scrubbing.covered_until * 1_000_000))
+
+
+def _end_page_scrub(store: Store) -> None:
+    if store.page_scrub is not None:
+        store.page_scrub.close()
+        store.page_scrub = None
+    if store.checkpointer is not None:
+        store.checkpointer.paused = False
 
 
 def give_back_space(conn: sqlite3.Connection, begin: Any, max_steps: int = 10_000) -> int:
@@ -221,9 +311,10 @@ def give_back_space(conn: sqlite3.Connection, begin: Any, max_steps: int = 10_00
 # ─── what the daemon, forget and prune call ──────────────────────────────────────────────────
 
 
-def finish(store: Store) -> Erased | None:
+def finish(store: Store, budget_s: float | None = None) -> Erased | None:
     """Finish the erasures made since the last call (desto's deletes, noted by the schema's
-    triggers, also while no daemon ran), then scrub. None when there was nothing to do."""
+    triggers, also while no daemon ran), then scrub, for ``budget_s`` seconds of a scrub of
+    every page (None: to the end). None when there was nothing to do."""
     conn = store.conn
     pending = conn.execute("SELECT EXISTS (SELECT 1 FROM archiver_erased WHERE purged_at IS NULL)").fetchone()[0]
     level = scrub_pending(conn)
@@ -239,13 +330,15 @@ def finish(store: Store) -> Erased | None:
     if level is None:
         return None
     out.scrub = level
-    out.scrub_done, out.scrub_s = scrub(store.conn, level)
+    out.scrub_done, out.scrub_s, out.scrub_pages = scrub(store, level, budget_s)
     return out
 
 
 @dataclass
 class Target:
-    """A record ``forget`` or ``prune`` erases, with what a person recognizes it by."""
+    """A record ``forget`` or ``prune`` erases, with what a person recognizes it by: a name (a
+    session's, a favorite's, an at-job's session's) or a job's status, never a command line,
+    which may hold the very secret being erased, for a terminal, its scrollback or a journal."""
 
     kind: Kind
     record_id: str
@@ -258,9 +351,9 @@ class Target:
 
 _LABELS = {
     Kind.SESSION: "session_name",
-    Kind.JOB: "command",
+    Kind.JOB: "status",
     Kind.FAVORITE: "coalesce(real_name, name)",
-    Kind.ATJOB: "command",
+    Kind.ATJOB: "session_name",
 }
 
 
@@ -284,10 +377,10 @@ def resolve(conn: sqlite3.Connection, ids: Sequence[str], names: Sequence[str]) 
         ]  # fmt: skip
         if not hits:
             quarantined = conn.execute(
-                "SELECT kind, key_text FROM quarantine WHERE record_id = ? AND kind IS NOT NULL LIMIT 1", (ident,)
+                "SELECT kind FROM quarantine WHERE record_id = ? AND kind IS NOT NULL LIMIT 1", (ident,)
             ).fetchone()
             if quarantined is not None:
-                hits = [Target(Kind(quarantined[0]), ident, f"quarantined: {quarantined[1]}")]
+                hits = [Target(Kind(quarantined[0]), ident, "(quarantined)")]
         if not hits:
             erased = conn.execute("SELECT kind, erased_at, how FROM archiver_erased WHERE record_id = ?", (ident,))
             gone = [f"{k} {ident}: erased at {at} by {describe(k, how)}" for k, at, how in erased]
@@ -311,12 +404,14 @@ def resolve(conn: sqlite3.Connection, ids: Sequence[str], names: Sequence[str]) 
     if unknown:
         raise UnknownRecord("; ".join(unknown))
     for target in [t for t in found.values() if t.kind is Kind.SESSION]:
-        row = conn.execute("SELECT job_ids FROM sessions WHERE session_id = ?", (target.record_id,)).fetchone()
-        listed = [j for j in ((row[0] or "") if row else "").split(",") if j]
-        in_file = dict(conn.execute("SELECT job_id, command FROM jobs WHERE session_id = ?", (target.record_id,)))
-        for job_id in dict.fromkeys([*in_file, *listed]):
+        in_file = dict(conn.execute("SELECT job_id, status FROM jobs WHERE session_id = ?", (target.record_id,)))
+        quarantined = {
+            r[0] for r in conn.execute("SELECT record_id FROM quarantine WHERE session_id = ?", (target.record_id,))
+        }
+        for job_id in jobs_of(conn, [target.record_id]):
+            label = in_file.get(job_id, "(quarantined)" if job_id in quarantined else "(not archived)")
             via = f"job of session {target.record_id}"
-            found.setdefault((Kind.JOB, job_id), Target(Kind.JOB, job_id, in_file.get(job_id, "(not archived)"), via))
+            found.setdefault((Kind.JOB, job_id), Target(Kind.JOB, job_id, label, via))
     return list(found.values()), already
 
 
@@ -330,9 +425,10 @@ def forget(store: Store, targets: Sequence[Target]) -> Erased:
     if others is not None:
         out.merge(others)
         out.scrub, out.scrub_done, out.scrub_s = others.scrub, others.scrub_done, others.scrub_s
+        out.scrub_pages = others.scrub_pages
     else:
         out.scrub = level
-        out.scrub_done, out.scrub_s = scrub(store.conn, level)
+        out.scrub_done, out.scrub_s, out.scrub_pages = scrub(store, level)
     return out
 
 
@@ -360,6 +456,7 @@ class Pruned:
     bytes_after: int = 0
     seconds: float = 0.0
     done: bool = True  # False: more remain (the daemon goes on at its next step)
+    scrub_done: bool = True  # False: the scrub goes on (the daemon's next steps, or another process's)
 
     def add(self, erased: Erased) -> None:
         for kind, n in erased.records.items():
@@ -376,6 +473,7 @@ class Pruned:
             "bytes_before": self.bytes_before,
             "bytes_after": self.bytes_after,
             "seconds": round(self.seconds, 3),
+            "scrub_done": self.scrub_done,
         }
 
 
@@ -383,9 +481,12 @@ def file_bytes(conn: sqlite3.Connection) -> int:
     return int(conn.execute("PRAGMA page_count").fetchone()[0]) * int(conn.execute("PRAGMA page_size").fetchone()[0])
 
 
-def prune(store: Store, cutoff_us: int, batch: int = 500, max_batches: int | None = None) -> Pruned:
+def prune(
+    store: Store, cutoff_us: int, batch: int = 500, max_batches: int | None = None, scrub_budget_s: float | None = None
+) -> Pruned:
     """Erase what left Redis before ``cutoff_us``, ``batch`` records per transaction (desto's
-    writes wait for one of them at most), then give the space back in small steps."""
+    writes wait for one of them at most), scrub (``scrub_budget_s`` of a scrub of every page;
+    None: to the end), then give the space back in small steps."""
     started = time.perf_counter()
     out = Pruned(bytes_before=file_bytes(store.conn))
     batches = 0
@@ -403,10 +504,11 @@ def prune(store: Store, cutoff_us: int, batch: int = 500, max_batches: int | Non
         out.add(erased)
         batches += 1
     if out.records:
-        scrub(store.conn, scrub_pending(store.conn) or "truncate")
-        out.pages_freed = give_back_space(store.conn, store.transaction)
-        if out.pages_freed:
-            scrub(store.conn, "truncate")  # the WAL held the pages given back
+        out.scrub_done = scrub(store, scrub_pending(store.conn) or "truncate", scrub_budget_s)[0]
+        if out.scrub_done:
+            out.pages_freed = give_back_space(store.conn, store.transaction)
+            if out.pages_freed:
+                scrub(store, "truncate")  # the WAL held the pages given back
     out.bytes_after = file_bytes(store.conn)
     out.seconds = time.perf_counter() - started
     return out

@@ -17,6 +17,9 @@ log = get_logger("archiver.housekeeping")
 _RECHECK_S = 0.25  # how often the daemon looks for another program's writes to the file
 _RETENTION_S = 3600.0  # how often the daemon erases what left Redis longer ago than ARCHIVER_RETENTION_DAYS
 _RETENTION_BATCHES = 4  # transactions of retention per step, between the daemon's writes
+# Seconds of a scrub of every page per step (its write transactions are a few milliseconds each):
+# a fifth of the daemon's time at most, while the scrub lasts.
+_SCRUB_STEP_S = 0.05
 
 
 class Housekeeping:
@@ -56,13 +59,15 @@ class Housekeeping:
 
     def finish_erasures(self, store: Store) -> int:
         """Records another program erased (desto's History tab, forget): their history and
-        quarantine entries go, and their bytes are scrubbed from the file. The records erased."""
+        quarantine entries go, and their bytes are scrubbed from the file, a step of the scrub
+        at a time. The records erased."""
         self._scrub_retry = True  # until it has run through (a busy file raises: tried again)
-        done = erase.finish(store)
+        done = erase.finish(store, _SCRUB_STEP_S)
         self._scrub_retry = done is not None and not done.scrub_done
         if done is None:
             return 0
-        log.info("erasure.finished", **done.as_dict())
+        if done.erasures or done.scrub_done:
+            log.info("erasure.finished", **done.as_dict())
         return done.erasures
 
     def _retention(self, store: Store, now: float) -> int:
@@ -71,7 +76,8 @@ class Housekeeping:
         days = self.settings.retention_days
         assert days is not None
         cutoff = now_us() - int(days * 86_400 * 1_000_000)
-        pruned = erase.prune(store, cutoff, self.settings.batch_size, _RETENTION_BATCHES)
+        pruned = erase.prune(store, cutoff, self.settings.batch_size, _RETENTION_BATCHES, _SCRUB_STEP_S)
+        self._scrub_retry = self._scrub_retry or not pruned.scrub_done  # the next steps go on with it
         self.schedule.set_after(Deadline.RETENTION, _RETENTION_S if pruned.done else _RECHECK_S, now)
         erased = sum(pruned.records.values())
         if erased:

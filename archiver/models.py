@@ -85,6 +85,7 @@ class Rejected:
     payload: bytes  # the raw reply, RESP-encoded: byte for byte what Redis held
     reason: str
     read_at_us: int
+    session_id: str | None = None  # a job's session, read from its raw hash when it has one
 
 
 Outcome = Row | Gone | Rejected
@@ -317,7 +318,22 @@ def _reject(fetched: Fetched, kind: Kind | None, record_id: str | None, reason: 
         payload=encode_resp(fetched.value),
         reason=reason,
         read_at_us=fetched.read_at_us,
+        session_id=job_session(fetched.value) if kind is Kind.JOB and fetched.redis_type == "hash" else None,
     )
+
+
+def job_session(flat: Any) -> str | None:
+    """The ``session_id`` field of a job's raw hash (flat field, value, ... bytes), or None: a
+    rejected job still belongs to its session, and goes when the session is erased."""
+    if not isinstance(flat, list):
+        return None
+    for i in range(0, len(flat) - 1, 2):
+        if flat[i] == b"session_id" and isinstance(flat[i + 1], bytes):
+            try:
+                return flat[i + 1].decode("utf-8") or None
+            except UnicodeDecodeError:
+                return None
+    return None
 
 
 # ─── desto's pub/sub hints ───────────────────────────────────────────────────────────────────────

@@ -181,9 +181,13 @@ def forget(targets: list[Any], already: list[str], done: Any, dry_run: bool) -> 
         lines.append(table(rows, ["kind", "id", "what", "via"]))
     lines += [f"already erased: {text}" for text in already]
     if done is not None:
-        scrub = {"vacuum": "file vacuumed, WAL emptied", "truncate": "WAL emptied"}.get(done.scrub or "", "nothing")
+        scrub = {
+            "pages": "free space of every page zeroed, WAL emptied",
+            "vacuum": "file vacuumed, WAL emptied",
+            "truncate": "WAL emptied",
+        }.get(done.scrub or "", "nothing")
         if not done.scrub_done:
-            scrub += " (pending: a reader held the WAL; the daemon finishes it)"
+            scrub += " (pending: another process scrubs the file, or a reader held the WAL; the daemon finishes it)"
         lines.append(
             pairs(
                 [

@@ -10,6 +10,8 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Callable
 
+from archiver.models import decode_resp, job_session
+
 SCHEMA_VERSION = 6
 
 # The oldest SQLite the archiver's statements run on: RETURNING came in 3.35.0 (UPSERT in 3.24.0).
@@ -303,6 +305,65 @@ def _migrate_to_4(conn: sqlite3.Connection) -> None:
     )
 
 
+# A writer that does not overwrite what it frees leaves old copies of the rows it rewrites, not only
+# of those it deletes: a job desto saves again when it finishes grows, moves, and its first copy
+# stays in the page's free space. Triggers note desto's inserts and updates made by such a SQLite,
+# so the next erasure scrubs the whole file. Not INSERT OR IGNORE: inside a trigger the conflict
+# clause of the statement that fired it (desto's upsert: ABORT) overrides the trigger's own. The
+# archiver's own writes set read_at_us but one, freeing a favorite's name: on a SQLite without
+# SECURE_DELETE that one is noted too (a scrub too many, never one too few).
+_NOTE_UNZEROED = (
+    "INSERT INTO archiver_state (name, value, updated_at) SELECT 'written_unzeroed', '1', "
+    "strftime('%Y-%m-%dT%H:%M:%fZ', 'now') WHERE NOT EXISTS "
+    "(SELECT 1 FROM archiver_state WHERE name = 'written_unzeroed')"
+)
+
+
+def _migrate_to_5(conn: sqlite3.Connection) -> None:
+    """A deleted session's jobs go with it wherever the file knows them from. A job desto's readers
+    refuse never reaches ``jobs``: its quarantine entry keeps its session's id (read from the raw
+    hash), and the note of a session desto deleted keeps the job list it had (cleared once purged).
+    And desto's inserts and updates by a SQLite that does not overwrite are noted, as its deletes."""
+    if "session_id" not in _columns(conn, "quarantine"):
+        conn.execute("ALTER TABLE quarantine ADD COLUMN session_id TEXT")
+    conn.execute(
+        "CREATE INDEX IF NOT EXISTS idx_quarantine_session ON quarantine(session_id) WHERE session_id IS NOT NULL"
+    )
+    found = conn.execute("SELECT id, payload FROM quarantine WHERE kind = 'job' AND redis_type = 'hash'").fetchall()
+    for row_id, payload in found:
+        try:
+            session_id = job_session(decode_resp(bytes(payload)))
+        except ValueError:
+            continue
+        if session_id is not None:
+            conn.execute("UPDATE quarantine SET session_id = ? WHERE id = ?", (session_id, row_id))
+    if "job_ids" not in _columns(conn, "archiver_erased"):
+        conn.execute("ALTER TABLE archiver_erased ADD COLUMN job_ids TEXT")
+    conn.execute("DROP TRIGGER IF EXISTS archiver_erase_sessions")
+    conn.execute(
+        "CREATE TRIGGER archiver_erase_sessions AFTER DELETE ON sessions BEGIN "
+        "INSERT OR IGNORE INTO archiver_erased (kind, record_id, erased_at, how, zeroed, job_ids) VALUES "
+        "('session', OLD.session_id, strftime('%Y-%m-%dT%H:%M:%fZ', 'now'), 'desto', "
+        "sqlite_compileoption_used('SECURE_DELETE'), OLD.job_ids); END"
+    )
+    for table, _, _, _ in _FOREIGN_WRITES:  # the archiver's own writes set read_at_us
+        for op, foreign in (("insert", "NEW.read_at_us IS NULL"), ("update", "NEW.read_at_us IS OLD.read_at_us")):
+            conn.execute(
+                f"CREATE TRIGGER IF NOT EXISTS archiver_unzeroed_{table}_{op} AFTER {op.upper()} ON {table} "
+                f"WHEN {foreign} AND NOT sqlite_compileoption_used('SECURE_DELETE') BEGIN {_NOTE_UNZEROED}; END"
+            )
+    # The row the scrub of the file's free space updates at each step (scrub.py): its page is
+    # only ever written by the archiver, never zeroed by the scrub.
+    conn.execute(
+        "CREATE TABLE IF NOT EXISTS archiver_scrub (id INTEGER PRIMARY KEY CHECK (id = 1), steps INTEGER NOT NULL)"
+    )
+    conn.execute("INSERT OR IGNORE INTO archiver_scrub (id, steps) VALUES (1, 0)")
+    # Who wrote the rows already here, and with which SQLite, cannot be told: the first erasure
+    # scrubs the whole file once.
+    if any(conn.execute(f"SELECT EXISTS (SELECT 1 FROM {table})").fetchone()[0] for table, *_ in _FOREIGN_WRITES):
+        conn.execute(_NOTE_UNZEROED)
+
+
 def _migrate_to_6(conn: sqlite3.Connection) -> None:
     """Each change-log entry carries a random token, so a shipper can tell the log it shipped from
     another with the same numbers (a backup restored, a copy, a snapshot rolled back: their logs
@@ -325,6 +386,7 @@ MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {
     2: _migrate_to_2,
     3: _migrate_to_3,
     4: _migrate_to_4,
+    5: _migrate_to_5,
     6: _migrate_to_6,
 }
 

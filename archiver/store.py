@@ -26,6 +26,7 @@ from archiver.keys import GONE_EVENTS
 from archiver.kinds import RECORD_TABLES, TABLES, Kind
 from archiver.models import COLUMNS, Gone, Outcome, Rejected, Row, TimedHint, encode_resp, iso_utc
 from archiver.schema import NewerSchemaError, migrate, unsupported_sqlite
+from archiver.scrub import PageScrub
 from archiver.sql import begin_immediate, erased_among
 from archiver.writer import RowWriter, add_history
 
@@ -214,10 +215,11 @@ class Checkpointer(threading.Thread):
         self._interval = interval
         self._stop_event = threading.Event()
         self.wrote = True  # set by the writer after each commit
+        self.paused = False  # while a scrub follows the WAL (scrub.py): it starts the WAL over itself
 
     def run(self) -> None:
         while not self._stop_event.wait(self._interval):
-            if self.wrote:  # nothing new in the WAL: no need to wake SQLite
+            if self.wrote and not self.paused:  # nothing new in the WAL: no need to wake SQLite
                 self.wrote = False
                 self.checkpoint()
 
@@ -257,6 +259,7 @@ class Store:
         self._unresolved: set[bytes] = {
             bytes(row[0]) for row in conn.execute("SELECT DISTINCT key FROM quarantine WHERE resolved_at IS NULL")
         }
+        self.page_scrub: PageScrub | None = None  # a scrub of the file under way (erase.py)
 
     @classmethod
     def open(cls, path: Path, busy_timeout: float = 5.0, *, cache_mb: int = 8, build_deferred: bool = True) -> Store:
@@ -294,9 +297,10 @@ class Store:
             conn.execute("PRAGMA wal_autocheckpoint=0")
             conn.execute(f"PRAGMA cache_size=-{int(cache_mb) * 1024}")
             conn.execute("PRAGMA foreign_keys=OFF")
-            found, _ = migrate(conn)
-            # What the archiver deletes or rewrites is overwritten, not left in free space (erase.py).
+            # What the archiver deletes or rewrites is overwritten, not left in free space (erase.py),
+            # from the migrations on.
             conn.execute("PRAGMA secure_delete=ON")
+            found, _ = migrate(conn)
         except NewerSchemaError as exc:
             conn.close()
             raise StoreError(f"{path}: {exc}") from None
@@ -316,6 +320,9 @@ class Store:
     def close(self) -> None:
         if self.checkpointer is not None:
             self.checkpointer.stop()
+        if self.page_scrub is not None:
+            self.page_scrub.close()
+            self.page_scrub = None
         with suppress(sqlite3.Error):
             self.conn.close()
 
@@ -536,7 +543,7 @@ class Store:
             for kind, kind_rows in rows.items():
                 RowWriter(conn, kind, batch.hints, result).write(kind_rows)
                 resolved.update(r.key for r in kind_rows if r.key in self._unresolved)
-            rejected = [o for o in batch.outcomes if isinstance(o, Rejected) and o.kind is not None and o.record_id]
+            rejected = [o for o in batch.outcomes if isinstance(o, Rejected) and o.kind is not None]
             refused = self._erased_rejections(conn, rejected) if rejected else set()
             result.erased += len(refused)
             for outcome in batch.outcomes:
@@ -592,13 +599,17 @@ class Store:
 
     @staticmethod
     def _erased_rejections(conn: sqlite3.Connection, rejected: list[Rejected]) -> set[int]:
-        """The rejections (by id()) of erased records: their raw payload must not land in quarantine."""
+        """The rejections (by id()) of erased records, and of jobs of erased sessions: their raw
+        payload must not land in quarantine."""
         refused: set[int] = set()
         for kind in {r.kind for r in rejected}:
             assert kind is not None
-            of_kind = [r for r in rejected if r.kind is kind]
+            of_kind = [r for r in rejected if r.kind is kind and r.record_id]
             erased = erased_among(conn, kind, [str(r.record_id) for r in of_kind])
             refused.update(id(r) for r in of_kind if r.record_id in erased)
+        of_sessions = [r for r in rejected if r.session_id is not None]
+        sessions = erased_among(conn, Kind.SESSION, [str(r.session_id) for r in of_sessions])
+        refused.update(id(r) for r in of_sessions if r.session_id in sessions)
         return refused
 
     def _tombstone(self, conn: sqlite3.Connection, gone: Gone, event: bytes | None, result: BatchResult) -> None:
@@ -637,7 +648,7 @@ class Store:
         seen_at = iso_utc(rejected.read_at_us)
         times_seen = conn.execute(
             "INSERT INTO quarantine (key, key_text, kind, record_id, redis_type, payload, payload_sha256, "
-            "reason, first_seen_at, last_seen_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            "reason, first_seen_at, last_seen_at, session_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
             "ON CONFLICT(key, payload_sha256, reason) DO UPDATE SET last_seen_at = excluded.last_seen_at, "
             "times_seen = times_seen + 1, resolved_at = NULL RETURNING times_seen",
             (
@@ -651,6 +662,7 @@ class Store:
                 rejected.reason,
                 seen_at,
                 seen_at,
+                rejected.session_id,
             ),
         ).fetchone()[0]
         if times_seen == 1:
@@ -669,4 +681,5 @@ def _refused(row: Row, exc: Exception) -> Rejected:
         payload=encode_resp([str(v) if v is not None else None for v in fields]),
         reason=f"the archive refused the normalized row: {exc}",
         read_at_us=row.read_at_us,
+        session_id=(str(row.values[1] or "") or None) if row.kind is Kind.JOB else None,
     )

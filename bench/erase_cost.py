@@ -6,15 +6,20 @@ so each has the status history the daemon keeps (first sight, then the change). 
 
 - its size per thousand sessions (with their jobs and history), WAL emptied;
 - desto's History tab deleting one session on a connection that does not overwrite what it
-  deletes (SQLite built without SECURE_DELETE), and the archiver finishing it: a VACUUM, for
-  which desto's writes wait;
-- the same on a connection that does (Debian's and Ubuntu's SQLite): the WAL started over;
+  deletes (SQLite built without SECURE_DELETE), and the archiver finishing it: the scrub of every
+  page, while desto's own store saves a session every 20 ms (with desto's 30 s wait for the
+  lock): how long it takes, its longest hold of the write lock, desto's longest save and failures;
+- the same desto saving during a VACUUM of the file (what ``prune --vacuum`` runs, and the
+  scrub was before): how long desto's saves wait, and whether they fail;
+- the same deletion on a connection that does overwrite (Debian's and Ubuntu's SQLite): the WAL
+  started over;
 - ``forget`` of one session;
 - retention erasing half the archive in transactions of 500 records, then giving the space back
   in steps of 256 pages: the total, and the longest transaction (the longest desto's writes wait);
 - desto's Clear History of the rest, with the erasure triggers and, on a copy, without them.
 
     .venv/bin/python -m bench.erase_cost --sessions 100000
+    .venv/bin/python -m bench.erase_cost --sessions 1000000 --scrub-only   # 2.8 GB: the scrubs only
 """
 
 from __future__ import annotations
@@ -24,7 +29,9 @@ import json
 import sqlite3
 import sys
 import tempfile
+import threading
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -99,7 +106,38 @@ def _desto_delete(path: Path, session_index: int, secure_delete: bool) -> float:
     return took
 
 
-def measure(path: Path, sessions: int, jobs: int, per_transaction: int = 2000) -> dict[str, Any]:
+@contextmanager
+def _desto_saving(path: Path, every_s: float = 0.02) -> Iterator[dict[str, Any]]:
+    """desto 0.7.0's own store saving a session every ``every_s`` on a thread of its own, with
+    desto's own wait for the lock (30 s); yields its figures: saves, failures, the longest."""
+    from desto.redis import SQLiteStore
+    from desto.redis.models import DestoSession, SessionStatus
+
+    figures: dict[str, Any] = {"saves": 0, "failed": 0, "longest_s": 0.0}
+    stop = threading.Event()
+
+    def save() -> None:
+        desto = SQLiteStore(db_path=str(path))
+        while not stop.wait(every_s):
+            sid = str(uuid.uuid4())
+            started = time.perf_counter()
+            ok = desto.save_session(DestoSession(session_id=sid, session_name="bench", status=SessionStatus.RUNNING))
+            figures["longest_s"] = max(figures["longest_s"], time.perf_counter() - started)
+            figures["saves" if ok else "failed"] += 1
+        desto.close()
+
+    thread = threading.Thread(target=save, name="desto-saving", daemon=True)
+    thread.start()
+    try:
+        yield figures
+    finally:
+        stop.set()
+        thread.join()
+
+
+def measure(
+    path: Path, sessions: int, jobs: int, per_transaction: int = 2000, scrub_only: bool = False
+) -> dict[str, Any]:
     store = Store.open(path)
     result: dict[str, Any] = {"sessions": sessions, "jobs_per_session": jobs}
     try:
@@ -117,9 +155,19 @@ def measure(path: Path, sessions: int, jobs: int, per_transaction: int = 2000) -
         result["history_rows"] = store.conn.execute("SELECT count(*) FROM status_history").fetchone()[0]
 
         result["desto_delete_s"] = _desto_delete(path, 1, secure_delete=False)
-        done = erase.finish(store)
-        assert done is not None and done.scrub == "vacuum"
-        result["finish_without_secure_delete"] = done.as_dict()
+        with _desto_saving(path) as desto:
+            done = erase.finish(store)
+        assert done is not None and done.scrub == "pages" and done.scrub_done
+        result["finish_without_secure_delete"] = {**done.as_dict(), "desto": desto}
+
+        store.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        with _desto_saving(path) as desto:
+            started = time.perf_counter()
+            erase.scrub(store, "vacuum")
+            vacuum_s = time.perf_counter() - started
+        result["vacuum"] = {"seconds": vacuum_s, "desto": desto}
+        if scrub_only:
+            return result
 
         result["desto_delete_secure_s"] = _desto_delete(path, 2, secure_delete=True)
         done = erase.finish(store)
@@ -149,7 +197,8 @@ def measure(path: Path, sessions: int, jobs: int, per_transaction: int = 2000) -
         result["prune_longest_transaction_s"] = max(spans, default=0.0)
     finally:
         store.close()
-    result.update(_clear_history(path))
+    if not scrub_only:
+        result.update(_clear_history(path))
     return result
 
 
@@ -182,16 +231,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sessions", type=int, default=100_000)
     parser.add_argument("--jobs", type=int, default=2, help="jobs per session")
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument(
+        "--scrub-only", action="store_true", help="the scrubs only: no forget, retention, Clear History"
+    )
+    parser.add_argument("--dir", type=Path, help="where to build the archive (default: a temporary folder)")
     args = parser.parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="erase-cost-") as folder:
-        r = measure(Path(folder) / "desto.db", args.sessions, args.jobs)
+    with tempfile.TemporaryDirectory(prefix="erase-cost-", dir=args.dir) as folder:
+        r = measure(Path(folder) / "desto.db", args.sessions, args.jobs, scrub_only=args.scrub_only)
+    if args.json:
+        args.json.write_text(json.dumps(r, indent=2) + "\n")
     mb = r["file_bytes"] / 1e6
     print(f"{r['sessions']:,} sessions with {r['jobs_per_session']} jobs each, {r['history_rows']:,} history rows:")
     per_1000 = r["bytes_per_1000_sessions"] / 1e6
     print(f"  file {mb:.1f} MB: {per_1000:.2f} MB per 1,000 sessions (built in {r['build_s']:.1f} s)")
-    no_sd, sd = r["finish_without_secure_delete"], r["finish_with_secure_delete"]
-    print(f"  desto deletes one session, no secure_delete: {r['desto_delete_s'] * 1000:.1f} ms; "
-          f"the archiver's VACUUM: {no_sd['scrub_s']:.2f} s (desto's writes wait)")  # fmt: skip
+    no_sd, vacuum = r["finish_without_secure_delete"], r["vacuum"]
+    pages, desto = no_sd["scrub_pages"], no_sd["desto"]
+    print(f"  desto deletes one session, no secure_delete: {r['desto_delete_s'] * 1000:.1f} ms; the archiver's "
+          f"scrub of every page: {no_sd['scrub_s']:.1f} s in {pages['transactions']:,} transactions, the longest "
+          f"holding the lock {pages['longest_lock_ms']:.1f} ms; desto saving meanwhile: {desto['saves']:,} saves, "
+          f"the longest {desto['longest_s'] * 1000:.0f} ms, {desto['failed']} failed")  # fmt: skip
+    desto = vacuum["desto"]
+    print(f"  a VACUUM instead: {vacuum['seconds']:.1f} s holding the lock; desto saving meanwhile: "
+          f"{desto['saves']:,} saves, the longest {desto['longest_s']:.1f} s, {desto['failed']} failed")  # fmt: skip
+    if args.scrub_only:
+        return 0
+    sd = r["finish_with_secure_delete"]
     print(f"  desto deletes one session with secure_delete: {r['desto_delete_secure_s'] * 1000:.1f} ms; "
           f"the archiver's WAL restart: {sd['scrub_s'] * 1000:.1f} ms")  # fmt: skip
     print(f"  forget one session: {r['forget_one_session_s'] * 1000:.1f} ms")
@@ -206,8 +270,6 @@ def main(argv: list[str] | None = None) -> int:
         f"  desto's Clear History of the {r['clear_history_rows']:,} rows left: {r['clear_history_s']:.2f} s "
         f"({r['clear_history_without_triggers_s']:.2f} s without the erasure triggers)"
     )
-    if args.json:
-        args.json.write_text(json.dumps(r, indent=2) + "\n")
     return 0
 
 

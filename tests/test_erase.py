@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import subprocess
+import threading
 import uuid
 from collections.abc import Iterator
 from datetime import datetime
@@ -23,9 +24,11 @@ from archiver.kinds import Kind
 from archiver.models import iso_utc
 from archiver.store import Batch, Store
 from tests.helpers import (
+    atjob_hash,
     count,
     daemon_thread,
     favorite_hash,
+    integrity,
     job_hash,
     query,
     row,
@@ -124,6 +127,42 @@ def test_only_a_delete_by_desto_notes_an_erasure(db_path: Path) -> None:
         store.close()
 
 
+def test_only_desto_s_writes_by_a_sqlite_that_does_not_overwrite_note_the_file_unzeroed(db_path: Path) -> None:
+    def unzeroed() -> bool:
+        return count(db_path, "archiver_state", "name = 'written_unzeroed'") == 1
+
+    store = Store.open(db_path)
+    # the archiver's connection as on a SQLite built without SECURE_DELETE: it overwrites anyway
+    store.conn.create_function("sqlite_compileoption_used", 1, lambda option: 0)
+    overwriting, not_overwriting = desto_store(db_path, secure_delete=True), desto_store(db_path, secure_delete=False)
+    untrusting = desto_store(db_path)
+    untrusting._get_connection().execute("PRAGMA trusted_schema = OFF")
+    try:
+        s, fav = session_hash(), favorite_hash()
+        j = job_hash(session_id=s["session_id"])
+        store.apply(Batch([read(Kind.SESSION, s["session_id"], s, T0), read(Kind.JOB, j["job_id"], j, T0)]))
+        store.apply(Batch([read(Kind.FAVORITE, fav["favorite_id"], fav, T0)]))
+        store.apply(Batch([read(Kind.SESSION, s["session_id"], {**s, "status": "finished"}, T0 + 1)]))
+        store.apply(Batch([read(Kind.JOB, j["job_id"], None, T0 + 2)]))
+        for desto in (overwriting, untrusting):
+            assert desto.save_session(desto_session(s["session_id"], "by-desto"))
+            assert desto.save_job(DestoJob(job_id=j["job_id"], session_id=s["session_id"], command="x"))
+            assert desto.save_favorite(FavoriteCommand(favorite_id=str(uuid.uuid4()), name=str(uuid.uuid4())))
+        assert not unzeroed()
+        assert not_overwriting.save_session(desto_session(s["session_id"], "updated"))  # an update
+        assert unzeroed()
+        with store.transaction() as conn:
+            conn.execute("DELETE FROM archiver_state WHERE name = 'written_unzeroed'")
+        assert not_overwriting.save_job(DestoJob(session_id=s["session_id"], command="y"))  # an insert
+        assert unzeroed()
+        assert not_overwriting.save_job(DestoJob(session_id=s["session_id"], command="z"))  # noted once
+        assert unzeroed()
+    finally:
+        for desto in (overwriting, not_overwriting, untrusting):
+            desto.close()
+        store.close()
+
+
 def test_the_migration_works_on_a_file_desto_created_and_on_a_file_of_version_2(tmp_path: Path) -> None:
     by_desto = tmp_path / "desto" / "desto.db"
     desto = desto_store(by_desto)
@@ -174,6 +213,86 @@ def test_erased_records_are_not_written_nor_quarantined_and_jobs_of_an_erased_se
         )
         assert result.erased == 3
         assert count(db_path, "sessions") == count(db_path, "jobs") == count(db_path, "quarantine") == 0
+    finally:
+        desto.close()
+        store.close()
+
+
+def test_desto_deleting_a_session_erases_its_jobs_known_only_from_quarantine_or_its_job_list(db_path: Path) -> None:
+    from archiver import erase
+
+    store = Store.open(db_path)
+    desto = desto_store(db_path)
+    try:
+        s = session_hash()
+        sid = s["session_id"]
+        # a job desto's readers would refuse (its exit code): quarantined with its command line
+        bad = job_hash(session_id=sid, command=f"deploy --token {MARKER}", exit_code="exploded")
+        listed = str(uuid.uuid4())  # named by the session's job list, never read
+        s["job_ids"] = f"{bad['job_id']},{listed}"
+        unlisted = job_hash(session_id=sid, command=f"cleanup --token {MARKER}", exit_code="nan")  # chained later
+        store.apply(Batch([read(Kind.SESSION, sid, s, T0), read(Kind.JOB, bad["job_id"], bad, T0)]))
+        store.apply(Batch([read(Kind.JOB, unlisted["job_id"], unlisted, T0)]))
+        assert count(db_path, "quarantine") == 2 and count(db_path, "jobs") == 0
+
+        assert desto.delete_session(sid)
+        finished = erase.finish(store)
+        assert finished is not None and finished.scrub_done
+        assert count(db_path, "quarantine") == 0
+        assert erasures(db_path) == {
+            ("session", sid): "desto",
+            ("job", bad["job_id"]): "desto",
+            ("job", listed): "desto",
+            ("job", unlisted["job_id"]): "desto",
+        }
+        # later changes in Redis, still refused by desto's readers: never quarantined again
+        again = store.apply(
+            Batch(
+                [
+                    read(Kind.JOB, bad["job_id"], {**bad, "error_message": "retried"}, T0 + 10),
+                    read(Kind.JOB, listed, job_hash(listed, sid, exit_code="x", command=MARKER), T0 + 10),
+                    read(Kind.JOB, str(uuid.uuid4()), job_hash(session_id=sid, exit_code="x", command=MARKER), T0 + 10),
+                ]
+            )
+        )
+        assert again.erased == 3 and not again.quarantined
+        assert count(db_path, "quarantine") == 0
+        assert grep_count(db_path) + grep_count(Path(f"{db_path}-wal")) == 0
+    finally:
+        desto.close()
+        store.close()
+
+
+def test_a_file_of_version_4_learns_the_session_of_each_quarantined_job(tmp_path: Path) -> None:
+    from archiver import erase
+    from archiver.models import encode_resp
+
+    v4 = tmp_path / "desto.db"
+    conn = sqlite3.connect(v4, isolation_level=None)
+    for version in (1, 2, 3, 4):
+        schema.MIGRATIONS[version](conn)
+    conn.execute("PRAGMA user_version = 4")
+    s = session_hash()
+    bad = job_hash(session_id=s["session_id"], command=f"deploy --token {MARKER}", exit_code="exploded")
+    conn.execute(
+        "INSERT INTO sessions (session_id, session_name, status, read_at_us) VALUES (?, 'v4', 'finished', 1)",
+        (s["session_id"],),
+    )
+    payload = encode_resp([part.encode() for pair in bad.items() for part in pair])
+    conn.execute(
+        "INSERT INTO quarantine (key, key_text, kind, record_id, redis_type, payload, payload_sha256, reason, "
+        "first_seen_at, last_seen_at) VALUES (?, ?, 'job', ?, 'hash', ?, 'x', 'exit_code', 't', 't')",
+        (f"desto:job:{bad['job_id']}".encode(), f"desto:job:{bad['job_id']}", bad["job_id"], payload),
+    )
+    conn.close()
+    store = Store.open(v4)
+    desto = desto_store(v4)
+    try:
+        assert query(v4, "SELECT session_id FROM quarantine")[0][0] == s["session_id"]
+        assert desto.delete_session(s["session_id"])
+        erase.finish(store)
+        assert count(v4, "quarantine") == 0
+        assert erasures(v4) == {("session", s["session_id"]): "desto", ("job", bad["job_id"]): "desto"}
     finally:
         desto.close()
         store.close()
@@ -372,6 +491,145 @@ def test_old_page_images_in_the_wal_go_even_when_desto_overwrote_what_it_deleted
         store.close()
 
 
+def test_forget_leaves_no_old_image_of_a_row_desto_rewrote_without_overwriting(redis_server, db_path: Path) -> None:
+    """desto's SQLite built without SECURE_DELETE leaves the old copy of a row it rewrites (a job
+    that grows when it finishes) in free space: forget must find and scrub it too."""
+    from desto.redis.models import JobStatus
+
+    store = Store.open(db_path)
+    desto = desto_store(db_path, secure_delete=False)
+    try:
+        neighbours = [session_hash() for _ in range(50)]
+        store.apply(Batch([read(Kind.SESSION, n["session_id"], n, T0) for n in neighbours]))
+        s = session_hash(session_name="rewritten")
+        desto.save_session(desto_session(s["session_id"], "rewritten", SessionStatus.RUNNING))
+        job = DestoJob(session_id=s["session_id"], command=f"deploy --token {MARKER}", script_path="/x.sh")
+        assert desto.save_job(job)
+        for _ in range(5):  # jobs chained after it: their rows sit beside its first copy
+            assert desto.save_job(DestoJob(session_id=s["session_id"], command="ls", script_path="/y.sh"))
+        job.status, job.exit_code, job.error_message = JobStatus.FINISHED, 0, "e" * 600
+        assert desto.save_job(job)  # the row grows and moves: its first copy is freed, not overwritten
+        j = job_hash(job.job_id, s["session_id"], command=job.command, status="finished", exit_code="0")
+        store.apply(Batch([read(Kind.SESSION, s["session_id"], s, T0 + 1), read(Kind.JOB, job.job_id, j, T0 + 1)]))
+    finally:
+        store.close()
+    try:
+        done = cli(redis_server, db_path, "forget", job.job_id)
+        assert done.returncode == 0, done.stderr
+        assert grep_count(db_path) + grep_count(Path(f"{db_path}-wal")) == 0
+    finally:
+        desto.close()
+
+
+class DestoSaving:
+    """desto's own store saving sessions on a thread of its own, each save waiting at most
+    ``timeout_ms`` for the write lock (desto's is 30 s: a shorter wait makes the point with a file
+    of tens of megabytes instead of gigabytes); counts its saves and its failures."""
+
+    def __init__(self, db_path: Path, timeout_ms: int) -> None:
+        self.db_path, self.timeout_ms = db_path, timeout_ms
+        self.saved = self.failed = 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="desto-saving", daemon=True)
+
+    def _run(self) -> None:
+        desto = SQLiteStore(db_path=str(self.db_path))
+        desto._get_connection().execute(f"PRAGMA busy_timeout = {self.timeout_ms}")
+        while not self.stop.is_set():
+            session = desto_session(str(uuid.uuid4()), "meanwhile", SessionStatus.RUNNING)
+            if desto.save_session(session):
+                self.saved += 1
+            else:
+                self.failed += 1
+            self.stop.wait(0.02)
+        desto.close()
+
+    def __enter__(self) -> DestoSaving:
+        self.thread.start()
+        wait_for(lambda: self.saved + self.failed >= 3, 10, what="desto saving")
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop.set()
+        self.thread.join(timeout=10)
+
+
+def _archive_with_a_rewritten_secret(db_path: Path, sessions: int) -> str:
+    """An archive of ``sessions`` sessions with two jobs each, and one job desto saved twice
+    without overwriting (the second time grown), its command carrying the marker; returns its id."""
+    from desto.redis.models import JobStatus
+
+    store = Store.open(db_path)
+    desto = desto_store(db_path, secure_delete=False)
+    try:
+        for start in range(0, sessions, 1000):
+            batch = []
+            for _ in range(min(1000, sessions - start)):
+                s = session_hash()
+                batch.append(read(Kind.SESSION, s["session_id"], s, T0))
+                for _ in range(2):
+                    j = job_hash(session_id=s["session_id"], command="bash /app/desto_scripts/run.sh --retries 3")
+                    batch.append(read(Kind.JOB, j["job_id"], j, T0))
+            store.apply(Batch(batch))
+        s = session_hash(session_name="rewritten")
+        desto.save_session(desto_session(s["session_id"], "rewritten", SessionStatus.RUNNING))
+        job = DestoJob(session_id=s["session_id"], command=f"deploy --token {MARKER}", script_path="/x.sh")
+        assert desto.save_job(job)
+        for _ in range(5):
+            assert desto.save_job(DestoJob(session_id=s["session_id"], command="ls", script_path="/y.sh"))
+        job.status, job.exit_code, job.error_message = JobStatus.FINISHED, 0, "e" * 600
+        assert desto.save_job(job)
+        j = job_hash(job.job_id, s["session_id"], command=job.command, status="finished", exit_code="0")
+        store.apply(Batch([read(Kind.SESSION, s["session_id"], s, T0 + 1), read(Kind.JOB, job.job_id, j, T0 + 1)]))
+    finally:
+        desto.close()
+        store.close()
+    return job.job_id
+
+
+def test_desto_s_writes_never_fail_during_the_scrub_which_leaves_no_erased_byte(db_path: Path, tmp_path: Path) -> None:
+    """A VACUUM holds the write lock for the whole file, and desto's writes fail once they have
+    waited their timeout; the scrub of every page holds it a few milliseconds at a time."""
+    from archiver import erase
+
+    secret = _archive_with_a_rewritten_secret(db_path, 25000)
+    copy = tmp_path / "copy" / "desto.db"
+    copy.parent.mkdir()
+    source, target = sqlite3.connect(db_path), sqlite3.connect(copy)
+    source.backup(target)
+    source.close()
+    target.close()
+    assert query(db_path, "PRAGMA page_count")[0][0] * 4096 > 40_000_000
+
+    # the same file, scrubbed by a VACUUM: desto's saves fail meanwhile
+    store = Store.open(copy)
+    try:
+        with DestoSaving(copy, timeout_ms=100) as desto:
+            saved = desto.saved
+            erase.forget(store, erase.resolve(store.conn, [secret], [])[0])  # a secure erasure...
+            erase.scrub(store, "vacuum")  # ... and the VACUUM the scrub used to be
+            wait_for(lambda: desto.saved > saved + 3, 10, what="desto saving again")
+        assert desto.failed > 0
+    finally:
+        store.close()
+
+    store = Store.open(db_path)
+    try:
+        with DestoSaving(db_path, timeout_ms=100) as desto:
+            saved = desto.saved
+            erased = erase.forget(store, erase.resolve(store.conn, [secret], [])[0])
+            during = desto.saved - saved
+            assert erased.scrub == "pages" and erased.scrub_done and erased.scrub_pages is not None
+            assert grep_count(db_path) + grep_count(Path(f"{db_path}-wal")) == 0
+        assert desto.failed == 0
+        assert during >= 5 and erased.scrub_pages["transactions"] > 5
+        assert erased.scrub_pages["longest_lock_ms"] < 100
+    finally:
+        store.close()
+    assert integrity(db_path) == "ok"
+    assert count(db_path, "sessions", "session_name = 'meanwhile'") == desto.saved
+
+
 def test_a_reader_that_keeps_the_wal_delays_the_scrub_which_is_finished_later(db_path: Path) -> None:
     from archiver import erase
 
@@ -386,11 +644,11 @@ def test_a_reader_that_keeps_the_wal_delays_the_scrub_which_is_finished_later(db
         reader.execute("SELECT count(*) FROM jobs").fetchone()  # a snapshot with the job in it
         assert desto.delete_session(s["session_id"])
         first = erase.finish(store)
-        assert first is not None and first.scrub == "vacuum" and not first.scrub_done
-        assert erase.scrub_pending(store.conn) == "truncate"  # the VACUUM is not done twice
+        assert first is not None and first.scrub == "pages" and not first.scrub_done
+        assert erase.scrub_pending(store.conn) == "pages" and store.page_scrub is not None  # it goes on from there
         reader.execute("COMMIT")
         second = erase.finish(store)
-        assert second is not None and second.scrub == "truncate" and second.scrub_done
+        assert second is not None and second.scrub == "pages" and second.scrub_done
         assert erase.finish(store) is None
         assert grep_count(db_path) + grep_count(Path(f"{db_path}-wal")) == 0
     finally:
@@ -483,6 +741,85 @@ def test_forget_by_name_and_its_usage_errors(redis_server, db_path, archived) ->
     assert again.returncode == 0 and "already erased" in again.stdout
 
 
+def test_forget_shows_ids_kinds_and_names_never_a_command_line(redis_server, redis, db_path, archived) -> None:
+    atjob = atjob_hash("41", command=f"tmux new-session -d -s nightly 'deploy {MARKER}'", session_name="nightly")
+    redis.hset("desto:atjob:41", mapping=atjob)
+    # a job of the session desto's readers would refuse: only in quarantine, with its command line
+    bad = job_hash(session_id=archived["session"], command=f"deploy {MARKER}", exit_code="exploded")
+    _put(redis, Kind.JOB, bad)
+    wait_for(lambda: count(db_path, "at_jobs") == 1 and count(db_path, "quarantine") == 1, 10, what="archived")
+    ids = [archived["session"], "41", archived["favorite"]]
+    for extra in ([], ["--json"]):
+        shown = cli(redis_server, db_path, "forget", *ids, "--dry-run", *extra)
+        assert shown.returncode == 0, shown.stderr
+        assert MARKER not in shown.stdout + shown.stderr
+        assert "with-secret" in shown.stdout and "leaky-fav" in shown.stdout and "nightly" in shown.stdout
+        assert bad["job_id"] in shown.stdout and archived["job1"] in shown.stdout
+    alone = cli(redis_server, db_path, "forget", bad["job_id"], "--dry-run")
+    assert alone.returncode == 0 and bad["job_id"] in alone.stdout and MARKER not in alone.stdout
+
+    done = cli(redis_server, db_path, "forget", archived["favorite"])
+    assert done.returncode == 0, done.stderr
+    assert "leaky-fav" in done.stdout and MARKER not in done.stdout + done.stderr
+    done = cli(redis_server, db_path, "forget", archived["session"], "41", "--json")
+    assert done.returncode == 0, done.stderr
+    assert MARKER not in done.stdout + done.stderr
+    erased = json.loads(done.stdout)
+    assert {(r["kind"], r["id"]) for r in erased["records"]} == {
+        ("session", archived["session"]), ("job", archived["job1"]), ("job", archived["job2"]),
+        ("job", bad["job_id"]), ("atjob", "41"),
+    }  # fmt: skip
+    assert erased["erased"]["quarantine"] == 1
+    assert count(db_path, "quarantine") == count(db_path, "at_jobs") == count(db_path, "favorites") == 0
+    assert grep_count(db_path) + grep_count(Path(f"{db_path}-wal")) == 0
+
+
+def test_the_logs_of_erasures_and_prune_never_show_a_command_line(redis_server, db_path: Path) -> None:
+    from structlog.testing import capture_logs
+
+    from archiver.dirty import Dirty
+    from archiver.housekeeping import Housekeeping
+    from archiver.schedule import Schedule
+
+    store = Store.open(db_path)
+    desto = desto_store(db_path)
+    try:
+        pairs = []
+        for _ in range(3):
+            s = session_hash()
+            j = job_hash(session_id=s["session_id"], command=f"deploy --token {MARKER}")
+            store.apply(Batch([read(Kind.SESSION, s["session_id"], s, T0), read(Kind.JOB, j["job_id"], j, T0)]))
+            pairs.append((s["session_id"], j["job_id"]))
+        housekeeping = Housekeeping(settings_for(redis_server, db_path, retention_days=30), Dirty(100), Schedule())
+        assert desto.delete_session(pairs[0][0])
+        with capture_logs() as logs:
+            assert housekeeping.finish_erasures(store) == 2
+        store.apply(Batch([read(Kind.SESSION, pairs[1][0], None, T0 + 1), read(Kind.JOB, pairs[1][1], None, T0 + 1)]))
+        old = iso_utc(T0 - 100 * 86_400 * 1_000_000)
+        with store.transaction() as conn:
+            conn.execute("UPDATE sessions SET gone_at = ? WHERE session_id = ?", (old, pairs[1][0]))
+            conn.execute("UPDATE jobs SET gone_at = ? WHERE job_id = ?", (old, pairs[1][1]))
+        with capture_logs() as more:
+            assert housekeeping.step(store, 0.0) == 2
+        events = [e["event"] for e in logs + more]
+        assert "erasure.finished" in events and "retention.erased" in events
+        assert MARKER not in repr(logs + more)
+    finally:
+        desto.close()
+        store.close()
+    store = Store.open(db_path)
+    with store.transaction() as conn:
+        conn.execute(
+            "UPDATE sessions SET gone_at = ?, gone_reason = 'expired' WHERE session_id = ?", (old, pairs[2][0])
+        )
+    store.close()
+    for extra in ([], ["--json"], ["--dry-run"]):
+        pruned = cli(redis_server, db_path, "prune", "--older-than", "90d", *extra)
+        assert pruned.returncode == 0, pruned.stderr
+        assert MARKER not in pruned.stdout + pruned.stderr
+    assert count(db_path, "sessions") == 0
+
+
 # ─── retention ───────────────────────────────────────────────────────────────────────────────
 
 
@@ -554,7 +891,7 @@ def test_retention_gives_the_space_back_in_small_steps_once_the_file_is_in_incre
         assert erase.prune(store, T0 + 2, batch=500).pages_freed == 0  # not in incremental mode yet
         assert store.conn.execute("PRAGMA freelist_count").fetchone()[0] > 0
         store.apply(Batch([read(Kind.SESSION, s["session_id"], None, T0 + 3) for s in sessions[2000:]]))
-        erase.scrub(store.conn, "vacuum")  # what prune --vacuum does once
+        erase.scrub(store, "vacuum")  # what prune --vacuum does once
         assert store.conn.execute("PRAGMA auto_vacuum").fetchone()[0] == 2
         forgotten = [erase.Target(Kind.SESSION, s["session_id"], "") for s in sessions[2000:]]
         erase.forget(store, forgotten)
