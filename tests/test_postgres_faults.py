@@ -87,6 +87,8 @@ def test_two_archivers_fill_one_database_with_the_union_of_their_files(tmp_path,
     servers = [RedisServer(tmp_path / f"redis-{n}").start() for n in (1, 2)]
     try:
         paths = [tmp_path / f"host{n}" / "desto.db" for n in (1, 2)]
+        for path in paths:
+            path.parent.mkdir()
         procs = [
             start_ready(daemons, s, p, **ship_env(pg_url, f"host{n}"))
             for n, (s, p) in enumerate(zip(servers, paths, strict=True), 1)

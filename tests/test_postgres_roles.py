@@ -52,6 +52,7 @@ def grant(pg_url: str, source: str, role: str, capsys) -> dict:
 
 def archive(redis, redis_server, db_path: Path, sessions: int) -> None:
     redis.flushdb()
+    db_path.parent.mkdir(exist_ok=True)
     for _ in range(sessions):
         s = session_hash()
         redis.hset(f"desto:session:{s['session_id']}", mapping=s)
