@@ -13,7 +13,7 @@ import psycopg
 from psycopg.rows import dict_row
 
 from archiver.config import Settings
-from archiver.postgres import PG_SCHEMA_VERSION, connect, pg_schema_version
+from archiver.postgres import PG_SCHEMA_VERSION, connect, pg_schema_version, shipped_sources, sources_hint
 from archiver.reader import EXPORTS, Filters, ReadError, _bound, _seconds, payload_json
 
 _PAGE = 500
@@ -121,7 +121,8 @@ class CentralReader:
             )
         ]
         if self.source is not None and not sources:
-            raise ReadError(f"no host ships to {self.address} as source {self.source!r}")
+            found = sources_hint(shipped_sources(self.conn, s))
+            raise ReadError(f"no host ships to {self.address} as source {self.source!r}; {found}")
         erased: dict[str, dict[str, int]] = {}
         for kind, how, n in self.conn.execute(
             f"SELECT kind, how, count(*) FROM {s}.erased WHERE {cond} GROUP BY kind, how ORDER BY kind, how", params

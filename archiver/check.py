@@ -393,7 +393,15 @@ def _postgres(settings: Settings) -> Finding:
     import psycopg
 
     from archiver import changelog
-    from archiver.postgres import PG_SCHEMA_VERSION, connect, may_write, pg_schema_version, refusal
+    from archiver.postgres import (
+        PG_SCHEMA_VERSION,
+        connect,
+        may_write,
+        pg_schema_version,
+        refusal,
+        shipped_sources,
+        sources_hint,
+    )
     from archiver.ship import STATE_FILE_ID, log_is_shipped
 
     where = settings.postgres_address()
@@ -424,11 +432,17 @@ def _postgres(settings: Settings) -> Finding:
                 "WHERE source_name = %s",
                 (settings.source_name,),
             ).fetchone()
+            others = shipped_sources(pg, settings.postgres_schema) if row is None else []
     except psycopg.Error as exc:
         return Finding("postgres", "fail", f"cannot use {where}: {str(exc).strip()}", "see docs/postgresql.md")
     detail = f"{where}, schema version {version}, source {settings.source_name!r}"
     if row is None:
-        return Finding("postgres", "warn", detail + ": nothing shipped yet", "start 'desto-archiver run' or 'ship'")
+        return Finding(
+            "postgres",
+            "warn",
+            f"{detail}: nothing shipped yet; {sources_hint(others)}",
+            "start 'desto-archiver run' or 'ship'",
+        )
     position, shipped_at, shipped_file, head, head_token = row
     try:
         conn = sqlite3.connect(f"file:{settings.db_path}?mode=ro", uri=True, timeout=10)

@@ -554,6 +554,22 @@ def cmd_backfill(settings: Settings, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _lasting_refusal(exc: Exception) -> str | None:
+    """What is wrong when PostgreSQL refuses for a reason that waiting will not change (a database
+    or role that does not exist, a password it does not take); None for what may pass (a server
+    down, a network, a lock)."""
+    text = str(exc)
+    for needle, what in (
+        ("database", "the database does not exist"),
+        ("role", "the role does not exist"),
+    ):
+        if f'{needle} "' in text and "does not exist" in text:
+            return what
+    if "password authentication failed" in text or "no password supplied" in text:
+        return "PostgreSQL does not take these credentials"
+    return None
+
+
 def cmd_ship(settings: Settings, args: argparse.Namespace) -> int:
     from archiver.postgres import ShipError, require_psycopg
     from archiver.ship import FileReplaced, Shipper
@@ -593,12 +609,18 @@ def cmd_ship(settings: Settings, args: argparse.Namespace) -> int:
         print(f"desto-archiver ship: {exc}; run the same command again", file=sys.stderr)
         return EXIT_FAILURE
     except psycopg.Error as exc:
+        lasting = _lasting_refusal(exc)
         print(
             f"desto-archiver ship: PostgreSQL at {settings.postgres_address()} failed: {str(exc).strip()}\n"
-            "  nothing is lost: run the same command again once it answers",
+            + (
+                f"  {lasting}: correct --postgres-url (ARCHIVER_POSTGRES_URL) or set the database up "
+                "(docs/postgresql.md); running the same command again will not help"
+                if lasting
+                else "  nothing is lost: run the same command again once it answers"
+            ),
             file=sys.stderr,
         )
-        return EXIT_FAILURE
+        return EXIT_USAGE if lasting else EXIT_FAILURE
     finally:
         shipper.close()
     if live:

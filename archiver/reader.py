@@ -212,9 +212,12 @@ class Reader:
 
         if not has_erasures(self.conn):
             return []
-        rows = self.conn.execute(
-            "SELECT kind, record_id, erased_at, how, purged_at FROM archiver_erased WHERE record_id = ?", (ident,)
-        ).fetchall()
+        query = "SELECT kind, record_id, erased_at, how, purged_at FROM archiver_erased WHERE record_id "
+        rows = self.conn.execute(query + "= ?", (ident,)).fetchall()
+        if not rows and len(ident) >= 6:  # a unique id prefix, as for the records themselves
+            rows = self.conn.execute(query + ">= ? AND record_id < ?", (ident, ident + _TOP)).fetchall()
+            if len({r["record_id"] for r in rows}) != 1:
+                rows = []
         return [{**dict(r), "by": describe(r["kind"], r["how"])} for r in rows]
 
     def show(self, ident: str) -> dict[str, Any]:
