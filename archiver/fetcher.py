@@ -30,7 +30,10 @@ from archiver.source import NotifyState, Source
 
 log = get_logger("archiver.fetcher")
 
-_TICK = 0.25  # the longest the reader sleeps between looks at the stop flag
+_TICK = 0.25  # the longest the reader waits for room in the writer's queue between looks at the stop flag
+# With nothing dirty the reader sleeps until woken (a change, a reconcile's page, a stop): this is
+# only a safety net, long enough that an idle daemon does not feel it.
+_IDLE_WAIT_S = 60.0
 # Batches read ahead of the writer, at most. Under load the writer joins every batch waiting into
 # one transaction: a commit's cost is mostly the index pages it rewrites, and with desto's random
 # ids a big transaction rewrites far fewer pages per row than a small one.
@@ -65,12 +68,14 @@ class Fetcher(threading.Thread):
         source: Source,
         dirty: Dirty,
         notified: Callable[[NotifyState], None] = lambda notify: None,
+        handed_over: Callable[[], None] = lambda: None,
     ) -> None:
         super().__init__(name="archiver-fetcher", daemon=True)
         self.settings = settings
         self.source = source
         self.dirty = dirty
         self._notified = notified  # told what each look at the notification flags found
+        self._handed_over = handed_over  # told each time a batch waits for the writer (wakes it)
         self._rate = 0.0  # events/s: rises at once, falls halving each tenth of a second
         self._rate_at = 0.0
         self._rate_events = 0
@@ -246,7 +251,7 @@ class Fetcher(threading.Thread):
         self._recent.update(key for key, _ in items)
 
     def _idle(self, now: float) -> None:
-        timeout = _TICK
+        timeout = _IDLE_WAIT_S
         oldest = self.dirty.oldest_at
         if oldest is not None:
             timeout = min(timeout, max(0.0, oldest + self._interval(now) - now))
@@ -303,9 +308,10 @@ class Fetcher(threading.Thread):
         while not self._stop_now:
             try:
                 self.queue.put(work, timeout=_TICK)
-                return
             except queue.Full:
                 continue
+            self._handed_over()
+            return
         self.dirty.requeue(work.items)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import socket
 import threading
 import time
 from collections.abc import Sequence
@@ -35,7 +36,9 @@ class DeadConnection(Exception):
 
 LISTENER_ERRORS: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, DeadConnection)
 _PING = b"desto-archiver"
-_IDLE_READ_S = 0.25  # a quiet subscription is looked at this often (the stop flag, the health check)
+# A quiet subscription is read with a timeout that ends when its health check is due; a stop
+# shuts the socket down, which ends the read at once. This bounds a read only as a safety net.
+_IDLE_READ_S = 60.0
 
 
 class Subscription:
@@ -79,6 +82,11 @@ class Subscription:
     def ping(self) -> None:
         self.conn.send_command("PING", _PING)
 
+    def interrupt(self) -> None:
+        """End a read under way in another thread at once (it sees the connection closed)."""
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+
     def close(self) -> None:
         with contextlib.suppress(Exception):  # closing a broken connection may fail
             self.conn.disconnect()
@@ -106,6 +114,9 @@ class Listener(threading.Thread):
 
     def stop(self) -> None:
         self._stop_event.set()
+        subscription = self._subscription
+        if subscription is not None:
+            subscription.interrupt()
 
     def run(self) -> None:
         attempt, connected_once, down_since = 0, False, None
@@ -134,6 +145,8 @@ class Listener(threading.Thread):
             try:
                 self._pump(subscription)
             except LISTENER_ERRORS as exc:
+                if self._stop_event.is_set():  # the stop shut the socket down
+                    break
                 down_since = time.monotonic()
                 self.sink.disconnected(str(exc))
                 log.warning("redis.disconnected", error=str(exc) or type(exc).__name__)
@@ -174,7 +187,9 @@ class Listener(threading.Thread):
         last_rx = time.monotonic()
         ping_sent: float | None = None
         while not self._stop_event.is_set():
-            replies = subscription.read(_IDLE_READ_S)
+            # until the health check is due: the PING after a silence, or its answer's deadline
+            check_at = last_rx + interval if ping_sent is None else ping_sent + interval
+            replies = subscription.read(min(_IDLE_READ_S, max(0.01, check_at - time.monotonic())))
             now = time.monotonic()
             if not replies:
                 if ping_sent is not None and now - ping_sent > interval:

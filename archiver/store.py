@@ -11,6 +11,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import math
 import os
 import socket
 import sqlite3
@@ -206,22 +207,49 @@ class DaemonLock:
 
 class Checkpointer(threading.Thread):
     """Copies the WAL back into the database from a connection of its own, a PASSIVE checkpoint
-    each second: it never blocks the writer, so commits rarely carry a checkpoint's writes and
-    fsyncs. (Starting the WAL over is the writer's: see Store.restart_wal_if_big.)"""
+    a second after commits (those of that second go together): it never blocks the writer, so
+    commits rarely carry a checkpoint's writes and fsyncs. Commits that come alone, seconds apart
+    (an idle daemon's heartbeats), wait up to LONE_S for one checkpoint together; with nothing
+    committed it sleeps. (Starting the WAL over is the writer's: see Store.restart_wal_if_big.)"""
+
+    LONE_S = 30.0
 
     def __init__(self, path: Path, interval: float = 1.0) -> None:
         super().__init__(name="archiver-checkpointer", daemon=True)
         self._conn = sqlite3.connect(path, timeout=1, isolation_level=None, check_same_thread=False)
         self._interval = interval
         self._stop_event = threading.Event()
-        self.wrote = True  # set by the writer after each commit
+        self._wrote = threading.Event()  # a commit since the thread last looked
+        self._wrote.set()
+        self._busy = threading.Event()  # commits less than the interval apart
+        self._last_commit = -math.inf  # monotonic
         self.paused = False  # while a scrub follows the WAL (scrub.py): it starts the WAL over itself
 
+    def wrote(self) -> None:
+        """The writer committed (called from its thread)."""
+        now = time.monotonic()
+        gap, self._last_commit = now - self._last_commit, now
+        self._wrote.set()
+        if gap < self._interval:
+            self._busy.set()
+
     def run(self) -> None:
-        while not self._stop_event.wait(self._interval):
-            if self.wrote and not self.paused:  # nothing new in the WAL: no need to wake SQLite
-                self.wrote = False
+        while True:
+            self._wrote.wait()
+            if self._settle():
+                return
+            if not self.paused:  # a paused checkpoint waits for the next commit after the scrub
                 self.checkpoint()
+
+    def _settle(self) -> bool:
+        """Wait before a checkpoint, as the class says; True when a stop is asked."""
+        self._wrote.clear()
+        self._busy.clear()
+        if self._stop_event.wait(self._interval):
+            return True
+        if not self._busy.is_set():  # lone commits: asleep until they come close together
+            self._busy.wait(self.LONE_S - self._interval)
+        return self._stop_event.is_set()
 
     def checkpoint(self) -> None:
         with suppress(sqlite3.Error):  # busy or full now: the next round copies what is left
@@ -229,6 +257,8 @@ class Checkpointer(threading.Thread):
 
     def stop(self) -> None:
         self._stop_event.set()
+        self._wrote.set()
+        self._busy.set()
         self.join(timeout=5)
         self.checkpoint()
         with suppress(sqlite3.Error):
@@ -386,7 +416,7 @@ class Store:
             yield self.conn
             self.conn.execute("COMMIT" if commit else "ROLLBACK")
             if commit and self.checkpointer is not None:
-                self.checkpointer.wrote = True
+                self.checkpointer.wrote()
         except BaseException:
             with suppress(sqlite3.Error):
                 self.conn.execute("ROLLBACK")
