@@ -385,6 +385,9 @@ _SETTING_ARGS = (
     "source_name",
 )
 
+# The flags that may carry a password, and the settings that keep it out of the process list.
+_URL_FLAGS = {"redis_url": ("--redis-url", "REDIS_URL"), "postgres_url": ("--postgres-url", "ARCHIVER_POSTGRES_URL")}
+
 
 def _is_folder(path: Path) -> bool:
     try:
@@ -419,6 +422,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"desto-archiver: {exc}", file=sys.stderr)
         return EXIT_USAGE
     configure(settings.log_format, settings.log_level)
+    _warn_passwords_in_arguments(args, settings)
     os.umask(settings.umask)  # 0007 unless set: the archive holds command lines
     if _is_folder(settings.db_path):
         path = settings.db_path.absolute()
@@ -455,6 +459,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILURE
     finally:
         sys.stdout = stdout
+
+
+def _warn_passwords_in_arguments(args: argparse.Namespace, settings: Settings) -> None:
+    """Every user of the machine may read a process' arguments (ps, /proc/PID/cmdline): a password
+    in a flag is said once, with the settings that keep it out of them."""
+    from archiver.config import postgres_url_secrets, redis_url_secrets
+
+    for name, (flag, env) in _URL_FLAGS.items():
+        value = getattr(args, name, None)
+        if not value:
+            continue
+        if name == "redis_url":  # with REDIS_PASSWORD set, a lone user part is an ACL user's name
+            held = redis_url_secrets(value, settings.redis_password is not None)
+        else:
+            held = postgres_url_secrets(value)
+        if held:
+            log.warning(
+                "settings.password_in_arguments",
+                flag=flag,
+                detail="other users of this machine can read a process' arguments (ps, /proc/PID/cmdline)",
+                action=f"give the URL in {env}_FILE (a file only this user reads) or {env} instead",
+            )
 
 
 # ─── run, backfill ───────────────────────────────────────────────────────────────────────────────
