@@ -179,6 +179,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--metrics-port", metavar="PORT", help="serve Prometheus metrics (ARCHIVER_METRICS_PORT)")
     run.add_argument("--metrics-host", metavar="ADDR", help="metrics address (ARCHIVER_METRICS_HOST, 127.0.0.1)")
+    run.add_argument(
+        "--allow-root",
+        dest="allow_root",
+        action="store_const",
+        const=True,
+        help="run as root all the same (ARCHIVER_ALLOW_ROOT=true); refused otherwise",
+    )
 
     backfill = _command(
         sub,
@@ -358,7 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
         cmd_systemd_unit,
     )
     unit.add_argument(
-        "--user", default=None, help="the account to run as (default: the current one; run as root: desto)"
+        "--user", default=None, help="the account to run as (default: the current one; needed when run as root)"
     )
     unit.add_argument(
         "--env-file", default="/etc/desto-archiver/desto-archiver.env", help="EnvironmentFile= (optional file)"
@@ -383,6 +390,7 @@ _SETTING_ARGS = (
     "postgres_url",
     "postgres_schema",
     "source_name",
+    "allow_root",
 )
 
 # The flags that may carry a password, and the settings that keep it out of the process list.
@@ -517,6 +525,13 @@ def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
             require_psycopg()
         except ShipError as exc:
             raise UsageError(str(exc)) from None
+    if os.geteuid() == 0 and not settings.allow_root:
+        raise UsageError(
+            "refusing to run as root: the daemon creates and writes files in the archive's folder, which desto's "
+            "group may write too. Run it as the account that owns the archive (e.g. sudo -u desto desto-archiver "
+            "run; the image and the systemd unit do), or, where root is meant (a container of its own), pass "
+            "--allow-root or set ARCHIVER_ALLOW_ROOT=true"
+        )
     collect_less_often()
     daemon = Daemon(settings)
 

@@ -347,6 +347,14 @@ class Settings(BaseSettings):
         validation_alias=_env("ship_interval", "ARCHIVER_SHIP_INTERVAL"),
         description="seconds between looks at the change log when nothing is waiting to be shipped",
     )
+    allow_root: bool = Field(
+        False,
+        validation_alias=_env("allow_root", "ARCHIVER_ALLOW_ROOT"),
+        description=(
+            "let `run` run as root (`--allow-root`); refused otherwise: root's daemon would create and write files "
+            "in the archive's folder, which desto's group may write too. The image and the unit run as `desto`"
+        ),
+    )
     log_format: Literal["auto", "json", "console"] = Field(
         "auto",
         validation_alias=_env("log_format", "ARCHIVER_LOG_FORMAT"),
