@@ -179,6 +179,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--metrics-port", metavar="PORT", help="serve Prometheus metrics (ARCHIVER_METRICS_PORT)")
     run.add_argument("--metrics-host", metavar="ADDR", help="metrics address (ARCHIVER_METRICS_HOST, 127.0.0.1)")
+    run.add_argument(
+        "--allow-root",
+        dest="allow_root",
+        action="store_const",
+        const=True,
+        help="run as root all the same (ARCHIVER_ALLOW_ROOT=true); refused otherwise",
+    )
 
     backfill = _command(
         sub,
@@ -358,7 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
         cmd_systemd_unit,
     )
     unit.add_argument(
-        "--user", default=None, help="the account to run as (default: the current one; run as root: desto)"
+        "--user", default=None, help="the account to run as (default: the current one; needed when run as root)"
     )
     unit.add_argument(
         "--env-file", default="/etc/desto-archiver/desto-archiver.env", help="EnvironmentFile= (optional file)"
@@ -383,7 +390,11 @@ _SETTING_ARGS = (
     "postgres_url",
     "postgres_schema",
     "source_name",
+    "allow_root",
 )
+
+# The flags that may carry a password, and the settings that keep it out of the process list.
+_URL_FLAGS = {"redis_url": ("--redis-url", "REDIS_URL"), "postgres_url": ("--postgres-url", "ARCHIVER_POSTGRES_URL")}
 
 
 def _is_folder(path: Path) -> bool:
@@ -419,6 +430,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"desto-archiver: {exc}", file=sys.stderr)
         return EXIT_USAGE
     configure(settings.log_format, settings.log_level)
+    _warn_passwords_in_arguments(args, settings)
     os.umask(settings.umask)  # 0007 unless set: the archive holds command lines
     if _is_folder(settings.db_path):
         path = settings.db_path.absolute()
@@ -457,6 +469,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout = stdout
 
 
+def _warn_passwords_in_arguments(args: argparse.Namespace, settings: Settings) -> None:
+    """Every user of the machine may read a process' arguments (ps, /proc/PID/cmdline): a password
+    in a flag is said once, with the settings that keep it out of them."""
+    from archiver.config import postgres_url_secrets, redis_url_secrets
+
+    for name, (flag, env) in _URL_FLAGS.items():
+        value = getattr(args, name, None)
+        if not value:
+            continue
+        if name == "redis_url":  # with REDIS_PASSWORD set, a lone user part is an ACL user's name
+            held = redis_url_secrets(value, settings.redis_password is not None)
+        else:
+            held = postgres_url_secrets(value)
+        if held:
+            log.warning(
+                "settings.password_in_arguments",
+                flag=flag,
+                detail="other users of this machine can read a process' arguments (ps, /proc/PID/cmdline)",
+                action=f"give the URL in {env}_FILE (a file only this user reads) or {env} instead",
+            )
+
+
 # ─── run, backfill ───────────────────────────────────────────────────────────────────────────────
 
 
@@ -491,6 +525,13 @@ def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
             require_psycopg()
         except ShipError as exc:
             raise UsageError(str(exc)) from None
+    if os.geteuid() == 0 and not settings.allow_root:
+        raise UsageError(
+            "refusing to run as root: the daemon creates and writes files in the archive's folder, which desto's "
+            "group may write too. Run it as the account that owns the archive (e.g. sudo -u desto desto-archiver "
+            "run; the image and the systemd unit do), or, where root is meant (a container of its own), pass "
+            "--allow-root or set ARCHIVER_ALLOW_ROOT=true"
+        )
     collect_less_often()
     daemon = Daemon(settings)
 

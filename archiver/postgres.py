@@ -171,6 +171,31 @@ def require_psycopg() -> None:
 
 
 def connect(settings: Settings) -> psycopg.Connection[Any]:
+    """A connection to the central database. The one place libpq is given the URL: what it says
+    about a URL it cannot use (it quotes a token it cannot decode, a password included) comes back
+    with every password hidden, and without the original error chained to it, so no output, log
+    line or heartbeat of any command shows one."""
+    import psycopg
+
+    assert settings.postgres_url is not None
+    try:
+        return _connect(settings)
+    except psycopg.Error as exc:
+        error = _redacted(exc, settings)
+    raise error  # outside the handler: the original error is not the new one's context
+
+
+def _redacted(exc: Exception, settings: Settings) -> Exception:
+    import psycopg
+
+    text = settings.redact(str(exc))
+    try:
+        return type(exc)(text)
+    except TypeError:  # a class that wants more than a message
+        return psycopg.OperationalError(text)
+
+
+def _connect(settings: Settings) -> psycopg.Connection[Any]:
     import psycopg
 
     assert settings.postgres_url is not None
