@@ -12,11 +12,12 @@ from typing import Any, Protocol
 
 import hiredis
 import redis
+from redis.exceptions import ResponseError
 
 from archiver.config import Settings
 from archiver.keys import CHANNEL_KINDS, keyspace_channel_prefix, keyspace_pattern
 from archiver.log import get_logger
-from archiver.redis_client import CONNECTION_ERRORS, log_unreachable, make_client
+from archiver.redis_client import CONNECTION_ERRORS, log_unreachable, make_client, retryable
 from archiver.source import NotifyState, Source
 
 log = get_logger("archiver.listener")
@@ -34,6 +35,8 @@ class DeadConnection(Exception):
 
 
 LISTENER_ERRORS: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, DeadConnection)
+# ... and, while connecting, Redis' reply errors, of which those that say "not now" are retried
+_CONNECTING_ERRORS: tuple[type[BaseException], ...] = (*LISTENER_ERRORS, ResponseError)
 _PING = b"desto-archiver"
 _IDLE_READ_S = 0.25  # a quiet subscription is looked at this often (the stop flag, the health check)
 
@@ -113,7 +116,9 @@ class Listener(threading.Thread):
             try:
                 notify = self.source.ensure_notifications()
                 subscription = self._subscribe()
-            except LISTENER_ERRORS as exc:
+            except _CONNECTING_ERRORS as exc:
+                if not isinstance(exc, LISTENER_ERRORS) and not retryable(exc):
+                    raise
                 self._close()
                 attempt += 1
                 if down_since is None:
