@@ -13,7 +13,11 @@ import threading
 from typing import Any, TextIO
 
 import structlog
+import structlog.tracebacks
 
+# Tracebacks as JSON, without the frames' local variables (structlog's default shows them): they
+# hold what the archiver was handling, command lines and passwords included, and can be big.
+_TRACEBACKS = structlog.processors.ExceptionRenderer(structlog.tracebacks.ExceptionDictTransformer(show_locals=False))
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
 
@@ -57,7 +61,7 @@ def configure(fmt: str = "auto", level: str = "info", stream: TextIO | None = No
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
     if as_json:
-        processors += [structlog.processors.dict_tracebacks, structlog.processors.JSONRenderer()]
+        processors += [_TRACEBACKS, structlog.processors.JSONRenderer()]
     else:
         processors += [structlog.dev.ConsoleRenderer(colors=out.isatty())]
     structlog.configure(
