@@ -85,8 +85,9 @@ local function size_of(k, ty, n)
   if ty == 'string' then return n end
   if ty == 'hash' and n <= max_fields then
     local m = memory(k, true)
-    if m >= 0 then return m end
-    m = 0  -- MEMORY refused: the few fields' names and values, counted without reading the values
+    -- the allocator rounds each value up, by at most a quarter: near the limit, count exactly
+    if m >= 0 and (m <= max_bytes or m > max_bytes + max_bytes / 4 + 65536) then return m end
+    m = 0  -- the few fields' names and values, counted without reading the values
     for _, f in ipairs(redis.call('HKEYS', k)) do m = m + #f + redis.call('HSTRLEN', k, f) end
     return m
   end
@@ -352,7 +353,7 @@ class Source:
             size = int(reply) if isinstance(reply, int) else -1
             if redis_type == "string":
                 size = length
-            elif redis_type == "hash" and size < 0 and length <= limits.max_fields:
+            elif redis_type == "hash" and length <= limits.max_fields and _near_or_unknown(size, limits):
                 size = self._hash_bytes(key)
             fits = _fits(redis_type, length, size, limits)
             if fits and plans and used + size > limits.budget:
@@ -362,7 +363,8 @@ class Source:
         return plans
 
     def _hash_bytes(self, key: bytes) -> int:
-        """A hash's field names and values in bytes, when MEMORY USAGE is refused (few fields)."""
+        """A hash's field names and values in bytes (few fields): when MEMORY USAGE is refused,
+        or near the limit, which the allocator's rounding makes it pass."""
         names = self.client.hkeys(key)
         lengths = self._pipelined([("HSTRLEN", key, name) for name in names])
         return sum(len(name) for name in names) + sum(int(n) for n in lengths)
@@ -418,6 +420,12 @@ def _text(reply: Any) -> str:
 
 def _counts_every(redis_type: str, length: int, limits: Limits) -> bool:
     return length <= (limits.max_fields if redis_type == "hash" else limits.whole_items)
+
+
+def _near_or_unknown(size: int, limits: Limits) -> bool:
+    """A hash's size in Redis' memory that does not tell whether it fits, as the script judges:
+    unknown, or over the limit by no more than the allocator's rounding (a quarter)."""
+    return size < 0 or limits.max_bytes < size <= limits.max_bytes + limits.max_bytes // 4 + 65536
 
 
 def _fits(redis_type: str, length: int, size: int, limits: Limits) -> bool:
