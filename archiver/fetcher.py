@@ -22,10 +22,10 @@ from archiver.config import Settings
 from archiver.dirty import Dirty
 from archiver.failures import Failures
 from archiver.log import get_logger
-from archiver.models import Outcome
+from archiver.models import Outcome, Rejected, Row
 from archiver.reconcile import read_batch, records_of
 from archiver.reconcile_pass import ReconcilePass, State
-from archiver.redis_client import CONNECTION_ERRORS
+from archiver.redis_client import REDIS_ERRORS, retryable
 from archiver.source import NotifyState, Source
 
 log = get_logger("archiver.fetcher")
@@ -38,6 +38,9 @@ _IDLE_WAIT_S = 60.0
 # one transaction: a commit's cost is mostly the index pages it rewrites, and with desto's random
 # ids a big transaction rewrites far fewer pages per row than a small one.
 QUEUE_DEPTH = 16
+# ... and at most this many bytes of values, but for one batch: a read carries up to a record's
+# worth (models.MAX_RECORD_BYTES), so sixteen such batches would hold up four times this.
+QUEUE_BYTES = 32 * 1024 * 1024
 LINGER_S = 0.25  # the longest the writer waits for a stream's batches to fill a transaction
 _BUSY_RATE = 1000.0  # events/s beyond which batches may wait longer than the flush interval
 _HOLD_S = 0.01  # how often the reader looks again while it holds back
@@ -56,9 +59,11 @@ class Work:
     scan_done: bool = False  # the scan is over: its sweep may begin once this page is written
     sweep: bool = False  # a page of the sweep
     keys: int = field(init=False)
+    size: int = field(init=False)  # bytes of the values read, about
 
     def __post_init__(self) -> None:
         self.keys = len(self.outcomes)
+        self.size = sum(map(_size, self.outcomes))
 
 
 class Fetcher(threading.Thread):
@@ -205,10 +210,17 @@ class Fetcher(threading.Thread):
                 else:
                     self._idle(now)
                     continue
-            except CONNECTION_ERRORS as exc:
+            except REDIS_ERRORS as exc:
+                if not retryable(exc):
+                    raise
                 self._failed(exc)
                 continue
             self._failures.succeeded()
+
+    @property
+    def read_failures(self) -> int:
+        """Reads from Redis that failed since start (each was retried)."""
+        return self._failures.read_failures
 
     @property
     def failing(self) -> bool:
@@ -306,6 +318,9 @@ class Fetcher(threading.Thread):
 
     def _hand_over(self, work: Work) -> None:
         while not self._stop_now:
+            if self.has_queued() and self._queued_bytes() + work.size > QUEUE_BYTES:
+                time.sleep(_HOLD_S)  # big values wait for the writer: they are not read ahead
+                continue
             try:
                 self.queue.put(work, timeout=_TICK)
             except queue.Full:
@@ -313,6 +328,19 @@ class Fetcher(threading.Thread):
             self._handed_over()
             return
         self.dirty.requeue(work.items)
+
+    def _queued_bytes(self) -> int:
+        waiting: list[Work] = list(self.queue.queue)
+        held = self._held
+        return (0 if held is None else held.size) + sum(work.size for work in waiting)
+
+
+def _size(outcome: Outcome) -> int:
+    if isinstance(outcome, Row):
+        return sum(len(value) for value in outcome.values if isinstance(value, str)) + len(outcome.extra or "")
+    if isinstance(outcome, Rejected):
+        return len(outcome.payload)
+    return 0
 
 
 _READS = (State.REQUESTED, State.SCANNING)  # states of a pass with a read for this thread to make

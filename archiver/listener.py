@@ -13,11 +13,12 @@ from typing import Any, Protocol
 
 import hiredis
 import redis
+from redis.exceptions import ResponseError
 
 from archiver.config import Settings
 from archiver.keys import CHANNEL_KINDS, keyspace_channel_prefix, keyspace_pattern
 from archiver.log import get_logger
-from archiver.redis_client import CONNECTION_ERRORS, log_unreachable, make_client
+from archiver.redis_client import CONNECTION_ERRORS, log_unreachable, make_client, retryable
 from archiver.source import NotifyState, Source
 
 log = get_logger("archiver.listener")
@@ -35,6 +36,8 @@ class DeadConnection(Exception):
 
 
 LISTENER_ERRORS: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, DeadConnection)
+# ... and, while connecting, Redis' reply errors, of which those that say "not now" are retried
+_CONNECTING_ERRORS: tuple[type[BaseException], ...] = (*LISTENER_ERRORS, ResponseError)
 _PING = b"desto-archiver"
 # A quiet subscription is read with a timeout that ends when its health check is due; a stop
 # shuts the socket down, which ends the read at once. This bounds a read only as a safety net.
@@ -124,7 +127,9 @@ class Listener(threading.Thread):
             try:
                 notify = self.source.ensure_notifications()
                 subscription = self._subscribe()
-            except LISTENER_ERRORS as exc:
+            except _CONNECTING_ERRORS as exc:
+                if not isinstance(exc, LISTENER_ERRORS) and not retryable(exc):
+                    raise
                 self._close()
                 attempt += 1
                 if down_since is None:

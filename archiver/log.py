@@ -13,7 +13,11 @@ import threading
 from typing import Any, TextIO
 
 import structlog
+import structlog.tracebacks
 
+# Tracebacks as JSON, without the frames' local variables (structlog's default shows them): they
+# hold what the archiver was handling, command lines and passwords included, and can be big.
+_TRACEBACKS = structlog.processors.ExceptionRenderer(structlog.tracebacks.ExceptionDictTransformer(show_locals=False))
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
 
@@ -56,13 +60,8 @@ def configure(fmt: str = "auto", level: str = "info", stream: TextIO | None = No
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
-    # A traceback shows where, never the frames' local variables: a URL or the settings may be
-    # among them, and the log is read by more people than the secrets are.
     if as_json:
-        tracebacks = structlog.processors.ExceptionRenderer(
-            structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
-        )
-        processors += [tracebacks, structlog.processors.JSONRenderer()]
+        processors += [_TRACEBACKS, structlog.processors.JSONRenderer()]
     else:
         processors += [
             structlog.dev.ConsoleRenderer(colors=out.isatty(), exception_formatter=structlog.dev.plain_traceback)

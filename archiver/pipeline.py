@@ -38,7 +38,7 @@ from archiver.metrics import Metrics, Snapshot, build_info
 from archiver.read_clock import now_us
 from archiver.reconcile import write_batch
 from archiver.reconciler import Reconciles
-from archiver.redis_client import CONNECTION_ERRORS, log_unreachable
+from archiver.redis_client import REDIS_ERRORS, log_unreachable, retryable
 from archiver.reporter import Reporter, Totals, Workers
 from archiver.schedule import Deadline, Schedule
 from archiver.source import NotifyState, Source
@@ -130,7 +130,9 @@ class Daemon:
         assert self.source is not None and self.file.store is not None
         try:
             notify: NotifyState | None = self.source.ensure_notifications()
-        except CONNECTION_ERRORS as exc:
+        except REDIS_ERRORS as exc:
+            if not retryable(exc):
+                raise
             notify = None
             log_unreachable(self.settings, exc)
         log.info(

@@ -433,6 +433,7 @@ def test_override_adds_the_archiver_service(merged: dict[str, Any]) -> None:
     assert archiver["depends_on"]["redis"]["condition"] == "service_healthy"
     assert archiver["depends_on"]["archiver-init"]["condition"] == "service_completed_successfully"
     assert archiver["restart"] == "unless-stopped"
+    assert archiver["mem_limit"] in ("1g", 1024**3, str(1024**3))  # as compose normalizes it
     check = archiver["healthcheck"]
     assert check["test"] == ["CMD", "desto-archiver", "health"]
     assert {k: check[k] for k in ("interval", "timeout", "retries", "start_period")} == {
@@ -580,6 +581,7 @@ def test_systemd_unit_settings() -> None:
         "Service.Restart": "on-failure",
         "Service.RestartSec": "5",
         "Service.TimeoutStopSec": "30",
+        "Service.MemoryMax": "1G",
         "Service.EnvironmentFile": "-/etc/desto-archiver/desto-archiver.env",
         "Service.ExecStart": "/opt/desto-archiver/.venv/bin/desto-archiver run",
         "Service.User": "desto",
