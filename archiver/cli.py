@@ -23,7 +23,7 @@ from typing import Any
 from archiver import __version__, render
 from archiver.config import ConfigError, Settings, load_settings
 from archiver.log import configure, get_logger
-from archiver.output import to_json, write_csv, write_json_array, write_jsonl, write_table
+from archiver.output import to_json, visible, write_csv, write_json_array, write_jsonl, write_table
 from archiver.reader import EXPORTS
 from archiver.redis_client import CONNECTION_ERRORS, unreachable_advice
 from archiver.store import StoreError, UnsupportedSQLite
@@ -62,6 +62,39 @@ class _Stdout:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._stream, name)
+
+
+class _ForPeople:
+    """``sys.stdout`` or ``sys.stderr`` for the length of a command: what is written there is for
+    people, so each control character in it is shown as its escape (:func:`visible`) whatever text
+    Redis held, and whatever command prints it. Line breaks stay: values within a line were made
+    visible by the tables and summaries already. ``raw`` is the stream itself, for the output of
+    machines (:func:`_data`) and the deliberate escapes of a progress line."""
+
+    def __init__(self, raw: Any) -> None:
+        self.raw = raw
+
+    def write(self, text: str) -> int:
+        self.raw.write(visible(text, keep_newlines=True))
+        return len(text)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.raw, name)
+
+
+def _raw(stream: Any) -> Any:
+    """The stream under :class:`_ForPeople`: text written there as it is."""
+    return getattr(stream, "raw", stream)
+
+
+def _data() -> Any:
+    """Where machine output goes (JSON, JSON Lines, CSV): stdout, the text as it is. JSON writes
+    its own escapes for control characters below 0x20; the rest is the data, kept exactly."""
+    return _raw(sys.stdout)
+
+
+def _print_json(data: Any) -> None:
+    print(to_json(data), file=_data())
 
 
 def _config_options() -> argparse.ArgumentParser:
@@ -425,7 +458,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"desto-archiver {args.command}: {path} is a folder: give the archive's file, e.g. {path / 'desto.db'}",
               file=sys.stderr)  # fmt: skip
         return EXIT_USAGE
-    stdout, sys.stdout = sys.stdout, _Stdout(sys.stdout)
+    stdout, sys.stdout = sys.stdout, _ForPeople(_Stdout(sys.stdout))
+    stderr, sys.stderr = sys.stderr, _ForPeople(sys.stderr)
     try:
         code: int = args.handler(settings, args)
         sys.stdout.flush()
@@ -454,7 +488,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"desto-archiver {args.command}: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     finally:
-        sys.stdout = stdout
+        sys.stdout, sys.stderr = stdout, stderr
 
 
 # ─── run, backfill ───────────────────────────────────────────────────────────────────────────────
@@ -526,7 +560,7 @@ def cmd_backfill(settings: Settings, args: argparse.Namespace) -> int:
         now = time.monotonic()
         if live and now - last[0] >= 0.1:
             last[0] = now
-            sys.stderr.write(
+            _raw(sys.stderr).write(
                 f"\r{p.phase}: {p.keys_scanned:,} keys scanned, {p.keys_read:,} read ({p.keys_per_s:,.0f}/s), "
                 f"{p.written:,} written, {p.quarantined:,} quarantined, {p.elapsed_s:.1f} s "
             )
@@ -544,11 +578,11 @@ def cmd_backfill(settings: Settings, args: argparse.Namespace) -> int:
 
     report = backfill(settings, progress, dry_run=args.dry_run)
     if live:
-        sys.stderr.write("\r\033[K")
+        _raw(sys.stderr).write("\r\033[K")
     if not existed and not args.dry_run:
         log_created(settings.db_path)
     if args.json:
-        print(to_json(report.as_dict()))
+        _print_json(report.as_dict())
         return EXIT_OK
     print(render.backfill(report))
     return EXIT_OK
@@ -575,7 +609,7 @@ def cmd_ship(settings: Settings, args: argparse.Namespace) -> int:
         now = time.monotonic()
         if live and now - last[0] >= 0.1:
             last[0] = now
-            sys.stderr.write(f"\r\033[K{table}: {copied:,} of {total:,} rows copied ")
+            _raw(sys.stderr).write(f"\r\033[K{table}: {copied:,} of {total:,} rows copied ")
             sys.stderr.flush()
 
     shipper = Shipper(settings)
@@ -602,9 +636,9 @@ def cmd_ship(settings: Settings, args: argparse.Namespace) -> int:
     finally:
         shipper.close()
     if live:
-        sys.stderr.write("\r\033[K")
+        _raw(sys.stderr).write("\r\033[K")
     if args.json:
-        print(to_json(report.as_dict()))
+        _print_json(report.as_dict())
         return EXIT_OK
     copied = ", ".join(f"{n:,} {t}" for t, n in report.copied.items())
     deleted = sum(report.deleted.values())
@@ -642,7 +676,7 @@ def cmd_grant(settings: Settings, args: argparse.Namespace) -> int:
         return EXIT_FAILURE
     report = {"database": where, "schema": settings.postgres_schema, "schema_version": PG_SCHEMA_VERSION, **report}
     if args.json:
-        print(to_json(report))
+        _print_json(report)
         return EXIT_OK
     print(
         f"role {report['role']!r} may write the rows of source {report['source']!r} in {where} "
@@ -683,14 +717,12 @@ def cmd_check(settings: Settings, args: argparse.Namespace) -> int:
         source.close()
     ok = all(f.status != "fail" for f in findings) and (report is None or report.ok)
     if args.json:
-        print(
-            to_json(
-                {
-                    "ok": ok,
-                    "checks": [f.as_dict() for f in findings],
-                    "verify": None if report is None else report.as_dict(),
-                }
-            )
+        _print_json(
+            {
+                "ok": ok,
+                "checks": [f.as_dict() for f in findings],
+                "verify": None if report is None else report.as_dict(),
+            }
         )
         return EXIT_OK if ok else EXIT_FAILURE
     print(render.check(findings, report, args.show_diffs))
@@ -702,7 +734,7 @@ def cmd_health(settings: Settings, args: argparse.Namespace) -> int:
 
     healthy, reason = health(settings)
     if args.json:
-        print(to_json({"healthy": healthy, "reason": reason}))
+        _print_json({"healthy": healthy, "reason": reason})
     else:
         print(("healthy: " if healthy else "unhealthy: ") + reason)
     return EXIT_OK if healthy else EXIT_FAILURE
@@ -762,7 +794,10 @@ def _report(
 
     with Reader.open(settings.db_path) as reader:
         data = query(reader)
-    print(to_json(data) if args.json else show(data))
+    if args.json:
+        _print_json(data)
+    else:
+        print(show(data))
     return EXIT_OK
 
 
@@ -790,7 +825,10 @@ def cmd_stats(settings: Settings, args: argparse.Namespace) -> int:
         return _report(settings, args, lambda reader: reader.stats(), render.stats)
     with central:
         data = central.stats()
-    print(to_json(data) if args.json else render.central_stats(data))
+    if args.json:
+        _print_json(data)
+    else:
+        print(render.central_stats(data))
     return EXIT_OK
 
 
@@ -804,7 +842,7 @@ def cmd_history(settings: Settings, args: argparse.Namespace) -> int:
     with central if central is not None else Reader.open(settings.db_path) as reader:
         sessions = reader.sessions(filters)
         if args.json:
-            write_json_array(sessions, sys.stdout)
+            write_json_array(sessions, _data())
         else:
             write_table(render.history(sessions), columns, sys.stdout)
     return EXIT_OK
@@ -824,7 +862,7 @@ def cmd_export(settings: Settings, args: argparse.Namespace) -> int:
         if args.format == "csv" and args.what == "quarantine":
             rows = (_flat_payload(r) for r in rows)
         try:
-            out = open(args.output, "w", newline="", encoding="utf-8") if args.output else sys.stdout  # noqa: SIM115
+            out = open(args.output, "w", newline="", encoding="utf-8") if args.output else _data()  # noqa: SIM115
             try:
                 count = write_csv(columns, rows, out) if args.format == "csv" else write_jsonl(rows, out)
             finally:
@@ -847,7 +885,7 @@ def cmd_backup(settings: Settings, args: argparse.Namespace) -> int:
 
     report = backup(settings.db_path, Path(args.destination), force=args.force)
     if args.json:
-        print(to_json(report.__dict__))
+        _print_json(report.__dict__)
     else:
         print(
             f"backed up {report.source} to {report.destination}: {report.bytes:,} bytes, "
@@ -877,15 +915,13 @@ def cmd_forget(settings: Settings, args: argparse.Namespace) -> int:
     finally:
         store.close()
     if args.json:
-        print(
-            to_json(
-                {
-                    "dry_run": args.dry_run,
-                    "records": [t.as_dict() for t in targets],
-                    "already_erased": already,
-                    "erased": None if done is None else done.as_dict(),
-                }
-            )
+        _print_json(
+            {
+                "dry_run": args.dry_run,
+                "records": [t.as_dict() for t in targets],
+                "already_erased": already,
+                "erased": None if done is None else done.as_dict(),
+            }
         )
         return EXIT_OK
     print(render.forget(targets, already, done, args.dry_run))
@@ -920,5 +956,8 @@ def cmd_prune(settings: Settings, args: argparse.Namespace) -> int:
             data = {"dry_run": False, "cutoff": cutoff.isoformat(), **pruned.as_dict()}
     finally:
         store.close()
-    print(to_json(data) if args.json else render.prune(data))
+    if args.json:
+        _print_json(data)
+    else:
+        print(render.prune(data))
     return EXIT_OK

@@ -14,6 +14,8 @@ from typing import Any, TextIO
 
 import structlog
 
+from archiver.output import visible
+
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
 
@@ -47,6 +49,12 @@ class SafeLoggerFactory:
         return self._logger
 
 
+def _visible_text(logger: Any, method: str, event: dict[str, Any]) -> dict[str, Any]:
+    """The console's lines are read on a terminal: the event's text values (a key, a name from
+    Redis) with each control character shown as its escape. JSON lines escape them by JSON's rules."""
+    return {k: visible(v) if isinstance(v, str) else v for k, v in event.items()}
+
+
 def configure(fmt: str = "auto", level: str = "info", stream: TextIO | None = None) -> None:
     """Configure structlog once for the process; logs go to stderr."""
     out = stream or sys.stderr
@@ -59,7 +67,7 @@ def configure(fmt: str = "auto", level: str = "info", stream: TextIO | None = No
     if as_json:
         processors += [structlog.processors.dict_tracebacks, structlog.processors.JSONRenderer()]
     else:
-        processors += [structlog.dev.ConsoleRenderer(colors=out.isatty())]
+        processors += [_visible_text, structlog.dev.ConsoleRenderer(colors=out.isatty())]
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),

@@ -1,0 +1,121 @@
+"""What the commands print, export and write is safe whatever text Redis held: no terminal escape
+reaches the operator's terminal, no spreadsheet formula runs from an export, no central column
+name runs as SQL, no copy is easier to read than the archive, and no path opens another file."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import REPO, atjob_hash, daemon_env, favorite_hash, job_hash, session_hash
+
+# A window title (OSC 0), a clipboard write (OSC 52), a screen clear, a carriage return over the
+# line, a backspace, DEL, a C1 control sequence introducer, a tab and a line break.
+HOSTILE = "deploy\x1b]0;owned\x07\x1b]52;c;ZWNobyBvd25lZA==\x07\x1b[2J\x1b[H\rfake\x08\x7f\x9b31m\tend\nok"
+SHOWN = r"deploy\x1b]0;owned\x07\x1b]52;c;ZWNobyBvd25lZA==\x07\x1b[2J\x1b[H\rfake\x08\x7f\x9b31m\tend\nok"
+# what must not reach a terminal: every control character but the newline that ends a line of output
+CONTROL = re.compile("[\x00-\x09\x0b-\x1f\x7f-\x9f]")
+
+
+def cli(server, db_path: Path, *args: str, umask: int | None = None, **env: str) -> subprocess.CompletedProcess[str]:
+    """The command in a process of its own; ``umask``: the shell's, set before the command starts."""
+    prefix = [] if umask is None else ["-c", f"import os, sys; os.umask({umask}); from archiver.cli import main; "
+                                             "sys.argv[0] = 'desto-archiver'; sys.exit(main())"]  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, *(prefix or ["-m", "archiver"]), *args],
+        cwd=REPO,
+        env=daemon_env(server, db_path, **env),
+        capture_output=True,
+        timeout=120,
+    )
+    # decoded by hand: text=True would turn a carriage return into a line break before it is seen
+    return subprocess.CompletedProcess(result.args, result.returncode, result.stdout.decode(), result.stderr.decode())
+
+
+def hostile_records(redis) -> dict[str, str]:
+    """A session, its job, a favorite and an at-job whose every text field holds terminal escapes."""
+    session = session_hash(session_name=HOSTILE, tmux_session_name=HOSTILE, status="finished")
+    job = job_hash(session_id=session["session_id"], command=HOSTILE, status="finished", exit_code="0")
+    session["job_ids"] = job["job_id"]
+    favorite = favorite_hash(name=HOSTILE, command=HOSTILE)
+    redis.hset(f"desto:session:{session['session_id']}", mapping=session)
+    redis.hset(f"desto:job:{job['job_id']}", mapping=job)
+    redis.hset(f"desto:favorite:{favorite['favorite_id']}", mapping=favorite)
+    redis.hset("desto:atjob:66", mapping=atjob_hash("66", status=HOSTILE, command=HOSTILE, session_name=HOSTILE))
+    return {"session": session["session_id"], "job": job["job_id"], "favorite": favorite["favorite_id"]}
+
+
+@pytest.fixture
+def hostile(redis_server, redis, db_path: Path) -> dict[str, str]:
+    ids = hostile_records(redis)
+    result = cli(redis_server, db_path, "backfill")
+    assert result.returncode == 0, result.stderr
+    return ids
+
+
+def assert_safe_for_a_terminal(result: subprocess.CompletedProcess[str], shown: str = SHOWN) -> None:
+    for stream in (result.stdout, result.stderr):
+        assert not CONTROL.search(stream), CONTROL.findall(stream)
+    assert shown in result.stdout, result.stdout
+
+
+# ─── terminal escapes ────────────────────────────────────────────────────────────────────────────
+
+
+def test_terminal_escapes_from_redis_never_reach_the_operator_s_terminal(redis_server, redis, db_path, hostile):
+    """Every command's output for people shows a control character as its escape (``\\x1b``)
+    instead of sending it: names, command lines and statuses from Redis change no window title,
+    write no clipboard, clear no screen and overwrite no line."""
+    history = cli(redis_server, db_path, "history")
+    assert history.returncode == 0, history.stderr
+    # the table's cell is cut at 60 characters: the start of the escaped name is there, its escapes shown
+    assert_safe_for_a_terminal(history, shown=SHOWN[:40])
+
+    for args in (
+        ("show", hostile["session"]),
+        ("forget", "--dry-run", hostile["session"], hostile["favorite"]),
+        ("stats",),
+    ):
+        result = cli(redis_server, db_path, *args)
+        assert result.returncode == 0, (args, result.stderr)
+        # a table's cell is cut at 60 characters; show's header line holds the name whole
+        assert_safe_for_a_terminal(result, shown=SHOWN if args[0] == "show" else SHOWN[:40])
+
+    # a record the archive does not hold yet, whose key itself holds escapes: check lists its key
+    redis.hset("desto:favorite:\x1b]0;key\x07", mapping=favorite_hash("\x1b]0;key\x07", name=HOSTILE))
+    redis.hset(f"desto:favorite:{hostile['favorite']}", "command", HOSTILE + "2")
+    check = cli(redis_server, db_path, "check", "--no-daemon", "--show-diffs", "--settle", "0")
+    assert check.returncode == 1, check.stderr
+    assert_safe_for_a_terminal(check, shown=r"missing: desto:favorite:\x1b]0;key\x07")
+
+
+def test_machine_outputs_keep_the_text_exactly(redis_server, redis, db_path, hostile) -> None:
+    history = json.loads(cli(redis_server, db_path, "history", "--json").stdout)
+    assert [s["session_name"] for s in history] == [HOSTILE]
+    shown = json.loads(cli(redis_server, db_path, "show", hostile["session"], "--json").stdout)
+    assert shown["jobs"][0]["command"] == HOSTILE
+    favorites = cli(redis_server, db_path, "export", "favorites").stdout.splitlines()
+    assert [json.loads(line)["name"] for line in favorites] == [HOSTILE]
+    stats = json.loads(cli(redis_server, db_path, "stats", "--json").stdout)
+    assert stats["records"]["atjobs"]["by_status"] == {HOSTILE: 1}
+
+
+def test_terminal_escapes_in_the_central_database_never_reach_the_operator_s_terminal(
+    redis_server, redis, db_path, hostile, pg_url
+) -> None:
+    """The central database holds every host's text, and each host's own name and file: none of it
+    reaches the terminal of whoever reads it there."""
+    source = "gpu\x1b]0;owned\x07"
+    shipped = cli(redis_server, db_path, "ship", "--postgres-url", pg_url, "--source", source)
+    assert shipped.returncode == 0, shipped.stderr
+    assert_safe_for_a_terminal(shipped, shown=r"gpu\x1b]0;owned\x07")
+    for args in (("history",), ("stats",)):
+        result = cli(redis_server, db_path, *args, "--postgres-url", pg_url)
+        assert result.returncode == 0, result.stderr
+        assert_safe_for_a_terminal(result, shown=r"gpu\x1b]0;owned\x07")
+    assert SHOWN[:40] in cli(redis_server, db_path, "history", "--postgres-url", pg_url).stdout
