@@ -320,6 +320,12 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("what", choices=list(EXPORTS), help="the table to export")
     export.add_argument("--format", choices=["csv", "jsonl"], default="jsonl", help="default jsonl")
     export.add_argument("--output", "-o", metavar="FILE", help="write to FILE instead of stdout")
+    export.add_argument(
+        "--raw-csv",
+        action="store_true",
+        help="write CSV cells as they are: by default a cell starting with = + - @, a tab or a carriage return "
+        "gets a ' in front, so a spreadsheet shows it instead of running it as a formula",
+    )
 
     backup = _command(
         sub,
@@ -856,6 +862,8 @@ def cmd_export(settings: Settings, args: argparse.Namespace) -> int:
     from archiver.reader import Reader
 
     filters = _filters(args, args.what)
+    if args.raw_csv and args.format != "csv":
+        raise UsageError("--raw-csv applies to --format csv only")
     central = _central(settings, args)
     with central if central is not None else Reader.open(settings.db_path) as reader:
         columns, rows = reader.export(args.what, filters)
@@ -864,7 +872,10 @@ def cmd_export(settings: Settings, args: argparse.Namespace) -> int:
         try:
             out = open(args.output, "w", newline="", encoding="utf-8") if args.output else _data()  # noqa: SIM115
             try:
-                count = write_csv(columns, rows, out) if args.format == "csv" else write_jsonl(rows, out)
+                if args.format == "csv":
+                    count = write_csv(columns, rows, out, raw=args.raw_csv)
+                else:
+                    count = write_jsonl(rows, out)
             finally:
                 if args.output:
                     out.close()

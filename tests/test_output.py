@@ -3,6 +3,7 @@ cell a spreadsheet would evaluate is written as text."""
 
 from __future__ import annotations
 
+import csv
 import io
 import re
 
@@ -10,7 +11,7 @@ import pytest
 import structlog
 
 from archiver.log import configure, get_logger
-from archiver.output import pairs, table, visible, write_jsonl
+from archiver.output import pairs, table, visible, write_csv, write_jsonl
 
 pytestmark = pytest.mark.unit
 
@@ -45,6 +46,19 @@ def test_tables_and_summaries_show_escapes_and_keep_each_value_on_its_line() -> 
     assert not CONTROL.search(text) and text.count("\n") == 2 and r"x\x1b[2J\ny" in text
     summary = pairs([("session", "a\rb\x9b1m\nc"), ("status", "ok")])
     assert not CONTROL.search(summary) and summary.count("\n") == 1 and r"a\rb\x9b1m\nc" in summary
+
+
+@pytest.mark.parametrize("start", ["=", "+", "-", "@", "\t", "\r"])
+def test_a_csv_cell_a_spreadsheet_would_evaluate_is_written_as_text(start: str) -> None:
+    out = io.StringIO(newline="")
+    write_csv(["command", "exit_code"], [{"command": f"{start}1+1", "exit_code": -1}], out)
+    [row] = list(csv.DictReader(io.StringIO(out.getvalue(), newline="")))
+    assert row == {"command": f"'{start}1+1", "exit_code": "-1"}  # numbers stay numbers
+
+    raw = io.StringIO(newline="")
+    write_csv(["command"], [{"command": f"{start}1+1"}], raw, raw=True)
+    [row] = list(csv.DictReader(io.StringIO(raw.getvalue(), newline="")))
+    assert row == {"command": f"{start}1+1"}
 
 
 def test_json_lines_keep_control_characters_exactly() -> None:
