@@ -8,6 +8,7 @@ import csv
 import io
 import json
 import re
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -162,3 +163,84 @@ def test_a_csv_export_neutralises_what_a_spreadsheet_would_run(redis_server, red
     assert sorted(json.loads(line)["name"] for line in jsonl.stdout.splitlines()) == sorted(FORMULAS)
     wrong = cli(redis_server, db_path, "export", "favorites", "--raw-csv")
     assert wrong.returncode == 2 and "--format csv" in wrong.stderr
+
+
+# ─── names from the central database ─────────────────────────────────────────────────────────────
+
+# A column name that closes its quotes: composed into a statement as "name", it calls a function
+# the tables' owner wrote, with the privileges of whoever runs the statement.
+INJECTED = 'session_id", desto_archiver.drop_marker() AS "x'
+QUOTED = INJECTED.replace('"', '""')  # the name as a quoted identifier writes it, in either database
+PERCENT = "share %s of 100%"  # a name psycopg would take for parameters if it were not told
+
+
+def plant(pg_url: str) -> None:
+    """As a role that owns the central tables: a marker table, a function that drops it, and a
+    column of sessions named to call that function."""
+    import psycopg
+
+    with psycopg.connect(pg_url, autocommit=True) as pg:
+        pg.execute("CREATE TABLE public.marker (id int)")
+        pg.execute(
+            "CREATE FUNCTION desto_archiver.drop_marker() RETURNS text LANGUAGE plpgsql "
+            "AS $$ BEGIN DROP TABLE IF EXISTS public.marker; RETURN 'dropped'; END $$"
+        )
+        pg.execute(f'ALTER TABLE desto_archiver.sessions ADD COLUMN "{QUOTED}" text')
+
+
+def add_percent_column(pg_url: str) -> None:
+    import psycopg
+
+    with psycopg.connect(pg_url, autocommit=True) as pg:
+        pg.execute(f'ALTER TABLE desto_archiver.sessions ADD COLUMN "{PERCENT}" text')
+
+
+def marker_exists(pg_url: str) -> bool:
+    import psycopg
+
+    with psycopg.connect(pg_url) as pg:
+        return pg.execute("SELECT to_regclass('public.marker') IS NOT NULL").fetchone()[0]
+
+
+def test_a_central_column_name_never_runs_as_sql_in_an_export(redis_server, redis, db_path, pg_url) -> None:
+    hostile_records(redis)
+    assert cli(redis_server, db_path, "backfill").returncode == 0
+    assert cli(redis_server, db_path, "ship", "--postgres-url", pg_url, "--source", "gpu1").returncode == 0
+    plant(pg_url)
+
+    for what, fmt in (("sessions", "jsonl"), ("sessions", "csv")):
+        result = cli(redis_server, db_path, "export", what, "--format", fmt, "--postgres-url", pg_url)
+        assert result.returncode == 0, result.stderr
+        assert marker_exists(pg_url), f"export {what} --format {fmt} ran the column's SQL"
+    add_percent_column(pg_url)
+    rows = [json.loads(line) for line in cli(redis_server, db_path, "export", "sessions", "--postgres-url", pg_url)
+            .stdout.splitlines()]  # fmt: skip
+    assert [(r["session_name"], r[INJECTED], r[PERCENT]) for r in rows] == [(HOSTILE, None, None)]  # columns
+    assert "x" not in rows[0]
+
+
+def test_a_column_name_both_sides_hold_never_runs_as_sql_when_shipping(redis_server, redis, db_path, pg_url) -> None:
+    """The shipper copies the columns the file and the central table both have: one named to close
+    its quotes is copied as a column like the others, row by row and in a batch copied whole."""
+    hostile_records(redis)
+    for _ in range(60):  # more than a batch sent row by row
+        record = session_hash()
+        redis.hset(f"desto:session:{record['session_id']}", mapping=record)
+    assert cli(redis_server, db_path, "backfill").returncode == 0
+    assert cli(redis_server, db_path, "ship", "--postgres-url", pg_url, "--source", "gpu1").returncode == 0
+    plant(pg_url)
+    add_percent_column(pg_url)
+    conn = sqlite3.connect(db_path)
+    conn.execute(f'ALTER TABLE sessions ADD COLUMN "{QUOTED}" TEXT')
+    conn.execute(f'ALTER TABLE sessions ADD COLUMN "{PERCENT}" TEXT')
+    conn.execute(f"UPDATE sessions SET \"{QUOTED}\" = 'kept', \"{PERCENT}\" = 'half'")
+    conn.commit()
+    conn.close()
+
+    result = cli(redis_server, db_path, "ship", "--postgres-url", pg_url, "--source", "gpu1")
+    assert result.returncode == 0, result.stderr
+    assert marker_exists(pg_url)
+    from tests.pg_helpers import pg_rows
+
+    assert {(r[INJECTED], r[PERCENT]) for r in pg_rows(pg_url, "sessions", "gpu1")} == {("kept", "half")}
+    assert len(pg_rows(pg_url, "sessions", "gpu1")) == 61
