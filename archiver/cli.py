@@ -859,6 +859,7 @@ def cmd_show(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_export(settings: Settings, args: argparse.Namespace) -> int:
+    from archiver.copies import file_mode, open_copy
     from archiver.reader import Reader
 
     filters = _filters(args, args.what)
@@ -870,7 +871,12 @@ def cmd_export(settings: Settings, args: argparse.Namespace) -> int:
         if args.format == "csv" and args.what == "quarantine":
             rows = (_flat_payload(r) for r in rows)
         try:
-            out = open(args.output, "w", newline="", encoding="utf-8") if args.output else _data()  # noqa: SIM115
+            # never easier to read than the archive (the central database's: its owner's alone)
+            out = (
+                open_copy(Path(args.output), file_mode(None if central is not None else settings.db_path))
+                if args.output
+                else _data()
+            )
             try:
                 if args.format == "csv":
                     count = write_csv(columns, rows, out, raw=args.raw_csv)

@@ -9,6 +9,7 @@ import io
 import json
 import re
 import sqlite3
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -244,3 +245,51 @@ def test_a_column_name_both_sides_hold_never_runs_as_sql_when_shipping(redis_ser
 
     assert {(r[INJECTED], r[PERCENT]) for r in pg_rows(pg_url, "sessions", "gpu1")} == {("kept", "half")}
     assert len(pg_rows(pg_url, "sessions", "gpu1")) == 61
+
+
+# ─── files' permissions ──────────────────────────────────────────────────────────────────────────
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+@pytest.mark.parametrize("archiver_umask", [None, "0022"])
+def test_backups_and_exports_are_never_easier_to_read_than_the_archive(
+    redis_server, redis, db_path: Path, tmp_path: Path, archiver_umask: str | None
+) -> None:
+    """From an administrator's shell (umask 0022): a copy of a 0600 archive is 0600, and the folders
+    made for it 0700, whatever the umask would have given them."""
+    hostile_records(redis)
+    assert cli(redis_server, db_path, "backfill").returncode == 0
+    db_path.chmod(0o600)
+    env = {} if archiver_umask is None else {"ARCHIVER_UMASK": archiver_umask}
+
+    copy = tmp_path / "backups" / "nightly" / "desto.db"
+    result = cli(redis_server, db_path, "backup", str(copy), umask=0o022, **env)
+    assert result.returncode == 0, result.stderr
+    assert oct(mode(copy)) == oct(0o600)
+    assert oct(mode(copy.parent)) == oct(0o700) and oct(mode(copy.parent.parent)) == oct(0o700)
+
+    again = cli(redis_server, db_path, "backup", "--force", str(copy), umask=0o022, **env)
+    assert again.returncode == 0, again.stderr
+    assert oct(mode(copy)) == oct(0o600)
+
+    exported = tmp_path / "sessions.csv"
+    result = cli(redis_server, db_path, "export", "sessions", "-o", str(exported), umask=0o022, **env)
+    assert result.returncode == 0, result.stderr
+    assert oct(mode(exported)) == oct(0o600)
+    # a file that was there, readable by others, is no longer once it holds the export
+    exported.chmod(0o644)
+    result = cli(redis_server, db_path, "export", "jobs", "-o", str(exported), umask=0o022, **env)
+    assert result.returncode == 0, result.stderr
+    assert oct(mode(exported)) == oct(0o600)
+
+
+def test_a_copy_of_an_archive_its_group_reads_keeps_its_group_s_access(redis_server, redis, db_path: Path, tmp_path):
+    assert cli(redis_server, db_path, "backfill").returncode == 0
+    db_path.chmod(0o640)
+    copy = tmp_path / "backups" / "desto.db"
+    result = cli(redis_server, db_path, "backup", str(copy), umask=0o022, ARCHIVER_UMASK="0022")
+    assert result.returncode == 0, result.stderr
+    assert oct(mode(copy)) == oct(0o640) and oct(mode(copy.parent)) == oct(0o750)
