@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from archiver.copies import file_mode, folder_mode, make_folders
+from archiver.sql import read_only
 from archiver.store import StoreError
 
 
@@ -55,7 +56,7 @@ def backup(source: Path, destination: Path, force: bool = False) -> BackupReport
         raise BackupError(f"cannot write {destination}: {exc.strerror} (in {destination.parent.absolute()})") from None
     started = time.monotonic()
     try:
-        src = sqlite3.connect(f"file:{source}?mode=ro", uri=True, timeout=30)
+        src = read_only(source, timeout=30)
         try:
             dst = sqlite3.connect(partial)
             try:

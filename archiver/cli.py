@@ -702,6 +702,7 @@ def cmd_check(settings: Settings, args: argparse.Namespace) -> int:
 
     from archiver.check import Finding, doctor, verify
     from archiver.source import Source
+    from archiver.sql import read_only
     from archiver.store import DAMAGED_ADVICE, is_damaged
 
     source = Source(settings)
@@ -710,7 +711,7 @@ def cmd_check(settings: Settings, args: argparse.Namespace) -> int:
         report = None
         readable = not any(f.check == "integrity" and f.status == "fail" for f in findings)
         if args.verify and redis_ok and readable and os.path.exists(settings.db_path):
-            conn = sqlite3.connect(f"file:{settings.db_path}?mode=ro", uri=True, timeout=10)
+            conn = read_only(settings.db_path, timeout=10)
             try:
                 report = verify(source, conn, settings.batch_size, args.settle)
             except sqlite3.DatabaseError as exc:

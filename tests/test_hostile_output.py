@@ -7,7 +7,9 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import re
+import shutil
 import sqlite3
 import stat
 import subprocess
@@ -293,3 +295,44 @@ def test_a_copy_of_an_archive_its_group_reads_keeps_its_group_s_access(redis_ser
     result = cli(redis_server, db_path, "backup", str(copy), umask=0o022, ARCHIVER_UMASK="0022")
     assert result.returncode == 0, result.stderr
     assert oct(mode(copy)) == oct(0o640) and oct(mode(copy.parent)) == oct(0o750)
+
+
+# ─── paths that read as URIs ─────────────────────────────────────────────────────────────────────
+
+
+def test_read_only_commands_open_the_file_named_even_when_its_path_looks_like_a_uri(
+    redis_server, redis, tmp_path: Path
+) -> None:
+    """``%41``, ``?`` and ``#`` in the archive's path are part of its name: the reading commands
+    open that file, not ``aAb`` beside it, and create nothing."""
+    folder = tmp_path / "a%41b?x#y"
+    folder.mkdir()
+    db_path = folder / "desto.db"
+    ids = hostile_records(redis)
+    assert cli(redis_server, db_path, "backfill").returncode == 0
+    # what a path cut at its '?' and decoded would open: a decoy archive of other sessions
+    decoy = tmp_path / "aAb"
+    shutil.copy(db_path, decoy)
+    conn = sqlite3.connect(decoy)
+    conn.execute("UPDATE sessions SET session_name = 'decoy'")
+    conn.commit()
+    conn.close()
+
+    history = cli(redis_server, db_path, "history", "--json")
+    assert history.returncode == 0, history.stderr
+    assert [s["session_name"] for s in json.loads(history.stdout)] == [HOSTILE]
+    exported = cli(redis_server, db_path, "export", "sessions")
+    assert [json.loads(line)["session_name"] for line in exported.stdout.splitlines()] == [HOSTILE]
+    assert cli(redis_server, db_path, "show", ids["session"], "--json").returncode == 0
+    stats = json.loads(cli(redis_server, db_path, "stats", "--json").stdout)
+    assert stats["file"] == str(db_path) and stats["records"]["sessions"]["total"] == 1
+    copy = tmp_path / "copy.db"
+    assert cli(redis_server, db_path, "backup", str(copy)).returncode == 0
+    assert sqlite3.connect(copy).execute("SELECT session_name FROM sessions").fetchall() == [(HOSTILE,)]
+
+    decoy.unlink()
+    check = cli(redis_server, db_path, "check", "--no-daemon", "--settle", "0")
+    assert check.returncode == 0, check.stdout + check.stderr
+    dry = cli(redis_server, db_path, "backfill", "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert sorted(os.listdir(tmp_path)) == sorted(["a%41b?x#y", "copy.db"])  # nothing opened, nothing created
