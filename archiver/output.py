@@ -39,6 +39,8 @@ def visible(text: str, keep_newlines: bool = False) -> str:
     string (``\\x1b`` for ESC, ``\\r``, ``\\t``, ``\\n``, ``\\x9b`` for C1's CSI), every other
     character as it is. ``keep_newlines``: a line break stays one (text made of lines, whose values
     were made visible already)."""
+    if text.isprintable():  # no control character (nor any other unprintable one): most text, at C speed
+        return text
     return (_CONTROL_BUT_NEWLINE if keep_newlines else _CONTROL).sub(_escape, text)
 
 
