@@ -23,7 +23,7 @@ from typing import Any
 from archiver import __version__, render
 from archiver.config import ConfigError, Settings, load_settings
 from archiver.log import configure, get_logger
-from archiver.output import to_json, write_csv, write_json_array, write_jsonl, write_table
+from archiver.output import to_json, visible, write_csv, write_json_array, write_jsonl, write_table
 from archiver.reader import EXPORTS
 from archiver.redis_client import CONNECTION_ERRORS, unreachable_advice
 from archiver.store import StoreError, UnsupportedSQLite
@@ -62,6 +62,39 @@ class _Stdout:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._stream, name)
+
+
+class _ForPeople:
+    """``sys.stdout`` or ``sys.stderr`` for the length of a command: what is written there is for
+    people, so each control character in it is shown as its escape (:func:`visible`) whatever text
+    Redis held, and whatever command prints it. Line breaks stay: values within a line were made
+    visible by the tables and summaries already. ``raw`` is the stream itself, for the output of
+    machines (:func:`_data`) and the deliberate escapes of a progress line."""
+
+    def __init__(self, raw: Any) -> None:
+        self.raw = raw
+
+    def write(self, text: str) -> int:
+        self.raw.write(visible(text, keep_newlines=True))
+        return len(text)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.raw, name)
+
+
+def _raw(stream: Any) -> Any:
+    """The stream under :class:`_ForPeople`: text written there as it is."""
+    return getattr(stream, "raw", stream)
+
+
+def _data() -> Any:
+    """Where machine output goes (JSON, JSON Lines, CSV): stdout, the text as it is. JSON writes
+    its own escapes for control characters below 0x20; the rest is the data, kept exactly."""
+    return _raw(sys.stdout)
+
+
+def _print_json(data: Any) -> None:
+    print(to_json(data), file=_data())
 
 
 def _config_options() -> argparse.ArgumentParser:
@@ -294,6 +327,12 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("what", choices=list(EXPORTS), help="the table to export")
     export.add_argument("--format", choices=["csv", "jsonl"], default="jsonl", help="default jsonl")
     export.add_argument("--output", "-o", metavar="FILE", help="write to FILE instead of stdout")
+    export.add_argument(
+        "--raw-csv",
+        action="store_true",
+        help="write CSV cells as they are: by default a cell starting with = + - @, a tab or a carriage return "
+        "gets a ' in front, so a spreadsheet shows it instead of running it as a formula",
+    )
 
     backup = _command(
         sub,
@@ -437,7 +476,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"desto-archiver {args.command}: {path} is a folder: give the archive's file, e.g. {path / 'desto.db'}",
               file=sys.stderr)  # fmt: skip
         return EXIT_USAGE
-    stdout, sys.stdout = sys.stdout, _Stdout(sys.stdout)
+    stdout, sys.stdout = sys.stdout, _ForPeople(_Stdout(sys.stdout))
+    stderr, sys.stderr = sys.stderr, _ForPeople(sys.stderr)
     try:
         code: int = args.handler(settings, args)
         sys.stdout.flush()
@@ -466,7 +506,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"desto-archiver {args.command}: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     finally:
-        sys.stdout = stdout
+        sys.stdout, sys.stderr = stdout, stderr
 
 
 def _warn_passwords_in_arguments(args: argparse.Namespace, settings: Settings) -> None:
@@ -567,7 +607,7 @@ def cmd_backfill(settings: Settings, args: argparse.Namespace) -> int:
         now = time.monotonic()
         if live and now - last[0] >= 0.1:
             last[0] = now
-            sys.stderr.write(
+            _raw(sys.stderr).write(
                 f"\r{p.phase}: {p.keys_scanned:,} keys scanned, {p.keys_read:,} read ({p.keys_per_s:,.0f}/s), "
                 f"{p.written:,} written, {p.quarantined:,} quarantined, {p.elapsed_s:.1f} s "
             )
@@ -585,11 +625,11 @@ def cmd_backfill(settings: Settings, args: argparse.Namespace) -> int:
 
     report = backfill(settings, progress, dry_run=args.dry_run)
     if live:
-        sys.stderr.write("\r\033[K")
+        _raw(sys.stderr).write("\r\033[K")
     if not existed and not args.dry_run:
         log_created(settings.db_path)
     if args.json:
-        print(to_json(report.as_dict()))
+        _print_json(report.as_dict())
         return EXIT_OK
     print(render.backfill(report))
     return EXIT_OK
@@ -632,7 +672,7 @@ def cmd_ship(settings: Settings, args: argparse.Namespace) -> int:
         now = time.monotonic()
         if live and now - last[0] >= 0.1:
             last[0] = now
-            sys.stderr.write(f"\r\033[K{table}: {copied:,} of {total:,} rows copied ")
+            _raw(sys.stderr).write(f"\r\033[K{table}: {copied:,} of {total:,} rows copied ")
             sys.stderr.flush()
 
     shipper = Shipper(settings)
@@ -665,9 +705,9 @@ def cmd_ship(settings: Settings, args: argparse.Namespace) -> int:
     finally:
         shipper.close()
     if live:
-        sys.stderr.write("\r\033[K")
+        _raw(sys.stderr).write("\r\033[K")
     if args.json:
-        print(to_json(report.as_dict()))
+        _print_json(report.as_dict())
         return EXIT_OK
     copied = ", ".join(f"{n:,} {t}" for t, n in report.copied.items())
     deleted = sum(report.deleted.values())
@@ -705,7 +745,7 @@ def cmd_grant(settings: Settings, args: argparse.Namespace) -> int:
         return EXIT_FAILURE
     report = {"database": where, "schema": settings.postgres_schema, "schema_version": PG_SCHEMA_VERSION, **report}
     if args.json:
-        print(to_json(report))
+        _print_json(report)
         return EXIT_OK
     print(
         f"role {report['role']!r} may write the rows of source {report['source']!r} in {where} "
@@ -725,6 +765,7 @@ def cmd_check(settings: Settings, args: argparse.Namespace) -> int:
 
     from archiver.check import Finding, doctor, verify
     from archiver.source import Source
+    from archiver.sql import read_only
     from archiver.store import DAMAGED_ADVICE, is_damaged
 
     source = Source(settings)
@@ -733,7 +774,7 @@ def cmd_check(settings: Settings, args: argparse.Namespace) -> int:
         report = None
         readable = not any(f.check == "integrity" and f.status == "fail" for f in findings)
         if args.verify and redis_ok and readable and os.path.exists(settings.db_path):
-            conn = sqlite3.connect(f"file:{settings.db_path}?mode=ro", uri=True, timeout=10)
+            conn = read_only(settings.db_path, timeout=10)
             try:
                 report = verify(source, conn, settings.batch_size, args.settle)
             except sqlite3.DatabaseError as exc:
@@ -746,14 +787,12 @@ def cmd_check(settings: Settings, args: argparse.Namespace) -> int:
         source.close()
     ok = all(f.status != "fail" for f in findings) and (report is None or report.ok)
     if args.json:
-        print(
-            to_json(
-                {
-                    "ok": ok,
-                    "checks": [f.as_dict() for f in findings],
-                    "verify": None if report is None else report.as_dict(),
-                }
-            )
+        _print_json(
+            {
+                "ok": ok,
+                "checks": [f.as_dict() for f in findings],
+                "verify": None if report is None else report.as_dict(),
+            }
         )
         return EXIT_OK if ok else EXIT_FAILURE
     print(render.check(findings, report, args.show_diffs))
@@ -765,7 +804,7 @@ def cmd_health(settings: Settings, args: argparse.Namespace) -> int:
 
     healthy, reason = health(settings)
     if args.json:
-        print(to_json({"healthy": healthy, "reason": reason}))
+        _print_json({"healthy": healthy, "reason": reason})
     else:
         print(("healthy: " if healthy else "unhealthy: ") + reason)
     return EXIT_OK if healthy else EXIT_FAILURE
@@ -825,7 +864,10 @@ def _report(
 
     with Reader.open(settings.db_path) as reader:
         data = query(reader)
-    print(to_json(data) if args.json else show(data))
+    if args.json:
+        _print_json(data)
+    else:
+        print(show(data))
     return EXIT_OK
 
 
@@ -853,7 +895,10 @@ def cmd_stats(settings: Settings, args: argparse.Namespace) -> int:
         return _report(settings, args, lambda reader: reader.stats(), render.stats)
     with central:
         data = central.stats()
-    print(to_json(data) if args.json else render.central_stats(data))
+    if args.json:
+        _print_json(data)
+    else:
+        print(render.central_stats(data))
     return EXIT_OK
 
 
@@ -867,7 +912,7 @@ def cmd_history(settings: Settings, args: argparse.Namespace) -> int:
     with central if central is not None else Reader.open(settings.db_path) as reader:
         sessions = reader.sessions(filters)
         if args.json:
-            write_json_array(sessions, sys.stdout)
+            write_json_array(sessions, _data())
         else:
             write_table(render.history(sessions), columns, sys.stdout)
     return EXIT_OK
@@ -878,18 +923,29 @@ def cmd_show(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_export(settings: Settings, args: argparse.Namespace) -> int:
+    from archiver.copies import file_mode, open_copy
     from archiver.reader import Reader
 
     filters = _filters(args, args.what)
+    if args.raw_csv and args.format != "csv":
+        raise UsageError("--raw-csv applies to --format csv only")
     central = _central(settings, args)
     with central if central is not None else Reader.open(settings.db_path) as reader:
         columns, rows = reader.export(args.what, filters)
         if args.format == "csv" and args.what == "quarantine":
             rows = (_flat_payload(r) for r in rows)
         try:
-            out = open(args.output, "w", newline="", encoding="utf-8") if args.output else sys.stdout  # noqa: SIM115
+            # never easier to read than the archive (the central database's: its owner's alone)
+            out = (
+                open_copy(Path(args.output), file_mode(None if central is not None else settings.db_path))
+                if args.output
+                else _data()
+            )
             try:
-                count = write_csv(columns, rows, out) if args.format == "csv" else write_jsonl(rows, out)
+                if args.format == "csv":
+                    count = write_csv(columns, rows, out, raw=args.raw_csv)
+                else:
+                    count = write_jsonl(rows, out)
             finally:
                 if args.output:
                     out.close()
@@ -910,7 +966,7 @@ def cmd_backup(settings: Settings, args: argparse.Namespace) -> int:
 
     report = backup(settings.db_path, Path(args.destination), force=args.force)
     if args.json:
-        print(to_json(report.__dict__))
+        _print_json(report.__dict__)
     else:
         print(
             f"backed up {report.source} to {report.destination}: {report.bytes:,} bytes, "
@@ -940,15 +996,13 @@ def cmd_forget(settings: Settings, args: argparse.Namespace) -> int:
     finally:
         store.close()
     if args.json:
-        print(
-            to_json(
-                {
-                    "dry_run": args.dry_run,
-                    "records": [t.as_dict() for t in targets],
-                    "already_erased": already,
-                    "erased": None if done is None else done.as_dict(),
-                }
-            )
+        _print_json(
+            {
+                "dry_run": args.dry_run,
+                "records": [t.as_dict() for t in targets],
+                "already_erased": already,
+                "erased": None if done is None else done.as_dict(),
+            }
         )
         return EXIT_OK
     print(render.forget(targets, already, done, args.dry_run))
@@ -983,5 +1037,8 @@ def cmd_prune(settings: Settings, args: argparse.Namespace) -> int:
             data = {"dry_run": False, "cutoff": cutoff.isoformat(), **pruned.as_dict()}
     finally:
         store.close()
-    print(to_json(data) if args.json else render.prune(data))
+    if args.json:
+        _print_json(data)
+    else:
+        print(render.prune(data))
     return EXIT_OK

@@ -18,7 +18,7 @@ from typing import Any
 from archiver.kinds import KINDS
 from archiver.models import decode_resp
 from archiver.schema import SCHEMA_VERSION
-from archiver.sql import has_erasures, select_in
+from archiver.sql import has_erasures, read_only, select_in
 from archiver.store import StoreError
 
 # What each export can hold, and the column its --since/--until and --name filters apply to.
@@ -87,7 +87,7 @@ class Reader:
                 "or point SQLITE_DB_PATH (--db) at the file"
             )
         try:
-            conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
+            conn = read_only(path, timeout=10)
             conn.row_factory = sqlite3.Row
             version = conn.execute("PRAGMA user_version").fetchone()[0]
         except sqlite3.DatabaseError as exc:

@@ -9,13 +9,11 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-import pytest
 from desto.redis import SQLiteStore
 
 from archiver.schema import DESTO_READ_INDEXES
 from archiver.store import Store
 
-pytestmark = pytest.mark.unit
 STATUSES = ("finished", "failed", "running")
 
 
