@@ -14,12 +14,15 @@ from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
 
 from archiver import changelog, erase, schema
+from archiver.config import load_settings
 from archiver.keys import classify
 from archiver.models import Fetched, Outcome, decode_resp, encode_resp, iso_utc, normalize
 from archiver.quarantine import PREFIX_BYTES, Limits, not_kept, used_bytes
 from archiver.reader import Filters, Reader
+from archiver.ship import Shipper
 from archiver.store import Batch, Store
 from tests.helpers import count, daemon_thread, job_hash, query, session_hash, settings_for, wait_for
+from tests.pg_helpers import central_differences, pg_rows
 from tests.redis_server import free_port
 from tests.test_commands import cli
 from tests.test_erase import MARKER, desto_store, grep_count
@@ -291,3 +294,25 @@ def test_a_file_of_version_6_keeps_the_newest_row_of_each_key_and_its_oldest_fir
     finally:
         desto.close()
         store.close()
+
+
+def test_the_collapse_of_an_older_file_reaches_postgresql_through_the_change_log(tmp_path: Path, pg_url: str) -> None:
+    db = tmp_path / "desto.db"
+    job, _ = file_of_version_6(db, shipping=True)
+    settings = load_settings(sqlite_db_path=db, postgres_url=pg_url, source_name="gpu1")
+    shipper = Shipper(settings)
+    try:
+        shipper.open()
+        shipper.copy_all()
+        assert len(pg_rows(pg_url, "quarantine", "gpu1")) == 4  # as schema 6 kept them
+        Store.open(db).close()  # schema 7
+        shipper.close_file()
+        shipper.open()
+        while shipper.ship_batch():
+            pass
+    finally:
+        shipper.close()
+    central = pg_rows(pg_url, "quarantine", "gpu1")
+    assert len(central) == 2 and central_differences(pg_url, db, "gpu1") == []
+    [kept] = [r for r in central if r["record_id"] == job["job_id"]]
+    assert (kept["changes_seen"], kept["truncated"], kept["payload_length"]) == (2, 0, len(bytes(kept["payload"])))
