@@ -9,6 +9,7 @@ from pathlib import Path
 from archiver import changelog
 from archiver.config import Settings
 from archiver.log import get_logger
+from archiver.quarantine import Limits
 from archiver.store import DaemonLock, Store, StoreError
 
 log = get_logger("archiver.archive_file")
@@ -46,7 +47,10 @@ class ArchiveFile:
         existed = settings.db_path.exists()
         try:
             store = Store.open(
-                settings.db_path, settings.sqlite_busy_timeout, cache_mb=settings.sqlite_cache_mb or DAEMON_CACHE_MB
+                settings.db_path,
+                settings.sqlite_busy_timeout,
+                cache_mb=settings.sqlite_cache_mb or DAEMON_CACHE_MB,
+                quarantine=Limits.of(settings),
             )
         except BaseException:
             lock.release(failed_start=True)

@@ -25,6 +25,7 @@ from typing import Any
 
 from archiver.config import Settings
 from archiver.models import Outcome
+from archiver.quarantine import Limits
 from archiver.read_clock import now_us
 from archiver.reconcile import Reconcile, archive, read_batch, records_of, write_batch
 from archiver.schema import SCHEMA_VERSION
@@ -60,6 +61,7 @@ class BackfillReport:
     still_quarantined: int
     elapsed_s: float
     erased: int = 0  # records in Redis that were erased on purpose: not written
+    not_kept: int = 0  # rejected records not kept: the quarantine had reached its total cap
     dry_run: bool = False
 
     @property
@@ -77,6 +79,7 @@ class BackfillReport:
             "tombstoned": self.tombstoned,
             "quarantined": self.quarantined,
             "still_quarantined": self.still_quarantined,
+            "not_kept": self.not_kept,
             "erased": self.erased,
             "elapsed_s": round(self.elapsed_s, 3),
             "keys_per_s": round(self.keys_per_s, 1),
@@ -91,8 +94,9 @@ BACKFILL_CACHE_MB = 8
 def _open(settings: Settings, dry_run: bool) -> Store:
     path = settings.db_path
     cache_mb = settings.sqlite_cache_mb or BACKFILL_CACHE_MB
+    limits = Limits.of(settings)
     if not dry_run:
-        return Store.open(path, settings.sqlite_busy_timeout, cache_mb=cache_mb)
+        return Store.open(path, settings.sqlite_busy_timeout, cache_mb=cache_mb, quarantine=limits)
     if path.exists():
         probe = read_only(path)
         try:
@@ -101,7 +105,9 @@ def _open(settings: Settings, dry_run: bool) -> Store:
             probe.close()
         if version == SCHEMA_VERSION:
             # every batch rolls back
-            return Store.open(path, settings.sqlite_busy_timeout, cache_mb=cache_mb, build_deferred=False)
+            return Store.open(
+                path, settings.sqlite_busy_timeout, cache_mb=cache_mb, build_deferred=False, quarantine=limits
+            )
     # Nothing may be written: work on a copy in memory (migrated there, if it needs to be).
     memory = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
     if path.exists():
@@ -111,7 +117,7 @@ def _open(settings: Settings, dry_run: bool) -> Store:
     from archiver.schema import migrate
 
     found, _ = migrate(memory)
-    return Store(memory, Path(":memory:"), found)
+    return Store(memory, Path(":memory:"), found, quarantine=limits)
 
 
 def backfill(
@@ -168,6 +174,7 @@ def backfill(
             quarantined=result.new_quarantined,
             still_quarantined=result.quarantine_repeats,
             erased=result.erased,
+            not_kept=result.quarantine_not_kept,
             elapsed_s=time.monotonic() - started,
             dry_run=dry_run,
         )

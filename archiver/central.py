@@ -191,7 +191,7 @@ class CentralReader:
         def rows() -> Iterator[dict[str, Any]]:
             for r in self._stream(statement, params):
                 if what == "quarantine":
-                    r["payload"] = payload_json(bytes(r["payload"]))
+                    r["payload"] = payload_json(bytes(r["payload"]), bool(r.get("truncated")))
                 yield r
 
         return columns, rows()

@@ -22,6 +22,7 @@ from archiver.config import Settings
 from archiver.keys import record_key
 from archiver.kinds import TABLES, Kind
 from archiver.models import COLUMNS, Rejected, Row, iso_utc
+from archiver.quarantine import not_kept, used_bytes
 from archiver.read_clock import now_us
 from archiver.reader import Reader
 from archiver.reconcile import read_batch, records_of
@@ -63,6 +64,7 @@ class Difference:
 class VerifyReport:
     records: int = 0
     quarantined: int = 0
+    not_kept: int = 0  # rejected, not in quarantine: its total cap bit (``check``'s quarantine finding)
     missing: int = 0
     erased: int = 0  # in Redis, erased from the archive on purpose: expected, not missing
     differing: int = 0
@@ -77,6 +79,7 @@ class VerifyReport:
         return {
             "records": self.records,
             "quarantined": self.quarantined,
+            "not_kept": self.not_kept,
             "missing": self.missing,
             "erased": self.erased,
             "differing": self.differing,
@@ -92,10 +95,12 @@ def verify(source: Source, conn: sqlite3.Connection, page: int = 500, settle_s: 
     report = VerifyReport()
     suspects: dict[bytes, Difference] = {}
     cursor = 0
+    noted = not_kept(conn)
+    full = noted is not None and bool(noted.get("full"))
     while True:
         cursor, keys = source.scan_page(cursor, page)
         wanted = [(k, p) for k, p in records_of(keys) if p.kind is not None]
-        for difference in _compare(source, conn, wanted, report):
+        for difference in _compare(source, conn, wanted, report, full):
             _note(report, suspects, difference)
         if cursor == 0:
             break
@@ -104,7 +109,7 @@ def verify(source: Source, conn: sqlite3.Connection, page: int = 500, settle_s: 
             _note(report, suspects, difference)
     if suspects and settle_s > 0:
         time.sleep(settle_s)  # let a running daemon catch up, then look again
-        report = _recheck(source, conn, report, suspects)
+        report = _recheck(source, conn, report, suspects, full)
     else:
         report.differences = list(suspects.values())
     return report
@@ -117,14 +122,14 @@ def _note(report: VerifyReport, suspects: dict[bytes, Difference], difference: D
 
 
 def _recheck(
-    source: Source, conn: sqlite3.Connection, report: VerifyReport, suspects: dict[bytes, Difference]
+    source: Source, conn: sqlite3.Connection, report: VerifyReport, suspects: dict[bytes, Difference], full: bool
 ) -> VerifyReport:
-    fresh = VerifyReport(records=report.records, quarantined=report.quarantined)
+    fresh = VerifyReport(records=report.records, quarantined=report.quarantined, not_kept=report.not_kept)
     overflow = {p: getattr(report, p) - sum(1 for d in suspects.values() if d.problem == p) for p in _PROBLEMS}
     keys = list(suspects)
     for start in range(0, len(keys), 500):
         chunk = records_of(keys[start : start + 500])
-        for difference in _compare(source, conn, chunk, VerifyReport()):
+        for difference in _compare(source, conn, chunk, VerifyReport(), full):
             setattr(fresh, difference.problem, getattr(fresh, difference.problem) + 1)
             fresh.differences.append(difference)
     for problem, count in overflow.items():  # beyond the detail limit: counted, not looked at again
@@ -135,7 +140,11 @@ def _recheck(
 _PROBLEMS = ("missing", "differing", "extra")
 
 
-def _compare(source: Source, conn: sqlite3.Connection, keys: list[Any], report: VerifyReport) -> list[Difference]:
+def _compare(
+    source: Source, conn: sqlite3.Connection, keys: list[Any], report: VerifyReport, full: bool = False
+) -> list[Difference]:
+    """``full``: the quarantine's total cap bit, so a rejected record it lacks was counted, not
+    stored (``not_kept``), rather than missing."""
     if not keys:
         return []
     differences = []
@@ -154,7 +163,12 @@ def _compare(source: Source, conn: sqlite3.Connection, keys: list[Any], report: 
             ):
                 report.erased += 1
             elif outcome.kind is not None and not _in_quarantine(conn, outcome.key):
-                differences.append(Difference(_text(outcome.key), "missing", {"quarantine": (None, outcome.reason)}))
+                if full:
+                    report.not_kept += 1
+                else:
+                    differences.append(
+                        Difference(_text(outcome.key), "missing", {"quarantine": (None, outcome.reason)})
+                    )
         else:  # gone since it was scanned or listed
             live = _archived(conn, outcome.kind, [outcome.record_id]) if outcome.kind is not None else {}
             if live and live[outcome.record_id][-1] is None:
@@ -249,6 +263,7 @@ def doctor(
     if redis_ok:
         findings.append(_notifications(source, needed=with_daemon))
     findings += _file(settings.db_path, integrity)
+    findings += _quarantine(settings.db_path)
     if with_daemon:
         findings.append(_daemon(settings))
     if settings.postgres_url is not None:
@@ -369,6 +384,37 @@ def _file(path: Path, integrity: bool = False) -> list[Finding]:
             else Finding("integrity", "fail", damage, DAMAGED_ADVICE)
         )
     return findings
+
+
+def _quarantine(path: Path) -> list[Finding]:
+    """Said only once the quarantine's total cap has bitten: how many rejected records it kept out,
+    and whether it still does."""
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
+    except sqlite3.Error:
+        return []
+    try:
+        noted = not_kept(conn)
+        used = used_bytes(conn) if noted is not None else 0
+    except sqlite3.DatabaseError:  # a damaged file: the file's own findings say so
+        return []
+    finally:
+        conn.close()
+    if noted is None:
+        return []
+    count, cap, last = int(noted.get("count", 0)), int(noted.get("max_bytes", 0)), noted.get("last_at", "-")
+    detail = f"{count:,} rejected records not stored since {noted.get('first_at', '-')} (last at {last})"
+    if not noted.get("full"):
+        return [Finding("quarantine", "ok", detail + f": the cap of {cap:,} bytes bit; there is room again")]
+    return [
+        Finding(
+            "quarantine",
+            "warn",
+            detail + f": full, {used:,} bytes held against a cap of {cap:,}",
+            "erase what is not needed (forget, prune), or raise ARCHIVER_QUARANTINE_MAX_BYTES; "
+            "'desto-archiver export quarantine' lists what it holds",
+        )
+    ]
 
 
 def _quick_check(conn: sqlite3.Connection) -> str | None:

@@ -19,6 +19,11 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 # the archiver runs (the image and the systemd unit say the same).
 DEFAULT_UMASK = 0o007
 
+# The quarantine's bounds: a value above the first is kept as its digest, length and first bytes;
+# past the second, rejected keys not in the quarantine yet are counted, not stored.
+DEFAULT_QUARANTINE_RECORD_BYTES = 64 * 1024
+DEFAULT_QUARANTINE_BYTES = 64 * 1024 * 1024
+
 
 class ConfigError(Exception):
     """A configuration value is unusable; the message says which and why."""
@@ -279,6 +284,26 @@ class Settings(BaseSettings):
         description=(
             "erase records that left Redis more than this many days ago (their rows, history and quarantine "
             "entries), hourly and in small steps; never a record Redis still holds. Unset: keep everything"
+        ),
+    )
+    quarantine_max_record_bytes: int = Field(
+        DEFAULT_QUARANTINE_RECORD_BYTES,
+        ge=1024,
+        le=2**30,
+        validation_alias=_env("quarantine_max_record_bytes", "ARCHIVER_QUARANTINE_MAX_RECORD_BYTES"),
+        description=(
+            "a quarantined value (as Redis returned it, RESP-encoded) longer than this many bytes is kept as its "
+            "SHA-256, its length and its first 4 KiB (or this many bytes, if fewer), and marked `truncated`"
+        ),
+    )
+    quarantine_max_bytes: int = Field(
+        DEFAULT_QUARANTINE_BYTES,
+        ge=0,
+        validation_alias=_env("quarantine_max_bytes", "ARCHIVER_QUARANTINE_MAX_BYTES"),
+        description=(
+            "the quarantine's total size (its keys and kept values, bytes): once reached, a rejected key not in the "
+            "quarantine yet is counted (`stats`, `check`, a metric), not stored; the keys already there are still "
+            "updated"
         ),
     )
     metrics_port: int | None = Field(

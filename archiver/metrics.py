@@ -37,6 +37,7 @@ class Snapshot:
     keys_read: int = 0
     written: dict[str, int] = field(default_factory=dict)
     quarantined: int = 0
+    quarantine_not_kept: int = 0
     tombstones: int = 0
     erased: int = 0
     erased_not_written: int = 0
@@ -83,6 +84,11 @@ class _DaemonCollector(Collector):
             rows.add_metric([kind.value], s.written.get(kind.value, 0))
         yield rows
         yield _counter("quarantined", "Records put in quarantine", s.quarantined)
+        yield _counter(
+            "quarantine_not_kept",
+            "Rejected records not kept: the quarantine had reached ARCHIVER_QUARANTINE_MAX_BYTES (each key once)",
+            s.quarantine_not_kept,
+        )
         yield _counter("tombstones", "Records marked as gone from Redis", s.tombstones)
         yield _counter("erased", "Erasures finished (desto's History tab, forget, retention)", s.erased)
         yield _counter("erased_not_written", "Reads of erased records, not written", s.erased_not_written)

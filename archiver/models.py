@@ -108,7 +108,8 @@ class Gone:
 
 @dataclass(frozen=True, slots=True)
 class Rejected:
-    """A key the archiver will not put in a desto table; kept whole in quarantine."""
+    """A key the archiver will not put in a desto table; kept in quarantine (whole, up to the
+    quarantine's per-record cap)."""
 
     key: bytes
     kind: Kind | None
@@ -118,6 +119,7 @@ class Rejected:
     reason: str
     read_at_us: int
     session_id: str | None = None  # a job's session, read from its raw hash when it has one
+    version_us: int = 0  # the read's version (Fetched.version_us): the quarantine keeps the newest read; 0: unknown
 
 
 Outcome = Row | Gone | Rejected
@@ -367,6 +369,7 @@ def _reject(fetched: Fetched, kind: Kind | None, record_id: str | None, reason: 
         reason=reason,
         read_at_us=fetched.read_at_us,
         session_id=job_session(_fields(fetched)) if kind is Kind.JOB and fetched.redis_type == "hash" else None,
+        version_us=fetched.version_us,
     )
 
 

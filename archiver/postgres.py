@@ -18,7 +18,7 @@ from archiver.config import Settings
 if TYPE_CHECKING:
     import psycopg
 
-PG_SCHEMA_VERSION = 4
+PG_SCHEMA_VERSION = 5
 RECORD_KEYS = {"sessions": "session_id", "jobs": "job_id", "favorites": "favorite_id", "at_jobs": "at_job_id"}
 NUMBERED = ("status_history", "quarantine")  # rows numbered by the file: keyed by file_id too
 
@@ -137,11 +137,20 @@ def _migrate_pg_to_4(cur: Any, schema: str) -> None:
         cur.execute(f"CREATE POLICY write_own_source ON {schema}.{table} FOR ALL USING ({own}) WITH CHECK ({own})")
 
 
+def _migrate_pg_to_5(cur: Any, schema: str) -> None:
+    """The quarantine's bounds (the file's schema 7): a value above the per-record cap is kept as its
+    first bytes, with the whole value's length beside its digest; and each row, one per Redis key,
+    counts the changes it has seen."""
+    for column in ("payload_length", "truncated", "changes_seen"):
+        cur.execute(f"ALTER TABLE {schema}.quarantine ADD COLUMN IF NOT EXISTS {column} bigint")
+
+
 PG_MIGRATIONS: dict[int, Callable[[Any, str], None]] = {
     1: _migrate_pg_to_1,
     2: _migrate_pg_to_2,
     3: _migrate_pg_to_3,
     4: _migrate_pg_to_4,
+    5: _migrate_pg_to_5,
 }
 
 

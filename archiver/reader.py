@@ -6,6 +6,7 @@ create or migrate a file.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import sqlite3
@@ -17,6 +18,7 @@ from typing import Any
 
 from archiver.kinds import KINDS
 from archiver.models import decode_resp
+from archiver.quarantine import not_kept
 from archiver.schema import SCHEMA_VERSION
 from archiver.sql import has_erasures, read_only, select_in
 from archiver.store import StoreError
@@ -140,8 +142,10 @@ class Reader:
                 "oldest": row[2],
                 "newest": row[3],
             }
+        columns = {r[1] for r in self.conn.execute("PRAGMA table_info(quarantine)")}
+        truncated = "sum(truncated)" if "truncated" in columns else "0"  # schema 7 on
         quarantine = self.conn.execute(
-            "SELECT count(*), sum(resolved_at IS NULL), coalesce(sum(length(payload)), 0) FROM quarantine"
+            f"SELECT count(*), sum(resolved_at IS NULL), coalesce(sum(length(payload)), 0), {truncated} FROM quarantine"
         ).fetchone()
         state = self.state()
         erased: dict[str, dict[str, int]] = {}
@@ -158,7 +162,13 @@ class Reader:
             "schema_version": self.conn.execute("PRAGMA user_version").fetchone()[0],
             "records": kinds,
             "history_events": self.conn.execute("SELECT count(*) FROM status_history").fetchone()[0],
-            "quarantine": {"total": quarantine[0], "unresolved": quarantine[1] or 0, "payload_bytes": quarantine[2]},
+            "quarantine": {
+                "total": quarantine[0],
+                "unresolved": quarantine[1] or 0,
+                "payload_bytes": quarantine[2],
+                "truncated": quarantine[3] or 0,
+                "not_kept": not_kept(self.conn),
+            },
             "erased": {"by_how": erased, "pending": pending, "last_at": last},
             "last_event_at": _us_to_iso(state.get("last_event_at")),
             "last_reconcile_at": _us_to_iso(state.get("last_reconcile_at")),
@@ -267,7 +277,7 @@ class Reader:
                     item = dict(r)
                     if what == "quarantine":
                         del item["key"]
-                        item["payload"] = payload_json(item["payload"])
+                        item["payload"] = payload_json(item["payload"], bool(item.get("truncated")))
                     yield item
 
         return columns, rows()
@@ -292,8 +302,10 @@ class Reader:
         return " AND ".join(clauses), params
 
 
-def payload_json(payload: bytes) -> Any:
-    """A quarantined value for JSON: text where it is UTF-8, ``{"base64": ...}`` where it is not."""
+def payload_json(payload: bytes, truncated: bool = False) -> Any:
+    """A quarantined value for JSON: text where it is UTF-8, ``{"base64": ...}`` where it is not.
+    A truncated one (above the per-record cap) is only the value's first bytes, RESP-encoded and
+    cut anywhere: ``{"first_bytes": ...}``, those bytes as they are."""
     import base64
 
     def convert(value: Any) -> Any:
@@ -306,7 +318,10 @@ def payload_json(payload: bytes) -> Any:
             return [convert(v) for v in value]
         return value
 
-    return convert(decode_resp(payload))
+    if not truncated:
+        with contextlib.suppress(ValueError):
+            return convert(decode_resp(payload))
+    return {"first_bytes": convert(payload)}
 
 
 def _plain(row: sqlite3.Row) -> dict[str, Any]:

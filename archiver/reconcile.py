@@ -149,4 +149,14 @@ def write_batch(
             kind=rejected.kind.value if rejected.kind else None,
             reason=rejected.reason,
         )
+    if result.quarantine_full:  # once when the cap begins to bite, not once per record it keeps out
+        limits = store.quarantine.limits
+        log.warning(
+            "quarantine.full",
+            max_bytes=limits.total_bytes,
+            not_kept=result.quarantine_not_kept,
+            detail="the quarantine holds ARCHIVER_QUARANTINE_MAX_BYTES: rejected records not in it yet are "
+            "counted, not stored, until erasures make room or the cap is raised; 'desto-archiver stats' and "
+            "'check' say how many",
+        )
     return result

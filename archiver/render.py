@@ -21,7 +21,11 @@ def backfill(report: Any) -> str:
             ("keys read", f"{report.keys_read:,} in {report.elapsed_s:.2f} s ({report.keys_per_s:,.0f} keys/s)"),
             ("unchanged", f"{report.unchanged:,}"),
             (f"tombstoned{verb}", f"{report.tombstoned:,}"),
-            (f"quarantined{verb}", f"{report.quarantined:,} new, {report.still_quarantined:,} already in quarantine"),
+            (
+                f"quarantined{verb}",
+                f"{report.quarantined:,} new, {report.still_quarantined:,} already in quarantine"
+                + (f", {report.not_kept:,} not kept (the quarantine is full)" if report.not_kept else ""),
+            ),
             ("erased", f"{report.erased:,} in Redis, erased on purpose: not written"),
         ]
     )
@@ -37,7 +41,9 @@ def check(findings: list[Any], report: Any, show_diffs: bool) -> str:
     if report is not None:
         detail = (
             f"{report.records:,} live records: {report.missing} missing, {report.differing} differing, "
-            f"{report.extra} extra; {report.quarantined} quarantined; {report.erased} erased on purpose"
+            f"{report.extra} extra; {report.quarantined} quarantined"
+            + (f" ({report.not_kept} not kept: the quarantine is full)" if report.not_kept else "")
+            + f"; {report.erased} erased on purpose"
         )
         rows.append({"check": "verify", "status": "ok" if report.ok else "FAIL", "detail": detail})
     lines = [_last_column_whole(rows, ["check", "status", "detail"])]
@@ -71,11 +77,13 @@ def _last_column_whole(rows: list[dict[str, Any]], columns: list[str]) -> str:
 def stats(stats: dict[str, Any]) -> str:
     rows = _kind_rows(stats)
     q = stats["quarantine"]
+    truncated = f", {q['truncated']:,} truncated" if q.get("truncated") else ""
     summary = pairs(
         [
             ("file", f"{stats['file']} ({stats['file_bytes']:,} bytes, schema {stats['schema_version']})"),
             ("history events", f"{stats['history_events']:,}"),
-            ("quarantine", f"{q['total']:,} ({q['unresolved']:,} unresolved, {q['payload_bytes']:,} bytes)"),
+            ("quarantine", f"{q['total']:,} ({q['unresolved']:,} unresolved, {q['payload_bytes']:,} bytes{truncated})"),
+            *([("not kept", not_kept_line(q["not_kept"]))] if q.get("not_kept") else []),
             ("erased", _erased_line(stats["erased"])),
             ("last event", stats["last_event_at"] or "-"),
             ("last reconcile", stats["last_reconcile_at"] or "-"),
@@ -83,6 +91,16 @@ def stats(stats: dict[str, Any]) -> str:
         ]
     )
     return table(rows, ["kind", "total", "tombstoned", "by status", "oldest", "newest"]) + "\n\n" + summary
+
+
+def not_kept_line(noted: dict[str, Any]) -> str:
+    """The file's note of rejected records the quarantine's total cap kept out, for people."""
+    state = "the quarantine is full" if noted.get("full") else "there is room again"
+    return (
+        f"{int(noted.get('count', 0)):,} rejected records not stored: the quarantine reached its cap of "
+        f"{int(noted.get('max_bytes', 0)):,} bytes (first at {noted.get('first_at', '-')}, last at "
+        f"{noted.get('last_at', '-')}; {state})"
+    )
 
 
 _BY = {"desto": "desto", "forget": "forget", "retention": "retention"}

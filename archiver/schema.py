@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 from archiver.models import decode_resp, job_session
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 
 # The oldest SQLite the archiver's statements run on: RETURNING came in 3.35.0 (UPSERT in 3.24.0).
 MIN_SQLITE = (3, 35, 0)
@@ -381,6 +381,71 @@ def _migrate_to_6(conn: sqlite3.Connection) -> None:
     conn.execute("DELETE FROM archiver_state WHERE name = 'changes_from'")
 
 
+# The quarantine from schema 7 on: one row per Redis key, changed in place as the key changes.
+QUARANTINE_DDL = """
+CREATE TABLE quarantine_v7 (
+    id INTEGER PRIMARY KEY,
+    key BLOB NOT NULL UNIQUE,         -- the Redis key, byte for byte: one row per key
+    key_text TEXT NOT NULL,           -- the same, readable (undecodable bytes escaped)
+    kind TEXT,
+    record_id TEXT,
+    redis_type TEXT NOT NULL,
+    payload BLOB NOT NULL,            -- the value as Redis returned it, RESP-encoded (its first bytes when truncated)
+    payload_sha256 TEXT NOT NULL,     -- of the whole value
+    reason TEXT NOT NULL,
+    first_seen_at TEXT NOT NULL,      -- the first read that found the key unreadable
+    last_seen_at TEXT NOT NULL,
+    times_seen INTEGER NOT NULL DEFAULT 1,    -- reads that found it unreadable
+    resolved_at TEXT,                 -- a later read of the key was good (or the key left Redis)
+    session_id TEXT,                  -- a job's session, read from its raw hash: erased with it
+    payload_length INTEGER NOT NULL,  -- bytes of the whole value
+    truncated INTEGER NOT NULL DEFAULT 0,     -- 1: payload holds only the value's first bytes
+    changes_seen INTEGER NOT NULL DEFAULT 0,  -- reads that found another value (or reason) than the one kept
+    read_at_us INTEGER                -- the version of the read kept: an older read never replaces it
+)
+"""
+
+
+def _migrate_to_7(conn: sqlite3.Connection) -> None:
+    """One quarantine row per Redis key. Each distinct value of a rejected key had a row of its
+    own, so a big record desto cannot read, changed again and again, filled the file with copies.
+    Each key keeps its newest row (by last seen), with its oldest first sighting, every read
+    counted, and as many changes as it had other rows. The table is rebuilt under the same name
+    (SQLite cannot drop a UNIQUE constraint), ids kept; the change log's triggers on it, when
+    shipping is on, are made again, and every row the table had is logged, so PostgreSQL drops
+    the rows collapsed and gets the new columns of the rest. Values stay whole: the per-record
+    cap applies from their next change on."""
+    triggers = [
+        str(row[0])
+        for row in conn.execute(
+            "SELECT sql FROM sqlite_master WHERE type = 'trigger' AND tbl_name = 'quarantine' AND sql IS NOT NULL"
+        )
+    ]
+    conn.execute(QUARANTINE_DDL)
+    conn.execute(
+        "INSERT INTO quarantine_v7 (id, key, key_text, kind, record_id, redis_type, payload, payload_sha256, reason, "
+        "first_seen_at, last_seen_at, times_seen, resolved_at, session_id, payload_length, truncated, changes_seen) "
+        "SELECT q.id, q.key, q.key_text, q.kind, q.record_id, q.redis_type, q.payload, q.payload_sha256, q.reason, "
+        "s.first_seen, q.last_seen_at, s.seen, q.resolved_at, q.session_id, length(q.payload), 0, s.n_rows - 1 "
+        "FROM quarantine q JOIN (SELECT id, "
+        "row_number() OVER (PARTITION BY key ORDER BY last_seen_at DESC, id DESC) AS newest, "
+        "min(first_seen_at) OVER (PARTITION BY key) AS first_seen, "
+        "sum(times_seen) OVER (PARTITION BY key) AS seen, "
+        "count(*) OVER (PARTITION BY key) AS n_rows FROM quarantine) s ON s.id = q.id WHERE s.newest = 1"
+    )
+    if triggers:  # shipping is on: PostgreSQL learns of every row, kept or collapsed
+        conn.execute(
+            "INSERT INTO archiver_changes (tbl, key, token) SELECT 'quarantine', id, randomblob(8) FROM quarantine "
+            "ORDER BY id"
+        )
+    conn.execute("DROP TABLE quarantine")
+    conn.execute("ALTER TABLE quarantine_v7 RENAME TO quarantine")
+    conn.execute("CREATE INDEX idx_quarantine_unresolved ON quarantine(key) WHERE resolved_at IS NULL")
+    conn.execute("CREATE INDEX idx_quarantine_session ON quarantine(session_id) WHERE session_id IS NOT NULL")
+    for sql in triggers:
+        conn.execute(sql)
+
+
 # desto's History tab lists sessions newest first, all of them or by status, a page at a time
 # (``ORDER BY created_at DESC LIMIT ? OFFSET ?``). With these the page is read from the index in
 # order and stops at the page's end; without them each page sorted the whole table. They carry
@@ -391,7 +456,7 @@ DESTO_READ_INDEXES = (
 )
 
 
-def _migrate_to_7(conn: sqlite3.Connection) -> None:
+def _migrate_to_8(conn: sqlite3.Connection) -> None:
     """Indexes for desto's History tab (see DESTO_READ_INDEXES). On a large archive they take a
     while to build, once, inside the migration's transaction."""
     for name, on in DESTO_READ_INDEXES:
@@ -406,6 +471,7 @@ MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {
     5: _migrate_to_5,
     6: _migrate_to_6,
     7: _migrate_to_7,
+    8: _migrate_to_8,
 }
 
 

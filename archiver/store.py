@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import hashlib
 import json
 import math
 import os
@@ -28,6 +27,7 @@ from pathlib import Path
 from archiver.keys import GONE_EVENTS
 from archiver.kinds import RECORD_TABLES, TABLES, Kind
 from archiver.models import COLUMNS, Gone, Outcome, Rejected, Row, TimedHint, encode_resp, iso_utc
+from archiver.quarantine import Limits, Pending, Put, Quarantine
 from archiver.schema import NewerSchemaError, migrate, unsupported_sqlite
 from archiver.scrub import PageScrub
 from archiver.sql import begin_immediate, erased_among
@@ -93,6 +93,8 @@ class BatchResult:
     quarantined: list[Rejected] = field(default_factory=list)  # newly quarantined by this batch
     quarantined_before: int = 0  # ... and by the batches merged in (counted: their payloads may be big)
     quarantine_repeats: int = 0
+    quarantine_not_kept: int = 0  # rejected records not kept: the quarantine is full (each key counted once)
+    quarantine_full: bool = False  # the quarantine's total cap began to bite with this batch
     history: int = 0
     erased: int = 0  # records not written: erased (desto's History tab, forget, retention)
 
@@ -113,6 +115,8 @@ class BatchResult:
         else:
             self.quarantined_before += other.new_quarantined
         self.quarantine_repeats += other.quarantine_repeats
+        self.quarantine_not_kept += other.quarantine_not_kept
+        self.quarantine_full = self.quarantine_full or other.quarantine_full
         self.history += other.history
         self.erased += other.erased
 
@@ -310,7 +314,14 @@ def _identity(path: Path) -> tuple[int, int] | None:
 
 
 class Store:
-    def __init__(self, conn: sqlite3.Connection, path: Path, schema_found: int, busy_timeout: float = 5.0) -> None:
+    def __init__(
+        self,
+        conn: sqlite3.Connection,
+        path: Path,
+        schema_found: int,
+        busy_timeout: float = 5.0,
+        quarantine: Limits | None = None,
+    ) -> None:
         self.conn = conn
         self.path = path
         # The file, its WAL and its shared memory as opened: SQLite holds them by descriptor, so a
@@ -326,12 +337,21 @@ class Store:
             bytes(row[0]) for row in conn.execute("SELECT DISTINCT key FROM quarantine WHERE resolved_at IS NULL")
         }
         self.page_scrub: PageScrub | None = None  # a scrub of the file under way (erase.py)
+        self.quarantine = Quarantine(quarantine or Limits())
 
     @classmethod
-    def open(cls, path: Path, busy_timeout: float = 5.0, *, cache_mb: int = 8, build_deferred: bool = True) -> Store:
+    def open(
+        cls,
+        path: Path,
+        busy_timeout: float = 5.0,
+        *,
+        cache_mb: int = 8,
+        build_deferred: bool = True,
+        quarantine: Limits | None = None,
+    ) -> Store:
         """Open (creating or migrating) the archive; StoreError with a clear message when it cannot.
         ``cache_mb``: SQLite's page cache. ``build_deferred``: build the indexes a killed bulk load
-        left out (a dry run must not)."""
+        left out (a dry run must not). ``quarantine``: its caps (the defaults when None)."""
         unsupported = unsupported_sqlite()
         if unsupported is not None:
             raise UnsupportedSQLite(unsupported)
@@ -373,7 +393,7 @@ class Store:
         except sqlite3.DatabaseError as exc:
             conn.close()
             raise StoreError(f"cannot use {path}: {exc}; is it a SQLite file, and writable?") from None
-        store = cls(conn, path, found, busy_timeout)
+        store = cls(conn, path, found, busy_timeout, quarantine)
         # A bulk load that never finished (killed) left its indexes out. When the file is busy,
         # the bulk load's own end, or the next open, builds them.
         if build_deferred:
@@ -601,6 +621,7 @@ class Store:
     def _apply(self, batch: Batch) -> BatchResult:
         result = BatchResult()
         resolved: set[bytes] = set()
+        pending = Pending()
         rows: dict[Kind, list[Row]] = {}
         for outcome in batch.outcomes:
             if isinstance(outcome, Row):
@@ -619,7 +640,9 @@ class Store:
                     if outcome.key in self._unresolved:
                         resolved.add(outcome.key)
                 elif isinstance(outcome, Rejected) and id(outcome) not in refused:
-                    self._quarantine(conn, outcome, result)
+                    self._quarantine(conn, outcome, pending, result)
+            if pending.refused or pending.stored_new:
+                self.quarantine.note(conn, pending, max(o.read_at_us for o in batch.outcomes))
             if resolved:
                 now = iso_utc(max(o.read_at_us for o in batch.outcomes))
                 conn.executemany(
@@ -629,7 +652,9 @@ class Store:
             if batch.state:
                 self._put_state(conn, batch.state, max((o.read_at_us for o in batch.outcomes), default=0))
             self._note_newest(conn, batch.outcomes)
+        result.quarantine_not_kept = len(pending.counted)
         if not batch.dry_run:
+            result.quarantine_full = self.quarantine.committed(pending)
             self._unresolved.difference_update(resolved)
             self._unresolved.update(r.key for r in result.quarantined)
             self.restart_wal_if_big()
@@ -710,31 +735,14 @@ class Store:
         result.tombstoned += 1
         result.history += 1
 
-    def _quarantine(self, conn: sqlite3.Connection, rejected: Rejected, result: BatchResult) -> None:
-        seen_at = iso_utc(rejected.read_at_us)
-        times_seen = conn.execute(
-            "INSERT INTO quarantine (key, key_text, kind, record_id, redis_type, payload, payload_sha256, "
-            "reason, first_seen_at, last_seen_at, session_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
-            "ON CONFLICT(key, payload_sha256, reason) DO UPDATE SET last_seen_at = excluded.last_seen_at, "
-            "times_seen = times_seen + 1, resolved_at = NULL RETURNING times_seen",
-            (
-                rejected.key,
-                rejected.key.decode("utf-8", "backslashreplace"),
-                rejected.kind.value if rejected.kind else None,
-                rejected.record_id,
-                rejected.redis_type,
-                rejected.payload,
-                hashlib.sha256(rejected.payload).hexdigest(),
-                rejected.reason,
-                seen_at,
-                seen_at,
-                rejected.session_id,
-            ),
-        ).fetchone()[0]
-        if times_seen == 1:
+    def _quarantine(self, conn: sqlite3.Connection, rejected: Rejected, pending: Pending, result: BatchResult) -> None:
+        put = self.quarantine.put(conn, rejected, pending)
+        if put is Put.NEW:
             result.quarantined.append(rejected)
-        else:
+        elif put is Put.REPEAT:
             result.quarantine_repeats += 1
+        elif put is Put.STALE:
+            result.stale += 1
 
 
 def _refused(row: Row, exc: Exception) -> Rejected:
@@ -748,4 +756,5 @@ def _refused(row: Row, exc: Exception) -> Rejected:
         reason=f"the archive refused the normalized row: {exc}",
         read_at_us=row.read_at_us,
         session_id=(str(row.values[1] or "") or None) if row.kind is Kind.JOB else None,
+        version_us=row.version_us,
     )

@@ -8,6 +8,7 @@ half sends the same kinds of input through a real Redis to the running daemon.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import tempfile
@@ -26,9 +27,21 @@ from desto.redis.sqlite_store import SQLiteStore
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from archiver.config import DEFAULT_QUARANTINE_RECORD_BYTES
 from archiver.keys import ID_FIELDS, classify, record_key
 from archiver.kinds import Kind
-from archiver.models import COLUMNS, INT64_MAX, INT64_MIN, SPECS, Fetched, Rejected, Row, decode_resp, normalize
+from archiver.models import (
+    COLUMNS,
+    INT64_MAX,
+    INT64_MIN,
+    SPECS,
+    Fetched,
+    Rejected,
+    Row,
+    decode_resp,
+    encode_resp,
+    normalize,
+)
 from archiver.store import Batch, Store
 from tests.desto_helpers import desto_log
 from tests.fault_helpers import archived, desto_view, write_job, write_session
@@ -674,7 +687,16 @@ def _check(case: Case, client, db_path: Path) -> list[str]:
         problems = []
         if case.reason not in entry["reason"]:
             problems.append(f"reason {entry['reason']!r} does not say {case.reason!r}")
-        if not same_payload(decode_resp(entry["payload"]), raw_value(client, case.key), entry["redis_type"]):
+        wanted = raw_value(client, case.key)
+        if entry["truncated"]:  # above the per-record cap: its length, digest and first bytes only
+            whole = encode_resp(wanted)
+            if entry["payload_length"] != len(whole) or len(entry["payload"]) > DEFAULT_QUARANTINE_RECORD_BYTES:
+                problems.append("the truncated payload does not say the value's length, or is not bounded")
+            if entry["redis_type"] != "hash" and not (
+                whole.startswith(entry["payload"]) and entry["payload_sha256"] == hashlib.sha256(whole).hexdigest()
+            ):
+                problems.append("the truncated payload is not the start and digest of what Redis holds")
+        elif not same_payload(decode_resp(entry["payload"]), wanted, entry["redis_type"]):
             problems.append("the quarantined payload is not what Redis holds")
         if parsed.kind is not None:
             try:

@@ -319,7 +319,7 @@ def test_a_rename_read_before_the_old_holder_s_own_rename_is_applied(store: Stor
     assert names[a["favorite_id"]] == ("w", "w") and names[b["favorite_id"]] == ("x", "x")
 
 
-def test_quarantine_keeps_one_row_per_distinct_payload_and_resolves(store: Store, db_path: Path) -> None:
+def test_quarantine_keeps_one_row_per_key_and_resolves(store: Store, db_path: Path) -> None:
     bad = session_hash(status="paused")
     sid = bad["session_id"]
     first = store.apply(Batch([read(Kind.SESSION, sid, bad, T0)]))
