@@ -169,6 +169,8 @@ class Limits:
 
 READ = Limits()
 DESCRIBE = Limits(max_fields=-1, whole_bytes=-1)  # describe every key, read no value whole
+SLOW_TRIES = 3  # reads in a row, with the caller's backoff between them, before a key is taken for slow
+_MAX_TIMED_OUT = 10_000
 
 
 def merge_flags(current: str) -> str:
@@ -198,6 +200,11 @@ class Source:
         self.client = make_client(settings, "desto-archiver")
         self._script = self.client.register_script(_READ_SCRIPT)
         self._use_script = True
+        # keys whose read alone timed out, and how many times in a row: a key is taken for slow
+        # only once it timed out on reads SLOW_TRIES apart (a failover's write pause, or another
+        # client's script, holds every read up for a while, and must not have a good record
+        # quarantined)
+        self._timed_out: dict[bytes, int] = {}
         self._watch = True  # WATCH is allowed (without scripting: keys looked at, then read)
         self.clock = ReadClock()
 
@@ -247,9 +254,10 @@ class Source:
         """Read ``keys`` with Redis' clock: each one's whole value, or a description of one too big
         for a desto record (``Fetched.described``). In atomic steps of as many keys as fit one
         reply's budget; a step that takes longer than ARCHIVER_SOCKET_TIMEOUT is made again on half
-        its keys, while Redis itself still answers, down to one key: a single key that cannot be
-        read within the timeout is only described, so that no read is retried forever, nor holds
-        Redis up again each time."""
+        its keys, while Redis itself still answers, down to one key. A single key whose read times
+        out fails the read (the caller backs off and reads it again); one that does so SLOW_TRIES
+        times in a row is only described, so that no read is retried forever, nor holds Redis up
+        again each time."""
         out: list[Fetched] = []
         at, step = 0, len(keys)
         while at < len(keys):
@@ -269,8 +277,17 @@ class Source:
                         error=str(exc),
                     )
                     continue
+                tries = self._timed_out.pop(chunk[0], 0) + 1
+                if tries < SLOW_TRIES:
+                    if len(self._timed_out) >= _MAX_TIMED_OUT:
+                        self._timed_out.clear()
+                    self._timed_out[chunk[0]] = tries
+                    raise  # a failed read: the caller backs off and reads it again
                 got = self._read(chunk, DESCRIBE)
-                why = f"could not be read within ARCHIVER_SOCKET_TIMEOUT ({self.settings.socket_timeout} s)"
+                why = (
+                    f"could not be read within ARCHIVER_SOCKET_TIMEOUT ({self.settings.socket_timeout} s), "
+                    f"{SLOW_TRIES} times in a row"
+                )
                 got[0].described = why
                 log.warning(
                     "redis.key_not_read",
@@ -278,6 +295,9 @@ class Source:
                     key=chunk[0].decode("utf-8", "backslashreplace")[:200],
                     redis_type=got[0].redis_type,
                 )
+            if self._timed_out:
+                for fetched in got:
+                    self._timed_out.pop(fetched.key, None)
             out.extend(got)
             at += len(got)
         return out

@@ -24,7 +24,7 @@ from archiver import log as archiver_log
 from archiver import redis_client
 from archiver.keys import classify
 from archiver.models import Rejected, decode_resp, normalize
-from archiver.source import Source
+from archiver.source import SLOW_TRIES, Source
 from tests.fault_helpers import settle, start_ready, write_job, write_session
 from tests.helpers import query, settings_for, wait_for
 from tests.procfs import status_kb, vm_hwm_kb
@@ -299,7 +299,7 @@ class SlowLink:
         self.server.close()
 
 
-def test_a_read_slower_than_the_socket_timeout_is_split_and_a_key_still_too_slow_is_quarantined(
+def test_a_read_slower_than_the_socket_timeout_is_split_and_a_key_too_slow_each_time_is_quarantined(
     redis_server, redis
 ) -> None:
     client = redis_server.client(decode_responses=False)
@@ -313,6 +313,12 @@ def test_a_read_slower_than_the_socket_timeout_is_split_and_a_key_still_too_slow
     out = io.StringIO()
     archiver_log.configure("json", "info", out)
     try:
+        # the fetcher reads a failed batch again after its backoff: a key that alone times out is
+        # read again, SLOW_TRIES times in a row, before it is taken for slow (a failover's pause
+        # holds every read up for a while)
+        for _ in range(SLOW_TRIES - 1):
+            with pytest.raises(redis_lib.TimeoutError):
+                source.fetch([*small, slow_key])
         started = time.perf_counter()
         fetched = source.fetch([*small, slow_key])
         took = time.perf_counter() - started
