@@ -200,6 +200,43 @@ def forget(targets: list[Any], already: list[str], done: Any, dry_run: bool) -> 
     return "\n".join(lines) or "nothing to erase"
 
 
+def restore(report: Any, every: bool) -> str:
+    """What ``restore favorites`` wrote (or would write). Favorites already in Redis are listed
+    only when named (``every``): otherwise they are a count. Names and commands are desto's
+    users' text: control characters are shown escaped, never sent to the terminal."""
+    listed = [f for f in report.favorites if every or f.outcome != "in redis"]
+    rows = [
+        {
+            "outcome": f.outcome,
+            "favorite_id": f.favorite_id,
+            "name": printable(f.name),
+            "uses": f.use_count,
+            "left redis": "-" if f.gone_reason is None else f"{f.gone_reason} {f.gone_at or ''}".strip(),
+            "detail": printable(f.detail or ""),
+        }
+        for f in listed
+    ]
+    verb = "would restore" if report.dry_run else "restored"
+    counted = report.count("would restore" if report.dry_run else "restored")
+    lines = [
+        f"{verb} {counted} favorite{'s' if counted != 1 else ''}"
+        + (" (dry run: nothing written)" if report.dry_run else "")
+    ]
+    if rows:
+        lines.append(_last_column_whole(rows, ["outcome", "favorite_id", "name", "uses", "left redis", "detail"]))
+    hidden = len(report.favorites) - len(listed)
+    if hidden:
+        lines.append(f"{hidden} other archived favorite{'s are' if hidden != 1 else ' is'} in Redis: left as they are")
+    return "\n".join(lines)
+
+
+def printable(text: str) -> str:
+    """``text`` with its control and other unprintable characters escaped (\\x1b, \\u202e)."""
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)
+
+
 def prune(data: dict[str, Any]) -> str:
     records = data["records"]
     listed = ", ".join(f"{kind} {n:,}" for kind, n in sorted(records.items())) or "none"
