@@ -27,6 +27,8 @@ class EventSink(Protocol):
     def hint(self, channel: bytes, data: bytes) -> None: ...
     def subscribed(self, notify: NotifyState, reconnected: bool) -> None: ...
     def disconnected(self, error: str) -> None: ...
+    def barrier_wanted(self) -> int: ...
+    def barrier_reached(self, number: int) -> None: ...
 
 
 class DeadConnection(Exception):
@@ -35,6 +37,8 @@ class DeadConnection(Exception):
 
 LISTENER_ERRORS: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, DeadConnection)
 _PING = b"desto-archiver"
+# A barrier: a PING whose answer comes after every notification Redis sent before it got the PING.
+_BARRIER = b"desto-archiver-barrier:"
 _IDLE_READ_S = 0.25  # a quiet subscription is looked at this often (the stop flag, the health check)
 
 
@@ -76,8 +80,8 @@ class Subscription:
             reply = reader.gets()
         return replies
 
-    def ping(self) -> None:
-        self.conn.send_command("PING", _PING)
+    def ping(self, payload: bytes = _PING) -> None:
+        self.conn.send_command("PING", payload)
 
     def close(self) -> None:
         with contextlib.suppress(Exception):  # closing a broken connection may fail
@@ -173,7 +177,12 @@ class Listener(threading.Thread):
         keys_changed, hint = self.sink.keys_changed, self.sink.hint
         last_rx = time.monotonic()
         ping_sent: float | None = None
+        barrier_sent = 0  # a barrier asked for before this connection is sent on it
         while not self._stop_event.is_set():
+            wanted = self.sink.barrier_wanted()
+            if wanted > barrier_sent:
+                subscription.ping(_BARRIER + b"%d" % wanted)
+                barrier_sent = wanted
             replies = subscription.read(_IDLE_READ_S)
             now = time.monotonic()
             if not replies:
@@ -185,12 +194,21 @@ class Listener(threading.Thread):
                 continue
             last_rx, ping_sent = now, None
             changed = []
+            barrier = 0
             for reply in replies:
+                if isinstance(reply, bytes):  # a PING's answer under RESP3: the payload alone
+                    if reply.startswith(_BARRIER):
+                        barrier = int(reply[len(_BARRIER) :])
+                    continue
                 kind = reply[0]
                 if kind == b"pmessage":
                     changed.append((reply[2][prefix_len:], reply[3]))
                 elif kind == b"message":
                     hint(reply[1], reply[2])
+                elif kind == b"pong" and reply[1].startswith(_BARRIER):  # under RESP2
+                    barrier = int(reply[1][len(_BARRIER) :])
             self.messages += len(replies)
             if changed:
                 keys_changed(changed)
+            if barrier:  # after the notifications that came before it are handed over
+                self.sink.barrier_reached(barrier)

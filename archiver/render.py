@@ -74,6 +74,7 @@ def stats(stats: dict[str, Any]) -> str:
             ("erased", _erased_line(stats["erased"])),
             ("last event", stats["last_event_at"] or "-"),
             ("last reconcile", stats["last_reconcile_at"] or "-"),
+            ("missed changes", _missed_line(stats.get("last_reconcile_missed_changes"))),
             ("last backfill", _backfill_line(stats["last_backfill"])),
         ]
     )
@@ -81,6 +82,15 @@ def stats(stats: dict[str, Any]) -> str:
 
 
 _BY = {"desto": "desto", "forget": "forget", "retention": "retention"}
+
+
+def _missed_line(missed: dict[str, int] | None) -> str:
+    """The last reconcile's count of changes no notification had named."""
+    if missed is None:
+        return "- (not measured by the last reconcile)"
+    total = sum(missed.values())
+    kinds = ", ".join(f"{kind} {n:,}" for kind, n in missed.items() if n)
+    return f"{total:,} in the last reconcile" + (f" ({kinds})" if kinds else "")
 
 
 def _erased_line(erased: dict[str, Any]) -> str:
