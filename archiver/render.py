@@ -221,7 +221,7 @@ def restore(report: Any, every: bool) -> str:
             "favorite_id": f.favorite_id,
             "name": printable(f.name),
             "uses": f.use_count,
-            "left redis": "-" if f.gone_reason is None else f"{f.gone_reason} {f.gone_at or ''}".strip(),
+            "left redis": _left_redis(f),
             "detail": printable(f.detail or ""),
         }
         for f in listed
@@ -238,6 +238,13 @@ def restore(report: Any, every: bool) -> str:
     if hidden:
         lines.append(f"{hidden} other archived favorite{'s are' if hidden != 1 else ' is'} in Redis: left as they are")
     return "\n".join(lines)
+
+
+def _left_redis(favorite: Any) -> str:
+    """How the favorite left Redis, as the archive recorded it (a dry run records nothing)."""
+    if favorite.gone_reason is not None:
+        return f"{favorite.gone_reason} {favorite.gone_at or ''}".strip()
+    return "-" if favorite.outcome == "in redis" else "missing (not recorded yet)"
 
 
 def printable(text: str) -> str:

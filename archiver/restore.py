@@ -229,12 +229,23 @@ def restore(
     try:
         # the favorites the archive still held as live leave it first, as a reconcile would find them
         archive(source, store, records_of([f.key for f in wanted]), gone_only=True)
+        _left(store, wanted)
         written = _write(settings, source, wanted, report)
         if written:
             archive(source, store, records_of([f.key for f in written]))
     finally:
         _forget_notes(store, wanted)
     return report
+
+
+def _left(store: Store, favorites: list[Favorite]) -> None:
+    """How each favorite left Redis, as the file says now (the read above may have recorded it)."""
+    for f in favorites:
+        found = store.conn.execute(
+            "SELECT gone_reason, gone_at FROM favorites WHERE favorite_id = ?", (f.favorite_id,)
+        ).fetchone()
+        if found is not None:
+            f.gone_reason, f.gone_at = found
 
 
 def _write(settings: Settings, source: Source, wanted: list[Favorite], report: Report) -> list[Favorite]:
