@@ -164,9 +164,8 @@ _SELECT = (
 
 
 def select(conn: sqlite3.Connection, ids: Sequence[str], names: Sequence[str]) -> list[Favorite]:
-    """The archived favorites named by ``ids`` and ``names``, or every one when neither is given.
-    Those a person deleted come last, so the others claim a name two archived favorites share.
-    UnknownFavorite for an id or name the archive lacks."""
+    """The archived favorites named by ``ids`` and ``names``, or every one when neither is given,
+    in the order they are written back. UnknownFavorite for an id or name the archive lacks."""
     rows: dict[str, Favorite] = {}
     if not ids and not names:
         found = conn.execute(_SELECT).fetchall()
@@ -184,7 +183,11 @@ def select(conn: sqlite3.Connection, ids: Sequence[str], names: Sequence[str]) -
             found.extend(rows_named)
     for r in found:
         rows[r[0]] = Favorite(r[0], r[1], r[2], r[3], r[4], int(r[5] or 0), _extra(r[6]), r[7], r[8])
-    return sorted(rows.values(), key=lambda f: (f.gone_reason == "deleted", f.gone_at or "~", f.favorite_id))
+    # Of two favorites that share a name, the one whose state is newest claims it: one the archive
+    # still holds as live, else the one that left Redis last; one a person deleted never first.
+    ordered = sorted(rows.values(), key=lambda f: f.gone_at or "", reverse=True)
+    ordered.sort(key=lambda f: (f.gone_reason == "deleted", f.gone_at is not None))
+    return ordered
 
 
 def _unknown(conn: sqlite3.Connection, record_id: str, what: str) -> str:
@@ -212,8 +215,10 @@ def restore(
     """Write back the ``favorites`` missing from Redis (those a person deleted only with
     ``include_deleted``); with ``dry_run``, only say what would be written."""
     report = Report(dry_run, favorites)
-    present = {f.key for f, found in zip(favorites, source.fetch([f.key for f in favorites]), strict=True)
-               if found.redis_type != "none"}  # fmt: skip
+    present: set[bytes] = set()
+    for page in _pages(favorites, settings.batch_size):
+        fetched = source.fetch([f.key for f in page])
+        present.update(f.key for f, found in zip(page, fetched, strict=True) if found.redis_type != "none")
     wanted: list[Favorite] = []
     for f in favorites:
         if f.key in present:
@@ -228,14 +233,19 @@ def restore(
     _note(store, wanted, source.version_now())
     try:
         # the favorites the archive still held as live leave it first, as a reconcile would find them
-        archive(source, store, records_of([f.key for f in wanted]), gone_only=True)
+        for page in _pages(wanted, settings.batch_size):
+            archive(source, store, records_of([f.key for f in page]), gone_only=True)
         _left(store, wanted)
         written = _write(settings, source, wanted, report)
-        if written:
-            archive(source, store, records_of([f.key for f in written]))
+        for page in _pages(written, settings.batch_size):
+            archive(source, store, records_of([f.key for f in page]))
     finally:
         _forget_notes(store, wanted)
     return report
+
+
+def _pages(favorites: list[Favorite], size: int) -> list[list[Favorite]]:
+    return [favorites[i : i + size] for i in range(0, len(favorites), size)]
 
 
 def _left(store: Store, favorites: list[Favorite]) -> None:

@@ -701,6 +701,16 @@ def test_changes_made_while_the_subscription_is_down_are_counted_as_missed(
     )
     finding = next(c for c in json.loads(checked.stdout)["checks"] if c["check"] == "missed changes")
     assert finding["status"] == "warn" and "10 change(s)" in finding["detail"], finding
+    assert checked.returncode == 0, checked.stdout  # a warning: the reconcile archived them
+    stats = subprocess.run(
+        [sys.executable, "-m", "archiver", "stats", "--json"],
+        cwd=REPO,
+        env=daemon_env(redis_server, db_path),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert json.loads(stats.stdout)["last_reconcile_missed_changes"] == done["missed_changes"]
     written = writer.finish()
     assert_archive_equals_redis(redis, db_path, [*written, *sessions, *jobs, *favorites], timeout=15)
 
