@@ -29,6 +29,7 @@ from archiver.read_clock import now_us
 from archiver.reconcile import Reconcile, archive, read_batch, records_of, write_batch
 from archiver.schema import SCHEMA_VERSION
 from archiver.source import Source
+from archiver.sql import read_only
 from archiver.store import Store
 
 
@@ -93,7 +94,7 @@ def _open(settings: Settings, dry_run: bool) -> Store:
     if not dry_run:
         return Store.open(path, settings.sqlite_busy_timeout, cache_mb=cache_mb)
     if path.exists():
-        probe = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        probe = read_only(path)
         try:
             version = probe.execute("PRAGMA user_version").fetchone()[0]
         finally:
@@ -104,7 +105,7 @@ def _open(settings: Settings, dry_run: bool) -> Store:
     # Nothing may be written: work on a copy in memory (migrated there, if it needs to be).
     memory = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
     if path.exists():
-        source = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        source = read_only(path)
         source.backup(memory)
         source.close()
     from archiver.schema import migrate

@@ -2,7 +2,8 @@
 
 SQLite's online backup API copies the file in one read transaction: in WAL mode that is a
 snapshot that never blocks the writer. The copy is verified with ``PRAGMA integrity_check``,
-made a single self-contained file (rollback journal mode), and only then moved into place.
+made a single self-contained file (rollback journal mode), and only then moved into place. It is
+never easier to read than the archive (archiver/copies.py): its owner's alone while it is written.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from archiver.copies import file_mode, folder_mode, make_folders
+from archiver.sql import read_only
 from archiver.store import StoreError
 
 
@@ -39,20 +42,21 @@ def backup(source: Path, destination: Path, force: bool = False) -> BackupReport
         raise BackupError("the backup cannot overwrite the archive itself: choose another destination")
     if destination.exists() and not force:
         raise BackupError(f"{destination} already exists: choose another name, or add --force to replace it")
+    mode = file_mode(source)
     try:
-        destination.parent.mkdir(parents=True, exist_ok=True)
+        make_folders(destination.parent, folder_mode(mode))
     except OSError as exc:
         raise BackupError(f"cannot create {destination.parent}: {exc.strerror}") from None
     partial = destination.with_name(f".{destination.name}.partial-{os.getpid()}")
     try:
         # created here, so a folder that may not be written names the destination, not SQLite's
         # "unable to open database file" taken for the source's
-        os.close(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        os.close(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
     except OSError as exc:
         raise BackupError(f"cannot write {destination}: {exc.strerror} (in {destination.parent.absolute()})") from None
     started = time.monotonic()
     try:
-        src = sqlite3.connect(f"file:{source}?mode=ro", uri=True, timeout=30)
+        src = read_only(source, timeout=30)
         try:
             dst = sqlite3.connect(partial)
             try:
@@ -67,6 +71,7 @@ def backup(source: Path, destination: Path, force: bool = False) -> BackupReport
         finally:
             src.close()
         with open(partial, "rb+") as handle:
+            os.fchmod(handle.fileno(), mode)
             os.fsync(handle.fileno())
         os.replace(partial, destination)
     except sqlite3.Error as exc:

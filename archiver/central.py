@@ -10,10 +10,12 @@ from collections.abc import Iterator
 from typing import Any
 
 import psycopg
+from psycopg import sql
+from psycopg.abc import Query
 from psycopg.rows import dict_row
 
 from archiver.config import Settings
-from archiver.postgres import PG_SCHEMA_VERSION, connect, pg_schema_version
+from archiver.postgres import PG_SCHEMA_VERSION, connect, pg_schema_version, shipped_sources, sources_hint
 from archiver.reader import EXPORTS, Filters, ReadError, _bound, _seconds, payload_json
 
 _PAGE = 500
@@ -121,7 +123,8 @@ class CentralReader:
             )
         ]
         if self.source is not None and not sources:
-            raise ReadError(f"no host ships to {self.address} as source {self.source!r}")
+            found = sources_hint(shipped_sources(self.conn, s))
+            raise ReadError(f"no host ships to {self.address} as source {self.source!r}; {found}")
         erased: dict[str, dict[str, int]] = {}
         for kind, how, n in self.conn.execute(
             f"SELECT kind, how, count(*) FROM {s}.erased WHERE {cond} GROUP BY kind, how ORDER BY kind, how", params
@@ -141,11 +144,11 @@ class CentralReader:
 
     # ─── sessions, exports ───────────────────────────────────────────────────────────────────
 
-    def _stream(self, sql: str, params: list[Any]) -> Iterator[dict[str, Any]]:
+    def _stream(self, query: Query, params: list[Any]) -> Iterator[dict[str, Any]]:
         """Rows through a server-side cursor: memory stays flat however many there are."""
         with self.conn.transaction(), self.conn.cursor(name="desto_archiver_read", row_factory=dict_row) as cur:
             cur.itersize = _PAGE
-            cur.execute(sql, params)
+            cur.execute(query, params)
             yield from cur
 
     def sessions(self, filters: Filters) -> Iterator[dict[str, Any]]:
@@ -174,11 +177,19 @@ class CentralReader:
         ]
         where, params = self._where(what, filters)
         limit = f" LIMIT {int(filters.limit)}" if filters.limit else ""
-        quoted = ", ".join(f'"{c}"' for c in columns)
-        sql = f"SELECT {quoted} FROM {self.schema}.{table} WHERE {where} ORDER BY {order}, source_name{limit}"
+        # the columns' names are the database's, which a role owning the tables may choose: each is
+        # quoted as a name whatever it holds (a % doubled: the statement takes parameters), never run
+        statement = sql.SQL("SELECT {} FROM {}.{} WHERE {} ORDER BY {}, source_name{}").format(
+            sql.SQL(", ").join(sql.Identifier(c.replace("%", "%%")) for c in columns),
+            sql.Identifier(self.schema),
+            sql.Identifier(table),
+            sql.SQL(where),  # the filters' own text: their values are parameters
+            sql.SQL(order),
+            sql.SQL(limit),
+        )
 
         def rows() -> Iterator[dict[str, Any]]:
-            for r in self._stream(sql, params):
+            for r in self._stream(statement, params):
                 if what == "quarantine":
                     r["payload"] = payload_json(bytes(r["payload"]))
                 yield r

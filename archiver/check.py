@@ -28,7 +28,7 @@ from archiver.reconcile import read_batch, records_of
 from archiver.redis_client import CONNECTION_ERRORS, unreachable_advice
 from archiver.schema import SCHEMA_VERSION, unsupported_sqlite
 from archiver.source import Source, flags_sufficient, merge_flags
-from archiver.sql import erased_among, erased_rows, has_erasures, select_in
+from archiver.sql import erased_among, erased_rows, has_erasures, read_only, select_in
 from archiver.store import DAMAGED_ADVICE, is_damaged
 
 _MAX_SUSPECTS = 10_000  # differences kept in detail (and looked at again); beyond, only counted
@@ -343,7 +343,7 @@ def _file(path: Path, integrity: bool = False) -> list[Finding]:
         )
     )
     findings.append(_permissions(path))
-    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
+    conn = read_only(path, timeout=10)
     try:
         mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
         version = conn.execute("PRAGMA user_version").fetchone()[0]
@@ -396,7 +396,15 @@ def _postgres(settings: Settings) -> Finding:
     import psycopg
 
     from archiver import changelog
-    from archiver.postgres import PG_SCHEMA_VERSION, connect, may_write, pg_schema_version, refusal
+    from archiver.postgres import (
+        PG_SCHEMA_VERSION,
+        connect,
+        may_write,
+        pg_schema_version,
+        refusal,
+        shipped_sources,
+        sources_hint,
+    )
     from archiver.ship import STATE_FILE_ID, log_is_shipped
 
     where = settings.postgres_address()
@@ -427,14 +435,20 @@ def _postgres(settings: Settings) -> Finding:
                 "WHERE source_name = %s",
                 (settings.source_name,),
             ).fetchone()
+            others = shipped_sources(pg, settings.postgres_schema) if row is None else []
     except psycopg.Error as exc:
         return Finding("postgres", "fail", f"cannot use {where}: {str(exc).strip()}", "see docs/postgresql.md")
     detail = f"{where}, schema version {version}, source {settings.source_name!r}"
     if row is None:
-        return Finding("postgres", "warn", detail + ": nothing shipped yet", "start 'desto-archiver run' or 'ship'")
+        return Finding(
+            "postgres",
+            "warn",
+            f"{detail}: nothing shipped yet; {sources_hint(others)}",
+            "start 'desto-archiver run' or 'ship'",
+        )
     position, shipped_at, shipped_file, head, head_token = row
     try:
-        conn = sqlite3.connect(f"file:{settings.db_path}?mode=ro", uri=True, timeout=10)
+        conn = read_only(settings.db_path, timeout=10)
         try:
             last, logging = changelog.last_seq(conn), changelog.complete_from(conn) is not None
             found = conn.execute("SELECT value FROM archiver_state WHERE name = ?", (STATE_FILE_ID,)).fetchone()

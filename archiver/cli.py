@@ -23,7 +23,7 @@ from typing import Any
 from archiver import __version__, render
 from archiver.config import ConfigError, Settings, load_settings
 from archiver.log import configure, get_logger
-from archiver.output import to_json, write_csv, write_json_array, write_jsonl, write_table
+from archiver.output import to_json, visible, write_csv, write_json_array, write_jsonl, write_table
 from archiver.reader import EXPORTS
 from archiver.redis_client import CONNECTION_ERRORS, unreachable_advice
 from archiver.store import StoreError, UnsupportedSQLite
@@ -62,6 +62,39 @@ class _Stdout:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._stream, name)
+
+
+class _ForPeople:
+    """``sys.stdout`` or ``sys.stderr`` for the length of a command: what is written there is for
+    people, so each control character in it is shown as its escape (:func:`visible`) whatever text
+    Redis held, and whatever command prints it. Line breaks stay: values within a line were made
+    visible by the tables and summaries already. ``raw`` is the stream itself, for the output of
+    machines (:func:`_data`) and the deliberate escapes of a progress line."""
+
+    def __init__(self, raw: Any) -> None:
+        self.raw = raw
+
+    def write(self, text: str) -> int:
+        self.raw.write(visible(text, keep_newlines=True))
+        return len(text)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.raw, name)
+
+
+def _raw(stream: Any) -> Any:
+    """The stream under :class:`_ForPeople`: text written there as it is."""
+    return getattr(stream, "raw", stream)
+
+
+def _data() -> Any:
+    """Where machine output goes (JSON, JSON Lines, CSV): stdout, the text as it is. JSON writes
+    its own escapes for control characters below 0x20; the rest is the data, kept exactly."""
+    return _raw(sys.stdout)
+
+
+def _print_json(data: Any) -> None:
+    print(to_json(data), file=_data())
 
 
 def _config_options() -> argparse.ArgumentParser:
@@ -179,6 +212,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--metrics-port", metavar="PORT", help="serve Prometheus metrics (ARCHIVER_METRICS_PORT)")
     run.add_argument("--metrics-host", metavar="ADDR", help="metrics address (ARCHIVER_METRICS_HOST, 127.0.0.1)")
+    run.add_argument(
+        "--allow-root",
+        dest="allow_root",
+        action="store_const",
+        const=True,
+        help="run as root all the same (ARCHIVER_ALLOW_ROOT=true); refused otherwise",
+    )
 
     backfill = _command(
         sub,
@@ -287,6 +327,12 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("what", choices=list(EXPORTS), help="the table to export")
     export.add_argument("--format", choices=["csv", "jsonl"], default="jsonl", help="default jsonl")
     export.add_argument("--output", "-o", metavar="FILE", help="write to FILE instead of stdout")
+    export.add_argument(
+        "--raw-csv",
+        action="store_true",
+        help="write CSV cells as they are: by default a cell starting with = + - @, a tab or a carriage return "
+        "gets a ' in front, so a spreadsheet shows it instead of running it as a formula",
+    )
 
     backup = _command(
         sub,
@@ -381,7 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
         cmd_systemd_unit,
     )
     unit.add_argument(
-        "--user", default=None, help="the account to run as (default: the current one; run as root: desto)"
+        "--user", default=None, help="the account to run as (default: the current one; needed when run as root)"
     )
     unit.add_argument(
         "--env-file", default="/etc/desto-archiver/desto-archiver.env", help="EnvironmentFile= (optional file)"
@@ -406,7 +452,11 @@ _SETTING_ARGS = (
     "postgres_url",
     "postgres_schema",
     "source_name",
+    "allow_root",
 )
+
+# The flags that may carry a password, and the settings that keep it out of the process list.
+_URL_FLAGS = {"redis_url": ("--redis-url", "REDIS_URL"), "postgres_url": ("--postgres-url", "ARCHIVER_POSTGRES_URL")}
 
 
 def _is_folder(path: Path) -> bool:
@@ -442,13 +492,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"desto-archiver: {exc}", file=sys.stderr)
         return EXIT_USAGE
     configure(settings.log_format, settings.log_level)
+    _warn_passwords_in_arguments(args, settings)
     os.umask(settings.umask)  # 0007 unless set: the archive holds command lines
     if _is_folder(settings.db_path):
         path = settings.db_path.absolute()
         print(f"desto-archiver {args.command}: {path} is a folder: give the archive's file, e.g. {path / 'desto.db'}",
               file=sys.stderr)  # fmt: skip
         return EXIT_USAGE
-    stdout, sys.stdout = sys.stdout, _Stdout(sys.stdout)
+    stdout, sys.stdout = sys.stdout, _ForPeople(_Stdout(sys.stdout))
+    stderr, sys.stderr = sys.stderr, _ForPeople(sys.stderr)
     try:
         code: int = args.handler(settings, args)
         sys.stdout.flush()
@@ -477,7 +529,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"desto-archiver {args.command}: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     finally:
-        sys.stdout = stdout
+        sys.stdout, sys.stderr = stdout, stderr
+
+
+def _warn_passwords_in_arguments(args: argparse.Namespace, settings: Settings) -> None:
+    """Every user of the machine may read a process' arguments (ps, /proc/PID/cmdline): a password
+    in a flag is said once, with the settings that keep it out of them."""
+    from archiver.config import postgres_url_secrets, redis_url_secrets
+
+    for name, (flag, env) in _URL_FLAGS.items():
+        value = getattr(args, name, None)
+        if not value:
+            continue
+        if name == "redis_url":  # with REDIS_PASSWORD set, a lone user part is an ACL user's name
+            held = redis_url_secrets(value, settings.redis_password is not None)
+        else:
+            held = postgres_url_secrets(value)
+        if held:
+            log.warning(
+                "settings.password_in_arguments",
+                flag=flag,
+                detail="other users of this machine can read a process' arguments (ps, /proc/PID/cmdline)",
+                action=f"give the URL in {env}_FILE (a file only this user reads) or {env} instead",
+            )
 
 
 # ─── run, backfill ───────────────────────────────────────────────────────────────────────────────
@@ -514,6 +588,13 @@ def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
             require_psycopg()
         except ShipError as exc:
             raise UsageError(str(exc)) from None
+    if os.geteuid() == 0 and not settings.allow_root:
+        raise UsageError(
+            "refusing to run as root: the daemon creates and writes files in the archive's folder, which desto's "
+            "group may write too. Run it as the account that owns the archive (e.g. sudo -u desto desto-archiver "
+            "run; the image and the systemd unit do), or, where root is meant (a container of its own), pass "
+            "--allow-root or set ARCHIVER_ALLOW_ROOT=true"
+        )
     collect_less_often()
     daemon = Daemon(settings)
 
@@ -549,7 +630,7 @@ def cmd_backfill(settings: Settings, args: argparse.Namespace) -> int:
         now = time.monotonic()
         if live and now - last[0] >= 0.1:
             last[0] = now
-            sys.stderr.write(
+            _raw(sys.stderr).write(
                 f"\r{p.phase}: {p.keys_scanned:,} keys scanned, {p.keys_read:,} read ({p.keys_per_s:,.0f}/s), "
                 f"{p.written:,} written, {p.quarantined:,} quarantined, {p.elapsed_s:.1f} s "
             )
@@ -567,14 +648,30 @@ def cmd_backfill(settings: Settings, args: argparse.Namespace) -> int:
 
     report = backfill(settings, progress, dry_run=args.dry_run)
     if live:
-        sys.stderr.write("\r\033[K")
+        _raw(sys.stderr).write("\r\033[K")
     if not existed and not args.dry_run:
         log_created(settings.db_path)
     if args.json:
-        print(to_json(report.as_dict()))
+        _print_json(report.as_dict())
         return EXIT_OK
     print(render.backfill(report))
     return EXIT_OK
+
+
+def _lasting_refusal(exc: Exception) -> str | None:
+    """What is wrong when PostgreSQL refuses for a reason that waiting will not change (a database
+    or role that does not exist, a password it does not take); None for what may pass (a server
+    down, a network, a lock)."""
+    text = str(exc)
+    for needle, what in (
+        ("database", "the database does not exist"),
+        ("role", "the role does not exist"),
+    ):
+        if f'{needle} "' in text and "does not exist" in text:
+            return what
+    if "password authentication failed" in text or "no password supplied" in text:
+        return "PostgreSQL does not take these credentials"
+    return None
 
 
 def cmd_ship(settings: Settings, args: argparse.Namespace) -> int:
@@ -598,7 +695,7 @@ def cmd_ship(settings: Settings, args: argparse.Namespace) -> int:
         now = time.monotonic()
         if live and now - last[0] >= 0.1:
             last[0] = now
-            sys.stderr.write(f"\r\033[K{table}: {copied:,} of {total:,} rows copied ")
+            _raw(sys.stderr).write(f"\r\033[K{table}: {copied:,} of {total:,} rows copied ")
             sys.stderr.flush()
 
     shipper = Shipper(settings)
@@ -616,18 +713,24 @@ def cmd_ship(settings: Settings, args: argparse.Namespace) -> int:
         print(f"desto-archiver ship: {exc}; run the same command again", file=sys.stderr)
         return EXIT_FAILURE
     except psycopg.Error as exc:
+        lasting = _lasting_refusal(exc)
         print(
             f"desto-archiver ship: PostgreSQL at {settings.postgres_address()} failed: {str(exc).strip()}\n"
-            "  nothing is lost: run the same command again once it answers",
+            + (
+                f"  {lasting}: correct --postgres-url (ARCHIVER_POSTGRES_URL) or set the database up "
+                "(docs/postgresql.md); running the same command again will not help"
+                if lasting
+                else "  nothing is lost: run the same command again once it answers"
+            ),
             file=sys.stderr,
         )
-        return EXIT_FAILURE
+        return EXIT_USAGE if lasting else EXIT_FAILURE
     finally:
         shipper.close()
     if live:
-        sys.stderr.write("\r\033[K")
+        _raw(sys.stderr).write("\r\033[K")
     if args.json:
-        print(to_json(report.as_dict()))
+        _print_json(report.as_dict())
         return EXIT_OK
     copied = ", ".join(f"{n:,} {t}" for t, n in report.copied.items())
     deleted = sum(report.deleted.values())
@@ -665,7 +768,7 @@ def cmd_grant(settings: Settings, args: argparse.Namespace) -> int:
         return EXIT_FAILURE
     report = {"database": where, "schema": settings.postgres_schema, "schema_version": PG_SCHEMA_VERSION, **report}
     if args.json:
-        print(to_json(report))
+        _print_json(report)
         return EXIT_OK
     print(
         f"role {report['role']!r} may write the rows of source {report['source']!r} in {where} "
@@ -685,6 +788,7 @@ def cmd_check(settings: Settings, args: argparse.Namespace) -> int:
 
     from archiver.check import Finding, doctor, verify
     from archiver.source import Source
+    from archiver.sql import read_only
     from archiver.store import DAMAGED_ADVICE, is_damaged
 
     source = Source(settings)
@@ -693,7 +797,7 @@ def cmd_check(settings: Settings, args: argparse.Namespace) -> int:
         report = None
         readable = not any(f.check == "integrity" and f.status == "fail" for f in findings)
         if args.verify and redis_ok and readable and os.path.exists(settings.db_path):
-            conn = sqlite3.connect(f"file:{settings.db_path}?mode=ro", uri=True, timeout=10)
+            conn = read_only(settings.db_path, timeout=10)
             try:
                 report = verify(source, conn, settings.batch_size, args.settle)
             except sqlite3.DatabaseError as exc:
@@ -706,14 +810,12 @@ def cmd_check(settings: Settings, args: argparse.Namespace) -> int:
         source.close()
     ok = all(f.status != "fail" for f in findings) and (report is None or report.ok)
     if args.json:
-        print(
-            to_json(
-                {
-                    "ok": ok,
-                    "checks": [f.as_dict() for f in findings],
-                    "verify": None if report is None else report.as_dict(),
-                }
-            )
+        _print_json(
+            {
+                "ok": ok,
+                "checks": [f.as_dict() for f in findings],
+                "verify": None if report is None else report.as_dict(),
+            }
         )
         return EXIT_OK if ok else EXIT_FAILURE
     print(render.check(findings, report, args.show_diffs))
@@ -725,7 +827,7 @@ def cmd_health(settings: Settings, args: argparse.Namespace) -> int:
 
     healthy, reason = health(settings)
     if args.json:
-        print(to_json({"healthy": healthy, "reason": reason}))
+        _print_json({"healthy": healthy, "reason": reason})
     else:
         print(("healthy: " if healthy else "unhealthy: ") + reason)
     return EXIT_OK if healthy else EXIT_FAILURE
@@ -785,7 +887,10 @@ def _report(
 
     with Reader.open(settings.db_path) as reader:
         data = query(reader)
-    print(to_json(data) if args.json else show(data))
+    if args.json:
+        _print_json(data)
+    else:
+        print(show(data))
     return EXIT_OK
 
 
@@ -813,7 +918,10 @@ def cmd_stats(settings: Settings, args: argparse.Namespace) -> int:
         return _report(settings, args, lambda reader: reader.stats(), render.stats)
     with central:
         data = central.stats()
-    print(to_json(data) if args.json else render.central_stats(data))
+    if args.json:
+        _print_json(data)
+    else:
+        print(render.central_stats(data))
     return EXIT_OK
 
 
@@ -827,7 +935,7 @@ def cmd_history(settings: Settings, args: argparse.Namespace) -> int:
     with central if central is not None else Reader.open(settings.db_path) as reader:
         sessions = reader.sessions(filters)
         if args.json:
-            write_json_array(sessions, sys.stdout)
+            write_json_array(sessions, _data())
         else:
             write_table(render.history(sessions), columns, sys.stdout)
     return EXIT_OK
@@ -838,18 +946,29 @@ def cmd_show(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_export(settings: Settings, args: argparse.Namespace) -> int:
+    from archiver.copies import file_mode, open_copy
     from archiver.reader import Reader
 
     filters = _filters(args, args.what)
+    if args.raw_csv and args.format != "csv":
+        raise UsageError("--raw-csv applies to --format csv only")
     central = _central(settings, args)
     with central if central is not None else Reader.open(settings.db_path) as reader:
         columns, rows = reader.export(args.what, filters)
         if args.format == "csv" and args.what == "quarantine":
             rows = (_flat_payload(r) for r in rows)
         try:
-            out = open(args.output, "w", newline="", encoding="utf-8") if args.output else sys.stdout  # noqa: SIM115
+            # never easier to read than the archive (the central database's: its owner's alone)
+            out = (
+                open_copy(Path(args.output), file_mode(None if central is not None else settings.db_path))
+                if args.output
+                else _data()
+            )
             try:
-                count = write_csv(columns, rows, out) if args.format == "csv" else write_jsonl(rows, out)
+                if args.format == "csv":
+                    count = write_csv(columns, rows, out, raw=args.raw_csv)
+                else:
+                    count = write_jsonl(rows, out)
             finally:
                 if args.output:
                     out.close()
@@ -870,7 +989,7 @@ def cmd_backup(settings: Settings, args: argparse.Namespace) -> int:
 
     report = backup(settings.db_path, Path(args.destination), force=args.force)
     if args.json:
-        print(to_json(report.__dict__))
+        _print_json(report.__dict__)
     else:
         print(
             f"backed up {report.source} to {report.destination}: {report.bytes:,} bytes, "
@@ -900,15 +1019,13 @@ def cmd_forget(settings: Settings, args: argparse.Namespace) -> int:
     finally:
         store.close()
     if args.json:
-        print(
-            to_json(
-                {
-                    "dry_run": args.dry_run,
-                    "records": [t.as_dict() for t in targets],
-                    "already_erased": already,
-                    "erased": None if done is None else done.as_dict(),
-                }
-            )
+        _print_json(
+            {
+                "dry_run": args.dry_run,
+                "records": [t.as_dict() for t in targets],
+                "already_erased": already,
+                "erased": None if done is None else done.as_dict(),
+            }
         )
         return EXIT_OK
     print(render.forget(targets, already, done, args.dry_run))
@@ -973,5 +1090,8 @@ def cmd_prune(settings: Settings, args: argparse.Namespace) -> int:
             data = {"dry_run": False, "cutoff": cutoff.isoformat(), **pruned.as_dict()}
     finally:
         store.close()
-    print(to_json(data) if args.json else render.prune(data))
+    if args.json:
+        _print_json(data)
+    else:
+        print(render.prune(data))
     return EXIT_OK

@@ -10,7 +10,7 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import parse_qs, urlsplit, urlunsplit
+from urllib.parse import parse_qs, unquote, unquote_plus, urlsplit, urlunsplit
 
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -24,6 +24,105 @@ class ConfigError(Exception):
     """A configuration value is unusable; the message says which and why."""
 
 
+# What stands for a password wherever one would be shown.
+HIDDEN = "***"
+
+# What a URL's user name and password may hold as they are (RFC 3986's unreserved characters and
+# sub-delimiters); anything else is percent-encoded. Where libpq and Python's urlsplit would read
+# another user part (an @ or a / in a password), or libpq would refuse it and quote it whole in
+# its error (a % without two hex digits), the URL is refused at start, without showing it.
+_USER_PART = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~!$&'()*+,;=:")
+_HEX = frozenset("0123456789abcdefABCDEF")
+
+
+def _postgres_user_part_problem(url: str) -> str | None:
+    """What is wrong with the user name and password of a postgresql:// URL, as libpq reads them
+    (the text before the first @, when an @ comes before any /), in words that never quote them."""
+    rest = url.split("://", 1)[1] if "://" in url else ""
+    authority, _, after = rest.partition("/")
+    if "@" not in authority:
+        if "@" in after.split("?", 1)[0]:
+            return (
+                "an @ after its host: a / in its user name or password must be percent-encoded (%2F), "
+                "and an @ in its database name (%40)"
+            )
+        return None
+    user_part, _, host = authority.partition("@")
+    if "@" in host:
+        return "more than one @ before its host: an @ in its user name or password must be percent-encoded (%40)"
+    i = 0
+    while i < len(user_part):
+        c = user_part[i]
+        if c == "%":
+            code = user_part[i + 1 : i + 3]
+            if len(code) < 2 or not set(code) <= _HEX:
+                return "a % not followed by two hex digits in its user name or password: percent-encode a % as %25"
+            if code == "00":
+                return "%00 in its user name or password: libpq refuses a NUL byte"
+            i += 3
+            continue
+        if c not in _USER_PART and (c.isascii() or not c.isprintable()):
+            return (
+                "a character its user name or password must percent-encode (a space, a control character, or "
+                "one of / ? # [ ] @): write it as %XX, e.g. a space as %20, ? as %3F, # as %23"
+            )
+        i += 1
+    return None
+
+
+def _query_secrets(query: str) -> set[str]:
+    """The values of a URL's query parameters whose name (percent-decoded) says password."""
+    found: set[str] = set()
+    for piece in query.split("&"):
+        name, _, value = piece.partition("=")
+        if value and "password" in unquote_plus(name).lower():
+            found |= {value, unquote_plus(value), unquote(value)}
+    return found
+
+
+def _without_secret_parameters(query: str) -> str:
+    return "&".join(p for p in query.split("&") if p and "password" not in unquote_plus(p.partition("=")[0]).lower())
+
+
+def postgres_url_secrets(url: str) -> set[str]:
+    """Every password a postgresql:// URL holds, as written and percent-decoded: its user part's
+    (as libpq and as urlsplit read it) and its query's (libpq's ?password=, ?sslpassword=)."""
+    found: set[str] = set()
+    rest = url.split("://", 1)[1] if "://" in url else ""
+    authority = rest.split("/", 1)[0]
+    if "@" in authority:
+        user_part = authority.split("@", 1)[0]  # libpq's: up to the first @
+        if ":" in user_part:
+            found.add(user_part.split(":", 1)[1])
+    parts = urlsplit(url)
+    if parts.password:
+        found.add(parts.password)
+    found |= _query_secrets(parts.query)
+    return {form for secret in found for form in (secret, unquote(secret)) if form}
+
+
+def redis_url_secrets(url: str, password_elsewhere: bool = False) -> set[str]:
+    """Every password a Redis URL holds, as redis-py's own parse of it finds them (its query's
+    ``password=`` however encoded, ``ssl_password=``), and as written. A lone user part
+    (``redis://SECRET@host``) is taken for one too, unless a password is given elsewhere
+    (REDIS_PASSWORD), which makes it an ACL user's name."""
+    from redis.connection import parse_url
+
+    parts = urlsplit(url)
+    found = _query_secrets(parts.query)
+    try:
+        parsed: dict[str, Any] = parse_url(url)  # type: ignore[no-untyped-call]
+    except ValueError:  # a value redis-py cannot convert: the raw forms are still found
+        parsed = {}
+    found |= {str(v) for k, v in parsed.items() if "password" in k.lower() and v}
+    if parts.password:
+        found.add(parts.password)
+    has_password = bool(parts.password) or any("password" in k.lower() and v for k, v in parsed.items())
+    if parts.username and not has_password and not password_elsewhere:
+        found.add(parts.username)
+    return {form for secret in found for form in (secret, unquote(secret)) if form}
+
+
 def _env(name: str, env: str) -> Any:
     return AliasChoices(name, env)
 
@@ -35,6 +134,7 @@ class Settings(BaseSettings):
 
     redis_url: str | None = Field(
         None,
+        repr=False,  # it may hold a password
         validation_alias=_env("redis_url", "REDIS_URL"),
         description=(
             "`redis://`, `rediss://` (TLS; e.g. `rediss://host:6380/0?ssl_ca_certs=/etc/redis/ca.pem`) or `unix://` "
@@ -53,6 +153,19 @@ class Settings(BaseSettings):
     )
     redis_password: SecretStr | None = Field(
         None, validation_alias=_env("redis_password", "REDIS_PASSWORD"), description="its password (never logged)"
+    )
+    redis_url_file: Path | None = Field(
+        None,
+        validation_alias=_env("redis_url_file", "REDIS_URL_FILE"),
+        description=(
+            "a file holding `REDIS_URL` (a container's secret, a systemd credential), read at start without its "
+            "trailing newline: the password stays out of the environment and the process list"
+        ),
+    )
+    redis_password_file: Path | None = Field(
+        None,
+        validation_alias=_env("redis_password_file", "REDIS_PASSWORD_FILE"),
+        description="a file holding `REDIS_PASSWORD`, read the same way",
     )
 
     desto_data_dir: Path | None = Field(
@@ -202,6 +315,11 @@ class Settings(BaseSettings):
             "shipped to, from a change log in the file; unset: no shipping. Needs the `postgres` extra"
         ),
     )
+    postgres_url_file: Path | None = Field(
+        None,
+        validation_alias=_env("postgres_url_file", "ARCHIVER_POSTGRES_URL_FILE"),
+        description="a file holding `ARCHIVER_POSTGRES_URL`, read the same way",
+    )
     postgres_schema: str = Field(
         "desto_archiver",
         pattern=r"^[a-z_][a-z0-9_]{0,62}$",
@@ -228,6 +346,14 @@ class Settings(BaseSettings):
         le=3600,
         validation_alias=_env("ship_interval", "ARCHIVER_SHIP_INTERVAL"),
         description="seconds between looks at the change log when nothing is waiting to be shipped",
+    )
+    allow_root: bool = Field(
+        False,
+        validation_alias=_env("allow_root", "ARCHIVER_ALLOW_ROOT"),
+        description=(
+            "let `run` run as root (`--allow-root`); refused otherwise: root's daemon would create and write files "
+            "in the archive's folder, which desto's group may write too. The image and the unit run as `desto`"
+        ),
     )
     log_format: Literal["auto", "json", "console"] = Field(
         "auto",
@@ -285,6 +411,9 @@ class Settings(BaseSettings):
         parts = urlsplit(text)
         if parts.scheme not in ("postgres", "postgresql"):
             raise ValueError("must start with postgresql:// (or postgres://)")
+        problem = _postgres_user_part_problem(text)
+        if problem is not None:
+            raise ValueError(problem)
         return text
 
     @model_validator(mode="after")
@@ -316,15 +445,20 @@ class Settings(BaseSettings):
         return self.redis_db
 
     def redis_address(self) -> str:
-        """Where Redis is, for people and logs: never includes a password."""
+        """Where Redis is, for people and logs: never includes a password, nor what redis-py would
+        take for one (a lone user part shows as ***)."""
         if self.redis_url:
             parts = urlsplit(self.redis_url)
-            netloc = parts.hostname or ""
-            if parts.port:
-                netloc += f":{parts.port}"
+            host = parts.hostname or ""
+            netloc = f"[{host}]" if ":" in host else host
+            if _port(parts):
+                netloc += f":{_port(parts)}"
             if parts.username:
-                netloc = f"{parts.username}@{netloc}"
-            query = "&".join(p for p in parts.query.split("&") if p and not p.lower().startswith("password="))
+                lone = not redis_url_secrets(self.redis_url, self.redis_password is not None).isdisjoint(
+                    {parts.username, unquote(parts.username)}
+                )
+                netloc = f"{HIDDEN if lone else parts.username}@{netloc}"
+            query = _without_secret_parameters(parts.query)
             if parts.scheme == "unix":  # urlunsplit would drop the empty authority: unix:/path
                 return f"unix://{netloc}{parts.path}" + (f"?{query}" if query else "")
             return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
@@ -336,12 +470,29 @@ class Settings(BaseSettings):
             return None
         parts = urlsplit(self.postgres_url.get_secret_value())
         netloc = parts.hostname or ""
-        if parts.port:
-            netloc += f":{parts.port}"
+        if _port(parts):
+            netloc += f":{_port(parts)}"
         if parts.username:
             netloc = f"{parts.username}@{netloc}"
-        query = "&".join(p for p in parts.query.split("&") if p and not p.lower().startswith("password="))
-        return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
+        return urlunsplit((parts.scheme, netloc, parts.path, _without_secret_parameters(parts.query), ""))
+
+    def secrets(self) -> set[str]:
+        """Every password the settings hold, in each form it may be quoted in."""
+        found: set[str] = set()
+        if self.redis_password is not None and self.redis_password.get_secret_value():
+            found.add(self.redis_password.get_secret_value())
+        if self.redis_url:
+            found |= redis_url_secrets(self.redis_url, self.redis_password is not None)
+        if self.postgres_url is not None:
+            found |= postgres_url_secrets(self.postgres_url.get_secret_value())
+        return found
+
+    def redact(self, text: str) -> str:
+        """``text`` with every password of the settings replaced by ***: for what a library says
+        about a connection it was given (libpq quotes what it cannot parse)."""
+        for secret in sorted(self.secrets(), key=len, reverse=True):
+            text = text.replace(secret, HIDDEN)
+        return text
 
     def redis_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``redis.Redis`` (or ``from_url`` with ``url``)."""
@@ -357,22 +508,74 @@ class Settings(BaseSettings):
         return kwargs
 
 
+def _port(parts: Any) -> int | None:
+    try:
+        return int(parts.port) if parts.port else None
+    except ValueError:  # libpq's host lists (host1:5432,host2:5433): libpq says what is wrong
+        return None
+
+
 ENV_NAMES: dict[str, str] = {
     name: next(a for a in field.validation_alias.choices if isinstance(a, str) and a.isupper())  # type: ignore[union-attr]
     for name, field in Settings.model_fields.items()
 }
 
 
+# The secrets that may be given in a file instead (a container's secrets, systemd's credentials),
+# so they are in neither the environment nor the process list: the setting, and its file's.
+SECRET_FILES = {
+    "redis_url": "redis_url_file",
+    "redis_password": "redis_password_file",
+    "postgres_url": "postgres_url_file",
+}
+_SECRET_SETTINGS = ("redis_password", "redis_url", "postgres_url")
+
+
 def load_settings(**overrides: Any) -> Settings:
-    """Build the settings from the environment and ``overrides``; raise ConfigError with a clear text."""
+    """Build the settings from the environment, the files its ``*_FILE`` variables name and
+    ``overrides`` (the flags, which win over both); raise ConfigError with a clear text."""
     given = {k: v for k, v in overrides.items() if v is not None}
+    settings = _validated(given, given, {})
+    from_files = _read_secret_files(settings, given)
+    return _validated({**given, **from_files}, given, from_files) if from_files else settings
+
+
+def _validated(values: dict[str, Any], flags: dict[str, Any], from_files: dict[str, Any]) -> Settings:
     try:
-        return Settings(**given)
+        return Settings(**values)
     except ValidationError as exc:
         lines = []
         for err in exc.errors():
             field = str(err["loc"][0]) if err["loc"] else ""
-            where = ENV_NAMES.get(field, field) if field not in given else f"--{field.replace('_', '-')}"
-            shown = "" if field in ("redis_password", "redis_url", "postgres_url") else f" (got {err.get('input')!r})"
+            if field in from_files:
+                where = ENV_NAMES[SECRET_FILES[field]]
+            elif field in flags:
+                where = f"--{field.replace('_', '-')}"
+            else:
+                where = ENV_NAMES.get(field, field)
+            shown = "" if field in _SECRET_SETTINGS else f" (got {err.get('input')!r})"
             lines.append(f"{where}: {err['msg']}{shown}")
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines)) from None
+
+
+def _read_secret_files(settings: Settings, flags: dict[str, Any]) -> dict[str, str]:
+    """The secrets the ``*_FILE`` settings name, read (a flag given for one wins over its file)."""
+    found: dict[str, str] = {}
+    for field, file_field in SECRET_FILES.items():
+        path: Path | None = getattr(settings, file_field)
+        if path is None or field in flags:
+            continue
+        name, file_name = ENV_NAMES[field], ENV_NAMES[file_field]
+        if getattr(settings, field) is not None:
+            raise ConfigError(f"invalid configuration:\n  {name} and {file_name} are both set: keep one")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"invalid configuration:\n  {file_name}: cannot read {path}: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"invalid configuration:\n  {file_name}: {path} is not UTF-8 text") from None
+        value = text.rstrip("\r\n")
+        if not value:
+            raise ConfigError(f"invalid configuration:\n  {file_name}: {path} is empty")
+        found[field] = value
+    return found

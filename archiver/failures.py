@@ -33,12 +33,15 @@ class Failures:
         self.in_a_row = 0
         self.failing: str | None = None  # "redis" or "sqlite"
         self.write_failures = 0  # every failed write to the file since start, for the metrics
+        self.read_failures = 0  # every failed read from Redis since start, for the metrics
 
     def failed(self, what: str, exc: BaseException) -> float:
         """Note a failure of ``what`` ("redis" or "sqlite"); the seconds to wait before the next try."""
         self.in_a_row += 1
         if what == "sqlite":
             self.write_failures += 1
+        else:
+            self.read_failures += 1
         delay: float = min(self.max_backoff, 0.1 * 2.0 ** min(self.in_a_row, 10))
         if self.jitter:
             delay *= random.uniform(0.5, 1.0)

@@ -22,19 +22,25 @@ from archiver.config import Settings
 from archiver.dirty import Dirty
 from archiver.failures import Failures
 from archiver.log import get_logger
-from archiver.models import Outcome
+from archiver.models import Outcome, Rejected, Row
 from archiver.reconcile import read_batch, records_of
 from archiver.reconcile_pass import ReconcilePass, State
-from archiver.redis_client import CONNECTION_ERRORS
+from archiver.redis_client import REDIS_ERRORS, retryable
 from archiver.source import NotifyState, Source
 
 log = get_logger("archiver.fetcher")
 
-_TICK = 0.25  # the longest the reader sleeps between looks at the stop flag
+_TICK = 0.25  # the longest the reader waits for room in the writer's queue between looks at the stop flag
+# With nothing dirty the reader sleeps until woken (a change, a reconcile's page, a stop): this is
+# only a safety net, long enough that an idle daemon does not feel it.
+_IDLE_WAIT_S = 60.0
 # Batches read ahead of the writer, at most. Under load the writer joins every batch waiting into
 # one transaction: a commit's cost is mostly the index pages it rewrites, and with desto's random
 # ids a big transaction rewrites far fewer pages per row than a small one.
 QUEUE_DEPTH = 16
+# ... and at most this many bytes of values, but for one batch: a read carries up to a record's
+# worth (models.MAX_RECORD_BYTES), so sixteen such batches would hold up four times this.
+QUEUE_BYTES = 32 * 1024 * 1024
 LINGER_S = 0.25  # the longest the writer waits for a stream's batches to fill a transaction
 _BUSY_RATE = 1000.0  # events/s beyond which batches may wait longer than the flush interval
 _HOLD_S = 0.01  # how often the reader looks again while it holds back
@@ -53,9 +59,11 @@ class Work:
     scan_done: bool = False  # the scan is over: its sweep may begin once this page is written
     sweep: bool = False  # a page of the sweep
     keys: int = field(init=False)
+    size: int = field(init=False)  # bytes of the values read, about
 
     def __post_init__(self) -> None:
         self.keys = len(self.outcomes)
+        self.size = sum(map(_size, self.outcomes))
 
 
 class Fetcher(threading.Thread):
@@ -65,12 +73,14 @@ class Fetcher(threading.Thread):
         source: Source,
         dirty: Dirty,
         notified: Callable[[NotifyState], None] = lambda notify: None,
+        handed_over: Callable[[], None] = lambda: None,
     ) -> None:
         super().__init__(name="archiver-fetcher", daemon=True)
         self.settings = settings
         self.source = source
         self.dirty = dirty
         self._notified = notified  # told what each look at the notification flags found
+        self._handed_over = handed_over  # told each time a batch waits for the writer (wakes it)
         self._rate = 0.0  # events/s: rises at once, falls halving each tenth of a second
         self._rate_at = 0.0
         self._rate_events = 0
@@ -200,10 +210,17 @@ class Fetcher(threading.Thread):
                 else:
                     self._idle(now)
                     continue
-            except CONNECTION_ERRORS as exc:
+            except REDIS_ERRORS as exc:
+                if not retryable(exc):
+                    raise
                 self._failed(exc)
                 continue
             self._failures.succeeded()
+
+    @property
+    def read_failures(self) -> int:
+        """Reads from Redis that failed since start (each was retried)."""
+        return self._failures.read_failures
 
     @property
     def failing(self) -> bool:
@@ -246,7 +263,7 @@ class Fetcher(threading.Thread):
         self._recent.update(key for key, _ in items)
 
     def _idle(self, now: float) -> None:
-        timeout = _TICK
+        timeout = _IDLE_WAIT_S
         oldest = self.dirty.oldest_at
         if oldest is not None:
             timeout = min(timeout, max(0.0, oldest + self._interval(now) - now))
@@ -301,12 +318,29 @@ class Fetcher(threading.Thread):
 
     def _hand_over(self, work: Work) -> None:
         while not self._stop_now:
+            if self.has_queued() and self._queued_bytes() + work.size > QUEUE_BYTES:
+                time.sleep(_HOLD_S)  # big values wait for the writer: they are not read ahead
+                continue
             try:
                 self.queue.put(work, timeout=_TICK)
-                return
             except queue.Full:
                 continue
+            self._handed_over()
+            return
         self.dirty.requeue(work.items)
+
+    def _queued_bytes(self) -> int:
+        waiting: list[Work] = list(self.queue.queue)
+        held = self._held
+        return (0 if held is None else held.size) + sum(work.size for work in waiting)
+
+
+def _size(outcome: Outcome) -> int:
+    if isinstance(outcome, Row):
+        return sum(len(value) for value in outcome.values if isinstance(value, str)) + len(outcome.extra or "")
+    if isinstance(outcome, Rejected):
+        return len(outcome.payload)
+    return 0
 
 
 _READS = (State.REQUESTED, State.SCANNING)  # states of a pass with a read for this thread to make

@@ -14,7 +14,9 @@ from archiver.store import Store
 
 log = get_logger("archiver.housekeeping")
 
-_RECHECK_S = 0.25  # how often the daemon looks for another program's writes to the file
+# How often the daemon looks for another program's writes to the file: with the file check's
+# second, so an idle daemon wakes once a second for both.
+_RECHECK_S = 1.0
 _RETENTION_S = 3600.0  # how often the daemon erases what left Redis longer ago than ARCHIVER_RETENTION_DAYS
 _RETENTION_BATCHES = 4  # transactions of retention per step, between the daemon's writes
 # Seconds of a scrub of every page per step (its write transactions are a few milliseconds each):
@@ -32,6 +34,11 @@ class Housekeeping:
         self.schedule = schedule
         self._recheck_more = False
         self._scrub_retry = False
+
+    @property
+    def deadlines(self) -> list[Deadline]:
+        """The deadlines this part keeps, for the main loop's sleep."""
+        return [Deadline.RECHECK, *([Deadline.RETENTION] if self.settings.retention_days is not None else [])]
 
     def step(self, store: Store, now: float) -> int:
         """What is due now; the records erased."""

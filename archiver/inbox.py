@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from archiver.dirty import Dirty, Hints
@@ -30,7 +30,8 @@ class News:
 class Inbox:
     """The listener's sink (listener.EventSink), and the fetcher's reports."""
 
-    def __init__(self, max_dirty: int) -> None:
+    def __init__(self, max_dirty: int, arrived: Callable[[], None] = lambda: None) -> None:
+        self._arrived = arrived  # wakes the main loop: news and desto's messages are its to take
         self.dirty = Dirty(max_dirty)
         self.hints = Hints(max_dirty)
         self._raw_hints: deque[tuple[bytes, bytes, int]] = deque(maxlen=max_dirty)
@@ -55,24 +56,32 @@ class Inbox:
     def hint(self, channel: bytes, data: bytes) -> None:
         self._raw_hints.append((channel, data, now_us()))
         self.dirty.wake.set()
+        self._arrived()
 
     def subscribed(self, notify: NotifyState, reconnected: bool) -> None:
         self._news.append(News(notify, "reconnect" if reconnected else "start"))
         self.connected.set()
+        self._arrived()
 
     def disconnected(self, error: str) -> None:
         self.connected.clear()
+
+    def watching(self) -> bool:
+        """A reconcile measures what the notifications miss: a barrier may be asked for."""
+        return self._watching is not None
 
     def barrier_wanted(self) -> int:
         return self._barrier_wanted
 
     def barrier_reached(self, number: int) -> None:
         self._barrier_reached = max(self._barrier_reached, number)
+        self._arrived()  # the reconcile that asked for it may end now
 
     # ─── from the fetcher's thread ────────────────────────────────────────────────────────────
 
     def notifications_checked(self, notify: NotifyState) -> None:
         self._news.append(News(notify))
+        self._arrived()
 
     # ─── the main loop's ──────────────────────────────────────────────────────────────────────
 

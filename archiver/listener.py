@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import socket
 import threading
 import time
 from collections.abc import Sequence
@@ -12,11 +13,12 @@ from typing import Any, Protocol
 
 import hiredis
 import redis
+from redis.exceptions import ResponseError
 
 from archiver.config import Settings
 from archiver.keys import CHANNEL_KINDS, keyspace_channel_prefix, keyspace_pattern
 from archiver.log import get_logger
-from archiver.redis_client import CONNECTION_ERRORS, log_unreachable, make_client
+from archiver.redis_client import CONNECTION_ERRORS, log_unreachable, make_client, retryable
 from archiver.source import NotifyState, Source
 
 log = get_logger("archiver.listener")
@@ -27,6 +29,7 @@ class EventSink(Protocol):
     def hint(self, channel: bytes, data: bytes) -> None: ...
     def subscribed(self, notify: NotifyState, reconnected: bool) -> None: ...
     def disconnected(self, error: str) -> None: ...
+    def watching(self) -> bool: ...
     def barrier_wanted(self) -> int: ...
     def barrier_reached(self, number: int) -> None: ...
 
@@ -36,10 +39,17 @@ class DeadConnection(Exception):
 
 
 LISTENER_ERRORS: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, DeadConnection)
+# ... and, while connecting, Redis' reply errors, of which those that say "not now" are retried
+_CONNECTING_ERRORS: tuple[type[BaseException], ...] = (*LISTENER_ERRORS, ResponseError)
 _PING = b"desto-archiver"
 # A barrier: a PING whose answer comes after every notification Redis sent before it got the PING.
 _BARRIER = b"desto-archiver-barrier:"
-_IDLE_READ_S = 0.25  # a quiet subscription is looked at this often (the stop flag, the health check)
+# A quiet subscription is read with a timeout that ends when its health check is due; a stop
+# shuts the socket down, which ends the read at once. This bounds a read only as a safety net.
+_IDLE_READ_S = 60.0
+# While a reconcile measures what the notifications missed (missed.py), a quiet subscription is
+# looked at this often, so the barrier the reconcile asks for at its end is sent soon.
+_MEASURING_READ_S = 0.25
 
 
 class Subscription:
@@ -83,6 +93,11 @@ class Subscription:
     def ping(self, payload: bytes = _PING) -> None:
         self.conn.send_command("PING", payload)
 
+    def interrupt(self) -> None:
+        """End a read under way in another thread at once (it sees the connection closed)."""
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+
     def close(self) -> None:
         with contextlib.suppress(Exception):  # closing a broken connection may fail
             self.conn.disconnect()
@@ -110,6 +125,9 @@ class Listener(threading.Thread):
 
     def stop(self) -> None:
         self._stop_event.set()
+        subscription = self._subscription
+        if subscription is not None:
+            subscription.interrupt()
 
     def run(self) -> None:
         attempt, connected_once, down_since = 0, False, None
@@ -117,7 +135,9 @@ class Listener(threading.Thread):
             try:
                 notify = self.source.ensure_notifications()
                 subscription = self._subscribe()
-            except LISTENER_ERRORS as exc:
+            except _CONNECTING_ERRORS as exc:
+                if not isinstance(exc, LISTENER_ERRORS) and not retryable(exc):
+                    raise
                 self._close()
                 attempt += 1
                 if down_since is None:
@@ -138,6 +158,8 @@ class Listener(threading.Thread):
             try:
                 self._pump(subscription)
             except LISTENER_ERRORS as exc:
+                if self._stop_event.is_set():  # the stop shut the socket down
+                    break
                 down_since = time.monotonic()
                 self.sink.disconnected(str(exc))
                 log.warning("redis.disconnected", error=str(exc) or type(exc).__name__)
@@ -183,7 +205,10 @@ class Listener(threading.Thread):
             if wanted > barrier_sent:
                 subscription.ping(_BARRIER + b"%d" % wanted)
                 barrier_sent = wanted
-            replies = subscription.read(_IDLE_READ_S)
+            # until the health check is due: the PING after a silence, or its answer's deadline
+            check_at = last_rx + interval if ping_sent is None else ping_sent + interval
+            longest = _MEASURING_READ_S if self.sink.watching() else _IDLE_READ_S
+            replies = subscription.read(min(longest, max(0.01, check_at - time.monotonic())))
             now = time.monotonic()
             if not replies:
                 if ping_sent is not None and now - ping_sent > interval:

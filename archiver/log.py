@@ -13,7 +13,13 @@ import threading
 from typing import Any, TextIO
 
 import structlog
+import structlog.tracebacks
 
+from archiver.output import visible
+
+# Tracebacks as JSON, without the frames' local variables (structlog's default shows them): they
+# hold what the archiver was handling, command lines and passwords included, and can be big.
+_TRACEBACKS = structlog.processors.ExceptionRenderer(structlog.tracebacks.ExceptionDictTransformer(show_locals=False))
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
 
@@ -47,6 +53,12 @@ class SafeLoggerFactory:
         return self._logger
 
 
+def _visible_text(logger: Any, method: str, event: dict[str, Any]) -> dict[str, Any]:
+    """The console's lines are read on a terminal: the event's text values (a key, a name from
+    Redis) with each control character shown as its escape. JSON lines escape them by JSON's rules."""
+    return {k: visible(v) if isinstance(v, str) else v for k, v in event.items()}
+
+
 def configure(fmt: str = "auto", level: str = "info", stream: TextIO | None = None) -> None:
     """Configure structlog once for the process; logs go to stderr."""
     out = stream or sys.stderr
@@ -57,9 +69,12 @@ def configure(fmt: str = "auto", level: str = "info", stream: TextIO | None = No
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
     if as_json:
-        processors += [structlog.processors.dict_tracebacks, structlog.processors.JSONRenderer()]
+        processors += [_TRACEBACKS, structlog.processors.JSONRenderer()]
     else:
-        processors += [structlog.dev.ConsoleRenderer(colors=out.isatty())]
+        processors += [
+            _visible_text,
+            structlog.dev.ConsoleRenderer(colors=out.isatty(), exception_formatter=structlog.dev.plain_traceback),
+        ]
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),

@@ -6,14 +6,19 @@ nothing for them; only the batch latency histogram is observed per batch.
 
 from __future__ import annotations
 
+import contextlib
 import platform
+import selectors
+import socket
 import sqlite3
+import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import redis
-from prometheus_client import CollectorRegistry, Histogram, start_http_server
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -44,6 +49,7 @@ class Snapshot:
     subscribed: bool = False
     failing: str | None = None  # "sqlite" or "redis" while the daemon retries it
     write_failures: int = 0
+    read_failures: int = 0
     ship: dict[str, Any] | None = None  # the shipper's status (ShipperThread.status), when shipping
 
 
@@ -103,6 +109,11 @@ class _DaemonCollector(Collector):
         yield _counter(
             "write_failures", "Failed attempts to write a batch to the archive (each is retried)", s.write_failures
         )
+        yield _counter(
+            "read_failures",
+            "Failed reads from Redis: unreachable, or answering BUSY, LOADING, MASTERDOWN... (each is retried)",
+            s.read_failures,
+        )
         failing = GaugeMetricFamily(
             f"{PREFIX}_failing",
             "1 while the daemon's operations on this side fail and are retried",
@@ -141,15 +152,135 @@ class Metrics:
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
             registry=self.registry,
         )
-        self._server: Any = None
+        self._server: MetricsServer | None = None
 
     def serve(self, host: str, port: int) -> None:
-        self._server = start_http_server(port, addr=host, registry=self.registry)
+        self._server = MetricsServer(host, port, lambda: generate_latest(self.registry))
+        self._server.start()
 
     def close(self) -> None:
         if self._server is not None:
-            server, thread = self._server
-            server.shutdown()
-            server.server_close()
-            thread.join(timeout=2)
+            self._server.stop()
             self._server = None
+
+
+class MetricsServer(threading.Thread):
+    """The metrics over HTTP, from one thread that waits on every connection at once.
+
+    A connection costs a file descriptor and its request's bytes until it has sent a whole
+    request, never a thread: a flood of idle connections (the port may listen on every address)
+    cannot grow the daemon nor hold up a scrape. One that sends no whole request within IDLE_S
+    is closed, and so is the oldest when MAX_CONNECTIONS are open and another comes. Each answer
+    is the whole exposition, and the connection is closed after it (HTTP/1.0)."""
+
+    IDLE_S = 5.0
+    MAX_CONNECTIONS = 128
+    MAX_REQUEST = 8192  # bytes of a request line and its headers
+    SEND_TIMEOUT_S = 2.0
+
+    def __init__(self, host: str, port: int, exposition: Callable[[], bytes]) -> None:
+        super().__init__(name="archiver-metrics", daemon=True)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self._listener = socket.create_server((host, port), family=family, backlog=128)
+        self._listener.setblocking(False)
+        self._exposition = exposition
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(self._listener, selectors.EVENT_READ)
+        self._open: dict[socket.socket, tuple[float, bytearray]] = {}  # insertion order: oldest first
+        self._stopping = threading.Event()
+        self._wake_read, self._wake_write = socket.socketpair()  # a stop ends the wait at once
+        self._selector.register(self._wake_read, selectors.EVENT_READ)
+
+    def stop(self) -> None:
+        self._stopping.set()
+        with contextlib.suppress(OSError):
+            self._wake_write.send(b"\0")
+        self.join(timeout=2)
+
+    def run(self) -> None:
+        try:
+            while not self._stopping.is_set():
+                # asleep until a connection or a request comes, or the oldest open one is idle too long
+                oldest = next(iter(self._open.values()), None)
+                timeout = None if oldest is None else max(0.0, oldest[0] + self.IDLE_S - time.monotonic())
+                for key, _ in self._selector.select(timeout=timeout):
+                    if key.fileobj is self._listener:
+                        self._accept()
+                    elif key.fileobj is not self._wake_read:
+                        self._receive(key.fileobj)  # type: ignore[arg-type]
+                self._close_idle(time.monotonic() - self.IDLE_S)
+        finally:
+            for conn in list(self._open):
+                self._close(conn)
+            self._selector.close()
+            self._listener.close()
+            self._wake_read.close()
+            self._wake_write.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:  # out of file descriptors, say: the connection waits in the backlog
+                return
+            if len(self._open) >= self.MAX_CONNECTIONS:
+                self._close(next(iter(self._open)))
+            conn.setblocking(False)
+            self._open[conn] = (time.monotonic(), bytearray())
+            self._selector.register(conn, selectors.EVENT_READ)
+
+    def _receive(self, conn: socket.socket) -> None:
+        try:
+            data = conn.recv(4096)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._close(conn)
+            return
+        request = self._open[conn][1]
+        request += data
+        if b"\r\n\r\n" not in request and b"\n\n" not in request:
+            if len(request) > self.MAX_REQUEST:
+                self._answer(conn, b"431 Request Header Fields Too Large", b"", b"text/plain")
+            return
+        method = bytes(request.split(b" ", 1)[0])
+        if method in (b"GET", b"HEAD"):
+            try:
+                body = self._exposition()
+            except Exception as exc:  # a bug in a collector: this scrape fails, the server stays
+                self._answer(conn, b"500 Internal Server Error", repr(exc).encode(), b"text/plain")
+                return
+            self._answer(conn, b"200 OK", b"" if method == b"HEAD" else body, CONTENT_TYPE_LATEST.encode(), len(body))
+        else:
+            self._answer(conn, b"405 Method Not Allowed", b"", b"text/plain")
+
+    def _answer(self, conn: socket.socket, status: bytes, body: bytes, content_type: bytes, length: int = 0) -> None:
+        head = b"HTTP/1.0 %s\r\nContent-Type: %s\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % (
+            status,
+            content_type,
+            length or len(body),
+        )
+        self._selector.unregister(conn)
+        del self._open[conn]
+        try:
+            conn.settimeout(self.SEND_TIMEOUT_S)  # a few kB: the socket's buffer takes them at once
+            conn.sendall(head + body)
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+    def _close_idle(self, before: float) -> None:
+        for conn, (opened, _) in list(self._open.items()):
+            if opened >= before:
+                break  # the rest are younger
+            self._close(conn)
+
+    def _close(self, conn: socket.socket) -> None:
+        self._selector.unregister(conn)
+        del self._open[conn]
+        conn.close()

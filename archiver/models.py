@@ -22,6 +22,20 @@ from archiver.kinds import JOB_STATUSES, KINDS, SESSION_STATUSES, Kind
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
+# The most a desto record can hold. desto writes each record as one hash of at most 14 short text
+# fields (an at-job's; a session has 10): ids, names, statuses, ISO times, and the few free texts
+# (a command, an error message, a comma-joined list of job ids). A field a newer desto adds still
+# fits, and so does a command of megabytes; anything beyond cannot be a record desto wrote, and
+# only a bounded description of it is read from Redis (archiver/source.py).
+MAX_RECORD_FIELDS = 64
+MAX_RECORD_BYTES = 16 * 1024 * 1024  # its field names and values together
+# A key of another type than a hash is read whole, for its quarantine entry, while it is this small.
+MAX_WHOLE_ITEMS = 2 * MAX_RECORD_FIELDS
+MAX_WHOLE_BYTES = 64 * 1024
+# What a description of a key too big to read keeps of its value: a prefix of its first items.
+PREFIX_ITEMS = 8
+PREFIX_BYTES = 512
+
 
 class Invalid(ValueError):
     """A field value desto's readers could not read."""
@@ -37,6 +51,24 @@ class Fetched:
     pttl_ms: int  # -1: no TTL, -2: missing
     read_at_us: int
     version_us: int  # orders the reads: Redis' clock, unless it went back (read_clock.ReadClock)
+    # Why only a description of the key was read (its type, size and first items, in ``value``:
+    # see ``describe``), or None when ``value`` is the key's whole value.
+    described: str | None = None
+
+
+def description(redis_type: str, length: int, size: int, prefix: Any) -> list[Any]:
+    """What is kept of a key too big to read: its type, its length (items; bytes for a string),
+    its size in Redis' memory (bytes, -1 when Redis would not say) and a prefix of its value."""
+    return [b"type", redis_type.encode(), b"length", length, b"bytes", size, b"prefix", prefix]
+
+
+def describe(fetched: Fetched) -> str:
+    """The size a description tells, for people: "a list of 3000000 items, about 24 MB"."""
+    value = fetched.value
+    length, size = value[3], value[5]
+    unit = "bytes" if fetched.redis_type == "string" else ("fields" if fetched.redis_type == "hash" else "items")
+    text = f"a {fetched.redis_type} of {length} {unit}"
+    return text if size < 0 else f"{text}, {size} bytes in Redis"
 
 
 @dataclass(slots=True)
@@ -234,13 +266,18 @@ def normalize(parsed: ParsedKey, fetched: Fetched) -> Outcome:
     if kind is None:
         if fetched.redis_type == "none":
             return Gone(fetched.key, None, "", fetched.read_at_us, fetched.version_us)
-        return _reject(fetched, None, None, "unrecognized key under desto: it fits no desto record kind")
+        reason = "unrecognized key under desto: it fits no desto record kind"
+        if fetched.described is not None:
+            reason = f"{reason}; {_described_reason(fetched)}"
+        return _reject(fetched, None, None, reason)
     if record_id is None:
         return _reject(fetched, kind, None, "the id in the key is not valid UTF-8")
     if record_id == "":
         return _reject(fetched, kind, record_id, "the key has an empty id")
     if fetched.redis_type == "none":
         return Gone(fetched.key, kind, record_id, fetched.read_at_us, fetched.version_us)
+    if fetched.described is not None:
+        return _reject(fetched, kind, record_id, _described_reason(fetched))
     if fetched.redis_type != "hash":
         return _reject(fetched, kind, record_id, f"wrong Redis type: {fetched.redis_type} (desto writes a hash)")
     try:
@@ -248,6 +285,17 @@ def normalize(parsed: ParsedKey, fetched: Fetched) -> Outcome:
     except Invalid as exc:
         return _reject(fetched, kind, record_id, str(exc))
 
+
+def _described_reason(fetched: Fetched) -> str:
+    why = fetched.described
+    if fetched.redis_type != "hash" and why == TOO_BIG:
+        why = f"wrong Redis type: {fetched.redis_type} (desto writes a hash), too big to read whole"
+    return f"{why}: {describe(fetched)}; only its type, size and first items are kept"
+
+
+TOO_BIG = (
+    f"too big for a desto record (more than {MAX_RECORD_FIELDS} fields or {MAX_RECORD_BYTES // (1024 * 1024)} MiB)"
+)
 
 # Per kind: (column, converter or None for text kept as is, default when absent, required).
 _PLANS: dict[Kind, tuple[tuple[str, Callable[[str], Any] | None, Any, bool], ...]] = {
@@ -318,8 +366,13 @@ def _reject(fetched: Fetched, kind: Kind | None, record_id: str | None, reason: 
         payload=encode_resp(fetched.value),
         reason=reason,
         read_at_us=fetched.read_at_us,
-        session_id=job_session(fetched.value) if kind is Kind.JOB and fetched.redis_type == "hash" else None,
+        session_id=job_session(_fields(fetched)) if kind is Kind.JOB and fetched.redis_type == "hash" else None,
     )
+
+
+def _fields(fetched: Fetched) -> Any:
+    """A hash's flat fields as read: all of them, or the first few a description kept."""
+    return fetched.value if fetched.described is None else fetched.value[7]
 
 
 def job_session(flat: Any) -> str | None:

@@ -1,15 +1,47 @@
-"""Output for people (aligned tables) and for machines (JSON, CSV, JSON Lines), in one place."""
+"""Output for people (aligned tables) and for machines (JSON, CSV, JSON Lines), in one place.
+
+Text for people never carries a control character: a session name, a command line or a key from
+Redis could otherwise set a terminal's title, write its clipboard, clear its screen or overwrite
+a line. :func:`visible` shows each one as its escape instead; machine output keeps the text as it is.
+"""
 
 from __future__ import annotations
 
 import csv
 import io
 import json
+import re
 from collections.abc import Iterable, Sequence
 from itertools import islice
 from typing import Any, TextIO
 
 _MAX_CELL = 60
+
+# C0 (tab and line feed among them), DEL and C1; and the lone surrogates that stand for bytes that
+# were not UTF-8 (surrogateescape), which a terminal's encoding cannot write either.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+_CONTROL_BUT_NEWLINE = re.compile("[\x00-\x09\x0b-\x1f\x7f-\x9f\ud800-\udfff]")
+_NAMED = {"\t": "\\t", "\n": "\\n", "\r": "\\r"}
+
+
+def _escape(match: re.Match[str]) -> str:
+    char = match.group()
+    code = ord(char)
+    if char in _NAMED:
+        return _NAMED[char]
+    if 0xDC80 <= code <= 0xDCFF:  # a byte that was not UTF-8: shown as that byte
+        return f"\\x{code - 0xDC00:02x}"
+    return f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}"
+
+
+def visible(text: str, keep_newlines: bool = False) -> str:
+    """``text`` for a terminal: each control character shown as its escape, as Python writes it in a
+    string (``\\x1b`` for ESC, ``\\r``, ``\\t``, ``\\n``, ``\\x9b`` for C1's CSI), every other
+    character as it is. ``keep_newlines``: a line break stays one (text made of lines, whose values
+    were made visible already)."""
+    if text.isprintable():  # no control character (nor any other unprintable one): most text, at C speed
+        return text
+    return (_CONTROL_BUT_NEWLINE if keep_newlines else _CONTROL).sub(_escape, text)
 
 
 def to_json(data: Any) -> str:
@@ -21,7 +53,7 @@ def cell(value: Any) -> str:
         return "-"
     if isinstance(value, float):
         return f"{value:g}"
-    text = str(value).replace("\n", "\\n")
+    text = visible(str(value))
     return text if len(text) <= _MAX_CELL else text[: _MAX_CELL - 1] + "…"
 
 
@@ -74,25 +106,34 @@ def pairs(items: Iterable[tuple[str, Any]]) -> str:
     """``key: value`` lines, aligned."""
     items = list(items)
     width = max((len(k) for k, _ in items), default=0)
-    return "\n".join(f"{k.ljust(width)}  {cell(v) if not isinstance(v, str) else v}" for k, v in items)
+    return "\n".join(f"{k.ljust(width)}  {cell(v) if not isinstance(v, str) else visible(v)}" for k, v in items)
 
 
-def write_csv(columns: Sequence[str], rows: Iterable[dict[str, Any]], out: TextIO) -> int:
-    """CSV a spreadsheet opens: a header row, every field quoted where needed, NULL as empty."""
+# What a spreadsheet takes for the start of a formula (OWASP's list for CSV injection): a text cell
+# starting with one is written after a single quote, which the spreadsheet shows as text.
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def write_csv(columns: Sequence[str], rows: Iterable[dict[str, Any]], out: TextIO, raw: bool = False) -> int:
+    """CSV a spreadsheet opens: a header row, every field quoted where needed, NULL as empty. A text
+    cell that starts like a formula (``=``, ``+``, ``-``, ``@``, tab, carriage return) gets a single
+    quote in front, so a command line from Redis is shown, never run; ``raw`` writes it as it is."""
     writer = csv.DictWriter(out, fieldnames=list(columns), extrasaction="ignore", lineterminator="\r\n")
-    writer.writeheader()
+    writer.writerow({c: _csv_value(c, raw) for c in columns})
     count = 0
     for row in rows:
-        writer.writerow({k: _csv_value(v) for k, v in row.items()})
+        writer.writerow({k: _csv_value(v, raw) for k, v in row.items()})
         count += 1
     return count
 
 
-def _csv_value(value: Any) -> Any:
+def _csv_value(value: Any, raw: bool) -> Any:
     if value is None:
         return ""
     if isinstance(value, (dict, list)):
-        return to_json(value)
+        value = to_json(value)
+    if not raw and isinstance(value, str) and value.startswith(FORMULA_STARTS):
+        return "'" + value
     return value
 
 

@@ -38,18 +38,19 @@ from archiver.metrics import Metrics, Snapshot, build_info
 from archiver.read_clock import now_us
 from archiver.reconcile import write_batch
 from archiver.reconciler import Reconciles
-from archiver.redis_client import CONNECTION_ERRORS, log_unreachable
+from archiver.redis_client import REDIS_ERRORS, log_unreachable, retryable
 from archiver.reporter import Reporter, Totals, Workers
 from archiver.schedule import Deadline, Schedule
 from archiver.source import NotifyState, Source
 from archiver.store import Store, StoreError
+from archiver.wakeup import Wakeup
 
 if TYPE_CHECKING:
     from archiver.shipper import ShipperThread
 
 log = get_logger("archiver.pipeline")
 
-_TICK = 0.25  # the longest the main loop sleeps: how fast it notices a stop request
+_TICK = 0.25  # while stopping: the longest a wait for the reader's last batches lasts
 _FILE_CHECK_S = 1.0  # how often the daemon checks that the archive's path still names its file
 
 
@@ -59,7 +60,10 @@ class Daemon:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.schedule = Schedule()
-        self.inbox = Inbox(settings.max_dirty)
+        # The main loop sleeps on this until a batch is read, news arrive, a stop is asked for or
+        # its next deadline: an idle daemon wakes only for what is due.
+        self.wakeup = Wakeup()
+        self.inbox = Inbox(settings.max_dirty, arrived=self.wakeup.notify)
         self.file = ArchiveFile(settings)
         self.failures = Failures(settings.reconnect_max_backoff)
         self.reconciles = Reconciles(settings, self.schedule, self.inbox)
@@ -75,7 +79,7 @@ class Daemon:
         self.metrics: Metrics | None = None
         self._pending: Work | None = None  # read, not yet written
         # Set from signal handlers: a plain flag, no lock (a handler taking a lock the interrupted
-        # main thread holds would deadlock). The loop never sleeps longer than _TICK.
+        # main thread holds would deadlock), and a byte into the wake-up pipe.
         self._stop_requested = False
 
     @property
@@ -92,8 +96,9 @@ class Daemon:
     # ─── control ─────────────────────────────────────────────────────────────────────────────
 
     def request_stop(self) -> None:
-        """Signal-safe: only sets a flag; the loop does the work."""
+        """Signal-safe: sets a flag and wakes the loop, which does the work."""
         self._stop_requested = True
+        self.wakeup.notify()
 
     @property
     def stopping(self) -> bool:
@@ -125,7 +130,9 @@ class Daemon:
         assert self.source is not None and self.file.store is not None
         try:
             notify: NotifyState | None = self.source.ensure_notifications()
-        except CONNECTION_ERRORS as exc:
+        except REDIS_ERRORS as exc:
+            if not retryable(exc):
+                raise
             notify = None
             log_unreachable(self.settings, exc)
         log.info(
@@ -151,7 +158,11 @@ class Daemon:
             log.info("metrics.serving", host=self.settings.metrics_host, port=self.settings.metrics_port)
         self._start_shipper()
         self.workers.fetcher = Fetcher(
-            self.settings, self.source, self.inbox.dirty, notified=self.inbox.notifications_checked
+            self.settings,
+            self.source,
+            self.inbox.dirty,
+            notified=self.inbox.notifications_checked,
+            handed_over=self.wakeup.notify,
         )
         self.workers.fetcher.start()
         self.workers.listener = Listener(self.settings, self.source, self.inbox)
@@ -183,7 +194,9 @@ class Daemon:
             self.reconciles.want("overflow")
         if schedule.due(Deadline.FILE_CHECK, now):
             self._check_file(now)
-        if schedule.due(Deadline.HEARTBEAT, now):
+        # up to half a file check early: the heartbeat then keeps the file check's beat, and an
+        # idle daemon wakes once a second for both
+        if schedule.due(Deadline.HEARTBEAT, now + _FILE_CHECK_S / 2):
             self._heartbeat(now)
         if self.notifier.watchdog_interval is not None and schedule.due(Deadline.WATCHDOG, now):
             schedule.set_after(Deadline.WATCHDOG, self.notifier.watchdog_interval, now)
@@ -191,7 +204,7 @@ class Daemon:
         if not fetcher.is_alive():
             raise RuntimeError(f"the reading thread stopped: {fetcher.error!r}")
         if not schedule.due(Deadline.RETRY, now):
-            time.sleep(min(_TICK, schedule.at(Deadline.RETRY) - now))
+            self.wakeup.wait(min(schedule.at(Deadline.RETRY), self._next_due()) - now)
             return
         store = self.file.store
         assert store is not None
@@ -203,7 +216,7 @@ class Daemon:
                 # while a sweep is under way, a batch waits for no one: the sweep's next page is
                 # looked for meanwhile
                 sweep = self.inbox.connected.is_set() and self.reconciles.sweep_waits()
-                self._pending = fetcher.take(0 if sweep else _TICK)
+                self._pending = fetcher.take(0)
                 if self._pending is None:
                     if sweep:
                         if self.reconciles.next_sweep_page(store):
@@ -211,6 +224,8 @@ class Daemon:
                         elif not self.reconciles.running:  # the reconcile is over
                             self.ready.set()
                             self.notifier.status(self.reporter.status_line())
+                    else:
+                        self.wakeup.wait(self._next_due() - time.monotonic())
                     return
             self._write(store, self._pending)
             self._pending = None
@@ -218,6 +233,18 @@ class Daemon:
             self._failed(exc)
             return
         self.failures.succeeded()
+
+    def _next_due(self) -> float:
+        """When the loop must look again with nothing arriving: its next deadline (the watchdog's
+        only where systemd asks for one; the reconcile timer's once a reconcile is wanted)."""
+        schedule = self.schedule
+        deadlines = [Deadline.FILE_CHECK, Deadline.HEARTBEAT, *self.housekeeping.deadlines]
+        if self.notifier.watchdog_interval is not None:
+            deadlines.append(Deadline.WATCHDOG)
+        due = min(schedule.at(d) for d in deadlines)
+        if self.inbox.connected.is_set():  # a reconcile waits for the subscription, whose news wake the loop
+            due = min(due, self.reconciles.next_at())
+        return due
 
     def _take_news(self) -> None:
         for news in self.inbox.take_news():

@@ -164,11 +164,38 @@ def require_psycopg() -> None:
         import psycopg  # noqa: F401
     except ImportError:
         raise ShipError(
-            "ARCHIVER_POSTGRES_URL is set but psycopg is not installed: pip install 'desto-archiver[postgres]'"
+            "a central database is given (--postgres-url or ARCHIVER_POSTGRES_URL) but psycopg is not "
+            "installed: install the archiver with its postgres extra (pip install -e '.[postgres]' in the "
+            "clone) or pip install 'psycopg[binary]>=3.1'"
         ) from None
 
 
 def connect(settings: Settings) -> psycopg.Connection[Any]:
+    """A connection to the central database. The one place libpq is given the URL: what it says
+    about a URL it cannot use (it quotes a token it cannot decode, a password included) comes back
+    with every password hidden, and without the original error chained to it, so no output, log
+    line or heartbeat of any command shows one."""
+    import psycopg
+
+    assert settings.postgres_url is not None
+    try:
+        return _connect(settings)
+    except psycopg.Error as exc:
+        error = _redacted(exc, settings)
+    raise error  # outside the handler: the original error is not the new one's context
+
+
+def _redacted(exc: Exception, settings: Settings) -> Exception:
+    import psycopg
+
+    text = settings.redact(str(exc))
+    try:
+        return type(exc)(text)
+    except TypeError:  # a class that wants more than a message
+        return psycopg.OperationalError(text)
+
+
+def _connect(settings: Settings) -> psycopg.Connection[Any]:
     import psycopg
 
     assert settings.postgres_url is not None
@@ -239,6 +266,21 @@ def migrate_pg(conn: psycopg.Connection[Any], schema: str) -> tuple[int, int]:
             "`desto-archiver ship --postgres-url <owner's URL>` (docs/postgresql.md, 'The role')"
         ) from None
     return found, PG_SCHEMA_VERSION
+
+
+def shipped_sources(conn: psycopg.Connection[Any], schema: str) -> list[str]:
+    """The sources that have shipped to this database, by name: what a reader given a source with
+    nothing shipped should point to (the daemon's ARCHIVER_SOURCE_NAME may differ from the name a
+    command run elsewhere defaults to, the host name)."""
+    return [str(r[0]) for r in conn.execute(f"SELECT source_name FROM {schema}.ship_positions ORDER BY 1")]
+
+
+def sources_hint(sources: list[str]) -> str:
+    """How to read what is there, for a source that has nothing shipped."""
+    if not sources:
+        return "no host has shipped here yet"
+    shown = ", ".join(repr(s) for s in sources[:10]) + (f" and {len(sources) - 10} more" if len(sources) > 10 else "")
+    return f"sources shipped here: {shown} (give one with --source, or set ARCHIVER_SOURCE_NAME as the daemon has it)"
 
 
 def may_write(conn: psycopg.Connection[Any], schema: str, source: str) -> tuple[bool, str]:

@@ -18,7 +18,7 @@ from typing import Any
 from archiver.kinds import KINDS
 from archiver.models import decode_resp
 from archiver.schema import SCHEMA_VERSION
-from archiver.sql import has_erasures, select_in
+from archiver.sql import has_erasures, read_only, select_in
 from archiver.store import StoreError
 
 # What each export can hold, and the column its --since/--until and --name filters apply to.
@@ -87,7 +87,7 @@ class Reader:
                 "or point SQLITE_DB_PATH (--db) at the file"
             )
         try:
-            conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
+            conn = read_only(path, timeout=10)
             conn.row_factory = sqlite3.Row
             version = conn.execute("PRAGMA user_version").fetchone()[0]
         except sqlite3.DatabaseError as exc:
@@ -213,9 +213,12 @@ class Reader:
 
         if not has_erasures(self.conn):
             return []
-        rows = self.conn.execute(
-            "SELECT kind, record_id, erased_at, how, purged_at FROM archiver_erased WHERE record_id = ?", (ident,)
-        ).fetchall()
+        query = "SELECT kind, record_id, erased_at, how, purged_at FROM archiver_erased WHERE record_id "
+        rows = self.conn.execute(query + "= ?", (ident,)).fetchall()
+        if not rows and len(ident) >= 6:  # a unique id prefix, as for the records themselves
+            rows = self.conn.execute(query + ">= ? AND record_id < ?", (ident, ident + _TOP)).fetchall()
+            if len({r["record_id"] for r in rows}) != 1:
+                rows = []
         return [{**dict(r), "by": describe(r["kind"], r["how"])} for r in rows]
 
     def show(self, ident: str) -> dict[str, Any]:

@@ -10,6 +10,7 @@ each page's keys in the file, the fetcher reads them.
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections import Counter
 
@@ -59,6 +60,12 @@ class Reconciles:
         if not self.running and self.schedule.due(Deadline.RECONCILE, now):
             return "timer"
         return None
+
+    def next_at(self) -> float:
+        """When :meth:`due` next says yes, on the monotonic clock (0: now; inf: not on its own)."""
+        if self.wanted:
+            return 0.0
+        return math.inf if self.running else self.schedule.at(Deadline.RECONCILE)
 
     def begin(self, reason: str) -> ReconcilePass:
         """A new pass, for the fetcher to follow; it replaces the one under way."""

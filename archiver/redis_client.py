@@ -11,7 +11,7 @@ from typing import Any
 
 import redis
 from redis.backoff import NoBackoff
-from redis.exceptions import NoPermissionError
+from redis.exceptions import ClusterDownError, NoPermissionError, ResponseError, TryAgainError
 from redis.retry import Retry
 
 from archiver.config import Settings
@@ -30,6 +30,29 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     NoPermissionError,
 )
 
+# Replies with which Redis says it cannot serve for a moment: another client's script or function
+# runs past busy-reply-threshold (BUSY), it loads its data set (LOADING: redis-py raises
+# BusyLoadingError, a ConnectionError), a replica lost its master (MASTERDOWN), a cluster moves or
+# lost a slot (TRYAGAIN, CLUSTERDOWN). Retried as an outage is, with backoff.
+TRANSIENT_REPLIES = ("BUSY ", "LOADING ", "MASTERDOWN ", "TRYAGAIN ", "CLUSTERDOWN ")
+# ... as redis-py raises those it knows, their code cut from the message (ClusterDownError: also
+# MasterDownError).
+_TRANSIENT_CLASSES = (ClusterDownError, TryAgainError)
+# What a retry loop catches: these, and any reply error, of which ``retryable`` tells the transient.
+REDIS_ERRORS: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, ResponseError)
+
+
+def transient_reply(exc: BaseException) -> bool:
+    """Redis answered with an error that says it cannot serve for now (TRANSIENT_REPLIES)."""
+    return isinstance(exc, _TRANSIENT_CLASSES) or (
+        isinstance(exc, ResponseError) and str(exc).startswith(TRANSIENT_REPLIES)
+    )
+
+
+def retryable(exc: BaseException) -> bool:
+    """Redis cannot be used right now: retried with backoff, never fatal."""
+    return isinstance(exc, CONNECTION_ERRORS) or transient_reply(exc)
+
 
 def unreachable_advice(exc: BaseException) -> str:
     """What to do when Redis cannot be used, for people: a refused login is not a Redis that is down."""
@@ -40,6 +63,13 @@ def unreachable_advice(exc: BaseException) -> str:
         )
     if isinstance(exc, NoPermissionError) or "NOPERM" in str(exc):  # the listener's come as ConnectionError
         return "grant the Redis user what the archiver needs: docs/deployment.md, 'With a Redis ACL user'"
+    if str(exc).startswith("BUSY "):
+        return (
+            "another client's script or function runs longer than Redis' busy-reply-threshold: retried until it "
+            "ends (SCRIPT KILL or FUNCTION KILL ends one that does not write)"
+        )
+    if transient_reply(exc) or isinstance(exc, redis.BusyLoadingError):
+        return "Redis cannot serve for now (loading its data, or a replica without its master): retried until it can"
     return "is Redis running? Set REDIS_HOST/REDIS_PORT/REDIS_DB or REDIS_URL (or --redis-url)"
 
 

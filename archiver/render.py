@@ -1,11 +1,15 @@
-"""What the commands print for people: tables and aligned summaries (``--json`` prints the data)."""
+"""What the commands print for people: tables and aligned summaries (``--json`` prints the data).
+
+Every value from the archive, Redis or the central database is shown through
+:func:`archiver.output.visible` (tables and summaries do it themselves): it holds what desto's
+users typed, and a terminal must not take its control characters as commands."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from archiver.output import pairs, table
+from archiver.output import pairs, table, visible
 
 
 def backfill(report: Any) -> str:
@@ -37,7 +41,7 @@ def check(findings: list[Any], report: Any, show_diffs: bool) -> str:
         )
         rows.append({"check": "verify", "status": "ok" if report.ok else "FAIL", "detail": detail})
     lines = [_last_column_whole(rows, ["check", "status", "detail"])]
-    lines += [f"  {f.check}: {f.hint}" for f in findings if f.status != "ok" and f.hint]
+    lines += [f"  {f.check}: {visible(f.hint)}" for f in findings if f.status != "ok" and f.hint]
     if report is not None and not report.ok:
         lines.append("  verify: the archive differs from Redis; 'desto-archiver backfill' brings it in line")
         if not show_diffs:
@@ -46,7 +50,7 @@ def check(findings: list[Any], report: Any, show_diffs: bool) -> str:
         order = {"missing": 0, "differing": 1, "extra": 2}
         differences = sorted(report.differences, key=lambda d: (order.get(d.problem, 3), d.key))
         for d in differences if show_diffs else []:
-            lines.append(f"  {d.problem}: {d.key}")
+            lines.append(f"  {d.problem}: {visible(d.key)}")
             for column, (archived, in_redis) in d.columns.items():
                 lines.append(f"      {column}: archive {archived!r} != redis {in_redis!r}")
     return "\n".join(lines)
@@ -55,12 +59,13 @@ def check(findings: list[Any], report: Any, show_diffs: bool) -> str:
 def _last_column_whole(rows: list[dict[str, Any]], columns: list[str]) -> str:
     """A table whose last column is never cut: a doctor's details are for reading whole."""
     first = columns[:-1]
-    widths = [max(len(c), *(len(str(r[c])) for r in rows)) for c in first]
+    shown = [{c: visible(str(r[c])) for c in columns} for r in rows]
+    widths = [max(len(c), *(len(r[c]) for r in shown)) for c in first]
 
     def line(values: list[str], last: str) -> str:
         return "  ".join(v.ljust(w) for v, w in zip(values, widths, strict=True)) + "  " + last
 
-    return "\n".join([line(first, columns[-1]), *(line([str(r[c]) for c in first], str(r[columns[-1]])) for r in rows)])
+    return "\n".join([line(first, columns[-1]), *(line([r[c] for c in first], r[columns[-1]]) for r in shown)])
 
 
 def stats(stats: dict[str, Any]) -> str:
@@ -159,7 +164,7 @@ def history(sessions: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
 def show(shown: dict[str, Any]) -> str:
     if "erased" in shown:
         return "\n".join(
-            f"{e['kind']} {e['record_id']}: erased at {e['erased_at']} by {e['by']}; the archive keeps only "
+            f"{e['kind']} {visible(e['record_id'])}: erased at {e['erased_at']} by {e['by']}; the archive keeps only "
             "its id, when and how"
             for e in shown["erased"]
         )
@@ -189,7 +194,7 @@ def forget(targets: list[Any], already: list[str], done: Any, dry_run: bool) -> 
         lines.append(f"{verb} {len(targets)} record{'s' if len(targets) != 1 else ''}:")
         rows = [{"kind": t.kind.value, "id": t.record_id, "what": t.label, "via": t.via or ""} for t in targets]
         lines.append(table(rows, ["kind", "id", "what", "via"]))
-    lines += [f"already erased: {text}" for text in already]
+    lines += [f"already erased: {visible(text)}" for text in already]
     if done is not None:
         scrub = {
             "pages": "free space of every page zeroed, WAL emptied",

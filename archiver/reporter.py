@@ -99,6 +99,7 @@ class Reporter:
             subscribed=self.inbox.connected.is_set(),
             failing=self.failing(),
             write_failures=self.failures.write_failures,
+            read_failures=self.workers.fetcher.read_failures if self.workers.fetcher is not None else 0,
             ship=shipper.status() if shipper is not None else None,
         )
 

@@ -246,9 +246,8 @@ class Shipper:
 
     def _rows(self, table: Table, keys: Sequence[Any]) -> list[tuple[Any, ...]]:
         assert self.sqlite is not None
-        quoted = ", ".join(f'"{c}"' for c in table.columns)
         return self._read(
-            partial(_select_all, self.sqlite, f"SELECT {quoted} FROM {table.name} WHERE {table.key} IN", keys)
+            partial(_select_all, self.sqlite, f"SELECT {table.selected} FROM {table.name} WHERE {table.key} IN", keys)
         )
 
     def _put(self, cur: psycopg.Cursor[Any], table: Table, rows: list[tuple[Any, ...]]) -> None:
@@ -318,7 +317,7 @@ class Shipper:
                     partial(
                         _fetch_all,
                         self.sqlite,
-                        f"SELECT {', '.join(history.columns)} FROM status_history WHERE id > ? ORDER BY id LIMIT ?",
+                        f"SELECT {history.selected} FROM status_history WHERE id > ? ORDER BY id LIMIT ?",
                         (history_id, self.batch_size),
                     )
                 )
@@ -478,7 +477,7 @@ class Shipper:
     def _copy_table(self, table: Table, progress: Progress | None) -> int:
         assert self.pg is not None and self.sqlite is not None
         total = self.sqlite.execute(f"SELECT count(*) FROM {table.name}").fetchone()[0]
-        quoted = ", ".join(f'"{c}"' for c in table.columns)
+        quoted = table.selected
         key_at = table.columns.index(table.key)
         copied, after, sqlite = 0, None, self.sqlite
         while True:

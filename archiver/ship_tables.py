@@ -30,6 +30,7 @@ class Table:
     stage: str  # the connection's temporary table a big batch is copied into
     copy: str
     upsert_staged: str
+    selected: str  # the columns as the file's SELECT names them
     good_shapes: set[tuple[type, ...]] = field(default_factory=set)
     text_of: dict[tuple[type, ...], Callable[[Sequence[Any]], Any] | None] = field(default_factory=dict)
 
@@ -66,6 +67,20 @@ def coerce(kind: str, value: Any) -> Any:
     return text.replace("\x00", "\ufffd") if "\x00" in text else text  # PostgreSQL's text holds no NUL
 
 
+def pg_name(pg: psycopg.Connection[Any], name: str, with_params: bool) -> str:
+    """A name read from the database (a column's) as a statement holds it: quoted whatever it holds,
+    so it is never SQL; in a statement run with parameters, a ``%`` in it doubled, so psycopg does
+    not take it for one."""
+    from psycopg import sql
+
+    return sql.Identifier(name.replace("%", "%%") if with_params else name).as_string(pg)
+
+
+def file_names(columns: Sequence[str]) -> str:
+    """The columns as SQLite reads them in a SELECT: each quoted, a double quote in it doubled."""
+    return ", ".join('"' + c.replace('"', '""') + '"' for c in columns)
+
+
 def describe(pg: psycopg.Connection[Any], conn: sqlite3.Connection, schema: str) -> dict[str, Table]:
     """Every shipped table as both sides have it now."""
     central: dict[str, list[tuple[str, str]]] = {}
@@ -80,10 +95,14 @@ def describe(pg: psycopg.Connection[Any], conn: sqlite3.Connection, schema: str)
         mine = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
         both = [(c, k) for c, k in central.get(table, []) if c in mine]
         columns, kinds = [c for c, _ in both], [k for _, k in both]
-        quoted = [f'"{c}"' for c in columns]
+        # names read from the database are quoted as names, whatever they hold: a column whose name
+        # closes its quotes stays a column, never SQL run by whoever ships
+        quoted, plain = [pg_name(pg, c, True) for c in columns], [pg_name(pg, c, False) for c in columns]
         numbered = table in NUMBERED
         conflict = f"source_name, file_id, {key}" if numbered else f"source_name, {key}"
-        sets = ", ".join(f"{q} = EXCLUDED.{q}" for q in ["file_id", *quoted] if q != f'"{key}"')
+        others = [(q, p) for c, q, p in zip(columns, quoted, plain, strict=True) if c != key]
+        sets = ", ".join(["file_id = EXCLUDED.file_id", *(f"{q} = EXCLUDED.{q}" for q, _ in others)])
+        sets_plain = ", ".join(["file_id = EXCLUDED.file_id", *(f"{p} = EXCLUDED.{p}" for _, p in others)])
         guard = (
             ""
             if numbered
@@ -101,13 +120,15 @@ def describe(pg: psycopg.Connection[Any], conn: sqlite3.Connection, schema: str)
             " AND file_id = %s" if numbered else ""
         )
         stage = f"archiver_stage_{table}"
-        names = f"source_name, file_id, {', '.join(quoted)}"
+        names = f"source_name, file_id, {', '.join(plain)}"  # these two statements take no parameters
         upsert_staged = (
             f"INSERT INTO {schema}.{table} ({names}) SELECT {names} FROM {stage} "
-            f"ON CONFLICT ({conflict}) DO UPDATE SET {sets}{guard}"
+            f"ON CONFLICT ({conflict}) DO UPDATE SET {sets_plain}{guard}"
         )
         copy = f"COPY {stage} ({names}) FROM STDIN"
-        found[table] = Table(table, key, columns, kinds, upsert, delete, numbered, stage, copy, upsert_staged)
+        found[table] = Table(
+            table, key, columns, kinds, upsert, delete, numbered, stage, copy, upsert_staged, file_names(columns)
+        )
     return found
 
 

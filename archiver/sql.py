@@ -5,9 +5,18 @@ from __future__ import annotations
 import sqlite3
 import time
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 from archiver.kinds import Kind
+
+
+def read_only(path: Path, timeout: float = 5.0) -> sqlite3.Connection:
+    """A read-only connection to the file at ``path``, whatever characters its name holds. SQLite
+    takes it as a URI, which a path pasted in would not be: ``%41`` reads as ``A``, a ``?`` starts
+    the URI's parameters (dropping ``mode=ro``) and a ``#`` ends it, so another file would be
+    opened, or created. The URI is built from the absolute path, each such character escaped."""
+    return sqlite3.connect(Path(path).resolve().as_uri() + "?mode=ro", uri=True, timeout=timeout)
 
 
 def select_in(conn: sqlite3.Connection, query: str, values: Sequence[Any], size: int = 512) -> Iterator[Any]:

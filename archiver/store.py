@@ -8,12 +8,15 @@ session, and desto's readers do not need them enforced.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
+import math
 import os
 import socket
 import sqlite3
+import stat
 import threading
 import time
 from collections import Counter
@@ -157,7 +160,13 @@ class DaemonLock:
 
     The lock file stays after a daemon's run (removing it at a stop would race a starting daemon
     that has it open), except when this daemon created it and then could not use the archive: a
-    failed start leaves nothing behind. A lock taken on a file removed meanwhile is taken again."""
+    failed start leaves nothing behind. A lock taken on a file removed meanwhile is taken again.
+
+    The archive's folder may be shared with desto's group (2770), whose members may put anything at
+    the lock's path: it is never opened through a symbolic link, and written only when it is a
+    regular file of this user's with no other name (a hard link to the archive would be truncated)."""
+
+    _OPEN = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC
 
     def __init__(self, db_path: Path) -> None:
         self.path = db_path.with_name(db_path.name + ".archiver-lock")
@@ -169,18 +178,24 @@ class DaemonLock:
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 try:
-                    fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
+                    fd = os.open(self.path, self._OPEN | os.O_CREAT | os.O_EXCL, 0o666)
                     created = True
                 except FileExistsError:
                     try:
-                        fd = os.open(self.path, os.O_RDWR)
+                        fd = os.open(self.path, self._OPEN)
                     except FileNotFoundError:
                         continue  # removed between the two opens (a failed start): create it again
                     created = False
             except OSError as exc:
+                if exc.errno == errno.ELOOP:
+                    raise StoreError(self._refused("is a symbolic link")) from None
                 raise StoreError(
                     f"cannot create {self.path}: {exc.strerror}; the archive's folder must be writable"
                 ) from None
+            problem = _not_own_file(os.fstat(fd))
+            if problem is not None:
+                os.close(fd)
+                raise StoreError(self._refused(problem))
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -190,12 +205,23 @@ class DaemonLock:
                     f"another desto-archiver is already running on {self.path.with_suffix('')} ({holder}); "
                     "stop it first, or point this one at another file with SQLITE_DB_PATH"
                 ) from None
-            if _identity(self.path) == (os.fstat(fd).st_dev, os.fstat(fd).st_ino):
+            try:
+                st = os.lstat(self.path)
+            except OSError:
+                st = None
+            if st is not None and (st.st_dev, st.st_ino) == (os.fstat(fd).st_dev, os.fstat(fd).st_ino):
                 break
             os.close(fd)  # a failed start removed the file after this one opened it: lock the new one
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
         self._fd, self.created = fd, created
+
+    def _refused(self, problem: str) -> str:
+        return (
+            f"{self.path} {problem}: the daemon writes its lock only into a file of its own, and leaves this one "
+            "alone. Whoever may write the archive's folder could have put it there: look at it, remove it, and "
+            "start again (it holds nothing but the lock)"
+        )
 
     def release(self, failed_start: bool = False) -> None:
         """Let the lock go; after ``failed_start``, also remove the lock file this daemon created
@@ -210,22 +236,49 @@ class DaemonLock:
 
 class Checkpointer(threading.Thread):
     """Copies the WAL back into the database from a connection of its own, a PASSIVE checkpoint
-    each second: it never blocks the writer, so commits rarely carry a checkpoint's writes and
-    fsyncs. (Starting the WAL over is the writer's: see Store.restart_wal_if_big.)"""
+    a second after commits (those of that second go together): it never blocks the writer, so
+    commits rarely carry a checkpoint's writes and fsyncs. Commits that come alone, seconds apart
+    (an idle daemon's heartbeats), wait up to LONE_S for one checkpoint together; with nothing
+    committed it sleeps. (Starting the WAL over is the writer's: see Store.restart_wal_if_big.)"""
+
+    LONE_S = 30.0
 
     def __init__(self, path: Path, interval: float = 1.0) -> None:
         super().__init__(name="archiver-checkpointer", daemon=True)
         self._conn = sqlite3.connect(path, timeout=1, isolation_level=None, check_same_thread=False)
         self._interval = interval
         self._stop_event = threading.Event()
-        self.wrote = True  # set by the writer after each commit
+        self._wrote = threading.Event()  # a commit since the thread last looked
+        self._wrote.set()
+        self._busy = threading.Event()  # commits less than the interval apart
+        self._last_commit = -math.inf  # monotonic
         self.paused = False  # while a scrub follows the WAL (scrub.py): it starts the WAL over itself
 
+    def wrote(self) -> None:
+        """The writer committed (called from its thread)."""
+        now = time.monotonic()
+        gap, self._last_commit = now - self._last_commit, now
+        self._wrote.set()
+        if gap < self._interval:
+            self._busy.set()
+
     def run(self) -> None:
-        while not self._stop_event.wait(self._interval):
-            if self.wrote and not self.paused:  # nothing new in the WAL: no need to wake SQLite
-                self.wrote = False
+        while True:
+            self._wrote.wait()
+            if self._settle():
+                return
+            if not self.paused:  # a paused checkpoint waits for the next commit after the scrub
                 self.checkpoint()
+
+    def _settle(self) -> bool:
+        """Wait before a checkpoint, as the class says; True when a stop is asked."""
+        self._wrote.clear()
+        self._busy.clear()
+        if self._stop_event.wait(self._interval):
+            return True
+        if not self._busy.is_set():  # lone commits: asleep until they come close together
+            self._busy.wait(self.LONE_S - self._interval)
+        return self._stop_event.is_set()
 
     def checkpoint(self) -> None:
         with suppress(sqlite3.Error):  # busy or full now: the next round copies what is left
@@ -233,10 +286,23 @@ class Checkpointer(threading.Thread):
 
     def stop(self) -> None:
         self._stop_event.set()
+        self._wrote.set()
+        self._busy.set()
         self.join(timeout=5)
         self.checkpoint()
         with suppress(sqlite3.Error):
             self._conn.close()
+
+
+def _not_own_file(st: os.stat_result) -> str | None:
+    """Why a lock file opened is not one the daemon may write (None: it may)."""
+    if not stat.S_ISREG(st.st_mode):
+        return "is not a regular file"
+    if st.st_uid != os.geteuid():
+        return f"belongs to uid {st.st_uid}, not to this user (uid {os.geteuid()})"
+    if st.st_nlink != 1:
+        return f"has other names (hard links: {st.st_nlink})"
+    return None
 
 
 def _identity(path: Path) -> tuple[int, int] | None:
@@ -390,7 +456,7 @@ class Store:
             yield self.conn
             self.conn.execute("COMMIT" if commit else "ROLLBACK")
             if commit and self.checkpointer is not None:
-                self.checkpointer.wrote = True
+                self.checkpointer.wrote()
         except BaseException:
             with suppress(sqlite3.Error):
                 self.conn.execute("ROLLBACK")

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import getpass
+import os
+import pwd
 import shutil
 from pathlib import Path
 
 from archiver.config import Settings
 
-# The account the shipped unit (docker/systemd/desto-archiver.service) runs as, and the one this
-# command names when root runs it without --user.
+# The account the shipped unit (docker/systemd/desto-archiver.service) runs as.
 SYSTEM_USER = "desto"
 
 UNIT_TEMPLATE = """\
@@ -44,6 +44,9 @@ KillSignal=SIGTERM
 TimeoutStopSec=30
 Restart=on-failure
 RestartSec=5
+# The daemon's memory is bounded whatever Redis holds (docs/deployment.md, "Memory"): 56 MB
+# with hostile keys, 440 MB under a stream of 16 MB records. Past this, a leak is stopped.
+MemoryMax=1G
 SyslogIdentifier=desto-archiver
 
 # Hardening: the archiver only talks to Redis and writes the archive's folder; it needs no
@@ -102,14 +105,24 @@ def render_unit(
     db = settings.db_path.resolve()
     # this project's README, installed next to the virtual environment (<folder>/.venv/bin/desto-archiver)
     docs = Path(exec_start).parent.parent.parent / "README.md"
-    account = user or getpass.getuser()
+    account = user if user is not None else _current_account()
+    if not account.strip():
+        raise ValueError("--user is empty: name the account the service runs as")
     if account == "root":
-        if user is not None:
+        raise ValueError(
+            "--user root: the unit runs the archiver as an unprivileged account; name the one that owns "
+            f"the archive's folder (the shipped unit's: useradd --system --home-dir /var/lib/desto {SYSTEM_USER})"
+        )
+    for what, value in (
+        ("--user", account),
+        ("the archive's path", str(db)),
+        ("--env-file", env_file),
+        ("the executable's path", str(exec_start)),
+    ):
+        if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
             raise ValueError(
-                "--user root: the unit runs the archiver as an unprivileged account; name the one that owns "
-                "the archive's folder (the shipped unit's: useradd --system --home-dir /var/lib/desto desto)"
+                f"{what} holds a control character ({value!r}): a newline would add directives of its own to the unit"
             )
-        account = SYSTEM_USER  # run as root, the command is installing a system service: desto's account
     return UNIT_TEMPLATE.format(
         db=db,
         exec_start=exec_start,
@@ -120,3 +133,19 @@ def render_unit(
         data_dir=db.parent,
         protect_home="read-only" if Path("/home") in db.parents or Path("/root") in db.parents else "yes",
     )
+
+
+def _current_account() -> str:
+    """The account this process runs as, by its user id (sudo and su may leave the caller's name in
+    LOGNAME and USER). Root is refused: a unit must name the unprivileged account it runs as."""
+    uid = os.geteuid()
+    if uid == 0:
+        raise ValueError(
+            "run as root, it cannot tell which account the service should run as, and never runs it as root: "
+            f"name one with --user (the shipped unit's is {SYSTEM_USER}: "
+            f"useradd --system --home-dir /var/lib/desto {SYSTEM_USER})"
+        )
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        raise ValueError(f"uid {uid} has no account name: name the account with --user") from None

@@ -17,7 +17,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from bench import backfill, ceilings, desto_cost, idle, ingest, latency, profile, soak
+from bench import backfill, ceilings, desto_cost, desto_tab, idle, ingest, latency, profile, soak
 from bench.common import Context, Figure, code_version, machine, markdown_table
 from tests.helpers import REPO
 
@@ -27,6 +27,7 @@ BENCHMARKS: dict[str, Callable[[Context], None]] = {
     "latency": latency.run,
     "backfill": backfill.run,
     "desto": desto_cost.run,
+    "desto_tab": desto_tab.run,
     "idle": idle.run,
     "soak": soak.run,
 }

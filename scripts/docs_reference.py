@@ -247,6 +247,7 @@ class _Sandbox:
             ARCHIVER_LOG_FORMAT="json",
             ARCHIVER_FLUSH_INTERVAL="0.02",
             ARCHIVER_HEARTBEAT_INTERVAL="0.5",
+            ARCHIVER_ALLOW_ROOT="true",  # where the docs are generated as root; the samples are the same
         )
 
     def shown(self, text: str) -> str:

@@ -256,3 +256,16 @@ def test_a_frozen_redis_never_holds_up_the_writer_s_thread(fresh_redis, db_path:
     gaps = [b - a for a, b in zip([frozen_at, *during], during, strict=False)]
     assert len(during) >= 10 and max(gaps) < 1.0, f"heartbeats during a 3 s freeze: {len(during)}, gaps {gaps}"
     client.close()
+
+
+def test_an_idle_daemon_sleeps_until_asked_and_every_thread_ends_with_it(redis_server, redis, db_path: Path) -> None:
+    """Idle, the daemon's threads sleep until something is due (the subscription's health check
+    every ARCHIVER_HEALTH_CHECK_INTERVAL, here an hour): a stop must still reach each of them at
+    once, and a change wake them, or a stop would wait for the longest sleep."""
+    settings = settings_for(redis_server, db_path, health_check_interval=3600, heartbeat_interval=3600)
+    with daemon_thread(settings) as daemon:
+        redis.hset("desto:session:idle-1", mapping=session_hash("idle-1"))
+        wait_for(lambda: row(db_path, "sessions", "session_id", "idle-1"), 10, what="the change archived")
+        threads = [daemon.workers.listener, daemon.workers.fetcher, daemon.store.checkpointer]  # type: ignore[union-attr]
+    left = [t.name for t in threads if t is not None and t.is_alive()]
+    assert left == [], f"still running after the daemon stopped: {left}"

@@ -280,6 +280,10 @@ def test_entrypoint_and_healthcheck_as_the_image_runs_them(stages: list[Stage], 
     env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"  # where the image has its console script
     assert env["REDIS_HOST"] == "redis"  # compose's service name; here the test's own server
     env.update(REDIS_HOST="127.0.0.1", REDIS_PORT=str(fresh_redis.port))
+    # The image runs as its USER, never root; this stand-in may run as root, which needs saying.
+    assert final.last("USER").split(":")[0] not in ("0", "root")
+    if os.geteuid() == 0:
+        env["ARCHIVER_ALLOW_ROOT"] = "true"
     workdir = Path(in_root(final.last("WORKDIR")))
     workdir.mkdir(parents=True)
 
@@ -429,6 +433,7 @@ def test_override_adds_the_archiver_service(merged: dict[str, Any]) -> None:
     assert archiver["depends_on"]["redis"]["condition"] == "service_healthy"
     assert archiver["depends_on"]["archiver-init"]["condition"] == "service_completed_successfully"
     assert archiver["restart"] == "unless-stopped"
+    assert archiver["mem_limit"] in ("1g", 1024**3, str(1024**3))  # as compose normalizes it
     check = archiver["healthcheck"]
     assert check["test"] == ["CMD", "desto-archiver", "health"]
     assert {k: check[k] for k in ("interval", "timeout", "retries", "start_period")} == {
@@ -576,6 +581,7 @@ def test_systemd_unit_settings() -> None:
         "Service.Restart": "on-failure",
         "Service.RestartSec": "5",
         "Service.TimeoutStopSec": "30",
+        "Service.MemoryMax": "1G",
         "Service.EnvironmentFile": "-/etc/desto-archiver/desto-archiver.env",
         "Service.ExecStart": "/opt/desto-archiver/.venv/bin/desto-archiver run",
         "Service.User": "desto",

@@ -718,6 +718,9 @@ def test_forget_erases_a_session_with_its_jobs_while_the_daemon_runs(redis_serve
     shown = cli(redis_server, db_path, "show", archived["job1"])
     assert shown.returncode == 0, shown.stderr
     assert f"job {archived['job1']}: erased at 20" in shown.stdout and "by desto-archiver forget" in shown.stdout
+    by_prefix = cli(redis_server, db_path, "show", archived["session"][:8])  # as `history` shows ids
+    assert by_prefix.returncode == 0, by_prefix.stderr
+    assert f"session {archived['session']}: erased at 20" in by_prefix.stdout
     stats = json.loads(cli(redis_server, db_path, "stats", "--json").stdout)
     assert stats["erased"]["by_how"] == {"forget": {"session": 1, "job": 2}}
     assert "erased" in cli(redis_server, db_path, "stats").stdout

@@ -99,6 +99,36 @@ def test_two_sources_share_one_database_without_collisions(redis, redis_server, 
     assert len(pg_rows(pg_url, "sessions")) == 10
 
 
+def test_a_source_with_nothing_shipped_names_the_sources_that_have(redis, redis_server, db_path, pg_url, capsys):
+    """A command run in a shell without the daemon's environment defaults to the host name as its
+    source: `check` and `stats --source` must point to the names that did ship, not only say
+    "nothing shipped"."""
+    _archive(redis, redis_server, db_path)
+    _ship(db_path, pg_url, "gpu1", capsys=capsys)
+    base = ["--db", str(db_path), "--redis-url", redis_server.url, "--postgres-url", pg_url]
+    main(["check", "--json", "--no-verify", *base, "--source", "not-this-host"])
+    postgres = next(c for c in json.loads(capsys.readouterr().out)["checks"] if c["check"] == "postgres")
+    assert postgres["status"] == "warn" and "nothing shipped yet" in postgres["detail"]
+    assert "'gpu1'" in postgres["detail"] and "--source" in postgres["detail"]
+    assert main(["stats", *base, "--source", "not-this-host"]) != 0
+    refused = capsys.readouterr().err
+    assert "'not-this-host'" in refused and "'gpu1'" in refused
+
+
+def test_ship_to_a_database_that_does_not_exist_says_what_to_correct(redis, redis_server, db_path, pg_url, capsys):
+    """A mistyped database name will not start answering: `ship` says to correct the URL (a usage
+    error), where a server that is down gets "run the same command again"."""
+    _archive(redis, redis_server, db_path)
+    missing = pg_url.rsplit("/", 1)[0] + "/no_such_database"
+    capsys.readouterr()
+    assert main(["ship", "--db", str(db_path), "--postgres-url", missing, "--source", "gpu1"]) == 2
+    said = capsys.readouterr().err
+    assert "the database does not exist" in said and "will not help" in said and "run the same command" not in said
+    down = f"postgresql://postgres@127.0.0.1:{free_port()}/db"
+    assert main(["ship", "--db", str(db_path), "--postgres-url", down, "--source", "gpu1"]) == 1
+    assert "nothing is lost: run the same command again" in capsys.readouterr().err
+
+
 def test_daemon_ships_every_change_and_deletions_follow(redis, redis_server, db_path, pg_url):
     port = free_port()
     settings = settings_for(
@@ -276,9 +306,12 @@ def test_without_psycopg_the_daemon_and_commands_run_and_shipping_says_what_to_i
     probe = run("backfill", "--json")
     assert probe.returncode == 0 and "psycopg" not in probe.stderr
     missing = run("ship", "--postgres-url", "postgresql://x@127.0.0.1/db")
-    assert missing.returncode == 2 and "pip install 'desto-archiver[postgres]'" in missing.stderr
-    refused = run("run", ARCHIVER_POSTGRES_URL="postgresql://x@127.0.0.1/db")
-    assert refused.returncode == 2 and "pip install 'desto-archiver[postgres]'" in refused.stderr
+    # what works from a clone (no distribution of that name is published), and both ways of giving
+    # the database named, since either may be the one the user typed
+    for answer in (missing, run("run", ARCHIVER_POSTGRES_URL="postgresql://x@127.0.0.1/db")):
+        assert answer.returncode == 2, answer.stderr
+        assert "pip install -e '.[postgres]'" in answer.stderr and "desto-archiver[postgres]" not in answer.stderr
+        assert "--postgres-url or ARCHIVER_POSTGRES_URL" in answer.stderr
     loaded = subprocess.run(
         [
             sys.executable,

@@ -297,11 +297,25 @@ def test_contributing_says_how_to_test_add_a_kind_keep_a_benchmark_and_release()
 def test_security_says_what_the_archive_holds_how_to_report_and_what_is_in_scope() -> None:
     text = (REPO / "SECURITY.md").read_text()
     sections = re.findall(r"^## (.+)$", text, re.MULTILINE)
-    assert sections == ["What the archive holds", "Reporting a problem", "What is in scope", "The guarantees"]
+    assert sections == [
+        "What the archive holds",
+        "Reporting a problem",
+        "What is in scope",
+        "Threat model",
+        "The guarantees",
+    ]
     scope = text.split("## What is in scope", 1)[1].split("\n## ", 1)[0]
     for subject in ("Secrets in command lines and outputs", "The file's permissions", "The central database's roles",
                     "Hostile values written into Redis"):  # fmt: skip
         assert f"**{subject}**" in scope, subject
+    threats = text.split("## Threat model", 1)[1].split("\n## ", 1)[0]
+    for who in (
+        "Who writes Redis.",
+        "Who reads the archive.",
+        "Who writes the archive's folder.",
+        "The central database.",
+    ):
+        assert f"**{who}**" in threats, who
     guarantees = text.split("## The guarantees", 1)[1]
     assert "makes these" in guarantees and "does not make these" in guarantees
     assert "privately" in text and "Report a vulnerability" in text
