@@ -217,17 +217,17 @@ def forget(targets: list[Any], already: list[str], done: Any, dry_run: bool) -> 
 
 def restore(report: Any, every: bool) -> str:
     """What ``restore favorites`` wrote (or would write). Favorites already in Redis are listed
-    only when named (``every``): otherwise they are a count. Names and commands are desto's
-    users' text: control characters are shown escaped, never sent to the terminal."""
+    only when named (``every``): otherwise they are a count. Names are desto's users' text: the
+    table shows their control characters escaped (output.visible), never sends them to the terminal."""
     listed = [f for f in report.favorites if every or f.outcome != "in redis"]
     rows = [
         {
             "outcome": f.outcome,
             "favorite_id": f.favorite_id,
-            "name": printable(f.name),
+            "name": f.name,
             "uses": f.use_count,
             "left redis": _left_redis(f),
-            "detail": printable(f.detail or ""),
+            "detail": f.detail or "",
         }
         for f in listed
     ]
@@ -250,13 +250,6 @@ def _left_redis(favorite: Any) -> str:
     if favorite.gone_reason is not None:
         return f"{favorite.gone_reason} {favorite.gone_at or ''}".strip()
     return "-" if favorite.outcome == "in redis" else "missing (not recorded yet)"
-
-
-def printable(text: str) -> str:
-    """``text`` with its control and other unprintable characters escaped (\\x1b, \\u202e)."""
-    if text.isprintable():
-        return text
-    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)
 
 
 def prune(data: dict[str, Any]) -> str:
