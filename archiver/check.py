@@ -24,7 +24,7 @@ from archiver.kinds import TABLES, Kind
 from archiver.models import COLUMNS, Rejected, Row, iso_utc
 from archiver.quarantine import not_kept, used_bytes
 from archiver.read_clock import now_us
-from archiver.reader import Reader
+from archiver.reader import Reader, last_missed_changes
 from archiver.reconcile import read_batch, records_of
 from archiver.redis_client import CONNECTION_ERRORS, unreachable_advice
 from archiver.schema import SCHEMA_VERSION, unsupported_sqlite
@@ -266,6 +266,9 @@ def doctor(
     findings += _quarantine(settings.db_path)
     if with_daemon:
         findings.append(_daemon(settings))
+        missed = _missed_changes(settings)
+        if missed is not None:
+            findings.append(missed)
     if settings.postgres_url is not None:
         findings.append(_postgres(settings))
     return findings, redis_ok
@@ -526,6 +529,29 @@ def _postgres(settings: Settings) -> Finding:
         status,
         detail + shipped + f", {behind:,} changes waiting",
         None if status == "ok" else ("shipping is far behind: see the daemon's log (ship.*)"),
+    )
+
+
+def _missed_changes(settings: Settings) -> Finding | None:
+    """What the last reconcile found that no notification had named: a warning, never a failure
+    (the reconcile archived it); None when there is no file or state to read."""
+    try:
+        with Reader.open(settings.db_path) as reader:
+            state = reader.state()
+    except Exception:
+        return None  # the daemon's finding says why the file cannot be read
+    missed = last_missed_changes(state)
+    if missed is None:
+        return Finding("missed changes", "ok", "not measured by the last reconcile (only timer and reconnect ones)")
+    total = sum(missed.values())
+    if not total:
+        return Finding("missed changes", "ok", "none in the last reconcile")
+    kinds = ", ".join(f"{kind} {n:,}" for kind, n in missed.items() if n)
+    return Finding(
+        "missed changes",
+        "warn",
+        f"the last reconcile found {total:,} change(s) no notification had named ({kinds}); it archived them",
+        "notifications are losing changes if this repeats: see docs/metrics.md, 'Missed changes'",
     )
 
 

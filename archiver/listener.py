@@ -29,6 +29,9 @@ class EventSink(Protocol):
     def hint(self, channel: bytes, data: bytes) -> None: ...
     def subscribed(self, notify: NotifyState, reconnected: bool) -> None: ...
     def disconnected(self, error: str) -> None: ...
+    def watching(self) -> bool: ...
+    def barrier_wanted(self) -> int: ...
+    def barrier_reached(self, number: int) -> None: ...
 
 
 class DeadConnection(Exception):
@@ -39,9 +42,14 @@ LISTENER_ERRORS: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, DeadConn
 # ... and, while connecting, Redis' reply errors, of which those that say "not now" are retried
 _CONNECTING_ERRORS: tuple[type[BaseException], ...] = (*LISTENER_ERRORS, ResponseError)
 _PING = b"desto-archiver"
+# A barrier: a PING whose answer comes after every notification Redis sent before it got the PING.
+_BARRIER = b"desto-archiver-barrier:"
 # A quiet subscription is read with a timeout that ends when its health check is due; a stop
 # shuts the socket down, which ends the read at once. This bounds a read only as a safety net.
 _IDLE_READ_S = 60.0
+# While a reconcile measures what the notifications missed (missed.py), a quiet subscription is
+# looked at this often, so the barrier the reconcile asks for at its end is sent soon.
+_MEASURING_READ_S = 0.25
 
 
 class Subscription:
@@ -82,8 +90,8 @@ class Subscription:
             reply = reader.gets()
         return replies
 
-    def ping(self) -> None:
-        self.conn.send_command("PING", _PING)
+    def ping(self, payload: bytes = _PING) -> None:
+        self.conn.send_command("PING", payload)
 
     def interrupt(self) -> None:
         """End a read under way in another thread at once (it sees the connection closed)."""
@@ -191,10 +199,16 @@ class Listener(threading.Thread):
         keys_changed, hint = self.sink.keys_changed, self.sink.hint
         last_rx = time.monotonic()
         ping_sent: float | None = None
+        barrier_sent = 0  # a barrier asked for before this connection is sent on it
         while not self._stop_event.is_set():
+            wanted = self.sink.barrier_wanted()
+            if wanted > barrier_sent:
+                subscription.ping(_BARRIER + b"%d" % wanted)
+                barrier_sent = wanted
             # until the health check is due: the PING after a silence, or its answer's deadline
             check_at = last_rx + interval if ping_sent is None else ping_sent + interval
-            replies = subscription.read(min(_IDLE_READ_S, max(0.01, check_at - time.monotonic())))
+            longest = _MEASURING_READ_S if self.sink.watching() else _IDLE_READ_S
+            replies = subscription.read(min(longest, max(0.01, check_at - time.monotonic())))
             now = time.monotonic()
             if not replies:
                 if ping_sent is not None and now - ping_sent > interval:
@@ -205,12 +219,21 @@ class Listener(threading.Thread):
                 continue
             last_rx, ping_sent = now, None
             changed = []
+            barrier = 0
             for reply in replies:
+                if isinstance(reply, bytes):  # a PING's answer under RESP3: the payload alone
+                    if reply.startswith(_BARRIER):
+                        barrier = int(reply[len(_BARRIER) :])
+                    continue
                 kind = reply[0]
                 if kind == b"pmessage":
                     changed.append((reply[2][prefix_len:], reply[3]))
                 elif kind == b"message":
                     hint(reply[1], reply[2])
+                elif kind == b"pong" and reply[1].startswith(_BARRIER):  # under RESP2
+                    barrier = int(reply[1][len(_BARRIER) :])
             self.messages += len(replies)
             if changed:
                 keys_changed(changed)
+            if barrier:  # after the notifications that came before it are handed over
+                self.sink.barrier_reached(barrier)

@@ -42,6 +42,8 @@ class Snapshot:
     erased: int = 0
     erased_not_written: int = 0
     reconciles: int = 0
+    missed_changes: dict[str, int] = field(default_factory=dict)  # found by reconciles, no notification named
+    missed_streak: int = 0  # measured reconciles in a row, up to the last, that found missed changes
     reconnects: int = 0
     lag_s: float = 0.0
     pending: int = 0
@@ -93,6 +95,19 @@ class _DaemonCollector(Collector):
         yield _counter("erased", "Erasures finished (desto's History tab, forget, retention)", s.erased)
         yield _counter("erased_not_written", "Reads of erased records, not written", s.erased_not_written)
         yield _counter("reconciles", "Full reconciles completed", s.reconciles)
+        missed = CounterMetricFamily(
+            f"{PREFIX}_missed_changes",
+            "Records a reconcile found changed or gone that no notification had named, by record kind",
+            labels=["kind"],
+        )
+        for kind in KINDS:
+            missed.add_metric([kind.value], s.missed_changes.get(kind.value, 0))
+        yield missed
+        yield GaugeMetricFamily(
+            f"{PREFIX}_missed_changes_streak",
+            "Reconciles in a row, up to the last, that found changes no notification had named",
+            value=s.missed_streak,
+        )
         yield _counter("reconnects", "Reconnections to Redis", s.reconnects)
         yield GaugeMetricFamily(f"{PREFIX}_lag_seconds", "Age of the oldest change not yet archived", value=s.lag_s)
         yield GaugeMetricFamily(f"{PREFIX}_pending_keys", "Keys waiting to be read", value=s.pending)

@@ -66,7 +66,7 @@ class Daemon:
         self.inbox = Inbox(settings.max_dirty, arrived=self.wakeup.notify)
         self.file = ArchiveFile(settings)
         self.failures = Failures(settings.reconnect_max_backoff)
-        self.reconciles = Reconciles(settings, self.schedule)
+        self.reconciles = Reconciles(settings, self.schedule, self.inbox)
         self.housekeeping = Housekeeping(settings, self.inbox.dirty, self.schedule)
         self.totals = Totals()
         self.workers = Workers()
@@ -221,7 +221,7 @@ class Daemon:
                     if sweep:
                         if self.reconciles.next_sweep_page(store):
                             fetcher.wake()
-                        else:  # the reconcile is over
+                        elif not self.reconciles.running:  # the reconcile is over
                             self.ready.set()
                             self.notifier.status(self.reporter.status_line())
                     else:
@@ -268,7 +268,7 @@ class Daemon:
         self.totals.result.merge(result)
         if work.reconcile is not None and work.reconcile.rec is not None:
             work.reconcile.rec.result.merge(result)
-            self.reconciles.written(work)
+            self.reconciles.written(work, result)
 
     def _failed(self, exc: sqlite3.Error) -> None:
         delay = self.failures.failed("sqlite", exc)

@@ -172,6 +172,7 @@ class Reader:
             "erased": {"by_how": erased, "pending": pending, "last_at": last},
             "last_event_at": _us_to_iso(state.get("last_event_at")),
             "last_reconcile_at": _us_to_iso(state.get("last_reconcile_at")),
+            "last_reconcile_missed_changes": last_missed_changes(state),
             "last_backfill": json.loads(state["last_backfill"]) if state.get("last_backfill") else None,
         }
 
@@ -360,3 +361,14 @@ def _us_to_iso(value: str | None) -> str | None:
         return iso_utc(int(value))
     except ValueError:
         return value
+
+
+def last_missed_changes(state: dict[str, str]) -> dict[str, int] | None:
+    """The changes the last reconcile found that no notification had named, by kind (missed.py);
+    None when it did not measure them (the first after a start, say) or no reconcile ran yet."""
+    try:
+        last = json.loads(state.get("last_reconcile") or "null")
+    except ValueError:
+        return None
+    found = last.get("missed_changes") if isinstance(last, dict) else None
+    return {str(k): int(v) for k, v in found.items()} if isinstance(found, dict) else None

@@ -87,6 +87,7 @@ def stats(stats: dict[str, Any]) -> str:
             ("erased", _erased_line(stats["erased"])),
             ("last event", stats["last_event_at"] or "-"),
             ("last reconcile", stats["last_reconcile_at"] or "-"),
+            ("missed changes", _missed_line(stats.get("last_reconcile_missed_changes"))),
             ("last backfill", _backfill_line(stats["last_backfill"])),
         ]
     )
@@ -104,6 +105,15 @@ def not_kept_line(noted: dict[str, Any]) -> str:
 
 
 _BY = {"desto": "desto", "forget": "forget", "retention": "retention"}
+
+
+def _missed_line(missed: dict[str, int] | None) -> str:
+    """The last reconcile's count of changes no notification had named."""
+    if missed is None:
+        return "- (not measured by the last reconcile)"
+    total = sum(missed.values())
+    kinds = ", ".join(f"{kind} {n:,}" for kind, n in missed.items() if n)
+    return f"{total:,} in the last reconcile" + (f" ({kinds})" if kinds else "")
 
 
 def _erased_line(erased: dict[str, Any]) -> str:
@@ -221,6 +231,43 @@ def forget(targets: list[Any], already: list[str], done: Any, dry_run: bool) -> 
             )
         )
     return "\n".join(lines) or "nothing to erase"
+
+
+def restore(report: Any, every: bool) -> str:
+    """What ``restore favorites`` wrote (or would write). Favorites already in Redis are listed
+    only when named (``every``): otherwise they are a count. Names are desto's users' text: the
+    table shows their control characters escaped (output.visible), never sends them to the terminal."""
+    listed = [f for f in report.favorites if every or f.outcome != "in redis"]
+    rows = [
+        {
+            "outcome": f.outcome,
+            "favorite_id": f.favorite_id,
+            "name": f.name,
+            "uses": f.use_count,
+            "left redis": _left_redis(f),
+            "detail": f.detail or "",
+        }
+        for f in listed
+    ]
+    verb = "would restore" if report.dry_run else "restored"
+    counted = report.count("would restore" if report.dry_run else "restored")
+    lines = [
+        f"{verb} {counted} favorite{'s' if counted != 1 else ''}"
+        + (" (dry run: nothing written)" if report.dry_run else "")
+    ]
+    if rows:
+        lines.append(_last_column_whole(rows, ["outcome", "favorite_id", "name", "uses", "left redis", "detail"]))
+    hidden = len(report.favorites) - len(listed)
+    if hidden:
+        lines.append(f"{hidden} other archived favorite{'s are' if hidden != 1 else ' is'} in Redis: left as they are")
+    return "\n".join(lines)
+
+
+def _left_redis(favorite: Any) -> str:
+    """How the favorite left Redis, as the archive recorded it (a dry run records nothing)."""
+    if favorite.gone_reason is not None:
+        return f"{favorite.gone_reason} {favorite.gone_at or ''}".strip()
+    return "-" if favorite.outcome == "in redis" else "missing (not recorded yet)"
 
 
 def prune(data: dict[str, Any]) -> str:

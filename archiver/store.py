@@ -97,6 +97,9 @@ class BatchResult:
     quarantine_full: bool = False  # the quarantine's total cap began to bite with this batch
     history: int = 0
     erased: int = 0  # records not written: erased (desto's History tab, forget, retention)
+    # records this batch inserted, changed or tombstoned (kind, id); kept by the batch's own merges
+    # only, like ``quarantined``: the daemon's totals need no list of every record ever written
+    changed: list[tuple[Kind, str]] = field(default_factory=list)
 
     @property
     def new_quarantined(self) -> int:
@@ -112,6 +115,7 @@ class BatchResult:
         if keep_quarantined:
             self.quarantined.extend(other.quarantined)
             self.quarantined_before += other.quarantined_before
+            self.changed.extend(other.changed)
         else:
             self.quarantined_before += other.new_quarantined
         self.quarantine_repeats += other.quarantine_repeats
@@ -733,6 +737,7 @@ class Store:
         )
         add_history(conn, gone.kind, gone.record_id, reason, status, status, None, gone_at, None, "redis")
         result.tombstoned += 1
+        result.changed.append((gone.kind, gone.record_id))
         result.history += 1
 
     def _quarantine(self, conn: sqlite3.Connection, rejected: Rejected, pending: Pending, result: BatchResult) -> None:

@@ -27,10 +27,19 @@ HISTORY_INSERT = (
     "INSERT INTO status_history (kind, record_id, event, status, previous_status, detail, observed_at, "
     "desto_timestamp, source) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
+# A command that writes records back into Redis (``restore favorites``) notes each one here first,
+# so whichever writer reads it back (the command's own, or a daemon's) says how it came back.
+RESTORE_NOTE_PREFIX = "restoring:"
+RESTORE_NOTE_S = 600  # a note older than this (a restore that died half-way) says nothing
 _TRACKING = ("created_at", "updated_at", "read_at_us", "first_seen_at", "last_seen_at", "expires_at", "extra")
 
 
 _first, _second, _last = itemgetter(0), itemgetter(1), itemgetter(-1)
+
+
+def restore_note(kind: Kind, record_id: str) -> str:
+    """The name in ``archiver_state`` of the note a restore leaves for ``record_id``."""
+    return f"{RESTORE_NOTE_PREFIX}{kind.value}:{record_id}"
 
 
 def tail_column(kind: Kind) -> str:
@@ -109,6 +118,7 @@ class RowWriter:
         updates: list[list[Any]] = []
         touches: list[tuple[Any, ...]] = []
         favorite, tail_idx = self.favorite, self.tail_idx
+        changed, kind_enum = self.counts.changed, self.kind
         written = stale = 0
         last_read, seen, updated_at = -1, "", ""  # a batch's rows share their read time
         for row in unique.values():
@@ -127,6 +137,7 @@ class RowWriter:
                 else:
                     inserts.append(params)
                 written += 1
+                changed.append((kind_enum, record_id))
             elif old.read_at_us is not None and version < old.read_at_us:
                 stale += 1
                 continue
@@ -139,6 +150,7 @@ class RowWriter:
                 else:
                     updates.append(params)
                 written += 1
+                changed.append((kind_enum, record_id))
             else:
                 touches.append((version, seen, expires, record_id))
             self._record_history(row, old, seen)
@@ -183,7 +195,7 @@ class RowWriter:
             if is_new:
                 self._add(row.record_id, "first_seen", None, None, None, observed, None, "redis")
             elif reappeared:
-                self._add(row.record_id, "reappeared", None, None, None, observed, None, "redis")
+                self._add(row.record_id, "reappeared", None, None, self._how_back(row), observed, None, "redis")
             old_name = None if old is None or is_new else (old.tail or old.values[1])
             if old_name is not None and old_name != row.values[1]:
                 detail = json.dumps({"from": old_name, "to": row.values[1]}, ensure_ascii=False)
@@ -193,7 +205,7 @@ class RowWriter:
         assert status is not None
         previous = None if old is None or is_new else old.tail
         if reappeared:
-            self._add(row.record_id, "reappeared", status, previous, None, observed, None, "redis")
+            self._add(row.record_id, "reappeared", status, previous, self._how_back(row), observed, None, "redis")
             previous = status
         current, read_ts = previous, None
         for hint in self.hints.get((self.kind, row.record_id), ()):
@@ -211,6 +223,24 @@ class RowWriter:
             self._add(row.record_id, event, status, current, None, observed, read_ts, "redis")
         elif read_ts is not None:
             self._attach_timestamp(row.record_id, status, read_ts)
+
+    def _how_back(self, row: Row) -> str | None:
+        """How a record that had left Redis came back, when a restore noted that it writes it
+        back (its note, read at or after the restore began); None: written again by someone
+        else (desto, a person), which the archive cannot tell apart."""
+        found = self.conn.execute(
+            "SELECT value FROM archiver_state WHERE name = ?", (restore_note(self.kind, row.record_id),)
+        ).fetchone()
+        if found is None:
+            return None
+        try:
+            note = json.loads(found[0])
+            since = int(note["since_us"])
+        except (ValueError, TypeError, KeyError):
+            return None
+        if not since <= row.version_us <= since + RESTORE_NOTE_S * 1_000_000:
+            return None
+        return json.dumps({"how": "restored", "by": note.get("by")}, ensure_ascii=False)
 
     def _add(self, record_id: str, event: str, status: str | None, previous: str | None, detail: str | None,
              observed: str, desto_ts: str | None, source: str) -> None:  # fmt: skip

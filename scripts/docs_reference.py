@@ -450,6 +450,10 @@ def samples() -> dict[str, str]:
             box.redis.hset(f"desto:session:{adhoc}", mapping=_session(adhoc, "adhoc", "running", "2026-11-26T23:41:00"))
             box.redis.hset("desto:job:29e4d2c7-c126-4f03-b329-92e0a3005e2f", "exit_code", "3")
             shell("check-diffs", box, "check", "--no-daemon", "--show-diffs", "--settle", "0", ok=(1,))
+            # Redis restarted empty: the favorite written back from the archive
+            box.redis.flushall()
+            shell("restore", box, "restore", "favorites", "--dry-run")
+            shell("restore", box, "restore", "favorites")
         finally:
             box.close()
     return {name: "```\n" + "\n".join(texts) + "\n```" for name, texts in out.items()}

@@ -241,6 +241,8 @@ class DestoWriter(threading.Thread):
         self._steps = 0
         self._lock = threading.Lock()
         self._halt = threading.Event()
+        self._pause = threading.Event()
+        self._paused = threading.Event()  # the writer has seen the pause: no step is under way
         self._open: list[list[Any]] = []  # [session_id, job_id, stage] of sessions still running
         self._favorites: list[str] = []
         self._atjobs: list[str] = []  # at-jobs still scheduled
@@ -260,6 +262,16 @@ class DestoWriter(threading.Thread):
         wait_for(lambda: self.steps >= target or self.errors, timeout, what=f"the writer to reach step {target}")
         assert not self.errors, f"the writer failed: {self.errors[0]!r}"
 
+    def hold(self) -> None:
+        """Stop writing until :meth:`go_on`; returns once no step is under way."""
+        self._pause.set()
+        wait_for(lambda: self._paused.is_set() or not self.is_alive(), 10, what="the writer to pause")
+        assert not self.errors, f"the writer failed: {self.errors[0]!r}"
+
+    def go_on(self) -> None:
+        self._paused.clear()
+        self._pause.clear()
+
     def halt(self) -> None:
         self._halt.set()
         self.join(timeout=10)
@@ -275,6 +287,10 @@ class DestoWriter(threading.Thread):
     def run(self) -> None:
         try:
             while not self._halt.is_set():
+                if self._pause.is_set():
+                    self._paused.set()
+                    time.sleep(0.005)
+                    continue
                 roll = self.rng.random()
                 if roll < 0.3 or not self._open:
                     self._create()

@@ -322,6 +322,7 @@ def test_check_passes_on_a_healthy_set_up(redis_server, redis, db_path: Path) ->
         "wal": "ok",
         "schema": "ok",
         "daemon": "ok",
+        "missed changes": "ok",
     }
     assert report["verify"]["records"] == 43 and report["verify"]["missing"] == 0
 

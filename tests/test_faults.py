@@ -14,6 +14,7 @@ scenario also adds a row to the reliability report (the "Reliability" page's tab
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -21,11 +22,13 @@ import sqlite3
 import subprocess
 import sys
 import time
+import urllib.request
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 import redis as redis_lib
+from prometheus_client.parser import text_string_to_metric_families
 
 from archiver.backup import backup
 from archiver.store import DAMAGED_ADVICE
@@ -59,6 +62,7 @@ from tests.helpers import (
     settings_for,
     wait_for,
 )
+from tests.redis_server import free_port
 
 # ─── 1. the archiver killed and restarted under load ─────────────────────────────────────────────
 
@@ -637,3 +641,102 @@ def test_a_damaged_archive_is_named_and_replaced_as_the_readme_says(
     start_ready(daemons, redis_server, db_path)
     settle(report, redis, db_path, keys, timeout=10)
     assert integrity(db_path) == "ok"
+
+
+# ─── 14. changes the notifications missed, counted ───────────────────────────────────────────────
+
+NO_MISSED = {"session": 0, "job": 0, "favorite": 0, "atjob": 0}
+
+
+def missed_metrics(port: int) -> tuple[dict[str, float], float]:
+    """desto_archiver_missed_changes_total by kind, and the streak gauge."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    by_kind, streak = {}, -1.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "desto_archiver_missed_changes_total":
+                by_kind[sample.labels["kind"]] = sample.value
+            elif sample.name == "desto_archiver_missed_changes_streak":
+                streak = sample.value
+    return by_kind, streak
+
+
+@pytest.mark.slow
+def test_changes_made_while_the_subscription_is_down_are_counted_as_missed(
+    redis_server, redis, db_path, daemons, writers
+):
+    """The subscription dropped and kept down (the default user may not subscribe for a while): the
+    changes made in that known window, and only those, are what the reconnect's reconcile counts,
+    while desto's load runs again during that reconcile."""
+    port = free_port()
+    writer = writers(redis_server, seed=14)
+    daemon = start_ready(daemons, redis_server, db_path, ARCHIVER_METRICS_PORT=str(port))
+    sessions = [write_session(redis)[0] for _ in range(5)]
+    jobs = [write_job(redis)[0] for _ in range(2)]
+    writer.wait_steps(200)
+    writer.hold()
+    assert_archive_equals_redis(redis, db_path, [*sessions, *jobs], timeout=10)  # every notification has landed
+    try:
+        redis.execute_command("ACL", "SETUSER", "default", "resetchannels")
+        redis.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
+        daemon.wait_log("redis.disconnected")
+        # the known window: nothing but these 10 changes while no notification reaches the daemon
+        for key in sessions:
+            redis.hset(key, "last_heartbeat", now_iso())
+        for key in jobs:
+            redis.delete(key)
+        favorites = [write_favorite(redis)[0] for _ in range(3)]
+    finally:
+        redis.execute_command("ACL", "SETUSER", "default", "allchannels")
+    daemon.wait_log("redis.reconnected")
+    writer.go_on()
+    done = daemon.wait_reconcile("reconnect")
+    assert done["missed_changes"] == {"session": 5, "job": 2, "favorite": 3, "atjob": 0}, done
+    assert missed_metrics(port) == ({"session": 5.0, "job": 2.0, "favorite": 3.0, "atjob": 0.0}, 1.0)
+    warned = daemon.wait_log("notifications.missed_changes")[0]
+    assert warned["missed_changes"] == {"session": 5, "job": 2, "favorite": 3}
+
+    checked = subprocess.run(
+        [sys.executable, "-m", "archiver", "check", "--no-verify", "--json"],
+        cwd=REPO,
+        env=daemon_env(redis_server, db_path),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    finding = next(c for c in json.loads(checked.stdout)["checks"] if c["check"] == "missed changes")
+    assert finding["status"] == "warn" and "10 change(s)" in finding["detail"], finding
+    assert checked.returncode == 0, checked.stdout  # a warning: the reconcile archived them
+    stats = subprocess.run(
+        [sys.executable, "-m", "archiver", "stats", "--json"],
+        cwd=REPO,
+        env=daemon_env(redis_server, db_path),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert json.loads(stats.stdout)["last_reconcile_missed_changes"] == done["missed_changes"]
+    written = writer.finish()
+    assert_archive_equals_redis(redis, db_path, [*written, *sessions, *jobs, *favorites], timeout=15)
+
+
+@pytest.mark.slow
+def test_with_nothing_dropped_reconciles_under_load_count_no_missed_change(
+    redis_server, redis, db_path, daemons, writers
+):
+    """The same load, reconciles every half second: changes a reconcile reads before their
+    notification is handled are not missed ones, and the count stays 0."""
+    port = free_port()
+    writer = writers(redis_server, seed=15)
+    daemon = start_ready(
+        daemons, redis_server, db_path, ARCHIVER_METRICS_PORT=str(port), ARCHIVER_RECONCILE_INTERVAL="0.5"
+    )
+    daemon.wait_reconcile("timer", count=8, timeout=30)
+    written = writer.finish()
+    timers = daemon.events("reconcile.done", reason="timer")
+    assert [t["missed_changes"] for t in timers] == [NO_MISSED] * len(timers)
+    assert missed_metrics(port) == ({kind: 0.0 for kind in NO_MISSED}, 0.0)
+    assert not daemon.events("notifications.missed_changes")
+    print("timer reconciles' writes under load:", [sum(t["written"].values()) for t in timers])
+    assert_archive_equals_redis(redis, db_path, written, timeout=15)

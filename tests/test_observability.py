@@ -79,6 +79,8 @@ def test_the_dashboard_shows_what_an_operator_needs() -> None:
         "desto_archiver_batch_seconds_bucket",
         "desto_archiver_redis_subscribed",
         "desto_archiver_failing",
+        "desto_archiver_missed_changes_total",
+        "desto_archiver_missed_changes_streak",
     ):
         assert needed in used, f"the dashboard shows no {needed}"
     ids = [panel["id"] for panel in dashboard["panels"]]
@@ -92,6 +94,7 @@ def test_the_rules_alert_on_lag_subscription_writes_and_a_daemon_down() -> None:
         "DestoArchiverLagHigh",
         "DestoArchiverNotSubscribed",
         "DestoArchiverWritesFailing",
+        "DestoArchiverNotificationsLosingChanges",
     } <= set(alerts)
     for rule in alerts.values():
         assert rule["labels"]["severity"] in {"critical", "warning", "info"}

@@ -14,12 +14,14 @@ from structlog.testing import capture_logs
 
 from archiver.config import load_settings
 from archiver.fetcher import Work
+from archiver.inbox import Inbox
 from archiver.keys import record_key
 from archiver.kinds import Kind
 from archiver.reconcile_pass import ReconcilePass, State
 from archiver.reconciler import Reconciles
 from archiver.schedule import Deadline, Schedule
 from archiver.source import NotifyState
+from archiver.store import BatchResult
 
 pytestmark = pytest.mark.unit
 
@@ -152,3 +154,92 @@ def test_without_notifications_the_timer_runs_at_the_fallback_interval_and_warns
     events = [e["event"] for e in logs]
     assert events == ["notifications.unavailable", "reconcile.done", "notifications.available"]
     assert logs[1]["next_in_s"] == 10
+
+
+# ─── the count of changes the notifications missed ───────────────────────────────────────────────
+
+
+def measuring(tmp_path: Path, limit: int = 1000) -> tuple[Reconciles, Inbox]:
+    inbox = Inbox(limit)
+    return Reconciles(load_settings(sqlite_db_path=tmp_path / "desto.db"), Schedule(), inbox), inbox
+
+
+def scan_page_written(plan: Reconciles, rec: ReconcilePass, changed: list[str], taken: list[str] = ()) -> None:
+    """The pass's scan, one page: ``changed`` session records written, ``taken`` of them dirty at its read."""
+    rec.start(Clock())  # type: ignore[arg-type]
+    rec.scan_page()
+    rec.scan_page_read()
+    items = [(record_key(Kind.SESSION, record_id), None) for record_id in taken]
+    result = BatchResult(changed=[(Kind.SESSION, record_id) for record_id in changed])
+    plan.written(Work(items, [], 0.0, rec, scan_done=True), result)
+
+
+def test_a_reconcile_counts_the_changes_no_notification_named_once_the_barrier_is_reached(tmp_path: Path) -> None:
+    plan, inbox = measuring(tmp_path)
+    rows = ArchivedRows(sessions=0)
+    plan.notified(ON)
+    rec = plan.begin("timer")
+    # s1 was dirty when the page was read; s2's notification comes after the read; s3 and s4 have none
+    scan_page_written(plan, rec, ["s1", "s2", "s3", "s4"], taken=["s1"])
+    inbox.keys_changed([(record_key(Kind.SESSION, "s2"), b"hset")])
+    assert plan.sweep_waits()
+    assert not plan.next_sweep_page(rows)  # type: ignore[arg-type]
+    assert plan.running and not plan.sweep_waits()  # the pass waits for the barrier, without spinning
+    assert inbox.barrier_wanted() == 1
+    inbox.keys_changed([(record_key(Kind.SESSION, "s3"), b"hset")])  # still before the barrier: named
+    inbox.barrier_reached(1)
+    assert plan.sweep_waits()
+    with capture_logs() as logs:
+        assert not plan.next_sweep_page(rows)  # type: ignore[arg-type]
+    assert not plan.running and plan.done == 1
+    summary = json.loads(rows.state["last_reconcile"])
+    assert summary["missed_changes"] == {"session": 1, "job": 0, "favorite": 0, "atjob": 0}
+    assert plan.missed["session"] == 1 and plan.missed_streak == 1
+    assert [e["event"] for e in logs] == ["notifications.missed_changes", "reconcile.done"]
+    assert inbox.watched() is None  # the watch ended with the pass
+
+
+def test_only_timer_and_reconnect_reconciles_with_notifications_on_measure(tmp_path: Path) -> None:
+    plan, inbox = measuring(tmp_path)
+    rows = ArchivedRows(sessions=0)
+    for reason, notify, measured in [
+        ("start", ON, False),
+        ("overflow", ON, False),
+        ("reopened", ON, False),
+        ("timer", OFF, False),
+        ("timer", ON, True),
+        ("reconnect", ON, True),
+    ]:
+        plan.notified(notify)
+        rec = plan.begin(reason)
+        scan_page_written(plan, rec, ["s1"])
+        if measured:
+            assert not plan.next_sweep_page(rows)  # type: ignore[arg-type]
+            inbox.barrier_reached(inbox.barrier_wanted())
+        assert not plan.next_sweep_page(rows)  # type: ignore[arg-type]
+        assert not plan.running
+        missed = json.loads(rows.state["last_reconcile"])["missed_changes"]
+        assert (missed is not None and missed["session"] == 1) is measured, (reason, notify)
+    assert plan.missed["session"] == 2 and plan.missed_streak == 2
+
+
+def test_a_reconcile_that_misses_nothing_ends_the_streak_and_too_many_notified_keys_measure_nothing(
+    tmp_path: Path,
+) -> None:
+    plan, inbox = measuring(tmp_path, limit=2)
+    rows = ArchivedRows(sessions=0)
+    plan.notified(ON)
+
+    def one(changed: list[str], notified: list[str]) -> dict[str, int] | None:
+        rec = plan.begin("timer")
+        scan_page_written(plan, rec, changed)
+        inbox.keys_changed([(record_key(Kind.SESSION, i), b"hset") for i in notified])
+        plan.next_sweep_page(rows)  # type: ignore[arg-type]
+        inbox.barrier_reached(inbox.barrier_wanted())
+        plan.next_sweep_page(rows)  # type: ignore[arg-type]
+        return json.loads(rows.state["last_reconcile"])["missed_changes"]
+
+    assert one(["a"], [])["session"] == 1 and plan.missed_streak == 1
+    assert one(["a"], ["a"])["session"] == 0 and plan.missed_streak == 0
+    assert one(["a"], ["x", "y", "z"]) is None  # more than ARCHIVER_MAX_DIRTY keys named: not measured
+    assert plan.missed_streak == 0 and plan.missed["session"] == 1

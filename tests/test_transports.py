@@ -20,6 +20,9 @@ from pathlib import Path
 import pytest
 import trustme
 
+from archiver.inbox import Inbox
+from archiver.listener import Listener
+from archiver.source import Source
 from tests.fault_helpers import (
     archived,
     assert_archive_equals_redis,
@@ -28,7 +31,7 @@ from tests.fault_helpers import (
     write_job,
     write_session,
 )
-from tests.helpers import REPO, daemon_env, now_iso, wait_for
+from tests.helpers import REPO, daemon_env, now_iso, settings_for, wait_for
 from tests.redis_server import RedisServer, free_port
 
 
@@ -107,9 +110,10 @@ def test_the_daemon_and_the_commands_work_over_the_transport(transport, db_path:
 
 
 def readme_acl_command() -> list[str]:
-    """The words of the ACL command the deployment page gives for the archiver's user."""
+    """The words of the ACL command the deployment page gives for the archiver's user (the page's
+    other one adds the grant ``restore favorites`` needs)."""
     page = (REPO / "docs" / "deployment.md").read_text()
-    [line] = [line for line in page.splitlines() if line.startswith("ACL SETUSER desto-archiver ")]
+    [line] = [line for line in page.splitlines() if line.startswith("ACL SETUSER desto-archiver on ")]
     return line.split()
 
 
@@ -178,3 +182,40 @@ def test_a_user_that_may_not_read_desto_s_keys_is_told_so_not_read_another_way(f
     assert "grant the Redis user what the archiver needs" in result.stderr
     assert "scripting_refused" not in result.stderr  # the script was allowed: the keys were not
     admin.close()
+
+
+class SlowInbox(Inbox):
+    """A listener that falls behind: each socket read's notifications are handed over late."""
+
+    def keys_changed(self, events: list[tuple[bytes, bytes]]) -> None:
+        time.sleep(0.02)
+        super().keys_changed(events)
+
+
+@pytest.mark.parametrize("protocol", ["2", "3"])
+def test_a_barrier_on_the_subscription_comes_after_every_notification_sent_before_it(
+    redis_server, redis, db_path: Path, protocol: str
+) -> None:
+    """What the count of missed changes rests on (archiver/missed.py): once the listener reaches a
+    barrier asked for after some changes, it has handed over the notification of each of them;
+    in either of Redis' protocols, whose PING answers differ on a subscribed connection."""
+    settings = settings_for(redis_server, db_path, redis_url=f"{redis_server.url}?protocol={protocol}")
+    inbox = SlowInbox(10_000)
+    source = Source(settings)
+    listener = Listener(settings, source, inbox)
+    listener.start()
+    try:
+        wait_for(inbox.connected.is_set, 10, what="the subscription")
+        inbox.watch()
+        keys = [f"desto:session:s{i}" for i in range(2000)]
+        with redis.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.hset(key, "status", "running")
+            pipe.execute()
+        number = inbox.ask_barrier()
+        wait_for(lambda: inbox.barrier_passed(number), 10, what="the barrier")
+        assert inbox.watched() == {key.encode() for key in keys}
+    finally:
+        listener.stop()
+        listener.join(timeout=5)
+        source.close()

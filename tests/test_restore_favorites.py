@@ -1,0 +1,227 @@
+"""``restore favorites``: desto's favorites lost by a flush written back from the archive, so desto's
+own FavoriteCommandsManager lists, runs and edits them again; what a person deleted stays deleted,
+a name another favorite took meanwhile is never overwritten, and a Redis user without the grant
+gets told which one it lacks."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from desto.redis.favorites_manager import FavoriteCommandsManager
+
+from tests.desto_helpers import desto_client
+from tests.fault_helpers import assert_archive_equals_redis, start_ready
+from tests.helpers import REPO, daemon_env, query, wait_for
+
+
+def restore(server, db_path: Path, *args: str, url: str | None = None) -> subprocess.CompletedProcess[str]:
+    env = daemon_env(server, db_path)
+    if url is not None:
+        env["REDIS_URL"] = url
+    return subprocess.run(
+        [sys.executable, "-m", "archiver", "restore", "favorites", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def listed(manager: FavoriteCommandsManager) -> dict[str, dict[str, Any]]:
+    return {f.favorite_id: f.to_dict() for f in manager.list_favorites()}
+
+
+def history(db_path: Path, favorite_id: str) -> list[tuple[str, Any]]:
+    rows = query(db_path, "SELECT event, detail FROM status_history WHERE record_id = ? ORDER BY id", (favorite_id,))
+    return [(r["event"], json.loads(r["detail"]) if r["detail"] else None) for r in rows]
+
+
+def last_event(db_path: Path, favorite_id: str) -> str | None:
+    events = history(db_path, favorite_id)
+    return events[-1][0] if events else None
+
+
+def favorites_in_archive(db_path: Path, ids: set[str]) -> bool:
+    found = query(db_path, "SELECT favorite_id FROM favorites")
+    return ids <= {r["favorite_id"] for r in found}
+
+
+def test_favorites_flushed_come_back_as_desto_had_them(redis_server, redis, db_path, daemons):
+    manager = FavoriteCommandsManager(desto_client(redis_server))
+    daemon = start_ready(daemons, redis_server, db_path)
+    build = manager.add_favorite("build", "make -j8")
+    deploy = manager.add_favorite("deploy", "./deploy.sh prod")
+    lint = manager.add_favorite("lint", "ruff check .")
+    old = manager.add_favorite("old", "echo old")
+    assert build and deploy and lint and old
+    wait_for(lambda: favorites_in_archive(db_path, {old.favorite_id}), 5, what="the favorites archived")
+    for _ in range(3):
+        assert manager.increment_usage(build.favorite_id)
+    assert manager.increment_usage(lint.favorite_id)
+    assert manager.update_favorite(lint.favorite_id, name="check")
+    assert manager.delete_favorite(old.favorite_id)
+    before = listed(manager)
+    assert set(before) == {build.favorite_id, deploy.favorite_id, lint.favorite_id}
+    assert_archive_equals_redis(redis, db_path, timeout=10)
+    wait_for(lambda: last_event(db_path, old.favorite_id) == "deleted", 5, what="desto's delete archived")
+
+    redis.flushall()
+    # the daemon notices at its next reconcile (a reconnect here): the favorites went missing
+    assert redis.execute_command("CLIENT", "KILL", "TYPE", "pubsub") >= 1
+    daemon.wait_reconcile("reconnect")
+    assert last_event(db_path, build.favorite_id) == "missing"
+    # meanwhile someone creates a favorite with the name of one the flush took
+    other = manager.add_favorite("deploy", "./deploy.sh staging")
+    assert other is not None
+
+    done = restore(redis_server, db_path, "--json")
+    assert done.returncode == 1, done.stderr  # the conflict is a problem to look at
+    report = json.loads(done.stdout)
+    outcomes = {f["favorite_id"]: f["outcome"] for f in report["favorites"]}
+    assert outcomes == {
+        build.favorite_id: "restored",
+        lint.favorite_id: "restored",
+        deploy.favorite_id: "conflict",
+        old.favorite_id: "deleted",
+        other.favorite_id: "in redis",
+    }
+    conflict = next(f for f in report["favorites"] if f["outcome"] == "conflict")
+    assert other.favorite_id in conflict["detail"]
+
+    after = listed(manager)
+    assert after[build.favorite_id] == before[build.favorite_id]  # use count, times, name: as desto had them
+    assert after[lint.favorite_id] == before[lint.favorite_id]  # under its new name
+    assert after[build.favorite_id]["use_count"] == "3"
+    assert after[other.favorite_id]["command"] == "./deploy.sh staging"  # never overwritten
+    assert set(after) == {build.favorite_id, lint.favorite_id, other.favorite_id}  # the deleted one stays deleted
+    assert manager.get_favorite_by_name("check").favorite_id == lint.favorite_id
+
+    # the archive follows: every restored favorite reappeared, and says how
+    assert_archive_equals_redis(redis, db_path, timeout=10)
+    for favorite in (build, lint):
+        events = history(db_path, favorite.favorite_id)
+        assert events[-2][0] == "missing"
+        assert events[-1] == ("reappeared", {"how": "restored", "by": "desto-archiver restore favorites"})
+    assert last_event(db_path, old.favorite_id) == "deleted"
+    assert not query(db_path, "SELECT name FROM archiver_state WHERE name LIKE 'restoring:%'")
+
+    # desto runs and edits them as its own
+    assert manager.increment_usage(build.favorite_id)
+    assert manager.update_favorite(build.favorite_id, name="build-all")
+    assert manager.get_favorite_by_name("build-all").use_count == 4
+    wait_for(lambda: last_event(db_path, build.favorite_id) == "renamed", 5, what="the rename archived")
+
+    again = restore(redis_server, db_path, "--json")
+    assert {f["outcome"] for f in json.loads(again.stdout)["favorites"]} == {"in redis", "conflict", "deleted"}
+
+
+def test_a_flush_the_daemon_has_not_seen_yet_is_restored_and_recorded(redis_server, redis, db_path, daemons):
+    """No reconcile has run since the flush: the restore itself records the favorites leaving."""
+    manager = FavoriteCommandsManager(desto_client(redis_server))
+    start_ready(daemons, redis_server, db_path)
+    kept = manager.add_favorite("kept", "true")
+    assert kept
+    wait_for(lambda: favorites_in_archive(db_path, {kept.favorite_id}), 5, what="the favorite archived")
+    redis.flushall()
+
+    done = restore(redis_server, db_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[0] == "restored 1 favorite"
+    assert manager.get_favorite(kept.favorite_id).to_dict() == kept.to_dict()
+    assert [e for e, _ in history(db_path, kept.favorite_id)] == ["first_seen", "missing", "reappeared"]
+
+
+def test_dry_run_writes_nothing_and_shows_names_escaped(redis_server, redis, db_path, daemons):
+    manager = FavoriteCommandsManager(desto_client(redis_server))
+    start_ready(daemons, redis_server, db_path)
+    odd = manager.add_favorite("red\x1b[31mname", "printf '\\033[2J'\x07")
+    plain = manager.add_favorite("plain", "ls")
+    assert odd and plain
+    wait_for(lambda: favorites_in_archive(db_path, {odd.favorite_id, plain.favorite_id}), 5, what="archived")
+    redis.flushall()
+    events = len(query(db_path, "SELECT id FROM status_history"))
+
+    text = restore(redis_server, db_path, "--dry-run")
+    assert text.returncode == 0, text.stderr
+    assert "\x1b" not in text.stdout and "\x07" not in text.stdout
+    assert "red\\x1b[31mname" in text.stdout
+    assert text.stdout.splitlines()[0] == "would restore 2 favorites (dry run: nothing written)"
+
+    data = json.loads(restore(redis_server, db_path, "--dry-run", "--json").stdout)
+    assert data["dry_run"] and data["counts"]["would restore"] == 2
+    shown = next(f for f in data["favorites"] if f["favorite_id"] == odd.favorite_id)
+    assert shown["fields"] == odd.to_dict()  # exactly what desto's to_dict wrote
+    assert shown["keys"]["name_index"] == "desto:favorite:name:red\x1b[31mname"
+
+    assert redis.dbsize() == 0
+    assert len(query(db_path, "SELECT id FROM status_history")) == events
+
+
+def test_favorites_chosen_by_id_or_name(redis_server, redis, db_path, daemons):
+    manager = FavoriteCommandsManager(desto_client(redis_server))
+    start_ready(daemons, redis_server, db_path)
+    a, b, gone = (manager.add_favorite(n, f"echo {n}") for n in ("a", "b", "gone"))
+    assert a and b and gone
+    wait_for(lambda: favorites_in_archive(db_path, {gone.favorite_id}), 5, what="the favorites archived")
+    assert manager.delete_favorite(gone.favorite_id)
+    wait_for(lambda: last_event(db_path, gone.favorite_id) == "deleted", 5, what="the delete archived")
+    redis.flushall()
+
+    by_id = restore(redis_server, db_path, "--id", a.favorite_id)
+    assert by_id.returncode == 0, by_id.stderr
+    assert manager.get_favorite(a.favorite_id) is not None and manager.get_favorite(b.favorite_id) is None
+
+    deleted = restore(redis_server, db_path, "--name", "gone", "--json")
+    assert deleted.returncode == 0 and json.loads(deleted.stdout)["favorites"][0]["outcome"] == "deleted"
+    assert manager.get_favorite(gone.favorite_id) is None
+    asked = restore(redis_server, db_path, "--name", "gone", "--include-deleted")
+    assert asked.returncode == 0, asked.stderr
+    assert manager.get_favorite_by_name("gone").to_dict() == gone.to_dict()
+
+    unknown = restore(redis_server, db_path, "--id", "no-such-id")
+    assert unknown.returncode == 2 and "no favorite with id 'no-such-id'" in unknown.stderr
+    mixed = restore(redis_server, db_path, "--all", "--name", "a")
+    assert mixed.returncode == 2 and "--all" in mixed.stderr
+    assert manager.get_favorite(b.favorite_id) is None  # neither wrote anything
+
+
+def archiver_acl() -> list[str]:
+    """The rules of the least-privilege user docs/deployment.md gives the daemon, password ``pw``."""
+    page = (REPO / "docs" / "deployment.md").read_text()
+    [line] = [line for line in page.splitlines() if line.startswith("ACL SETUSER desto-archiver on ")]
+    return line.replace(">CHANGE-ME", ">pw").split()[3:]
+
+
+def test_a_user_without_the_grant_is_told_which_and_nothing_is_written(fresh_redis, db_path, daemons):
+    """The least-privilege user of docs/deployment.md reads only: the restore names the grant it
+    needs and writes nothing; with the grant added it restores."""
+    admin = fresh_redis.client()
+    try:
+        docs = (REPO / "docs" / "deployment.md").read_text()
+        assert "ACL SETUSER desto-archiver '(~desto:favorite* +hset +set +sadd)'" in docs
+        admin.execute_command("ACL", "SETUSER", "desto-archiver", *archiver_acl())
+        url = f"redis://desto-archiver:pw@127.0.0.1:{fresh_redis.port}/0"
+        manager = FavoriteCommandsManager(desto_client(fresh_redis))
+        start_ready(daemons, fresh_redis, db_path, REDIS_URL=url)
+        kept = manager.add_favorite("kept", "make")
+        assert kept
+        wait_for(lambda: favorites_in_archive(db_path, {kept.favorite_id}), 5, what="archived")
+        admin.flushdb()
+
+        refused = restore(fresh_redis, db_path, url=url)
+        assert refused.returncode == 1
+        assert "+hset +set +sadd" in refused.stderr and "desto-archiver" in refused.stderr
+        assert "HSET" in refused.stderr
+        assert admin.dbsize() == 0  # not the hash, not the name index, not the set
+
+        admin.execute_command("ACL", "SETUSER", "desto-archiver", "(~desto:favorite* +hset +set +sadd)")
+        granted = restore(fresh_redis, db_path, url=url)
+        assert granted.returncode == 0, granted.stderr
+        assert manager.get_favorite_by_name("kept").to_dict() == kept.to_dict()
+    finally:
+        admin.close()
