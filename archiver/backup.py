@@ -4,6 +4,8 @@ SQLite's online backup API copies the file in one read transaction: in WAL mode 
 snapshot that never blocks the writer. The copy is verified with ``PRAGMA integrity_check``,
 made a single self-contained file (rollback journal mode), and only then moved into place. It is
 never easier to read than the archive (archiver/copies.py): its owner's alone while it is written.
+It holds nothing of a record erased before it was taken, even one whose erasure the live file has
+not finished (erase.clean_copy).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from archiver.copies import file_mode, folder_mode, make_folders
+from archiver.erase import clean_copy
 from archiver.sql import read_only
 from archiver.store import StoreError
 
@@ -31,6 +34,8 @@ class BackupReport:
     pages: int
     integrity: str
     elapsed_s: float
+    # erasures the live file had not finished were finished in the copy, which was rebuilt
+    erasures_finished: bool = False
 
 
 def backup(source: Path, destination: Path, force: bool = False) -> BackupReport:
@@ -61,6 +66,7 @@ def backup(source: Path, destination: Path, force: bool = False) -> BackupReport
             dst = sqlite3.connect(partial)
             try:
                 src.backup(dst)  # all pages in one step: one consistent snapshot
+                rebuilt = clean_copy(dst)
                 integrity = dst.execute("PRAGMA integrity_check").fetchone()[0]
                 if integrity != "ok":
                     raise BackupError(f"the copy failed its integrity check: {integrity}")
@@ -87,4 +93,5 @@ def backup(source: Path, destination: Path, force: bool = False) -> BackupReport
         pages=pages,
         integrity=integrity,
         elapsed_s=round(time.monotonic() - started, 3),
+        erasures_finished=rebuilt,
     )

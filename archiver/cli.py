@@ -994,6 +994,11 @@ def cmd_backup(settings: Settings, args: argparse.Namespace) -> int:
         print(
             f"backed up {report.source} to {report.destination}: {report.bytes:,} bytes, "
             f"integrity {report.integrity}, {report.elapsed_s:.2f} s"
+            + (
+                "; erasures the archive had not finished yet were finished in the copy"
+                if report.erasures_finished
+                else ""
+            )
         )
     return EXIT_OK
 

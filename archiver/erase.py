@@ -161,6 +161,30 @@ def purge(conn: sqlite3.Connection, pending: Sequence[Sequence[Any]], at_us: int
     return out, want_scrub(conn, "truncate" if overwritten else "pages", at_us)
 
 
+def clean_copy(conn: sqlite3.Connection) -> bool:
+    """Make a copy of the archive (a backup, before it is put in place) hold nothing of a record
+    erased before it was taken: the erasures the live file has not finished yet (desto deleted
+    while the daemon was stopped, or a moment ago) are finished in the copy, and the copy is
+    rebuilt (VACUUM) when erased bytes may lie in its free pages (a scrub the live file still
+    owes). True when it was rebuilt. The live file is not touched."""
+    conn.isolation_level = None
+    finished = False
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        while purge_pending(conn, now_us())[1] is not None:
+            finished = True
+        pending = finished or scrub_pending(conn) is not None
+        if pending:  # the rebuilt copy owes no scrub
+            conn.execute("DELETE FROM archiver_state WHERE name IN (?, ?)", (_SCRUB_STATE, _UNZEROED))
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    if pending:
+        conn.execute("VACUUM")
+    return pending
+
+
 def jobs_of(conn: sqlite3.Connection, session_ids: Sequence[str]) -> dict[str, str]:
     """job id -> session id of every job the file knows these sessions to have: archived, in
     quarantine, or named by the session's job list (its row's, or the one noted when desto

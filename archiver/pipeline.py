@@ -52,6 +52,10 @@ log = get_logger("archiver.pipeline")
 
 _TICK = 0.25  # while stopping: the longest a wait for the reader's last batches lasts
 _FILE_CHECK_S = 1.0  # how often the daemon checks that the archive's path still names its file
+# After this long without a batch to write, the daemon gives back the memory its work took:
+# SQLite's page cache (up to ARCHIVER_SQLITE_CACHE_MB, filled by a burst or a reconcile) and the
+# heap the allocator kept.
+_QUIET_S = 60.0
 
 
 class Daemon:
@@ -78,6 +82,8 @@ class Daemon:
         self.source: Source | None = None
         self.metrics: Metrics | None = None
         self._pending: Work | None = None  # read, not yet written
+        self._last_write = time.monotonic()
+        self._given_back = True  # nothing written since the memory was last given back
         # Set from signal handlers: a plain flag, no lock (a handler taking a lock the interrupted
         # main thread holds would deadlock), and a byte into the wake-up pipe.
         self._stop_requested = False
@@ -265,6 +271,7 @@ class Daemon:
         if self.metrics is not None:
             self.metrics.batch_seconds.observe(work.read_s + time.perf_counter() - started)
         self.totals.keys_read += work.keys
+        self._last_write, self._given_back = time.monotonic(), False
         self.totals.result.merge(result)
         if work.reconcile is not None and work.reconcile.rec is not None:
             work.reconcile.rec.result.merge(result)
@@ -293,6 +300,9 @@ class Daemon:
         self.schedule.set_after(Deadline.HEARTBEAT, self.settings.heartbeat_interval, now)
         if self.file.store is not None:
             self.reporter.heartbeat(self.file.store)
+            if not self._given_back and now - self._last_write >= _QUIET_S and not self.reconciles.running:
+                self.file.store.give_back_memory()
+                self._given_back = True
         if self.notifier.enabled:
             self.notifier.status(self.reporter.status_line())
 

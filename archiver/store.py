@@ -309,6 +309,16 @@ def _not_own_file(st: os.stat_result) -> str | None:
     return None
 
 
+def _trim_heap() -> None:
+    """glibc's malloc_trim(0): freed heap returned to the system (elsewhere: nothing)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _identity(path: Path) -> tuple[int, int] | None:
     try:
         st = os.stat(path)
@@ -567,6 +577,13 @@ class Store:
         return built
 
     # ─── writes by other programs (desto's own store) ────────────────────────────────────────
+
+    def give_back_memory(self) -> None:
+        """Free SQLite's page cache (it fills again as pages are read) and hand the heap the
+        allocator keeps back to the system: what a burst of work took, once it is over."""
+        with suppress(sqlite3.Error):
+            self.conn.execute("PRAGMA shrink_memory")
+        _trim_heap()
 
     def foreign_commits(self) -> bool:
         """Whether another connection committed to the file since the last call (cheap)."""

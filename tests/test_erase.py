@@ -470,6 +470,45 @@ def test_an_erased_command_line_leaves_the_file_its_wal_and_later_backups(
     assert count(db_path, "sessions") == 301
 
 
+def test_a_backup_taken_before_the_daemon_finished_desto_s_delete_holds_nothing_of_it(
+    redis_server, redis, db_path: Path, tmp_path: Path
+) -> None:
+    """desto deletes a session in its History tab while the daemon is stopped (or a moment before
+    it gets to it), with a SQLite that does not overwrite what it frees; a backup taken then must
+    already hold nothing of it: not its history, not its quarantined job, not its bytes in a free
+    page. The live file is finished by the daemon; the copy is finished by the backup."""
+    settings = settings_for(redis_server, db_path)
+    s = session_hash(session_name="leaky")
+    jobs = [
+        job_hash(session_id=s["session_id"], command=f"deploy --token {MARKER} " + "x" * 3000),
+        job_hash(session_id=s["session_id"], command=f"curl -H 'Authorization: {MARKER}' https://x"),
+    ]
+    _put(redis, Kind.SESSION, s)
+    for _ in range(200):
+        _put(redis, Kind.SESSION, session_hash())
+    with daemon_thread(settings):
+        for job in jobs:
+            _put(redis, Kind.JOB, job)
+        wait_for(lambda: count(db_path, "jobs") == 2, 10, what="archived")
+        redis.hset(f"desto:job:{jobs[1]['job_id']}", "exit_code", "not a number")  # quarantined
+        wait_for(lambda: count(db_path, "quarantine") == 1, 10, what="quarantined")
+    desto = desto_store(db_path, secure_delete=False)
+    assert desto.delete_session(s["session_id"])  # the daemon is stopped
+    desto.close()
+    assert count(db_path, "archiver_erased", "purged_at IS NULL") >= 1  # not finished in the file yet
+    backup = tmp_path / "backup.db"
+    done = cli(redis_server, db_path, "backup", str(backup), "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["erasures_finished"] is True
+    assert grep_count(backup) == 0
+    assert count(backup, "quarantine") == 0 and count(backup, "archiver_erased", "purged_at IS NULL") == 0
+    assert not count(
+        backup, "status_history", "record_id IN (?, ?, ?)", (s["session_id"], *[j["job_id"] for j in jobs])
+    )
+    assert count(backup, "sessions") == 200
+    assert count(db_path, "archiver_erased", "purged_at IS NULL") >= 1  # the live file is the daemon's to finish
+
+
 def test_old_page_images_in_the_wal_go_even_when_desto_overwrote_what_it_deleted(db_path: Path) -> None:
     from archiver import erase
 
