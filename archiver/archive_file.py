@@ -67,6 +67,10 @@ class ArchiveFile:
         self.store, self._lock = store, lock
         return store
 
+    def lost(self) -> bool:
+        """Whether the path no longer names the file held open (see :meth:`reopened`)."""
+        return self.store is not None and self.store.file_lost() is not None
+
     def reopened(self) -> bool:
         """The archive's file removed or replaced under the daemon (rm, mv, a restore moved into
         place) would go on taking every write, unseen by desto and by every other reader of the

@@ -84,6 +84,7 @@ class Daemon:
         self._pending: Work | None = None  # read, not yet written
         self._last_write = time.monotonic()
         self._given_back = True  # nothing written since the memory was last given back
+        self._ship_after_reopen = False  # the shipper was stopped for a lost file: start it on the new
         # Set from signal handlers: a plain flag, no lock (a handler taking a lock the interrupted
         # main thread holds would deadlock), and a byte into the wake-up pipe.
         self._stop_requested = False
@@ -284,12 +285,28 @@ class Daemon:
     def _check_file(self, now: float) -> None:
         """Raises StoreError when the file now at the archive's path cannot be used."""
         self.schedule.set_after(Deadline.FILE_CHECK, _FILE_CHECK_S, now)
-        if not self.file.reopened():
+        if not self.file.lost():
+            return
+        shipper = self.workers.shipper
+        if shipper is not None:
+            # Its connection to the lost file must be closed before a new file takes the path:
+            # SQLite names a database's WAL and shared memory after its path, and a connection to
+            # the lost file closed later would remove or map the new file's (disk I/O errors, a
+            # SIGBUS). Until it has (a batch under way ends first), the path waits; what is written
+            # meanwhile goes to the lost file, and the reconcile after the reopening reads it again.
+            shipper.stop(0)
+            if shipper.is_alive():
+                self.schedule.set_after(Deadline.FILE_CHECK, 0.1, now)
+                return
+            self.workers.shipper = None
+            self._ship_after_reopen = True
+        reopened = self.file.reopened()  # False: the path names the file again (moved back)
+        if self._ship_after_reopen:  # ship from the file the path names now
+            self._ship_after_reopen = False
+            self._start_shipper()
+        if not reopened:
             return
         self._note_file()
-        if self.workers.shipper is not None:  # its connection reads the lost file: ship from the new one
-            self.workers.shipper.stop(2.0)
-            self._start_shipper()
         self.reconciles.abandon()  # it swept the lost file; the reconcile below replaces it
         if self.workers.fetcher is not None:
             self.workers.fetcher.follow(None)

@@ -25,8 +25,9 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from archiver.ship import STATE_FILE_ID
 from tests.fault_helpers import heartbeat, settle, start_ready
-from tests.helpers import REPO, daemon_env, wait_for
+from tests.helpers import REPO, daemon_env, log_events, query, wait_for
 from tests.pg_helpers import Proxy, central_differences
 from tests.redis_server import RedisServer
 
@@ -40,11 +41,19 @@ def ship_env(url: str, source: str) -> dict[str, str]:
     }
 
 
-def assert_central_equals_file(url: str, db_path: Path, source: str, timeout: float = 30.0) -> None:
+def assert_central_equals_file(
+    url: str, db_path: Path, source: str, timeout: float = 30.0, this_file_only: bool = False
+) -> None:
+    """PostgreSQL holds what the file holds; ``this_file_only``: of the numbered tables, the rows
+    of the file's own identity (a host's earlier files keep theirs)."""
     last: list[str] = []
 
     def equal() -> bool:
-        last[:] = central_differences(url, db_path, source)
+        file_id = None
+        if this_file_only:
+            found = query(db_path, "SELECT value FROM archiver_state WHERE name = ?", (STATE_FILE_ID,))
+            file_id = found[0][0] if found else "(none yet)"
+        last[:] = central_differences(url, db_path, source, file_id=file_id)
         return not last
 
     try:
@@ -286,3 +295,40 @@ def test_ship_with_postgres_unreachable_exits_1_and_says_to_run_it_again(redis_s
     )
     assert done.returncode == 1
     assert f"PostgreSQL at {url} failed" in done.stderr and "run the same command again" in done.stderr
+
+
+def test_the_file_removed_under_a_shipping_daemon_under_load(
+    redis_server, redis, db_path, pg_url, daemons, writers, reliability
+):
+    """`rm desto.db` while the daemon writes and ships, PostgreSQL away or answering: the
+    shipper's connection to the lost file must be closed before a new file takes the path (SQLite
+    names the WAL and shared memory after the path, and removes the WAL by that name when its
+    last connection closes), or the new file's WAL goes: disk I/O errors, a SIGBUS, a daemon
+    that exits. The daemon stays up, the file equals Redis and PostgreSQL the file."""
+    report = reliability("archive removed under a shipping daemon x4", "rm desto.db under load, PostgreSQL away or not")
+    proxy = Proxy()
+    try:
+        daemon = start_ready(daemons, redis_server, db_path, **ship_env(proxy.url(pg_url.rsplit("/", 1)[1]), "gpu1"))
+        daemon.wait_log("ship.copied")
+        writer = writers(redis_server, seed=11)
+        for n in range(1, 5):
+            writer.wait_steps(60 * n, timeout=30)
+            away = n % 2 == 1
+            if away:  # the shipper waits out its backoff, its file open
+                proxy.down()
+                daemon.wait_log("ship.failed", timeout=15)
+            db_path.unlink()
+            daemon.wait_log("archive.reopened", n, timeout=20)
+            writer.wait_steps(60 * n + 30, timeout=30)  # written into the new file
+            if away:
+                proxy.up()
+        written = writer.finish()
+        settle(report, redis, db_path, written, timeout=30)
+        assert_central_equals_file(pg_url, db_path, "gpu1", timeout=40, this_file_only=True)
+        assert daemon.proc.poll() is None
+        problems = [
+            e for e in log_events(daemon.log) if e.get("level") == "error" and e["event"] != "archive.file_lost"
+        ]
+        assert problems == [], problems
+    finally:
+        proxy.close()
