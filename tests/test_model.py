@@ -71,6 +71,12 @@ from tests.model import (
 
 pytestmark = pytest.mark.integration
 
+# what a failing script leaves as a failed job's error message: its last lines, a few hundred
+# bytes (a job's row grows by that much when desto saves it failed, and moves within its page)
+FAILURE = "exit status 2: " + "\n".join(
+    f'  File "/app/desto_scripts/deploy.py", line {n}, in step_{n}\n    raise RuntimeError("step {n} failed")'
+    for n in range(1, 9)
+)
 SETTLE_S = 30.0  # the longest a settle may take: a reconcile on the fallback timer, a whole copy into PostgreSQL
 NUMBERED = ("status_history", "quarantine")
 
@@ -135,22 +141,23 @@ class ArchiveMachine(RuleBasedStateMachine):
         self._populate()
 
     def _populate(self) -> None:
-        """What a desto in use holds before the history begins, archived: two sessions with a job
-        each (one finished, one failed: desto's store, when on, saves each job twice), a favorite,
-        an at-job. Hypothesis leaves some rules out of each history; without records, the
-        erasures, the quarantine, forget and restores of such a history would have nothing to
-        work on."""
+        """What a desto in use holds before the history begins, archived and backed up: two
+        sessions with a job each (one finished, one failed: desto's store, when on, saves each job
+        twice), a favorite, an at-job. Hypothesis leaves some rules out of each history; without
+        records and a backup, the erasures, the quarantine, forget and restores of such a history
+        would have nothing to work on."""
         for _ in range(2):
             self.start_session(scheduled=False)
         first, second = [r for r in self.model.records.values() if r.kind == "job"]
         self.jobs.finish_job(first.id, 0)
-        self.jobs.fail_job(second.id, "exit status 2")
+        self.jobs.fail_job(second.id, FAILURE)
         for job in (first, second):
             self._save("job", job.id)
             self.observe(job)
         self.favorite(None, "add")  # type: ignore[arg-type]
         self.atjob(None, cancel=False)  # type: ignore[arg-type]
         self.settle()
+        self.backup(json_output=False)  # one to restore, older than whatever the history ships
 
     def teardown(self) -> None:
         try:
@@ -331,7 +338,7 @@ class ArchiveMachine(RuleBasedStateMachine):
         if job is None:
             return
         if failed:
-            self.jobs.fail_job(job.id, "exit status 2")
+            self.jobs.fail_job(job.id, FAILURE)
         else:
             self.jobs.finish_job(job.id, 0)
         self._save("job", job.id)
