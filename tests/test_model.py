@@ -34,7 +34,7 @@ import sys
 import time
 import uuid
 from collections import Counter
-from contextlib import ExitStack, suppress
+from contextlib import ExitStack, nullcontext, suppress
 from pathlib import Path
 from typing import Any
 
@@ -314,17 +314,23 @@ class ArchiveMachine(RuleBasedStateMachine):
         first.statuses.add("scheduled" if scheduled else "starting")
         self.add("job", job.job_id, marker=secret, session=session.session_id).statuses.add("queued")
 
-    @rule(data=st.data())
+    @rule(data=st.data(), unreadable=st.booleans())
     @precondition(lambda self: self.jobs_readable())
-    def chain_job(self, data: st.DataObject) -> None:
+    def chain_job(self, data: st.DataObject, unreadable: bool) -> None:
+        """A job chained to a session; ``unreadable``: its exit code is one desto's reader cannot
+        parse before the daemon ever reads it (paused meanwhile), so the file knows it only from
+        quarantine."""
         session = self.pick(data, self.desto_sessions())
         if session is None:
             return
         secret = marker()
-        job = self.jobs.queue_job(
-            session_id=session.id, command=f"sync --key {secret}", script_path="/app/desto_scripts/sync.sh"
-        )
-        self.sessions.add_job_to_session(session.id, job.job_id)
+        with self.w.daemon_paused() if unreadable else nullcontext():
+            job = self.jobs.queue_job(
+                session_id=session.id, command=f"sync --key {secret}", script_path="/app/desto_scripts/sync.sh"
+            )
+            self.sessions.add_job_to_session(session.id, job.job_id)
+            if unreadable:
+                self.w.client.hset(f"desto:job:{job.job_id}", "exit_code", "not-a-number")
         self.add("job", job.job_id, marker=secret, session=session.id).statuses.add("queued")
         self.observe(session)
         for other in self.model.jobs_of(session.id):
