@@ -34,7 +34,7 @@ import sys
 import time
 import uuid
 from collections import Counter
-from contextlib import ExitStack, suppress
+from contextlib import ExitStack, nullcontext, suppress
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +71,12 @@ from tests.model import (
 
 pytestmark = pytest.mark.integration
 
+# what a failing script leaves as a failed job's error message: its last lines, a few hundred
+# bytes (a job's row grows by that much when desto saves it failed, and moves within its page)
+FAILURE = "exit status 2: " + "\n".join(
+    f'  File "/app/desto_scripts/deploy.py", line {n}, in step_{n}\n    raise RuntimeError("step {n} failed")'
+    for n in range(1, 9)
+)
 SETTLE_S = 30.0  # the longest a settle may take: a reconcile on the fallback timer, a whole copy into PostgreSQL
 NUMBERED = ("status_history", "quarantine")
 
@@ -132,13 +138,37 @@ class ArchiveMachine(RuleBasedStateMachine):
         self.desto_store_mode = desto_store
         self._connect_desto()
         self.world.start_daemon()
+        self._populate()
+
+    def _populate(self) -> None:
+        """What a desto in use holds before the history begins, archived and backed up: two
+        sessions with a job each (one finished, one failed: desto's store, when on, saves each job
+        twice), a favorite, an at-job. Hypothesis leaves some rules out of each history; without
+        records and a backup, the erasures, the quarantine, forget and restores of such a history
+        would have nothing to work on."""
+        for _ in range(2):
+            self.start_session(scheduled=False)
+        first, second = [r for r in self.model.records.values() if r.kind == "job"]
+        self.jobs.finish_job(first.id, 0)
+        self.jobs.fail_job(second.id, FAILURE)
+        for job in (first, second):
+            self._save("job", job.id)
+            self.observe(job)
+        self.favorite(None, "add")  # type: ignore[arg-type]
+        self.atjob(None, cancel=False)  # type: ignore[arg-type]
+        self.settle()
+        self.backup(json_output=False)  # one to restore, older than whatever the history ships
 
     def teardown(self) -> None:
         try:
             # a last settle, unless a step failed (its exception is on its way out: the model may
-            # not know what that step did, and the step's own failure is the one to report)
-            if sys.exc_info()[0] is None and self.world is not None and self.world.running:
-                self.settle()
+            # not know what that step did, and the step's own failure is the one to report); a
+            # history that ends with the daemon killed is checked too, once it is started again
+            if sys.exc_info()[0] is None and self.world is not None:
+                if self.world.daemon is None:
+                    self.world.start_daemon()
+                if self.world.running:
+                    self.settle()
         finally:
             from desto.redis.session_manager import SessionManager
 
@@ -200,6 +230,9 @@ class ArchiveMachine(RuleBasedStateMachine):
             if found is not None:
                 self.manager._sqlite_save_job(found)
         self._desto_save_failed()
+        if (kind, record_id) in self.model.erased and record_id in self.w.rows(TABLE_OF[kind]):
+            # desto writing an erased record again lifts its erasure (docs/deleting-history.md)
+            del self.model.erased[(kind, record_id)]
 
     def _desto_save_failed(self) -> None:
         """desto 0.7.0's store leaves a failed save's transaction open (it logs the error, never
@@ -281,17 +314,23 @@ class ArchiveMachine(RuleBasedStateMachine):
         first.statuses.add("scheduled" if scheduled else "starting")
         self.add("job", job.job_id, marker=secret, session=session.session_id).statuses.add("queued")
 
-    @rule(data=st.data())
+    @rule(data=st.data(), unreadable=st.booleans())
     @precondition(lambda self: self.jobs_readable())
-    def chain_job(self, data: st.DataObject) -> None:
+    def chain_job(self, data: st.DataObject, unreadable: bool) -> None:
+        """A job chained to a session; ``unreadable``: its exit code is one desto's reader cannot
+        parse before the daemon ever reads it (paused meanwhile), so the file knows it only from
+        quarantine."""
         session = self.pick(data, self.desto_sessions())
         if session is None:
             return
         secret = marker()
-        job = self.jobs.queue_job(
-            session_id=session.id, command=f"sync --key {secret}", script_path="/app/desto_scripts/sync.sh"
-        )
-        self.sessions.add_job_to_session(session.id, job.job_id)
+        with self.w.daemon_paused() if unreadable else nullcontext():
+            job = self.jobs.queue_job(
+                session_id=session.id, command=f"sync --key {secret}", script_path="/app/desto_scripts/sync.sh"
+            )
+            self.sessions.add_job_to_session(session.id, job.job_id)
+            if unreadable:
+                self.w.client.hset(f"desto:job:{job.job_id}", "exit_code", "not-a-number")
         self.add("job", job.job_id, marker=secret, session=session.id).statuses.add("queued")
         self.observe(session)
         for other in self.model.jobs_of(session.id):
@@ -305,7 +344,7 @@ class ArchiveMachine(RuleBasedStateMachine):
         if job is None:
             return
         if failed:
-            self.jobs.fail_job(job.id, "exit status 2")
+            self.jobs.fail_job(job.id, FAILURE)
         else:
             self.jobs.finish_job(job.id, 0)
         self._save("job", job.id)
@@ -502,13 +541,15 @@ class ArchiveMachine(RuleBasedStateMachine):
 
     # ─── backups, and a restore as the documentation says ────────────────────────────────────
 
-    @rule()
-    def backup(self) -> None:
+    @rule(json_output=st.booleans())
+    def backup(self, json_output: bool) -> None:
+        # (with an argument it sorts after the rules without one: hypothesis' simplest histories
+        # repeat the first of those, `check`, which costs nothing)
         self.n += 1
         path = self.w.dir / f"backup-{self.n}.db"
         at = time.time()
         snapshot = self.model.snapshot()
-        done = self.w.cli("backup", str(path))
+        done = self.w.cli("backup", str(path), *(["--json"] if json_output else []))
         assert done.returncode == 0, done.stderr
         self.w.backups.append((path, at, snapshot))
 
@@ -546,7 +587,10 @@ class ArchiveMachine(RuleBasedStateMachine):
         reopened = len(self.w.daemon.events("archive.reopened"))
         with self.w.daemon_paused():
             self.w.db.unlink()
-        self.w.daemon.wait_log("archive.reopened", reopened + 1, timeout=15)
+        try:
+            self.w.daemon.wait_log("archive.reopened", reopened + 1, timeout=15)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n--- the daemons' logs ---\n{self.w.daemon_log()}") from None
         self._rebuild(Model())
         self._reopen_store()
 
@@ -567,6 +611,10 @@ class ArchiveMachine(RuleBasedStateMachine):
                 kept.live = False
         for key in [k for k in model.records if k not in current]:
             del model.records[key]
+        for rec in list(model.records.values()):
+            if rec.kind == "job" and model.session_erased(rec.session) and ("job", rec.id) not in model.erased:
+                # written since to a session the file knows erased: never archived (as in add)
+                model.erase([rec], model.erased[("session", str(rec.session))].how)
         self.model = model
 
     # ─── faults ──────────────────────────────────────────────────────────────────────────────
@@ -599,10 +647,13 @@ class ArchiveMachine(RuleBasedStateMachine):
             elif rec.live:
                 self.observe(rec)
 
-    @rule()
-    def write_pause(self) -> None:
-        """What a failover does: writes (and scripts) wait 1.5 s, reads answer."""
-        self.w.client.execute_command("CLIENT", "PAUSE", "1500", "WRITE")
+    @rule(ms=st.sampled_from([3000, 1500]))
+    def write_pause(self, ms: int) -> None:
+        """What a failover does: writes (and scripts) wait, reads answer. The daemon's reads are
+        scripts, with a socket timeout of 1 s here: one sent in the pause's first 2 s (3 s) or
+        0.5 s (1.5 s) times out; the longer pause meets a reconcile's read whenever one runs every
+        second (notifications off)."""
+        self.w.client.execute_command("CLIENT", "PAUSE", str(ms), "WRITE")
 
     @rule()
     def drop_subscription(self) -> None:
@@ -621,8 +672,9 @@ class ArchiveMachine(RuleBasedStateMachine):
     def neighbour_writes_our_rows(self, attack: str) -> None:
         """Another host's role, in the same central database, at this host's rows: it may read
         them, never delete, change or add them, nor stop every host by writing the schema's
-        version. What it manages to do shows at the next settle (PostgreSQL no longer equals the
-        file, or shipping stops)."""
+        version. The statement must be refused or touch no row: what it did would not always
+        show at the next settle, as this host's shipper writes again every row the daemon's
+        reconciles rewrite."""
         import psycopg
 
         statement, params = {
@@ -640,8 +692,10 @@ class ArchiveMachine(RuleBasedStateMachine):
             "schema": (f"INSERT INTO {SCHEMA}.archiver_schema (version) VALUES (99)", ()),
         }[attack]
         url = self.owner_url.replace("postgres@", f"{self.neighbour}@")
+        touched = 0
         with psycopg.connect(url, autocommit=True) as conn, suppress(psycopg.Error):  # refused, or no tables yet
-            conn.execute(statement, params)
+            touched = conn.execute(statement, params).rowcount
+        assert touched <= 0, f"another host's role ({attack}) changed {touched} row(s) of this host's"
 
     # ─── the promises ────────────────────────────────────────────────────────────────────────
 
@@ -653,6 +707,12 @@ class ArchiveMachine(RuleBasedStateMachine):
 
     @rule()
     @precondition(lambda self: self.world is not None and self.world.running)
+    def check(self) -> None:
+        """A settle as a step of its own: the records archived at it become ones the archive must
+        keep (and forget's targets). Named to be the first rule hypothesis sorts, the one its
+        simplest histories repeat and its draws favour."""
+        self.settle()
+
     def settle(self) -> None:
         """Wait until the archive (and PostgreSQL, when shipping reaches it) keeps every promise."""
         if self.proxy is not None:
