@@ -4,7 +4,8 @@
     .venv/bin/python scripts/reliability_table.py           # CI sizes (a few minutes)
     .venv/bin/python scripts/reliability_table.py --full    # full sizes (RELIABILITY_FULL=1)
 
-Each scenario in tests/test_reliability.py and tests/test_faults.py adds a row to a report file
+Each scenario in tests/test_reliability.py, test_faults.py, test_postgres_faults.py and
+test_hostile_redis.py adds a row to a report file
 (RELIABILITY_REPORT); this script runs them, turns the rows into a Markdown table and puts it
 between the page's ``<!-- reliability:start -->`` and ``<!-- reliability:end -->`` markers.
 Arguments after ``--`` go to pytest. The exit status is pytest's: a failed scenario still gets its
@@ -27,7 +28,12 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 PAGE = REPO / "docs" / "reliability.md"
 START, END = "<!-- reliability:start -->", "<!-- reliability:end -->"
-SUITES = ["tests/test_reliability.py", "tests/test_faults.py", "tests/test_postgres_faults.py"]
+SUITES = [
+    "tests/test_reliability.py",
+    "tests/test_faults.py",
+    "tests/test_postgres_faults.py",
+    "tests/test_hostile_redis.py",
+]
 
 
 def run_suite(full: bool, pytest_args: list[str]) -> tuple[int, list[dict[str, Any]]]:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import io
 import json
 import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -26,7 +28,7 @@ from archiver.keys import classify
 from archiver.models import Rejected, decode_resp, normalize
 from archiver.source import SLOW_TRIES, Source
 from tests.fault_helpers import settle, start_ready, write_job, write_session
-from tests.helpers import query, settings_for, wait_for
+from tests.helpers import daemon_env, query, settings_for, wait_for
 from tests.procfs import status_kb, vm_hwm_kb
 from tests.redis_server import RedisServer, free_port
 
@@ -370,3 +372,91 @@ def test_idle_connections_to_the_metrics_port_neither_stop_a_scrape_nor_grow_the
     written = [write_session(redis)[0], write_job(redis)[0]]
     settle(report, redis, db_path, written)
     assert daemon.proc.poll() is None
+
+
+# ─── all of it at once, beside desto ─────────────────────────────────────────────────────────────
+
+
+@pytest.mark.slow
+def test_a_hostile_client_beside_desto_leaves_the_daemon_up_bounded_and_complete(
+    fresh_redis, db_path, daemons, writers, reliability
+) -> None:
+    """Whoever can write desto's Redis, while desto-like traffic goes on: one bad job changed again
+    and again with a big field, keys no desto record can be (a 1,000,000-item list, 17 MB values),
+    another client's script holding Redis up past busy-reply-threshold, and names and command lines
+    full of terminal escapes. The daemon stays up, within its memory bound; the quarantine stays
+    within its caps; every good record is archived; and what `history` prints for people carries
+    no escape to the terminal."""
+    report = reliability("a hostile client beside desto", "a bad job changed x40, big keys, BUSY, terminal escapes")
+    admin = fresh_redis.client(decode_responses=False)
+    admin.config_set("busy-reply-threshold", 100)
+    daemon = start_ready(daemons, fresh_redis, db_path, ARCHIVER_RECONCILE_INTERVAL="2")
+    before_kb = vm_hwm_kb(daemon.pid)
+    writer = writers(fresh_redis, seed=27)
+    writer.wait_steps(50, timeout=30)
+    # 1: one rejected key, changed again and again, its bad field 300 KB
+    bad = b"desto:job:bad-and-big"
+    for n in range(40):
+        admin.hset(
+            bad, mapping={b"job_id": b"bad-and-big", b"session_id": b"s", b"exit_code": b"x" * 300_000 + b"%d" % n}
+        )
+    # 2: keys too big for any desto record (desto's own lookups, which read every session key,
+    # fail on them too: the writer waits while they are there)
+    writer.hold()
+    keys = hostile_keys(admin, 1_000_000)
+    wait_for(lambda: set(keys) <= set(quarantine_rows(db_path)), 60, what="every hostile key quarantined")
+    rows = quarantine_rows(db_path)
+    admin.delete(*keys)
+    # 3: another client's script holds Redis up (desto's writes would fail too: the writer waits)
+    ended: list[BaseException] = []
+
+    def busy() -> None:
+        looper = redis_lib.Redis(port=fresh_redis.port, socket_timeout=30)
+        try:
+            looper.eval("local i = 0 while true do i = i + 1 end", 0)
+        except redis_lib.ResponseError as exc:
+            ended.append(exc)
+        finally:
+            looper.close()
+
+    thread = threading.Thread(target=busy, daemon=True)
+    thread.start()
+    time.sleep(2)
+    killer = redis_lib.Redis(port=fresh_redis.port, socket_timeout=5)
+    wait_for(lambda: killer.script_kill() or True, 10, what="SCRIPT KILL")
+    killer.close()
+    thread.join(timeout=10)
+    writer.go_on()
+    # 4: terminal escapes in what desto shows
+    escapes = "\x1b]0;owned\x07\x1b]52;c;cm0gLXJmIH4=\x07\x1b[2J\r"
+    reader = fresh_redis.client()
+    named, _ = write_session(reader, session_name=f"train{escapes}", status="finished")
+    writer.wait_steps(100, timeout=60)
+    written = writer.finish() | {named}
+    assert daemon.proc.poll() is None, "the daemon exited"
+    peak_kb = vm_hwm_kb(daemon.pid)
+    rows.update(quarantine_rows(db_path))
+    admin.delete(bad)  # the check below reads every desto key as a hash
+    settle(report, reader, db_path, written, timeout=60)
+    kept = query(db_path, "SELECT count(*) AS n, coalesce(sum(length(payload)), 0) AS bytes FROM quarantine")[0]
+    report.measured.update(
+        peak_rss_mb=round(peak_kb / 1024, 1),
+        growth_mb=round((peak_kb - before_kb) / 1024, 1),
+        quarantine_rows=kept["n"],
+        quarantine_bytes=kept["bytes"],
+    )
+    assert bad in rows and rows[bad]["size"] <= 64 * 1024, "one bounded row for the changed key"
+    assert all(rows[key]["size"] < SMALL for key in keys)
+    assert kept["n"] <= len(keys) + 1 + 1, kept["n"]  # each hostile key once (and the bad job)
+    assert peak_kb - before_kb < 96 * 1024, f"the daemon grew by {(peak_kb - before_kb) // 1024} MB"
+    shown = subprocess.run(
+        [sys.executable, "-m", "archiver", "history", "--name", "train", "--db", str(db_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=daemon_env(fresh_redis, db_path),
+        check=True,
+    ).stdout
+    assert "train" in shown and "\x1b" not in shown and "\x07" not in shown and "\\x1b" in shown
+    admin.close()
+    reader.close()
