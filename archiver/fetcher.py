@@ -271,10 +271,9 @@ class Fetcher(threading.Thread):
         rec = self._pass
         if rec is not None and (rec.state in _READS or rec.sweep_page() is not None):
             return  # asked for meanwhile
-        if not len(self.dirty):
+        if not len(self.dirty) or timeout > 0:
+            # until the oldest change is due (or woken: a reconcile's page, a drain, a stop)
             self.dirty.wake.wait(timeout)
-        elif timeout > 0:
-            time.sleep(timeout)
 
     def _failed(self, exc: BaseException) -> None:
         deadline = time.monotonic() + self._failures.failed("redis", exc)
