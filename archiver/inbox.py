@@ -101,7 +101,11 @@ class Inbox:
     def ask_barrier(self) -> int:
         """Ask the listener for a barrier (a PING on its connection); its number."""
         self._barrier_wanted += 1
+        self.barrier_asked()
         return self._barrier_wanted
+
+    def barrier_asked(self) -> None:
+        """Set by the daemon to the listener's: sends the barrier now (else at its next look)."""
 
     def barrier_passed(self, number: int) -> bool:
         """Every notification Redis sent before it answered barrier ``number`` has been received."""

@@ -122,6 +122,25 @@ class Listener(threading.Thread):
         self._prefix_len = len(keyspace_channel_prefix(settings.db_number))
         self.reconnects = 0
         self.messages = 0
+        # this thread's PINGs and the main thread's barrier go out one at a time
+        self._send_lock = threading.Lock()
+        self._barrier_sent = 0
+
+    def barrier_asked(self) -> None:
+        """From the main thread: send the barrier a reconcile asked for now, rather than when this
+        thread next looks (its read of a quiet subscription may last until the health check)."""
+        subscription = self._subscription
+        if subscription is None:
+            return  # sent once the next connection is subscribed
+        with contextlib.suppress(OSError, *LISTENER_ERRORS):  # a lost connection: sent on the next
+            self._send_barrier(subscription)
+
+    def _send_barrier(self, subscription: Subscription) -> None:
+        with self._send_lock:
+            wanted = self.sink.barrier_wanted()
+            if wanted > self._barrier_sent:
+                subscription.ping(_BARRIER + b"%d" % wanted)
+                self._barrier_sent = wanted
 
     def stop(self) -> None:
         self._stop_event.set()
@@ -199,12 +218,10 @@ class Listener(threading.Thread):
         keys_changed, hint = self.sink.keys_changed, self.sink.hint
         last_rx = time.monotonic()
         ping_sent: float | None = None
-        barrier_sent = 0  # a barrier asked for before this connection is sent on it
+        with self._send_lock:
+            self._barrier_sent = 0  # a barrier asked for before this connection is sent on it
         while not self._stop_event.is_set():
-            wanted = self.sink.barrier_wanted()
-            if wanted > barrier_sent:
-                subscription.ping(_BARRIER + b"%d" % wanted)
-                barrier_sent = wanted
+            self._send_barrier(subscription)
             # until the health check is due: the PING after a silence, or its answer's deadline
             check_at = last_rx + interval if ping_sent is None else ping_sent + interval
             longest = _MEASURING_READ_S if self.sink.watching() else _IDLE_READ_S
@@ -214,7 +231,8 @@ class Listener(threading.Thread):
                 if ping_sent is not None and now - ping_sent > interval:
                     raise DeadConnection(f"no reply from Redis for {interval:g} s")
                 if ping_sent is None and now - last_rx > interval:
-                    subscription.ping()
+                    with self._send_lock:
+                        subscription.ping()
                     ping_sent = now
                 continue
             last_rx, ping_sent = now, None
