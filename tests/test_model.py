@@ -958,7 +958,7 @@ def run_model(examples: int, steps: int, seed: int) -> None:
     )
 
 
-SUITE_SEED = 3194147173  # six histories that reach 25 of the rules, and pass
+SUITE_SEED = 3194147173  # six histories that reach 25 of the rules
 
 
 @pytest.mark.timeout(3600)
