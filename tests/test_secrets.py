@@ -39,6 +39,15 @@ def archive(tmp_path: Path) -> Path:
 # ─── PostgreSQL's password ───────────────────────────────────────────────────────────────────────
 
 
+def postgres_commands(archive: Path) -> list[list[str]]:
+    """The commands that open the central database given --postgres-url."""
+    return [
+        ["ship", "--db", str(archive)],
+        ["stats", "--db", str(archive)],
+        ["check", "--db", str(archive), "--no-daemon", "--no-verify", "--redis-url", NOWHERE],
+    ]
+
+
 def test_a_postgres_password_libpq_cannot_parse_is_a_config_error_that_never_shows_it(
     archive: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -51,11 +60,7 @@ def test_a_postgres_password_libpq_cannot_parse_is_a_config_error_that_never_sho
         "postgresql://u:pa@zzss@127.0.0.1:5432/db",  # libpq's password ends at the first @, urlsplit's at the last
         "postgresql://u:pa/zzss@127.0.0.1:5432/db",  # libpq's host would be u, its database zzss@...
     ):
-        for command in (
-            ["ship", "--db", str(archive)],
-            ["stats", "--db", str(archive)],
-            ["check", "--db", str(archive), "--no-daemon", "--no-verify", "--redis-url", NOWHERE],
-        ):
+        for command in postgres_commands(archive):
             code = main([*command, "--postgres-url", url])
             out = capsys.readouterr()
             said = out.out + out.err
@@ -81,11 +86,7 @@ def test_what_libpq_says_about_a_postgres_url_never_holds_its_password(
         connect(load_settings(postgres_url=url))
     assert "zzss" not in str(raised.value) and "invalid percent-encoded token" in str(raised.value)
     assert raised.value.__context__ is None and raised.value.__cause__ is None  # not in a traceback either
-    for command in (
-        ["ship", "--db", str(archive)],
-        ["stats", "--db", str(archive)],
-        ["check", "--db", str(archive), "--no-daemon", "--no-verify", "--redis-url", NOWHERE],
-    ):
+    for command in postgres_commands(archive):
         code = main([*command, "--postgres-url", url])
         out = capsys.readouterr()
         assert code == 1 and "zzss" not in out.out + out.err, out
