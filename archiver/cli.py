@@ -612,6 +612,7 @@ def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
     for signum in (signal.SIGINT, signal.SIGHUP):
         if signal.getsignal(signum) != signal.SIG_IGN:
             signal.signal(signum, on_signal)
+    daemon.wakeup.wake_on_signals()
     daemon.run()
     return EXIT_OK
 

@@ -127,6 +127,7 @@ class Daemon:
         finally:
             self._shutdown()
             self.file.close()
+            self.wakeup.close()
 
     def _note_file(self) -> None:
         """Tell the reads' clock the newest version in the file just opened."""

@@ -11,11 +11,13 @@ from __future__ import annotations
 import contextlib
 import os
 import select
+import signal
 
 
 class Wakeup:
     def __init__(self) -> None:
         self._read, self._write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._on_signals = False
 
     def notify(self) -> None:
         """Wake the waiting loop (or make its next wait return at once). Signal-safe."""
@@ -33,7 +35,18 @@ class Wakeup:
                 pass
         return True
 
+    def wake_on_signals(self) -> None:
+        """Have a signal wake the loop, whichever thread the kernel delivers it to: Python runs a
+        handler in the main thread only, and a main thread asleep in ``select`` is not interrupted
+        by a signal another thread took. From the main thread only (as :meth:`close` then)."""
+        signal.set_wakeup_fd(self._write, warn_on_full_buffer=False)
+        self._on_signals = True
+
     def close(self) -> None:
-        for fd in (self._read, self._write):
+        if self._on_signals:
+            signal.set_wakeup_fd(-1)
+            self._on_signals = False
+        fds, self._read, self._write = (self._read, self._write), -1, -1  # a late notify writes nowhere
+        for fd in fds:
             with contextlib.suppress(OSError):
                 os.close(fd)
