@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,17 @@ from tests.helpers import REPO
 from tests.redis_server import RedisServer
 
 UNIT_MODULE = "pytestmark = pytest.mark.unit"  # how a module declares that all its tests are unit tests
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """The daemons the tests start meet SIGINT and SIGHUP as one started from a terminal does: a
+    suite run under `nohup`, or as a shell's background job, would otherwise hand them those
+    signals ignored, which the daemon leaves ignored on purpose (its tests set that up
+    themselves)."""
+    if signal.getsignal(signal.SIGHUP) == signal.SIG_IGN:
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
