@@ -320,8 +320,10 @@ class Daemon:
         if self.file.store is not None:
             self.reporter.heartbeat(self.file.store)
             if not self._given_back and now - self._last_write >= _QUIET_S and not self.reconciles.running:
+                before = _rss_mb()
                 self.file.store.give_back_memory()
                 self._given_back = True
+                log.info("memory.given_back", quiet_s=round(now - self._last_write, 1), rss_mb=before, now_mb=_rss_mb())
         if self.notifier.enabled:
             self.notifier.status(self.reporter.status_line())
 
@@ -376,3 +378,15 @@ class Daemon:
             self.metrics.close()
         self.notifier.close()
         self.reporter.stopped(flushed, left)
+
+
+def _rss_mb() -> float | None:
+    """This process's resident memory (Linux), for the log."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return None

@@ -273,22 +273,20 @@ def test_an_idle_daemon_sleeps_until_asked_and_every_thread_ends_with_it(redis_s
 
 def test_a_quiet_daemon_gives_back_the_memory_a_burst_took(redis_server, db_path: Path, monkeypatch) -> None:
     """A burst fills SQLite's page cache (64 MB by default) and the heap; once nothing has come
-    for a while the daemon gives most of it back, so a sidecar idle for days does not hold what an
-    hour of work once needed."""
+    for a while the daemon gives it back (SQLite's cache, the allocator's free heap), once per
+    quiet spell, and says so with its memory before and after. How much comes back is measured by
+    the idle benchmark; here, that it happens, and only after a write."""
     import archiver.pipeline as pipeline
-    from bench.records import load_records
-    from tests.procfs import status_kb
 
-    monkeypatch.setattr(pipeline, "_QUIET_S", 2.0)
-    settings = settings_for(redis_server, db_path, heartbeat_interval=0.5, max_dirty=1_000_000)
-    with daemon_thread(settings) as daemon:
-        ready = status_kb("self", "VmRSS")
-        load_records(redis_server.port, 0, 60_000, "beef", jobs=True, ttl=True)
-        wait_for(lambda: count(db_path, "sessions") + count(db_path, "jobs") == 60_000, 120, interval=0.5)
-        wait_for(lambda: not len(daemon.inbox.dirty) and not daemon.reconciles.running, 30)
-        busy = status_kb("self", "VmRSS")
-        wait_for(lambda: daemon._given_back, 15, what="the memory given back after a quiet while")
-        quiet = status_kb("self", "VmRSS")
-    grown = busy - ready
-    assert grown > 10_000, f"the burst took only {grown} kB: nothing to give back"
-    assert busy - quiet >= grown / 4, f"ready {ready} kB, after the burst {busy} kB, quiet {quiet} kB"
+    monkeypatch.setattr(pipeline, "_QUIET_S", 1.0)
+    settings = settings_for(redis_server, db_path, heartbeat_interval=0.2)
+    with capture_logs() as logs, daemon_thread(settings):
+        for _ in range(200):
+            s = session_hash()
+            redis_server.client().hset(f"desto:session:{s['session_id']}", mapping=s)
+        wait_for(lambda: count(db_path, "sessions") == 200, 30)
+        wait_for(lambda: [e for e in logs if e["event"] == "memory.given_back"], 15, what="the memory given back")
+        time.sleep(1.5)  # quiet on: given back once, not at each heartbeat
+    given = [e for e in logs if e["event"] == "memory.given_back"]
+    assert len(given) == 1, given
+    assert given[0]["quiet_s"] >= 1.0 and given[0]["rss_mb"] > 0 and given[0]["now_mb"] > 0, given
