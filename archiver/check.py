@@ -393,7 +393,7 @@ def _quarantine(path: Path) -> list[Finding]:
     """Said only once the quarantine's total cap has bitten: how many rejected records it kept out,
     and whether it still does."""
     try:
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
+        conn = read_only(path, timeout=10)
     except sqlite3.Error:
         return []
     try:

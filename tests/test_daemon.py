@@ -271,7 +271,7 @@ def test_an_idle_daemon_sleeps_until_asked_and_every_thread_ends_with_it(redis_s
     assert left == [], f"still running after the daemon stopped: {left}"
 
 
-def test_a_quiet_daemon_gives_back_the_memory_a_burst_took(redis_server, db_path: Path, monkeypatch) -> None:
+def test_a_quiet_daemon_gives_back_the_memory_a_burst_took(fresh_redis, db_path: Path, monkeypatch) -> None:
     """A burst fills SQLite's page cache (64 MB by default) and the heap; once nothing has come
     for a while the daemon gives it back (SQLite's cache, the allocator's free heap), once per
     quiet spell, and says so with its memory before and after. How much comes back is measured by
@@ -279,11 +279,11 @@ def test_a_quiet_daemon_gives_back_the_memory_a_burst_took(redis_server, db_path
     import archiver.pipeline as pipeline
 
     monkeypatch.setattr(pipeline, "_QUIET_S", 1.0)
-    settings = settings_for(redis_server, db_path, heartbeat_interval=0.2)
+    settings = settings_for(fresh_redis, db_path, heartbeat_interval=0.2)
     with capture_logs() as logs, daemon_thread(settings):
         for _ in range(200):
             s = session_hash()
-            redis_server.client().hset(f"desto:session:{s['session_id']}", mapping=s)
+            fresh_redis.client().hset(f"desto:session:{s['session_id']}", mapping=s)
         wait_for(lambda: count(db_path, "sessions") == 200, 30)
         wait_for(lambda: [e for e in logs if e["event"] == "memory.given_back"], 15, what="the memory given back")
         time.sleep(1.5)  # quiet on: given back once, not at each heartbeat

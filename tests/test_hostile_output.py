@@ -336,3 +336,16 @@ def test_read_only_commands_open_the_file_named_even_when_its_path_looks_like_a_
     dry = cli(redis_server, db_path, "backfill", "--dry-run")
     assert dry.returncode == 0, dry.stderr
     assert sorted(os.listdir(tmp_path)) == sorted(["a%41b?x#y", "copy.db"])  # nothing opened, nothing created
+
+
+def test_every_read_only_open_of_the_archive_goes_through_the_one_helper() -> None:
+    """A module that builds its own ``file:`` URI from a path brings the problem above back (a
+    new one did, once): every read-only open goes through ``archiver.sql.read_only``."""
+    package = Path(__file__).resolve().parent.parent / "archiver"
+    own = [
+        f"{module.name}:{n}"
+        for module in sorted(package.glob("*.py"))
+        for n, line in enumerate(module.read_text().splitlines(), 1)
+        if "mode=ro" in line and module.name != "sql.py"
+    ]
+    assert own == [], own
