@@ -68,6 +68,8 @@ def pg_rows(
             params.append(value)
     where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
     with psycopg.connect(url, row_factory=dict_row) as conn:
+        if conn.execute("SELECT to_regclass(%s)", (f"{schema}.{table}",)).fetchone()["to_regclass"] is None:
+            return []  # the shipper has not created the central tables yet
         return list(conn.execute(f"SELECT * FROM {schema}.{table} {where}", params))
 
 
