@@ -195,8 +195,9 @@ def test_backfill_reads_every_record_and_reports_its_memory(smoke: dict[str, Any
         assert run["keys_per_s"] > 0
         assert details["import_only_rss_mb"] < run["peak_rss_mb"] < 1_000
         # redis-server's CPU time is read in clock ticks (10 ms): 2,000 keys may take less than one
-        assert run["cpu_us_per_key"]["backfill"] > 0 and run["cpu_us_per_key"]["redis_server"] >= 0
-    assert runs[1]["cpu_us_per_key"]["redis_server"] > 0
+        # at 2,000 keys the backfill's CPU, less the start-up's, is within the clock's tick of 0
+        assert run["cpu_us_per_key"]["backfill"] >= 0 and run["cpu_us_per_key"]["redis_server"] >= 0
+    assert runs[1]["cpu_us_per_key"]["backfill"] > 0 and runs[1]["cpu_us_per_key"]["redis_server"] > 0
     found = figures(smoke, "backfill")
     assert len(found) == 25
     stages = details["stage_cpu_us_per_key"]  # the same keys, stage by stage, in one thread
