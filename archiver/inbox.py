@@ -45,6 +45,8 @@ class Inbox:
         self._watch_full = False
         self._barrier_wanted = 0
         self._barrier_reached = 0
+        # the listener's, once it runs: sends a barrier at once (else at the listener's next look)
+        self.send_barrier: Callable[[], None] = lambda: None
 
     # ─── from the listener's thread ───────────────────────────────────────────────────────────
 
@@ -101,11 +103,8 @@ class Inbox:
     def ask_barrier(self) -> int:
         """Ask the listener for a barrier (a PING on its connection); its number."""
         self._barrier_wanted += 1
-        self.barrier_asked()
+        self.send_barrier()
         return self._barrier_wanted
-
-    def barrier_asked(self) -> None:
-        """Set by the daemon to the listener's: sends the barrier now (else at its next look)."""
 
     def barrier_passed(self, number: int) -> bool:
         """Every notification Redis sent before it answered barrier ``number`` has been received."""

@@ -174,7 +174,7 @@ class Daemon:
         )
         self.workers.fetcher.start()
         self.workers.listener = Listener(self.settings, self.source, self.inbox)
-        self.inbox.barrier_asked = self.workers.listener.barrier_asked  # type: ignore[method-assign]
+        self.inbox.send_barrier = self.workers.listener.barrier_asked
         self.workers.listener.start()
 
     def _start_shipper(self) -> None:
