@@ -267,7 +267,12 @@ def test_a_backup_moved_into_place_under_the_shipping_daemon_is_shipped_from_the
         wait_for(lambda: daemon.shipper.backlog == 0 and shipped(pg_url)[1] > last_seq(backup), 15, what="shipped")
         first_thread, first_file = daemon.shipper, daemon.shipper.shipper.file_id
         restore(backup, db_path, tmp_path / "aside")
-        wait_for(lambda: daemon.shipper is not first_thread and daemon.shipper.copies == 1, 15, what="a new shipper")
+        # between the old shipper's stop and the new one's start the daemon has no shipper at all
+        wait_for(
+            lambda: (now := daemon.shipper) is not None and now is not first_thread and now.copies == 1,
+            15,
+            what="a new shipper",
+        )
         assert not first_thread.is_alive()
         more = fill(redis, 1)
         wait_for(lambda: set(more) <= central_ids(pg_url, "sessions", "session_id"), 15, what="shipped on")
