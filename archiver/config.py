@@ -366,11 +366,14 @@ class Settings(BaseSettings):
         description="changes shipped to PostgreSQL per transaction",
     )
     ship_interval: float = Field(
-        1.0,
+        10.0,
         gt=0,
         le=3600,
         validation_alias=_env("ship_interval", "ARCHIVER_SHIP_INTERVAL"),
-        description="seconds between looks at the change log when nothing is waiting to be shipped",
+        description=(
+            "longest wait in seconds between looks at the change log; the daemon's commits, and other programs' "
+            "it notices within a second, start shipping at once"
+        ),
     )
     allow_root: bool = Field(
         False,

@@ -184,6 +184,8 @@ class Daemon:
 
         self.workers.shipper = ShipperThread(self.settings, self._busy)
         self.workers.shipper.start()
+        if self.file.store is not None:
+            self.file.store.logged = self.workers.shipper.changes_logged
 
     def _busy(self) -> bool:
         """Changes wait to be read or written (called from the shipper's thread: reads only)."""

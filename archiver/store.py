@@ -19,7 +19,7 @@ import stat
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -343,6 +343,9 @@ class Store:
         self._opened = {suffix: _identity(Path(f"{path}{suffix}")) for suffix in ("", "-wal", "-shm")}
         self.schema_found = schema_found
         self.checkpointer: Checkpointer | None = None
+        # Called after each commit of this connection and when another program's commit is seen:
+        # the change log may have grown (the daemon's shipper ships at once, not at its next look).
+        self.logged: Callable[[], None] | None = None
         self.busy_timeout = busy_timeout  # seconds a write waits for another writer's lock
         self._wal = Path(f"{path}-wal")
         self._data_version = -1
@@ -487,6 +490,8 @@ class Store:
             self.conn.execute("COMMIT" if commit else "ROLLBACK")
             if commit and self.checkpointer is not None:
                 self.checkpointer.wrote()
+            if commit and self.logged is not None:
+                self.logged()
         except BaseException:
             with suppress(sqlite3.Error):
                 self.conn.execute("ROLLBACK")
@@ -590,6 +595,8 @@ class Store:
         version = int(self.conn.execute("PRAGMA data_version").fetchone()[0])
         changed = version != self._data_version
         self._data_version = version
+        if changed and self.logged is not None:
+            self.logged()
         return changed
 
     def take_rechecks(self, limit: int) -> list[tuple[Kind, str]]:

@@ -17,7 +17,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from bench import backfill, ceilings, desto_cost, desto_tab, idle, ingest, latency, profile, soak
+from bench import backfill, ceilings, central_lag, desto_cost, desto_tab, idle, ingest, latency, profile, soak
 from bench.common import Context, Figure, code_version, machine, markdown_table
 from tests.helpers import REPO
 
@@ -29,6 +29,7 @@ BENCHMARKS: dict[str, Callable[[Context], None]] = {
     "desto": desto_cost.run,
     "desto_tab": desto_tab.run,
     "idle": idle.run,
+    "central_lag": central_lag.run,
     "soak": soak.run,
 }
 NEEDS_CEILINGS = {"ingest", "backfill"}

@@ -77,7 +77,7 @@ def test_the_run_prints_the_table_and_writes_every_figure_as_json(smoke: dict[st
     assert smoke["mode"] == "smoke" and not smoke["errors"]
     assert smoke["duration_s"] < 180
     assert "| benchmark | figure | value | baseline | ratio | target | met? |" in smoke["stdout"]
-    benchmarks = {"ceilings", "ingest", "latency", "backfill", "desto", "desto_tab", "idle", "soak"}
+    benchmarks = {"ceilings", "ingest", "latency", "backfill", "desto", "desto_tab", "idle", "central_lag", "soak"}
     assert {f["benchmark"] for f in smoke["figures"]} == benchmarks
     for figure in smoke["figures"]:
         assert figure["figure"] in smoke["stdout"]
@@ -241,6 +241,17 @@ def test_idle_cpu_is_measured_against_the_busy_daemon(smoke: dict[str, Any]) -> 
     assert details["busy_cpu_s_per_min"] > 0
     assert details["daemon_exit_code"] == 0 and not details["daemon_problems"]
     assert figures(smoke, "idle")["daemon CPU with no changes"]["baseline"] == details["busy_cpu_s_per_min"]
+
+
+def test_central_lag_follows_every_row_from_the_file_into_postgresql(smoke: dict[str, Any]) -> None:
+    """Each row the writer sent is timed from the file into PostgreSQL, with the backlog between."""
+    (run,) = smoke["details"]["central_lag"]["runs"]
+    assert run["rate"] == 1_000 and run["shipped"] == run["sent"] > 0 and run["not_shipped_in_time"] == 0
+    assert 0 <= run["lag_ms"]["p50"] <= run["lag_ms"]["p99"] <= run["lag_ms"]["max"]
+    assert run["backlog_rows"]["max"] >= 0
+    assert smoke["details"]["central_lag"]["daemon_exit_code"] == 0
+    assert not smoke["details"]["central_lag"]["daemon_problems"]
+    assert figures(smoke, "central_lag")["p99 at 1,000 changes/s"]["value"] == run["lag_ms"]["p99"]
 
 
 def test_soak_samples_the_daemons_memory_while_every_key_ends_as_in_redis(smoke: dict[str, Any]) -> None:

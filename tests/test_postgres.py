@@ -162,6 +162,26 @@ def test_daemon_ships_every_change_and_deletions_follow(redis, redis_server, db_
     assert failed[0]["status"] == "failed"
 
 
+def test_the_shipper_follows_each_commit_not_its_interval(redis, redis_server, db_path, pg_url):
+    """PostgreSQL is current within a moment of the file: the daemon's commits, and another program's
+    it notices, start a shipping round at once; ARCHIVER_SHIP_INTERVAL (a minute here) is only the
+    longest wait between looks."""
+    settings = settings_for(redis_server, db_path, postgres_url=pg_url, source_name="gpu1", ship_interval=60)
+    with daemon_thread(settings) as daemon:
+        wait_for(lambda: (s := daemon.shipper) is not None and s.copies == 1 and s.backlog == 0, 15, what="the copy")
+        ids = _fill(redis, sessions=2)
+
+        def central_sessions() -> set[str]:
+            return {r["session_id"] for r in pg_rows(pg_url, "sessions")}
+
+        wait_for(lambda: set(ids) <= central_sessions(), 10, what="the new sessions in PostgreSQL")
+        store = SQLiteStore(str(db_path))  # desto's own delete, noticed at the daemon's next look at the file
+        assert store.delete_session(ids[0])
+        store.close()
+        wait_for(lambda: ids[0] not in central_sessions(), 10, what="the deletion in PostgreSQL")
+        wait_for(lambda: central_differences(pg_url, db_path, "gpu1") == [], 10, interval=0.2, what="PG = file")
+
+
 def _log_size(db_path: Path) -> int:
     conn = sqlite3.connect(db_path)
     try:
