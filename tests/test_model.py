@@ -610,8 +610,9 @@ class ArchiveMachine(RuleBasedStateMachine):
                     kept.states.append(rec.states[-1])
             elif kept is not None:
                 kept.live = False
-        for key in [k for k in model.records if k not in current]:
-            del model.records[key]
+        for key, kept in model.records.items():
+            if key not in current:  # the model let it go when an earlier file went (it had left Redis
+                kept.live = False  # then): the restored file holds it, and it is still not in Redis
         for rec in list(model.records.values()):
             if rec.kind == "job" and model.session_erased(rec.session) and ("job", rec.id) not in model.erased:
                 # written since to a session the file knows erased: never archived (as in add)
