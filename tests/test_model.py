@@ -890,6 +890,7 @@ class ArchiveMachine(RuleBasedStateMachine):
                     mine = file_rows(self.w.db, table)
                     key = "id" if table in NUMBERED else ID_OF[table]
                     theirs: dict[Any, dict[str, Any]] = {}
+                    earlier: dict[Any, dict[str, Any]] = {}  # rows an earlier file of this host shipped
                     for r in conn.execute(f"SELECT * FROM {SCHEMA}.{table} WHERE source_name = %s", (SOURCE,)):
                         kind_id = (r["kind"], r["record_id"]) if table in NUMBERED else (_kind(table), r[key])
                         if kind_id in erased:
@@ -906,7 +907,13 @@ class ArchiveMachine(RuleBasedStateMachine):
                                 out.append(f"PostgreSQL {table}: holds an erased secret")
                         if r["file_id"] == file_id:
                             theirs[r[key]] = r
+                        else:
+                            earlier[r[key]] = r
                     for k in mine.keys() - theirs.keys():
+                        if table not in NUMBERED and k in earlier and newer(earlier[k], mine[k]):
+                            # a restored file's older read never overwrites a newer central row: the
+                            # row stays as the earlier file shipped it until the record changes again
+                            continue
                         out.append(f"PostgreSQL {table} {k}: in the file, not shipped")
                     for k in theirs.keys() - mine.keys():
                         out.append(f"PostgreSQL {table} {k}: not in the file")
@@ -919,6 +926,12 @@ class ArchiveMachine(RuleBasedStateMachine):
         except psycopg.Error as exc:
             out.append(f"PostgreSQL: {type(exc).__name__}: {exc}")
         return out
+
+
+def newer(central: dict[str, Any], row: dict[str, Any]) -> bool:
+    """Whether PostgreSQL's row is a later read of the record than the file's."""
+    theirs, mine = central.get("read_at_us"), row.get("read_at_us")
+    return theirs is not None and mine is not None and theirs > mine
 
 
 STEPS: Counter[str] = Counter()  # the rules run, over every history of the run
