@@ -249,10 +249,13 @@ class Daemon:
         """When the loop must look again with nothing arriving: its next deadline (the watchdog's
         only where systemd asks for one; the reconcile timer's once a reconcile is wanted)."""
         schedule = self.schedule
-        deadlines = [Deadline.FILE_CHECK, Deadline.HEARTBEAT, *self.housekeeping.deadlines]
+        deadlines = [Deadline.FILE_CHECK, *self.housekeeping.deadlines]
         if self.notifier.watchdog_interval is not None:
             deadlines.append(Deadline.WATCHDOG)
-        due = min(schedule.at(d) for d in deadlines)
+        # the heartbeat rides on the file check within half of its interval either way (see _step):
+        # a heartbeat due a moment before a file check never takes a wake-up of its own
+        late = min(_FILE_CHECK_S, self.settings.heartbeat_interval) / 2
+        due = min(schedule.at(Deadline.HEARTBEAT) + late, *(schedule.at(d) for d in deadlines))
         if self.inbox.connected.is_set():  # a reconcile waits for the subscription, whose news wake the loop
             due = min(due, self.reconciles.next_at())
         return due
