@@ -278,6 +278,11 @@ def _page_scrub(store: Store, budget_s: float | None) -> tuple[str, dict[str, An
     is not one the page scrub can read."""
     scrubbing = store.page_scrub
     asked = _asked_at(store.conn)
+    if store.file_lost() is not None:
+        # The path names another file, or none: the lost file's scrub ends with it (the daemon
+        # opens the path again at its next file check), and nothing here touches the path's file.
+        _end_page_scrub(store)
+        return "pending", None, asked
     try:
         if scrubbing is None:
             keep = store.conn.execute("SELECT rootpage FROM sqlite_schema WHERE name = 'archiver_scrub'").fetchone()
@@ -295,6 +300,12 @@ def _page_scrub(store: Store, budget_s: float | None) -> tuple[str, dict[str, An
                 return "pending", None, asked
             time.sleep(0.05)  # a reader on an old snapshot kept the WAL
     except ScrubBusy:
+        return "pending", None, asked
+    except (FileNotFoundError, sqlite3.OperationalError) as exc:
+        if store.file_lost() is None:  # not a file gone a moment ago: the error is the caller's to see
+            raise
+        log.info("scrub.file_lost", detail=str(exc))
+        _end_page_scrub(store)
         return "pending", None, asked
     except (Unreadable, Unsupported) as exc:
         log.warning("scrub.vacuum_instead", reason=str(exc))

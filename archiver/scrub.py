@@ -50,7 +50,7 @@ from archiver.pages import (
     wal_frames,
     wal_salt,
 )
-from archiver.sql import begin_immediate
+from archiver.sql import begin_immediate, existing
 
 CHUNK_PAGES = 512  # pages per write transaction at most ...
 CHUNK_S = 0.01  # ... and seconds of work with the write lock held
@@ -146,8 +146,8 @@ class PageScrub:
             os.close(self._lock)
             raise ScrubBusy("another process is scrubbing the file; it finishes the work") from None
         # The write lock is taken by polling (sql.begin_immediate); a RESTART must not wait.
-        self._w = sqlite3.connect(path, timeout=0, isolation_level=None, check_same_thread=False)
-        self._r = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None, check_same_thread=False)
+        self._w = existing(path, timeout=0, isolation_level=None, check_same_thread=False)
+        self._r = existing(path, timeout=busy_timeout, isolation_level=None, check_same_thread=False)
         self._w.execute("PRAGMA secure_delete = ON")
         head = os.pread(fd, 100, 0)
         size = struct.unpack_from(">H", head, 16)[0] if len(head) == 100 else 0

@@ -19,6 +19,16 @@ def read_only(path: Path, timeout: float = 5.0) -> sqlite3.Connection:
     return sqlite3.connect(Path(path).resolve().as_uri() + "?mode=ro", uri=True, timeout=timeout)
 
 
+def existing(path: Path, timeout: float = 5.0, **connect: Any) -> sqlite3.Connection:
+    """A read-write connection to the file at ``path`` that never creates one: a path that names
+    nothing (a file removed a moment ago) raises, where a plain connect would make an empty
+    database there. The URI is built as :func:`read_only`'s."""
+    conn: sqlite3.Connection = sqlite3.connect(
+        Path(path).resolve().as_uri() + "?mode=rw", uri=True, timeout=timeout, **connect
+    )
+    return conn
+
+
 def select_in(conn: sqlite3.Connection, query: str, values: Sequence[Any], size: int = 512) -> Iterator[Any]:
     """The rows of ``query`` (ending in ``IN``) for every one of ``values``, asked ``size`` at a
     time: SQLite builds limit a statement's parameters (999 before 3.32, 32,766 since).

@@ -330,3 +330,31 @@ def test_the_scrub_leaves_the_locks_sqlite_holds_on_the_file_in_place(tmp_path: 
     store.close()
     assert holder() == os.getpid(), "the process's lock on the file was dropped"
     other.close()
+
+
+@pytest.mark.parametrize("how", ["removed", "replaced"])
+def test_a_scrub_due_when_the_file_is_removed_or_replaced_waits_for_the_file_the_path_names_next(
+    tmp_path: Path, store_of: list[Store], how: str
+) -> None:
+    """The daemon notices a lost file at its next file check and opens the path again; a scrub
+    step in between neither stops it (the path names nothing) nor writes to, or creates, a file it
+    does not hold."""
+    path = archive(tmp_path)
+    workload = Workload(path, seed=11)
+    workload.run(500)
+    workload.close()
+    store = Store.open(path)
+    store_of.append(store)
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+    if how == "replaced":
+        other = sqlite3.connect(path)
+        other.execute("CREATE TABLE someone_else (x)")
+        other.close()
+        before = path.read_bytes()
+    done, _, figures = erase.scrub(store, "pages")
+    assert not done and figures is None
+    if how == "removed":
+        assert not path.exists()
+    else:
+        assert path.read_bytes() == before
