@@ -95,6 +95,7 @@ class ArchiveMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.model = Model()
+        self.desto_client: Any = None  # desto's DestoRedisClient, as its managers share it
         self.world: World | None = None
         self.stack = ExitStack()
         self.proxy: Any = None
@@ -178,6 +179,7 @@ class ArchiveMachine(RuleBasedStateMachine):
 
             logger.enable("desto")
             self._close_store()
+            self._close_desto()
             self.stack.close()
 
     # ─── desto ───────────────────────────────────────────────────────────────────────────────
@@ -189,11 +191,20 @@ class ArchiveMachine(RuleBasedStateMachine):
 
     def _connect_desto(self) -> None:
         DestoManager, DestoRedisClient, Favorites, Jobs, Sessions = _desto_stack()
+        self._close_desto()
         client = DestoRedisClient(config={"host": "127.0.0.1", "port": self.w.redis.port, "db": 0, "enabled": True})
+        self.desto_client = client
         self.sessions = Sessions(client)
         self.jobs = Jobs(client)
         self.favorites = Favorites(client)
         self.manager = DestoManager(client, sqlite_store=self.store if self.desto_store_mode else None)
+
+    def _close_desto(self) -> None:
+        """desto's client of the Redis that was (its sockets closed now, not whenever collected)."""
+        client = self.desto_client
+        if client is not None and client.redis is not None:
+            client.redis.close()
+        self.desto_client = None
 
     @property
     def store(self) -> Any:
