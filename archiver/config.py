@@ -331,7 +331,7 @@ class Settings(BaseSettings):
             "them the owner's alone"
         ),
     )
-    # PostgreSQL: every record written to the file is also shipped there (archiver/ship.py)
+    # PostgreSQL: every record written to the file is also shipped there (archiver/central/ship.py)
     postgres_url: SecretStr | None = Field(
         None,
         validation_alias=_env("postgres_url", "ARCHIVER_POSTGRES_URL"),

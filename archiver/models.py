@@ -26,7 +26,7 @@ INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 # fields (an at-job's; a session has 10): ids, names, statuses, ISO times, and the few free texts
 # (a command, an error message, a comma-joined list of job ids). A field a newer desto adds still
 # fits, and so does a command of megabytes; anything beyond cannot be a record desto wrote, and
-# only a bounded description of it is read from Redis (archiver/source.py).
+# only a bounded description of it is read from Redis (archiver/redis_side/source.py).
 MAX_RECORD_FIELDS = 64
 MAX_RECORD_BYTES = 16 * 1024 * 1024  # its field names and values together
 # A key of another type than a hash is read whole, for its quarantine entry, while it is this small.

@@ -4,7 +4,7 @@
 Redis is loaded with desto-shaped records, half sessions and half jobs (``tests.helpers``
 shapes), each with desto's 7-day TTL, through raw pipelines of HSET + EXPIRE; the larger size
 adds records to the smaller one's. For each size the backfill runs as its own process
-(``python -m archiver backfill --json``, so ``archiver.backfill.backfill``) into a fresh file.
+(``python -m archiver backfill --json``, so ``archiver.commands.backfill.backfill``) into a fresh file.
 
 - keys/s: the backfill's own report (keys read / its elapsed time, interpreter start-up
   excluded); the process's wall time is in the details. Ratio against ceiling 1(a) (pipelined
@@ -12,7 +12,7 @@ adds records to the smaller one's. For each size the backfill runs as its own pr
 - peak RSS: the backfill process's own high-water mark (``VmHWM``), read by the process itself
   once the backfill is done (``python -m bench.peak_rss``, which runs ``python -m archiver``
   in-process): exact, not sampled. The smaller size's baseline is a process that only imports
-  ``archiver.backfill`` (the fixed cost of Python and its libraries); the larger size's
+  ``archiver.commands.backfill`` (the fixed cost of Python and its libraries); the larger size's
   baseline is the smaller size's RSS, so the ratio says whether memory grows with the
   keyspace. Targets at the larger size: ≤ 100 MB and ratio ≤ 1.2 (flat).
 
@@ -57,12 +57,12 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from archiver.backfill import BACKFILL_CACHE_MB
+from archiver.archive.store import Store
+from archiver.commands.backfill import BACKFILL_CACHE_MB
 from archiver.config import Settings, load_settings
+from archiver.daemon.reconcile import Reconcile, records_of, write_batch
 from archiver.models import normalize
-from archiver.reconcile import Reconcile, records_of, write_batch
-from archiver.source import Source
-from archiver.store import Store
+from archiver.redis_side.source import Source
 from bench.ceilings import sqlite_ceiling_at
 from bench.common import Context, Figure, Target, archiver_env, cpu_seconds
 from bench.records import load_records
@@ -102,9 +102,9 @@ def measured_run(ctx: Context, directory: Path, args: list[str], env: dict[str, 
 
 
 def import_only(ctx: Context) -> dict[str, Any]:
-    """A Python process that imports ``archiver.backfill`` (and so what it uses), and stops: its
+    """A Python process that imports ``archiver.commands.backfill`` (and so what it uses), and stops: its
     peak RSS and CPU time are the fixed costs of Python and the libraries."""
-    return measured_run(ctx, ctx.fresh_dir("backfill-imports"), ["archiver.backfill"])
+    return measured_run(ctx, ctx.fresh_dir("backfill-imports"), ["archiver.commands.backfill"])
 
 
 def backfill_once(ctx: Context, server: RedisServer, size: int, start_cpu_s: float) -> dict[str, Any]:

@@ -4,7 +4,7 @@
     session hashes (``tests.helpers.session_hash``) with pipelined HGETALL, 500 per pipeline:
     keys/s.
 (b) sqlite3 upserting the same rows into the archive's own schema (the file created by
-    ``archiver.store.Store.open``, so WAL and ``synchronous=NORMAL`` as the daemon has them):
+    ``archiver.archive.store.Store.open``, so WAL and ``synchronous=NORMAL`` as the daemon has them):
     ``executemany`` of ``INSERT ... ON CONFLICT(session_id) DO UPDATE`` into ``sessions``, one
     ``BEGIN IMMEDIATE`` transaction per 500 rows, into a fresh file (the rows are new, as in the
     live-ingest and backfill benchmarks): rows/s. The rows are built before the clock starts.
@@ -14,7 +14,7 @@ bound, and on a noisy machine the best pass is the one least disturbed. The ceil
 archiver is the smaller of the two; the other benchmarks divide by these.
 
 For reference (no target), the same keys are also read through the archiver's own read path,
-``archiver.source.Source.fetch`` (one Lua script per 500 keys: TIME, then TYPE + HGETALL + PTTL
+``archiver.redis_side.source.Source.fetch`` (one Lua script per 500 keys: TIME, then TYPE + HGETALL + PTTL
 per key), whose one reply per batch avoids redis-py's per-command pipeline cost.
 """
 
@@ -28,12 +28,12 @@ from typing import Any
 
 import redis
 
+from archiver.archive.store import Store
+from archiver.archive.writer import HISTORY_INSERT, insert_columns
 from archiver.config import load_settings
 from archiver.kinds import Kind
 from archiver.models import sqlite_utc
-from archiver.source import Source
-from archiver.store import Store
-from archiver.writer import HISTORY_INSERT, insert_columns
+from archiver.redis_side.source import Source
 from bench.common import Context, Figure, median
 from bench.records import load_records, record_id, session_key
 

@@ -6,7 +6,7 @@ The archive is built as a user builds it: Redis is loaded with desto-shaped sess
 1 000 000; smoke: 10 000), each with a job, every 5th failed, every 50th running, the rest
 finished, with desto's TTL; ``python -m archiver backfill --json`` writes a fresh file. The same
 backfill writes a second fresh file in a process where the archive's History-tab indexes
-(``archiver.schema.DESTO_READ_INDEXES``) are left out: that file is today's baseline for the
+(``archiver.archive.schema.DESTO_READ_INDEXES``) are left out: that file is today's baseline for the
 queries, and the two backfills' keys/s give the indexes' cost on the write path (the runs
 alternate, full: two of each, and each side's median is taken). Target: ratio ≥ 0.95.
 
@@ -33,7 +33,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from archiver.schema import DESTO_READ_INDEXES
+from archiver.archive.schema import DESTO_READ_INDEXES
 from bench.common import Context, Figure, Target, archiver_env
 from bench.records import RawRedis, _hset, _template, expire_command, iso_now, job_command, record_id
 from tests.helpers import session_hash
@@ -51,8 +51,8 @@ SESSION_TEMPLATES = {
 }
 # a backfill whose archive lacks the History-tab indexes: the baseline file and write path
 _WITHOUT = (
-    "import sys, archiver.schema as schema; schema.DESTO_READ_INDEXES = (); "
-    "from archiver.cli import main; sys.exit(main(sys.argv[1:]))"
+    "import sys, archiver.archive.schema as schema; schema.DESTO_READ_INDEXES = (); "
+    "from archiver.commands.cli import main; sys.exit(main(sys.argv[1:]))"
 )
 
 

@@ -1,7 +1,7 @@
 """``python -m bench.erase_cost``: how big an archive grows, and what erasing in it costs.
 
 Builds an archive of ``--sessions`` sessions, each with ``--jobs`` jobs, through the daemon's own
-write path (``archiver.reconcile.write_batch``): every record read once running and once finished,
+write path (``archiver.daemon.reconcile.write_batch``): every record read once running and once finished,
 so each has the status history the daemon keeps (first sight, then the change). Then, on that file:
 
 - its size per thousand sessions (with their jobs and history), WAL emptied;
@@ -37,11 +37,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from archiver import erase
+from archiver.archive import erase
+from archiver.archive.store import Store
+from archiver.daemon.reconcile import write_batch
 from archiver.keys import classify
 from archiver.models import Fetched, Outcome, iso_utc, normalize
-from archiver.reconcile import write_batch
-from archiver.store import Store
 from bench.records import DESTO_TTL_SECONDS, record_id
 from tests.helpers import job_hash, session_hash
 

@@ -97,7 +97,8 @@ def run(ctx: Context) -> None:
 def imports_rss_mb() -> float:
     """The resident memory of a Python process that imports what the daemon imports, and stops."""
     probe = (
-        "import archiver.cli, archiver.pipeline, archiver.listener, archiver.fetcher\n"
+        "import archiver.commands.cli, archiver.daemon.pipeline, archiver.redis_side.listener, "
+        "archiver.daemon.fetcher\n"
         "print(open('/proc/self/status').read().split('VmRSS:')[1].split()[0])"
     )
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)

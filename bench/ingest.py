@@ -69,9 +69,9 @@ from typing import Any
 
 import redis
 
-from archiver.archive_file import DAEMON_CACHE_MB
 from archiver.config import Settings
-from archiver.fetcher import QUEUE_DEPTH
+from archiver.daemon.archive_file import DAEMON_CACHE_MB
+from archiver.daemon.fetcher import QUEUE_DEPTH
 from bench.ceilings import sqlite_ceiling_at
 from bench.common import (
     Context,

@@ -1,6 +1,6 @@
 """``python -m bench.rewrite_cost``: what ``secure_delete`` costs the daemon's rewrites.
 
-The archiver's connection deletes with ``secure_delete`` on (archiver/erase.py), and every rewrite
+The archiver's connection deletes with ``secure_delete`` on (archiver/archive/erase.py), and every rewrite
 of a row (a heartbeat) frees its old cell, which SQLite then overwrites with zeros. This writes
 ``--rows`` session records through the daemon's write path, then rewrites each twice with a new
 heartbeat, timing only the rewrites, with ``secure_delete`` off and on in turn, ``--rounds`` times.
@@ -16,9 +16,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from archiver.archive_file import DAEMON_CACHE_MB
-from archiver.reconcile import write_batch
-from archiver.store import Store
+from archiver.archive.store import Store
+from archiver.daemon.archive_file import DAEMON_CACHE_MB
+from archiver.daemon.reconcile import write_batch
 from bench.write_cost import outcomes
 
 _HEARTBEAT = 6  # its place in COLUMNS[Kind.SESSION]

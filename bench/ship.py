@@ -41,10 +41,10 @@ from typing import Any
 
 import psycopg
 
-from archiver import changelog
+from archiver.archive import changelog
+from archiver.central.postgres import migrate_pg
+from archiver.central.ship import Shipper
 from archiver.config import load_settings
-from archiver.postgres import migrate_pg
-from archiver.ship import Shipper
 from bench import write_cost
 from bench.common import Context, DaemonProcess, WriterProcess, fresh_redis, max_rowid, ro_connect
 

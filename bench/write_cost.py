@@ -3,7 +3,7 @@
 The live-ingest and backfill benchmarks measure whole processes; this one isolates the store. It
 opens a fresh archive (``Store.open``, the daemon's settings and page cache), normalizes
 ``--rows`` new desto-shaped session records in memory (no Redis), and applies them through the
-daemon's own write path (``archiver.reconcile.write_batch``) in transactions of
+daemon's own write path (``archiver.daemon.reconcile.write_batch``) in transactions of
 ``--per-transaction`` rows. Every statement the store runs is timed, and the cost per row of
 each kind of statement (the version guard's SELECT, the inserts, the status-history rows, the
 COMMIT, the WAL's restart) is printed with the total; what is left is Python. Each transaction's
@@ -30,14 +30,14 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from archiver import changelog
-from archiver.archive_file import DAEMON_CACHE_MB
-from archiver.erase import note
+from archiver.archive import changelog
+from archiver.archive.erase import note
+from archiver.archive.store import Store
+from archiver.daemon.archive_file import DAEMON_CACHE_MB
+from archiver.daemon.reconcile import write_batch
 from archiver.keys import classify
 from archiver.kinds import Kind
 from archiver.models import Fetched, Outcome, normalize
-from archiver.reconcile import write_batch
-from archiver.store import Store
 from bench.records import DESTO_TTL_SECONDS, record_id, session_key
 from tests.helpers import session_hash
 

@@ -9,7 +9,7 @@ A page names each part between two markers:
 - ``<!-- generated: settings -->`` ... ``<!-- end generated -->``: every field of
   ``archiver.config.Settings``, its variable, flag, default and meaning (docs/configuration.md);
 - ``<!-- generated: commands -->`` ... ``<!-- end generated -->``: every command of
-  ``archiver.cli``'s parser with its options (docs/commands.md);
+  ``archiver.commands.cli``'s parser with its options (docs/commands.md);
 - ``<!-- sample: NAME -->`` ... ``<!-- end sample -->``: the output of the commands of sample NAME,
   run for real against a redis-server of its own and a desto-like history (docs/commands.md).
 
@@ -38,7 +38,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # the checkout's archiver, installed or not
 
-from archiver.cli import _config_options, build_parser  # noqa: E402
+from archiver.commands.cli import _config_options, build_parser  # noqa: E402
 from archiver.config import ENV_NAMES, Settings  # noqa: E402
 
 DOCS = REPO / "docs"

@@ -22,8 +22,8 @@ from types import ModuleType
 from typing import Any
 
 from archiver.config import Settings, load_settings
+from archiver.daemon.pipeline import Daemon
 from archiver.kinds import RECORD_TABLES
-from archiver.pipeline import Daemon
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -288,15 +288,15 @@ def test_soak_growth_is_the_least_squares_slope() -> None:
 
 def test_profile_summary_counts_self_and_total_time() -> None:
     raw = (
-        "thread (1): MainThread;run (archiver/pipeline.py:10);flush (archiver/pipeline.py:20) 6\n"
-        "thread (1): MainThread;run (archiver/pipeline.py:10);write (archiver/store.py:5) 3\n"
-        "thread (2): archiver-listener;pump (archiver/source.py:300) 1\n"
+        "thread (1): MainThread;run (archiver/daemon/pipeline.py:10);flush (archiver/daemon/pipeline.py:20) 6\n"
+        "thread (1): MainThread;run (archiver/daemon/pipeline.py:10);write (archiver/archive/store.py:5) 3\n"
+        "thread (2): archiver-listener;pump (archiver/redis_side/source.py:300) 1\n"
     )
     summary = summarize(raw)
     assert summary["samples"] == 10
     assert dict(summary["threads"]) == {"MainThread": 90.0, "archiver-listener": 10.0}
-    assert dict(summary["self"])["flush (archiver/pipeline.py)"] == 60.0
-    assert dict(summary["total"])["run (archiver/pipeline.py)"] == 90.0
+    assert dict(summary["self"])["flush (archiver/daemon/pipeline.py)"] == 60.0
+    assert dict(summary["total"])["run (archiver/daemon/pipeline.py)"] == 90.0
     assert "top functions by self time" in render(summary)
 
 
@@ -317,7 +317,7 @@ def test_profile_writes_a_profile_and_its_summary(tmp_path: Path) -> None:
     bench_module("bench", "--profile", "--smoke", "--profile-out", str(out), "--workdir", str(tmp_path), timeout=240)
     summary = Path(f"{out}.top.txt").read_text()
     assert out.stat().st_size > 0
-    assert "top functions by self time" in summary and "(archiver/pipeline.py)" in summary
+    assert "top functions by self time" in summary and "(archiver/daemon/pipeline.py)" in summary
 
 
 def test_write_cost_times_every_statement_of_the_write_path(tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from archiver.cli import build_parser
+from archiver.commands.cli import build_parser
 from archiver.output import to_json, write_json_array, write_table
 from tests.helpers import REPO, daemon_env
 from tests.redis_server import free_port

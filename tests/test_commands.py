@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from archiver.backfill import Progress, backfill
-from archiver.reader import Reader
-from archiver.store import Store
+from archiver.archive.reader import Reader
+from archiver.archive.store import Store
+from archiver.commands.backfill import Progress, backfill
 from tests.helpers import (
     REPO,
     atjob_hash,
@@ -231,7 +231,7 @@ def test_backfill_progress_is_logged_every_5_s_from_5_s_on_when_not_on_a_termina
 ) -> None:
     """Each page of the scan takes 2 s by the command's clock: a line at 6 s, 12 s, ... and none
     before 5 s (a run of a few milliseconds logs none: test_cli)."""
-    from archiver import cli as cli_module
+    from archiver.commands import cli as cli_module
 
     load(redis, sessions=50)
     ticks = iter(range(0, 10_000, 2))
@@ -330,7 +330,7 @@ def test_check_passes_on_a_healthy_set_up(redis_server, redis, db_path: Path) ->
 OLD_SQLITE = (
     "import sqlite3, sys\n"
     "sqlite3.sqlite_version_info, sqlite3.sqlite_version = (3, 31, 1), '3.31.1'  # Ubuntu 20.04's\n"
-    "from archiver.cli import main\n"
+    "from archiver.commands.cli import main\n"
     "sys.exit(main(sys.argv[1:]))\n"
 )
 
@@ -504,8 +504,8 @@ def peak_of_command(server, db_path: Path, sessions: int, *args: str) -> tuple[s
 def test_check_with_a_big_batch_size_stays_within_sqlites_parameter_limit(redis_server, redis, db_path: Path) -> None:
     """ARCHIVER_BATCH_SIZE=5000: a SCAN page of thousands of keys, compared where SQLite takes
     999 parameters per statement (its default before 3.32; builds differ)."""
-    from archiver.check import verify
-    from archiver.source import Source
+    from archiver.commands.check import verify
+    from archiver.redis_side.source import Source
 
     load(redis, sessions=1_500)
     assert cli(redis_server, db_path, "backfill").returncode == 0
@@ -778,7 +778,7 @@ def test_export_round_trips_as_csv_and_jsonl(redis_server, redis, db_path: Path,
     for item in lines:
         expected = dict(by_key[item[key]])
         if what == "quarantine":
-            from archiver.reader import payload_json
+            from archiver.archive.reader import payload_json
 
             expected.pop("key")
             expected["payload"] = payload_json(expected["payload"])
@@ -796,7 +796,7 @@ def test_export_round_trips_as_csv_and_jsonl(redis_server, redis, db_path: Path,
         for column, value in item.items():
             original = expected.get(column)
             if column == "payload":
-                from archiver.reader import payload_json
+                from archiver.archive.reader import payload_json
 
                 assert json.loads(value) == payload_json(original)
             else:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from archiver.cli import main
+from archiver.commands.cli import main
 from archiver.config import ConfigError, load_settings
 
 pytestmark = pytest.mark.unit

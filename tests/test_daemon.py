@@ -276,7 +276,7 @@ def test_a_quiet_daemon_gives_back_the_memory_a_burst_took(fresh_redis, db_path:
     for a while the daemon gives it back (SQLite's cache, the allocator's free heap), once per
     quiet spell, and says so with its memory before and after. How much comes back is measured by
     the idle benchmark; here, that it happens, and only after a write."""
-    import archiver.pipeline as pipeline
+    import archiver.daemon.pipeline as pipeline
 
     monkeypatch.setattr(pipeline, "_QUIET_S", 1.0)
     settings = settings_for(fresh_redis, db_path, heartbeat_interval=0.2)

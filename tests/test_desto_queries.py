@@ -11,8 +11,8 @@ from pathlib import Path
 
 from desto.redis import SQLiteStore
 
-from archiver.schema import DESTO_READ_INDEXES
-from archiver.store import Store
+from archiver.archive.schema import DESTO_READ_INDEXES
+from archiver.archive.store import Store
 
 STATUSES = ("finished", "failed", "running")
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from desto.redis import DestoJob, DestoManager, SessionStatus, SQLiteStore
 from desto.redis.models import FavoriteCommand
 
-from archiver.schema import SCHEMA_VERSION, TRACKING_COLUMNS
+from archiver.archive.schema import SCHEMA_VERSION, TRACKING_COLUMNS
 from tests.desto_helpers import (
     archived_favorites,
     archiver_log,

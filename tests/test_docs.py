@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from archiver import __version__
-from archiver.cli import build_parser
+from archiver.archive.schema import SCHEMA_VERSION
+from archiver.commands.cli import build_parser
 from archiver.config import ENV_NAMES, Settings
-from archiver.schema import SCHEMA_VERSION
 from tests.helpers import REPO, script
 
 DOCS = REPO / "docs"

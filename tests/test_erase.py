@@ -17,12 +17,12 @@ import pytest
 from desto.redis import SQLiteStore
 from desto.redis.models import DestoJob, DestoSession, FavoriteCommand, SessionStatus
 
-from archiver import schema
-from archiver.backfill import backfill
+from archiver.archive import schema
+from archiver.archive.store import Batch, Store
+from archiver.commands.backfill import backfill
 from archiver.keys import record_key
 from archiver.kinds import Kind
 from archiver.models import iso_utc
-from archiver.store import Batch, Store
 from tests.helpers import (
     atjob_hash,
     count,
@@ -219,7 +219,7 @@ def test_erased_records_are_not_written_nor_quarantined_and_jobs_of_an_erased_se
 
 
 def test_desto_deleting_a_session_erases_its_jobs_known_only_from_quarantine_or_its_job_list(db_path: Path) -> None:
-    from archiver import erase
+    from archiver.archive import erase
 
     store = Store.open(db_path)
     desto = desto_store(db_path)
@@ -264,7 +264,7 @@ def test_desto_deleting_a_session_erases_its_jobs_known_only_from_quarantine_or_
 
 
 def test_a_file_of_version_4_learns_the_session_of_each_quarantined_job(tmp_path: Path) -> None:
-    from archiver import erase
+    from archiver.archive import erase
     from archiver.models import encode_resp
 
     v4 = tmp_path / "desto.db"
@@ -510,7 +510,7 @@ def test_a_backup_taken_before_the_daemon_finished_desto_s_delete_holds_nothing_
 
 
 def test_old_page_images_in_the_wal_go_even_when_desto_overwrote_what_it_deleted(db_path: Path) -> None:
-    from archiver import erase
+    from archiver.archive import erase
 
     store = Store.open(db_path)
     desto = desto_store(db_path, secure_delete=True)
@@ -629,7 +629,7 @@ def _archive_with_a_rewritten_secret(db_path: Path, sessions: int) -> str:
 def test_desto_s_writes_never_fail_during_the_scrub_which_leaves_no_erased_byte(db_path: Path, tmp_path: Path) -> None:
     """A VACUUM holds the write lock for the whole file, and desto's writes fail once they have
     waited their timeout; the scrub of every page holds it a few milliseconds at a time."""
-    from archiver import erase
+    from archiver.archive import erase
 
     secret = _archive_with_a_rewritten_secret(db_path, 25000)
     copy = tmp_path / "copy" / "desto.db"
@@ -670,7 +670,7 @@ def test_desto_s_writes_never_fail_during_the_scrub_which_leaves_no_erased_byte(
 
 
 def test_a_reader_that_keeps_the_wal_delays_the_scrub_which_is_finished_later(db_path: Path) -> None:
-    from archiver import erase
+    from archiver.archive import erase
 
     store = Store.open(db_path)
     desto = desto_store(db_path, secure_delete=False)
@@ -819,9 +819,9 @@ def test_forget_shows_ids_kinds_and_names_never_a_command_line(redis_server, red
 def test_the_logs_of_erasures_and_prune_never_show_a_command_line(redis_server, db_path: Path) -> None:
     from structlog.testing import capture_logs
 
-    from archiver.dirty import Dirty
-    from archiver.housekeeping import Housekeeping
-    from archiver.schedule import Schedule
+    from archiver.daemon.dirty import Dirty
+    from archiver.daemon.housekeeping import Housekeeping
+    from archiver.daemon.schedule import Schedule
 
     store = Store.open(db_path)
     desto = desto_store(db_path)
@@ -923,7 +923,7 @@ def test_the_retention_setting_makes_the_daemon_prune(redis_server, redis, db_pa
 
 
 def test_retention_gives_the_space_back_in_small_steps_once_the_file_is_in_incremental_mode(db_path: Path) -> None:
-    from archiver import erase
+    from archiver.archive import erase
 
     store = Store.open(db_path)
     try:

@@ -30,8 +30,8 @@ import pytest
 import redis as redis_lib
 from prometheus_client.parser import text_string_to_metric_families
 
-from archiver.backup import backup
-from archiver.store import DAMAGED_ADVICE
+from archiver.archive.backup import backup
+from archiver.archive.store import DAMAGED_ADVICE
 from tests.fault_helpers import (
     KEYSPACE_PATTERN,
     archived,

@@ -17,14 +17,14 @@ import redis as redis_lib
 from redis.exceptions import NoPermissionError
 from structlog.testing import capture_logs
 
-from archiver import fetcher as fetcher_module
 from archiver.config import load_settings
-from archiver.dirty import Dirty
-from archiver.fetcher import QUEUE_DEPTH, Fetcher, Work
+from archiver.daemon import fetcher as fetcher_module
+from archiver.daemon.dirty import Dirty
+from archiver.daemon.fetcher import QUEUE_DEPTH, Fetcher, Work
+from archiver.daemon.reconcile_pass import ReconcilePass, State
 from archiver.kinds import Kind
 from archiver.models import Fetched, Gone
-from archiver.reconcile_pass import ReconcilePass, State
-from archiver.source import NotifyState
+from archiver.redis_side.source import NotifyState
 from tests.helpers import wait_for
 
 pytestmark = pytest.mark.unit

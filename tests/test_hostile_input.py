@@ -27,6 +27,7 @@ from desto.redis.sqlite_store import SQLiteStore
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from archiver.archive.store import Batch, Store
 from archiver.config import DEFAULT_QUARANTINE_RECORD_BYTES
 from archiver.keys import ID_FIELDS, classify, record_key
 from archiver.kinds import Kind
@@ -42,7 +43,6 @@ from archiver.models import (
     encode_resp,
     normalize,
 )
-from archiver.store import Batch, Store
 from tests.desto_helpers import desto_log
 from tests.fault_helpers import archived, desto_view, write_job, write_session
 from tests.helpers import daemon_thread, favorite_hash, job_hash, now_iso, query, session_hash, settings_for, wait_for

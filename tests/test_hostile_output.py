@@ -30,7 +30,8 @@ CONTROL = re.compile("[\x00-\x09\x0b-\x1f\x7f-\x9f]")
 
 def cli(server, db_path: Path, *args: str, umask: int | None = None, **env: str) -> subprocess.CompletedProcess[str]:
     """The command in a process of its own; ``umask``: the shell's, set before the command starts."""
-    prefix = [] if umask is None else ["-c", f"import os, sys; os.umask({umask}); from archiver.cli import main; "
+    prefix = [] if umask is None else ["-c", f"import os, sys; os.umask({umask}); "
+                                             "from archiver.commands.cli import main; "
                                              "sys.argv[0] = 'desto-archiver'; sys.exit(main())"]  # fmt: skip
     result = subprocess.run(
         [sys.executable, *(prefix or ["-m", "archiver"]), *args],
@@ -340,7 +341,7 @@ def test_read_only_commands_open_the_file_named_even_when_its_path_looks_like_a_
 
 def test_every_read_only_open_of_the_archive_goes_through_the_one_helper() -> None:
     """A module that builds its own ``file:`` URI from a path brings the problem above back (a
-    new one did, once): every read-only open goes through ``archiver.sql.read_only``."""
+    new one did, once): every read-only open goes through ``archiver.archive.sql.read_only``."""
     package = Path(__file__).resolve().parent.parent / "archiver"
     own = [
         f"{module.name}:{n}"

@@ -23,10 +23,10 @@ import redis as redis_lib
 import structlog
 
 from archiver import log as archiver_log
-from archiver import redis_client
 from archiver.keys import classify
 from archiver.models import Rejected, decode_resp, normalize
-from archiver.source import SLOW_TRIES, Source
+from archiver.redis_side import redis_client
+from archiver.redis_side.source import SLOW_TRIES, Source
 from tests.fault_helpers import settle, start_ready, write_job, write_session
 from tests.helpers import daemon_env, query, settings_for, wait_for
 from tests.procfs import status_kb, vm_hwm_kb

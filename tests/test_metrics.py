@@ -13,7 +13,7 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from archiver import __version__
-from archiver.metrics import Metrics, Snapshot
+from archiver.daemon.metrics import Metrics, Snapshot
 from tests.helpers import REPO
 
 pytestmark = pytest.mark.unit

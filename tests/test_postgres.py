@@ -18,9 +18,9 @@ import psycopg
 import pytest
 from desto.redis.sqlite_store import SQLiteStore
 
-from archiver import changelog
-from archiver.cli import main
-from archiver.postgres import PG_SCHEMA_VERSION
+from archiver.archive import changelog
+from archiver.central.postgres import PG_SCHEMA_VERSION
+from archiver.commands.cli import main
 from tests.helpers import REPO, atjob_hash, daemon_thread, job_hash, session_hash, settings_for, wait_for
 from tests.pg_helpers import central_differences, pg_rows
 from tests.redis_server import free_port
@@ -336,7 +336,8 @@ def test_without_psycopg_the_daemon_and_commands_run_and_shipping_says_what_to_i
         [
             sys.executable,
             "-c",
-            "import sys, archiver.cli, archiver.pipeline, archiver.reader; print('psycopg' in sys.modules)",
+            "import sys, archiver.commands.cli, archiver.daemon.pipeline, archiver.archive.reader; "
+            "print('psycopg' in sys.modules)",
         ],
         env=env,
         capture_output=True,

@@ -14,7 +14,7 @@ import psycopg
 import pytest
 from desto.redis.sqlite_store import SQLiteStore
 
-from archiver.cli import main
+from archiver.commands.cli import main
 from tests.helpers import count, daemon_thread, job_hash, session_hash, settings_for, wait_for
 from tests.pg_helpers import pg_rows
 

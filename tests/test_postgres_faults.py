@@ -25,7 +25,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from archiver.ship import STATE_FILE_ID
+from archiver.central.ship import STATE_FILE_ID
 from tests.fault_helpers import heartbeat, settle, start_ready
 from tests.helpers import REPO, daemon_env, log_events, query, wait_for
 from tests.pg_helpers import Proxy, central_differences

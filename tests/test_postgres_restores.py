@@ -18,8 +18,8 @@ import pytest
 from desto.redis import SQLiteStore
 from desto.redis.models import DestoSession, SessionStatus
 
-from archiver import changelog
-from archiver.cli import main
+from archiver.archive import changelog
+from archiver.commands.cli import main
 from tests.helpers import count, daemon_thread, job_hash, session_hash, settings_for, wait_for
 from tests.pg_helpers import central_differences, pg_rows
 

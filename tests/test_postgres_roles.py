@@ -17,7 +17,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from archiver.cli import main
+from archiver.commands.cli import main
 from tests.helpers import daemon_thread, session_hash, settings_for, wait_for
 from tests.pg_helpers import central_differences, pg_rows
 
@@ -188,7 +188,7 @@ def test_an_existing_central_database_is_upgraded_by_the_owner_s_grant(
 ):
     """A central database of schema 3 shipped to by a role with the DML the documentation gave: the
     new version refuses that role until the owner runs `grant` (which upgrades the schema first)."""
-    from archiver import postgres
+    from archiver.central import postgres
 
     archive(redis, redis_server, db_path, 2)
     with roles(pg_url, 1) as (role,):

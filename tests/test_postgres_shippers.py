@@ -20,10 +20,10 @@ from desto.redis import SQLiteStore
 from desto.redis.models import DestoSession
 from structlog.testing import capture_logs
 
-from archiver import ship
-from archiver.cli import main
-from archiver.ship import FileReplaced, NeedsCopy, Shipper
-from archiver.store import Store
+from archiver.archive.store import Store
+from archiver.central import ship
+from archiver.central.ship import FileReplaced, NeedsCopy, Shipper
+from archiver.commands.cli import main
 from tests.helpers import daemon_thread, session_hash, settings_for, wait_for
 from tests.pg_helpers import central_differences, pg_rows
 
@@ -213,7 +213,7 @@ def test_a_shipper_whose_file_was_removed_leaves_the_path_to_the_daemon(redis, r
     file still empty, not yet in WAL mode) or opened on the lost file's WAL and shared memory still
     at the path gave disk I/O errors, the daemon's own start refused, and a SIGBUS. The daemon opens
     the new file and only then starts a shipper for it."""
-    from archiver.shipper import ShipperThread
+    from archiver.daemon.shipper import ShipperThread
 
     settings = settings_for(redis_server, db_path, postgres_url=pg_url, source_name=SOURCE, ship_interval=0.05)
     Store.open(db_path, 5.0).close()

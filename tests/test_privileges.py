@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from archiver.archive.store import DaemonLock, Store, StoreError
 from archiver.config import load_settings
-from archiver.store import DaemonLock, Store, StoreError
-from archiver.systemd import render_unit
+from archiver.daemon.systemd import render_unit
 from tests.helpers import REPO
 
 pytestmark = pytest.mark.unit

@@ -13,14 +13,14 @@ from unittest.mock import ANY
 from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
 
-from archiver import changelog, erase, schema
+from archiver.archive import changelog, erase, schema
+from archiver.archive.quarantine import PREFIX_BYTES, Limits, not_kept, used_bytes
+from archiver.archive.reader import Filters, Reader
+from archiver.archive.store import Batch, Store
+from archiver.central.ship import Shipper
 from archiver.config import load_settings
 from archiver.keys import classify
 from archiver.models import Fetched, Outcome, decode_resp, encode_resp, iso_utc, normalize
-from archiver.quarantine import PREFIX_BYTES, Limits, not_kept, used_bytes
-from archiver.reader import Filters, Reader
-from archiver.ship import Shipper
-from archiver.store import Batch, Store
 from tests.helpers import count, daemon_thread, job_hash, query, session_hash, settings_for, wait_for
 from tests.pg_helpers import central_differences, pg_rows
 from tests.redis_server import free_port

@@ -12,8 +12,8 @@ import threading
 import pytest
 from structlog.testing import capture_logs
 
-from archiver import read_clock as read_clock_module
-from archiver.read_clock import ReadClock
+from archiver.redis_side import read_clock as read_clock_module
+from archiver.redis_side.read_clock import ReadClock
 
 pytestmark = pytest.mark.unit
 

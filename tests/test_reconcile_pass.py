@@ -1,14 +1,14 @@
 """The reconcile pass shared by the daemon's two threads, transition by transition (its table is
-in archiver/reconcile_pass.py), failed steps included. No Redis and no file: stand-ins."""
+in archiver/daemon/reconcile_pass.py), failed steps included. No Redis and no file: stand-ins."""
 
 from __future__ import annotations
 
 import pytest
 import redis as redis_lib
 
+from archiver.daemon.reconcile_pass import ReconcilePass, State, StateError
 from archiver.keys import record_key
 from archiver.kinds import Kind
-from archiver.reconcile_pass import ReconcilePass, State, StateError
 
 pytestmark = pytest.mark.unit
 

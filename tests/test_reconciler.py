@@ -12,16 +12,16 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
+from archiver.archive.store import BatchResult
 from archiver.config import load_settings
-from archiver.fetcher import Work
-from archiver.inbox import Inbox
+from archiver.daemon.fetcher import Work
+from archiver.daemon.inbox import Inbox
+from archiver.daemon.reconcile_pass import ReconcilePass, State
+from archiver.daemon.reconciler import Reconciles
+from archiver.daemon.schedule import Deadline, Schedule
 from archiver.keys import record_key
 from archiver.kinds import Kind
-from archiver.reconcile_pass import ReconcilePass, State
-from archiver.reconciler import Reconciles
-from archiver.schedule import Deadline, Schedule
-from archiver.source import NotifyState
-from archiver.store import BatchResult
+from archiver.redis_side.source import NotifyState
 
 pytestmark = pytest.mark.unit
 

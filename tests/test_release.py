@@ -62,7 +62,7 @@ def test_the_wheel_holds_the_package_its_licence_and_its_metadata(dist: tuple[Pa
     headers = dict(line.split(": ", 1) for line in metadata.split("\n\n", 1)[0].splitlines() if ": " in line)
     assert headers["Version"] == __version__ and headers["License-Expression"] == "MIT"
     assert "Project-URL: desto, https://github.com/kalfasyan/desto" in metadata
-    assert "desto-archiver = archiver.cli:main" in entry_points
+    assert "desto-archiver = archiver.commands.cli:main" in entry_points
 
 
 def test_the_sdist_is_the_whole_project(dist: tuple[Path, Path]) -> None:

@@ -284,7 +284,7 @@ def test_contributing_says_how_to_test_add_a_kind_keep_a_benchmark_and_release()
         assert tier in text, tier
     for marker in re.findall(r'^    "(\w+):', (REPO / "pyproject.toml").read_text(), re.MULTILINE):
         assert marker in text, f"the pytest marker {marker} is not among CONTRIBUTING.md's tiers"
-    for step in ("archiver/kinds.py", "archiver/models.py", "archiver/schema.py", "SCHEMA_VERSION"):
+    for step in ("archiver/kinds.py", "archiver/models.py", "archiver/archive/schema.py", "SCHEMA_VERSION"):
         assert step in text, step
     for step in ("python -m bench", "python -m bench.keep", "bench/results/", "scripts/bench_tables.py"):
         assert step in text, step

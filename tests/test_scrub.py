@@ -1,4 +1,4 @@
-"""The scrub of every page (archiver/scrub.py): the free bytes of pages SQLite wrote without
+"""The scrub of every page (archiver/archive/scrub.py): the free bytes of pages SQLite wrote without
 secure_delete, zeroed in place, with nothing else changed, also while another connection writes
 between its steps. The oracle is the test's own: the tokens it wrote and which of them it erased,
 and SQLite's accounting of each page (dbstat)."""
@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from archiver import erase, pages, scrub
-from archiver.store import Store
+from archiver.archive import erase, pages, scrub
+from archiver.archive.store import Store
 
 pytestmark = pytest.mark.unit
 

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import structlog
 
-from archiver.cli import main
+from archiver.archive.store import Store
+from archiver.commands.cli import main
 from archiver.config import ConfigError, load_settings
 from archiver.log import configure, get_logger
-from archiver.store import Store
 
 pytestmark = pytest.mark.unit
 
@@ -79,7 +79,7 @@ def test_what_libpq_says_about_a_postgres_url_never_holds_its_password(
     pytest.importorskip("psycopg")
     import psycopg
 
-    from archiver.postgres import connect
+    from archiver.central.postgres import connect
 
     url = "postgresql://u@127.0.0.1:5432/db?password=pa%zzss"
     with pytest.raises(psycopg.Error) as raised:

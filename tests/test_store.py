@@ -12,12 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from archiver.keys import classify, record_key
-from archiver.kinds import Kind
-from archiver.models import Fetched, Outcome, TimedHint, normalize
-from archiver.schema import SCHEMA_VERSION
-from archiver.sql import select_in
-from archiver.store import (
+from archiver.archive.schema import SCHEMA_VERSION
+from archiver.archive.sql import select_in
+from archiver.archive.store import (
     DAMAGED_ADVICE,
     AlreadyRunning,
     Batch,
@@ -27,6 +24,9 @@ from archiver.store import (
     is_damaged,
     store_advice,
 )
+from archiver.keys import classify, record_key
+from archiver.kinds import Kind
+from archiver.models import Fetched, Outcome, TimedHint, normalize
 from tests.helpers import (
     count,
     damage_pages,
@@ -439,7 +439,7 @@ def test_a_row_the_file_refuses_is_quarantined_alone(store: Store, db_path: Path
 
 
 def test_a_file_at_schema_1_is_migrated_forward_keeping_its_rows(db_path: Path) -> None:
-    from archiver import schema
+    from archiver.archive import schema
 
     db_path.parent.mkdir(parents=True)
     conn = sqlite3.connect(db_path, isolation_level=None)

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from archiver.config import load_settings
-from archiver.health import Notifier
-from archiver.systemd import render_unit
+from archiver.daemon.health import Notifier
+from archiver.daemon.systemd import render_unit
 from tests.fault_helpers import start_ready
 from tests.helpers import REPO, count, job_hash, session_hash, wait_for
 from tests.redis_server import RedisServer, free_port

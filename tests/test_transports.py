@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 import trustme
 
-from archiver.inbox import Inbox
-from archiver.listener import Listener
-from archiver.source import Source
+from archiver.daemon.inbox import Inbox
+from archiver.redis_side.listener import Listener
+from archiver.redis_side.source import Source
 from tests.fault_helpers import (
     archived,
     assert_archive_equals_redis,
@@ -196,7 +196,7 @@ class SlowInbox(Inbox):
 def test_a_barrier_on_the_subscription_comes_after_every_notification_sent_before_it(
     redis_server, redis, db_path: Path, protocol: str
 ) -> None:
-    """What the count of missed changes rests on (archiver/missed.py): once the listener reaches a
+    """What the count of missed changes rests on (archiver/daemon/missed.py): once the listener reaches a
     barrier asked for after some changes, it has handed over the notification of each of them;
     in either of Redis' protocols, whose PING answers differ on a subscribed connection."""
     settings = settings_for(redis_server, db_path, redis_url=f"{redis_server.url}?protocol={protocol}")

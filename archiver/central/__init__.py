@@ -1,0 +1,1 @@
+"""Central: the PostgreSQL schema, shipping the file into it, the reads of it."""

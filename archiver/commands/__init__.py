@@ -1,0 +1,1 @@
+"""The command line: one module per command or small group, their output."""

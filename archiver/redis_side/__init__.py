@@ -1,0 +1,1 @@
+"""The Redis side: connections, the subscription, the commands sent, Redis' clock."""
