@@ -38,7 +38,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # the checkout's archiver, installed or not
 
-from archiver.commands.cli import _config_options, build_parser  # noqa: E402
+from archiver.commands.cli import build_parser  # noqa: E402
+from archiver.commands.options import config_options  # noqa: E402
 from archiver.config import ENV_NAMES, Settings  # noqa: E402
 
 DOCS = REPO / "docs"
@@ -127,7 +128,7 @@ def _usage(parser: argparse.ArgumentParser) -> str:
 def commands_reference() -> str:
     """Every command: what it does, its usage, its own options and its example."""
     parser = build_parser()
-    shared = {a.dest for a in _options(_config_options())}
+    shared = {a.dest for a in _options(config_options())}
     out: list[str] = []
     for name, sub in _subcommands(parser).items():
         if not sub.description or not sub.epilog:
@@ -153,7 +154,7 @@ def commands_reference() -> str:
 
 def shared_options() -> str:
     """The configuration options every command takes."""
-    rows = [f"| {_option_text(a)} | {_cell(a.help or '')} |" for a in _options(_config_options())]
+    rows = [f"| {_option_text(a)} | {_cell(a.help or '')} |" for a in _options(config_options())]
     return "\n".join(["| option | meaning |", "|---|---|", *rows])
 
 

@@ -232,6 +232,7 @@ def test_backfill_progress_is_logged_every_5_s_from_5_s_on_when_not_on_a_termina
     """Each page of the scan takes 2 s by the command's clock: a line at 6 s, 12 s, ... and none
     before 5 s (a run of a few milliseconds logs none: test_cli)."""
     from archiver.commands import cli as cli_module
+    from archiver.commands import running
 
     load(redis, sessions=50)
     ticks = iter(range(0, 10_000, 2))
@@ -241,7 +242,7 @@ def test_backfill_progress_is_logged_every_5_s_from_5_s_on_when_not_on_a_termina
         def monotonic() -> float:
             return float(next(ticks))
 
-    monkeypatch.setattr(cli_module, "time", Clock)
+    monkeypatch.setattr(running, "time", Clock)
     args = ["backfill", "--redis-url", redis_server.url, "--db", str(db_path), "--batch-size", "5"]
     code = cli_module.main([*args, "--log-format", "json"])
     err = capsys.readouterr().err
