@@ -439,8 +439,8 @@ def code_version() -> dict[str, Any]:
     """Which archiver the run measures: the commit, the files of archiver/ changed since, and a
     digest of archiver/'s sources (compared at the end of a run, to catch edits made during it)."""
     digest = hashlib.sha256()
-    for path in sorted((REPO / "archiver").glob("*.py")):
-        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    for path in sorted((REPO / "archiver").rglob("*.py")):
+        digest.update(path.relative_to(REPO).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
     info: dict[str, Any] = {"digest": digest.hexdigest()[:12], "commit": None, "uncommitted": []}
     with contextlib.suppress(OSError, subprocess.SubprocessError):
         info["commit"] = (

@@ -58,7 +58,7 @@ def test_the_wheel_holds_the_package_its_licence_and_its_metadata(dist: tuple[Pa
         assert zf.read(f"{info}/licenses/LICENSE") == (REPO / "LICENSE").read_bytes()
     assert {n.split("/")[0] for n in names} == {"archiver", info}
     packaged = {n.removeprefix("archiver/") for n in names if n.startswith("archiver/")}
-    assert packaged == {p.name for p in (REPO / "archiver").glob("*.py")}
+    assert packaged == {p.relative_to(REPO / "archiver").as_posix() for p in (REPO / "archiver").rglob("*.py")}
     headers = dict(line.split(": ", 1) for line in metadata.split("\n\n", 1)[0].splitlines() if ": " in line)
     assert headers["Version"] == __version__ and headers["License-Expression"] == "MIT"
     assert "Project-URL: desto, https://github.com/kalfasyan/desto" in metadata
