@@ -164,3 +164,24 @@ def test_a_pass_is_started_once() -> None:
     with pytest.raises(StateError):
         rec.start(redis)  # type: ignore[arg-type]
     assert rec.state is State.SCANNING
+
+
+def test_a_sweep_page_the_file_could_not_give_moves_nothing() -> None:
+    """The main thread's look in the file fails (the file busy, or gone): the pass stays sweeping,
+    and the next look finds the same page."""
+    import sqlite3
+
+    rec = started(Redis([]))
+    rec.scan_page()
+    rec.scan_page_read()
+    rec.scan_written()
+
+    class Failing(File):
+        def live_not_read_since(self, kind: Kind, since_us: int, after_rowid: int, limit: int) -> list[tuple[int, str]]:
+            raise sqlite3.OperationalError("database is locked")
+
+    with pytest.raises(sqlite3.OperationalError):
+        rec.next_sweep_page(Failing("s1"))  # type: ignore[arg-type]
+    assert rec.state is State.SWEEPING and rec.sweep_page() is None
+    assert rec.next_sweep_page(File("s1"))  # type: ignore[arg-type]
+    assert rec.sweep_page() == [record_key(Kind.SESSION, "s1")] and rec.state is State.PAGING

@@ -1,8 +1,9 @@
 """One reconcile of the daemon, shared by its two threads: the handshake in one place.
 
-The main thread begins a pass, writes the pages the fetcher read, and finds the pages of its
-sweep in the file; the fetcher reads the pass's pages from Redis. Each state is left by one
-thread only:
+The main thread (daemon/pipeline.py, through daemon/reconciler.py) begins a pass, writes the
+pages the fetcher read, and finds the pages of its sweep in the file; the fetcher thread
+(daemon/fetcher.py) reads the pass's pages from Redis. Each state is left by one thread only
+("main": the main thread, "fetcher": the fetcher thread):
 
     state       left by   for          when
     requested   fetcher   scanning     Redis' clock is read (and its notification flags looked at,
@@ -15,7 +16,8 @@ thread only:
     paging      fetcher   paged        the sweep's page is read and handed to the writer
     paged       main      sweeping     that page is written
 
-A read that fails moves nothing: the pass keeps its page (the scan page's keys, not only SCAN's
+A read that fails moves nothing (and so does a look in the file for the sweep's next page that
+fails: the pass stays sweeping): the pass keeps its page (the scan page's keys, not only SCAN's
 cursor, which has moved on) and the fetcher reads it again after its backoff, as often as it
 takes. So a pass is done only once every page of it is written, and nothing but a new pass
 replaces it: the main thread begins another (a reconnect, a file opened again), and the fetcher
