@@ -49,11 +49,55 @@ class FileReplaced(Exception):
 NOT_THE_SHIPPED_LOG = "not the change log that was shipped: a restored or copied file"
 
 
+TokenAt = Callable[[int], bytes | None]  # the token of the file's log entry of that number (None: none)
+
+
+def marks_the_log(head: int | None, head_token: bytes | None, token_at: TokenAt) -> bool:
+    """Whether a mark (``head``, ``head_token``) names the file's change log: its entry ``head``
+    has that token."""
+    return head is not None and head_token is not None and token_at(head) == head_token
+
+
 @dataclass(frozen=True, slots=True)
-class Shipped:
-    """What PostgreSQL holds of a source: the file shipping it, the last log entry and the last
-    status-history row shipped, and the mark of the log its rows were read from (the number and
-    token of that log's last entry then: ``head``, ``head_token``)."""
+class ShipPosition:
+    """Where a source's shipping stands: one row of the central ``ship_positions``, read against
+    the file that ships under the source.
+
+    The central row (what PostgreSQL holds of the source):
+
+    - ``file_id``: the file shipping the source; the file keeps its own id in its
+      ``archiver_state['ship_file_id']`` (``STATE_FILE_ID``), given on its first ship;
+    - ``position``: the last entry of the file's change log PostgreSQL holds (every change up to
+      it is shipped); None until a copy recorded one (or while the file keeps no log);
+    - ``history_id``: the last ``status_history`` row shipped (that table grows by id and is
+      shipped by number, not through the log);
+    - ``head``, ``head_token``: the mark of the log the rows were read from: the number and token
+      of that log's last entry at the read. None: an older desto-archiver's row, which kept none.
+
+    The file's side: ``archiver_state['changes_from']`` (``changelog.complete_from``) is the
+    first entry from which its log is complete (None: the log is off); ``changelog.last_seq`` its
+    last entry; ``changelog.token_at`` an entry's token.
+
+    The invariants the decisions rest on:
+
+    1. rows land with the position that covers them, in one PostgreSQL transaction under the
+       source's lock: the position never claims a change that is not in PostgreSQL;
+    2. entries are numbered only within one log: a copy of the file (a backup restored, a snapshot
+       rolled back) numbers its own on from where it was taken, so only the token at ``head``
+       tells that the file's log is the one shipped (:meth:`is_the_shipped_file`);
+    3. the file trims its log only below ``position``, so ``head`` (at or after it) stays in the
+       file until a later batch moves it, and the log from ``position`` on is complete while
+       ``position + 1 >= changes_from``;
+    4. a copy records the position of the log it copied up to; a shipper of the same file that
+       shipped further meanwhile keeps its place (the upsert of ``Shipper._record_copy``); the
+       mark of a file it replaces is kept in ``ship_files``, so that file is told from a copy of
+       it if it comes back.
+
+    The decisions: :meth:`is_the_shipped_file` (is this file the one shipped?),
+    :meth:`copy_needed` (copy the whole file, or follow the log?), :meth:`left_to_ship`,
+    :meth:`nothing_to_ship` and :meth:`after_batch` (what is left to ship, and where a batch
+    leaves the position).
+    """
 
     file_id: str
     position: int | None
@@ -61,12 +105,77 @@ class Shipped:
     head: int | None
     head_token: bytes | None
 
+    def is_the_shipped_file(self, file_id: str, last_seq: int, token_at: TokenAt) -> bool:
+        """Whether the file of id ``file_id`` (its log ending at ``last_seq``) is the one that
+        shipped under this position: the same id, and its log is the one marked. Without a mark
+        (an older desto-archiver's row), a position beyond the file's log tells a copy."""
+        if file_id != self.file_id:
+            return False
+        if self.head is None:
+            return not (self.position is not None and self.position > last_seq)
+        return marks_the_log(self.head, self.head_token, token_at)
+
+    @staticmethod
+    def copy_needed(
+        known: ShipPosition | None, file_id: str, complete_from: int | None, token_at: TokenAt
+    ) -> str | None:
+        """Why the change log alone cannot bring PostgreSQL up to date for the file ``file_id``
+        (``known``: the source's position, None when PostgreSQL has none), so the whole file is
+        copied first. None: follow the log from ``known.position``."""
+        if (
+            known is None
+            or known.position is None
+            or known.history_id is None
+            or known.file_id != file_id
+            or complete_from is None
+        ):
+            return "no position for this file"
+        if known.head is None:
+            return "PostgreSQL holds no mark of the change log shipped (an older desto-archiver's)"
+        if not marks_the_log(known.head, known.head_token, token_at):
+            return NOT_THE_SHIPPED_LOG
+        if known.position + 1 < complete_from:
+            return "the change log was cut short"
+        return None
+
+    def left_to_ship(self, last_seq: int) -> int | None:
+        """Changes of the file's log PostgreSQL does not hold yet, counted by number (None: no
+        position yet)."""
+        return None if self.position is None else max(0, last_seq - self.position)
+
+    def nothing_to_ship(self, entries: int, new_history: int, newest_history: int) -> bool:
+        """A batch that found no log entry after the position and no status-history row after
+        ``history_id`` ships nothing, unless ``history_id`` is above the file's highest row (that
+        row was deleted, and its number will be used again: the position moves back to it)."""
+        assert self.history_id is not None
+        return not entries and not new_history and self.history_id <= newest_history
+
+    def after_batch(
+        self,
+        last_entry: int | None,
+        last_history: int | None,
+        newest_history: int,
+        head: int,
+        head_token: bytes | None,
+    ) -> ShipPosition:
+        """The position once a batch landed: at its last log entry (or where it was), at its last
+        status-history row (never above the file's highest), marked with the log's last entry as
+        of the read (``head``, ``head_token``)."""
+        assert self.position is not None and self.history_id is not None
+        return ShipPosition(
+            self.file_id,
+            last_entry if last_entry is not None else self.position,
+            min(last_history if last_history is not None else self.history_id, newest_history),
+            head,
+            head_token,
+        )
+
 
 def log_is_shipped(conn: sqlite3.Connection, head: int | None, head_token: bytes | None) -> bool:
     """Whether the file's change log is the one PostgreSQL's mark names: its entry ``head`` has the
     token kept. A restored or copied file numbers its entries on from where it was taken, so a
     number alone cannot tell; the token can."""
-    return head is not None and head_token is not None and changelog.token_at(conn, head) == head_token
+    return marks_the_log(head, head_token, partial(changelog.token_at, conn))
 
 
 def _fetch_all(conn: sqlite3.Connection, sql: str, params: Sequence[Any]) -> list[Any]:
@@ -275,13 +384,13 @@ class Shipper:
     def _lock_key(self) -> str:
         return f"desto-archiver:ship:{self.schema}:{self.source}"
 
-    def _position_row(self, cur: psycopg.Cursor[Any]) -> Shipped | None:
+    def _position_row(self, cur: psycopg.Cursor[Any]) -> ShipPosition | None:
         row = cur.execute(
             f"SELECT file_id, position, history_id, head, head_token FROM {self.schema}.ship_positions "
             "WHERE source_name = %s",
             (self.source,),
         ).fetchone()
-        return None if row is None else Shipped(row[0], row[1], row[2], row[3], _bytes(row[4]))
+        return None if row is None else ShipPosition(row[0], row[1], row[2], row[3], _bytes(row[4]))
 
     def ship_batch(self) -> int:
         """Ship the next batch of the change log; returns how many log entries it covered (0: none
@@ -296,21 +405,11 @@ class Shipper:
                 self.file_id = self._stored_file_id() or self.file_id
                 start = changelog.complete_from(self.sqlite)
                 last = changelog.last_seq(self.sqlite)
-                if (
-                    known is None
-                    or known.position is None
-                    or known.history_id is None
-                    or known.file_id != self.file_id
-                    or start is None
-                ):
-                    raise NeedsCopy("no position for this file")
+                reason = ShipPosition.copy_needed(known, self.file_id, start, partial(changelog.token_at, self.sqlite))
+                if reason is not None:
+                    raise NeedsCopy(reason)
+                assert known is not None and known.position is not None and known.history_id is not None
                 position, history_id = known.position, known.history_id
-                if known.head is None:
-                    raise NeedsCopy("PostgreSQL holds no mark of the change log shipped (an older desto-archiver's)")
-                if not log_is_shipped(self.sqlite, known.head, known.head_token):
-                    raise NeedsCopy(NOT_THE_SHIPPED_LOG)
-                if position + 1 < start:
-                    raise NeedsCopy("the change log was cut short")
                 head_token = changelog.token_at(self.sqlite, last)
                 entries = changelog.read(self.sqlite, position, self.batch_size)
                 history = self.tables["status_history"]
@@ -324,7 +423,7 @@ class Shipper:
                 )
                 # a number above the highest row is used again once that row is deleted: ship it again then
                 newest = self.sqlite.execute("SELECT coalesce(max(id), 0) FROM status_history").fetchone()[0]
-                if not entries and not new_history and history_id <= newest:
+                if known.nothing_to_ship(len(entries), len(new_history), newest):
                     self.sqlite.execute("COMMIT")
                     self.position = position
                     return 0
@@ -347,18 +446,23 @@ class Shipper:
             # last: the batch may carry rows of a record erased since (its history not purged yet)
             ship_erasures.apply(cur, self.schema, self.source, self.file_id, erasures)
             ship_erasures.take_back(cur, self.schema, self.source, taken_back)
-            new_position = entries[-1][0] if entries else position
-            new_history_id = min(new_history[-1][0] if new_history else history_id, newest)
-            self._check_file()
             # the rows were read with the log up to ``last``: its entry marks the log they came from
+            now = known.after_batch(
+                entries[-1][0] if entries else None,
+                new_history[-1][0] if new_history else None,
+                newest,
+                last,
+                head_token,
+            )
+            self._check_file()
             cur.execute(
                 f"UPDATE {self.schema}.ship_positions SET position = %s, history_id = %s, head = %s, head_token = %s, "
                 "shipped_at = now() WHERE source_name = %s AND file_id = %s",
-                (new_position, new_history_id, last, head_token, self.source, self.file_id),
+                (now.position, now.history_id, now.head, now.head_token, self.source, self.file_id),
             )
             if cur.rowcount == 0:  # the row is there (read above): the policies hid it from this role
                 raise not_allowed(str(self.pg.info.user), self.schema, self.source)
-        self.position = new_position
+        self.position = now.position
         return max(1, len(entries) + len(new_history))
 
     def trim(self) -> int:
@@ -372,7 +476,7 @@ class Shipper:
         batch). Counted by number, not by row: cheap however long the log."""
         if self.sqlite is None or self.position is None:
             return None
-        return max(0, changelog.last_seq(self.sqlite) - self.position)
+        return ShipPosition(self.file_id, self.position, None, None, None).left_to_ship(changelog.last_seq(self.sqlite))
 
     def copy_all(self, progress: Progress | None = None) -> CopyReport:
         """Copy every row of the file, then delete central rows of this file that the file no longer
@@ -420,15 +524,13 @@ class Shipper:
         report.elapsed_s = time.monotonic() - started
         return report
 
-    def _is_another_file(self, known: Shipped | None, snapshot: int) -> bool:
+    def _is_another_file(self, known: ShipPosition | None, snapshot: int) -> bool:
         """Whether the file, though its file_id says so, is not the one that shipped under it: its
         change log is not the one marked in PostgreSQL (a backup restored, a copy, a snapshot
         rolled back; also a file this host shipped from earlier and that comes back as a copy)."""
         assert self.sqlite is not None and self.pg is not None
         if known is not None and known.file_id == self.file_id:
-            if known.head is None:  # a mark an older desto-archiver did not keep: its own rule
-                return known.position is not None and known.position > snapshot
-            return not log_is_shipped(self.sqlite, known.head, known.head_token)
+            return not known.is_the_shipped_file(self.file_id, snapshot, partial(changelog.token_at, self.sqlite))
         earlier = self.pg.execute(
             f"SELECT head, head_token FROM {self.schema}.ship_files WHERE source_name = %s AND file_id = %s",
             (self.source, self.file_id),
