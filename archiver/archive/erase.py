@@ -29,17 +29,82 @@ from archiver.redis_side.read_clock import now_us
 if TYPE_CHECKING:
     from archiver.archive.store import Store
 
-HOW = {
-    "desto": "desto's History tab",
-    "forget": "desto-archiver forget",
-    "retention": "the retention period",
-}
 log = get_logger("archiver.archive.erase")
 
 _SCRUB_STATE = "scrub_pending"  # archiver_state: "pages" or "truncate", until the file is scrubbed
 _UNZEROED = "written_unzeroed"  # set by the migrations to schema 3 and 5, and schema 5's triggers (schema.py)
 _WAL_TRIES = 20  # tries, 50 ms apart, at starting the WAL over past readers on old snapshots
 _PAGES_PER_STEP = 256  # incremental_vacuum pages per transaction: 1 MB of 4 KB pages
+
+
+@dataclass(frozen=True)
+class Erasure:
+    """One way a record is erased, and the rules the erasure follows (the table below, the same
+    as docs/deleting-history.md's "The ways to delete": a test keeps the two equal)."""
+
+    way: str  # how a person asks for it
+    goes: str  # what goes
+    how: str  # what ``archiver_erased`` remembers: it chooses the rules below when the erasure is finished
+    described: str  # how ``show``, ``stats`` and ``check`` name it
+    jobs_follow: bool  # an erased session takes its jobs (in the file, only in quarantine, named by its job list)
+    overwritten: bool | None  # the delete overwrites the bytes (None: as desto's SQLite is built; the trigger notes it)
+
+
+def _by_desto(way: str, goes: str) -> Erasure:
+    """A deletion in desto, noted by the schema's triggers in desto's own transaction."""
+    return Erasure(way, goes, how="desto", described="desto's History tab", jobs_follow=True, overwritten=None)
+
+
+ERASURE_RULES: tuple[Erasure, ...] = (
+    _by_desto(
+        "desto's History tab: a session's trash button (`SQLiteStore.delete_session`)",
+        "the session and its jobs: those in the file, those only in quarantine, those its job list names, "
+        "and jobs chained to it later, which the archive never met",
+    ),
+    _by_desto(
+        "desto's History tab: Clear History (`clear_sessions_and_jobs`)",
+        "every session and job in the file at that moment; favorites stay; sessions created afterwards are "
+        "archived as usual",
+    ),
+    _by_desto(
+        "desto's `SQLiteStore.clear_all`",
+        "every session, job and favorite in the file at that moment",
+    ),
+    _by_desto("desto's `SQLiteStore.delete_favorite`", "that favorite"),
+    Erasure(
+        way="`desto-archiver forget ID...` / `--name NAME`",
+        goes="the named sessions (with their jobs), jobs, favorites, at-jobs",
+        how="forget",
+        described="desto-archiver forget",
+        jobs_follow=True,
+        overwritten=True,
+    ),
+    Erasure(
+        way="`ARCHIVER_RETENTION_DAYS` / `desto-archiver prune --older-than`",
+        goes="records that left Redis longer ago than the period",
+        how="retention",
+        described="the retention period",
+        jobs_follow=False,
+        overwritten=True,
+    ),
+)
+# The rules by what archiver_erased remembers (every way of one ``how`` follows the same rules).
+RULES: dict[str, Erasure] = {e.how: e for e in ERASURE_RULES}
+HOW = {how: rule.described for how, rule in RULES.items()}
+
+
+def jobs_follow(how: str | None) -> bool:
+    """Whether an erased session takes its jobs with it (a ``how`` the table does not know, another
+    program's: as desto's own)."""
+    rule = None if how is None else RULES.get(how)
+    return True if rule is None else rule.jobs_follow
+
+
+def _zeroed(how: str) -> int:
+    """``archiver_erased.zeroed`` for an erasure the archiver makes itself (its connection deletes
+    with secure_delete on)."""
+    assert RULES[how].overwritten, how
+    return 1
 
 
 def describe(kind: str, how: str) -> str:
@@ -138,8 +203,8 @@ def purge(conn: sqlite3.Connection, pending: Sequence[Sequence[Any]], at_us: int
     records = [(Kind(kind), record_id) for kind, record_id, _, _ in pending]
     # A session's jobs go with it, also one written after desto deleted the others, one only in
     # quarantine, one only its job list names. (Retention erases only what left Redis: there a
-    # session's jobs go by their own tombstones.)
-    sessions = {r: how for kind, r, how, _ in pending if kind == Kind.SESSION.value and how != "retention"}
+    # session's jobs go by their own tombstones: ERASURE_RULES.)
+    sessions = {r: how for kind, r, how, _ in pending if kind == Kind.SESSION.value and jobs_follow(how)}
     quarantined = 0
     if sessions:
         jobs = jobs_of(conn, list(sessions))
@@ -455,7 +520,7 @@ def forget(store: Store, targets: Sequence[Target]) -> Erased:
     at_us = now_us()
     with store.transaction() as conn:
         note(conn, [(t.kind, t.record_id) for t in targets], "forget", at_us)
-        out, level = purge(conn, [(t.kind.value, t.record_id, "forget", 1) for t in targets], at_us)
+        out, level = purge(conn, [(t.kind.value, t.record_id, "forget", _zeroed("forget")) for t in targets], at_us)
     others = finish(store)  # erasures desto made meanwhile, when no daemon runs to finish them
     if others is not None:
         out.merge(others)
@@ -535,7 +600,8 @@ def prune(
             if not targets:
                 break
             note(conn, [(t.kind, t.record_id) for t in targets], "retention", at_us)
-            erased, _ = purge(conn, [(t.kind.value, t.record_id, "retention", 1) for t in targets], at_us)
+            pending = [(t.kind.value, t.record_id, "retention", _zeroed("retention")) for t in targets]
+            erased, _ = purge(conn, pending, at_us)
         out.add(erased)
         batches += 1
     if out.records:

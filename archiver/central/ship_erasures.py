@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from archiver.archive.changelog import ERASURES, erasure_key
+from archiver.archive.erase import jobs_follow
 from archiver.archive.sql import has_erasures, select_in
 from archiver.kinds import KINDS, Kind
 
@@ -83,7 +84,7 @@ def apply(
     by_kind: dict[str, list[str]] = {}
     for e in erasures:
         by_kind.setdefault(e.kind, []).append(e.record_id)
-    sessions = [e.record_id for e in erasures if e.kind == Kind.SESSION.value and e.how != "retention"]
+    sessions = [e.record_id for e in erasures if e.kind == Kind.SESSION.value and jobs_follow(e.how)]
     if sessions:
         cur.execute(
             f"DELETE FROM {schema}.jobs WHERE source_name = %s AND session_id = ANY(%s) RETURNING job_id",
