@@ -31,8 +31,8 @@ START, END = "<!-- reliability:start -->", "<!-- reliability:end -->"
 SUITES = [
     "tests/test_reliability.py",
     "tests/test_faults.py",
-    "tests/test_postgres_faults.py",
-    "tests/test_hostile_redis.py",
+    "tests/central/test_postgres_faults.py",
+    "tests/redis_side/test_hostile_redis.py",
 ]
 
 

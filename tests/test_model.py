@@ -211,7 +211,7 @@ class ArchiveMachine(RuleBasedStateMachine):
         """desto's own SQLiteStore on the archive: its History tab, and its saves when its store is on.
         Played as a SQLite built without SECURE_DELETE when the run says so."""
         if self._store is None:
-            from tests.test_erase import desto_store
+            from tests.archive.test_erase import desto_store
 
             secure = None if self.desto_store_mode is None else self.desto_store_mode == "secure"
             self._store = desto_store(self.w.db, secure_delete=secure)

@@ -21,12 +21,12 @@ from archiver.central.ship import Shipper
 from archiver.config import load_settings
 from archiver.keys import classify
 from archiver.models import Fetched, Outcome, decode_resp, encode_resp, iso_utc, normalize
+from tests.archive.test_erase import MARKER, desto_store, grep_count
+from tests.archive.test_store import T0
+from tests.commands.test_commands import cli
 from tests.helpers import count, daemon_thread, job_hash, query, session_hash, settings_for, wait_for
 from tests.pg_helpers import central_differences, pg_rows
 from tests.redis_server import free_port
-from tests.test_commands import cli
-from tests.test_erase import MARKER, desto_store, grep_count
-from tests.test_store import T0
 
 KIB = 1024
 

@@ -23,6 +23,8 @@ from archiver.commands.backfill import backfill
 from archiver.keys import record_key
 from archiver.kinds import Kind
 from archiver.models import iso_utc
+from tests.archive.test_store import T0, read
+from tests.commands.test_commands import cli
 from tests.helpers import (
     atjob_hash,
     count,
@@ -36,8 +38,6 @@ from tests.helpers import (
     settings_for,
     wait_for,
 )
-from tests.test_commands import cli
-from tests.test_store import T0, read
 
 MARKER = "SECRET-TOKEN-7f3c9a51e2"
 
