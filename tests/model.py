@@ -285,42 +285,21 @@ class World:
 @contextmanager
 def host_roles(owner_url: str, sources: list[str]) -> Iterator[list[str]]:
     """A login role per source, each allowed to write its own source's central rows (the owner's
-    ``desto-archiver grant``); dropped afterwards. Roles are the cluster's: random names."""
-    import psycopg
+    ``desto-archiver grant``); dropped afterwards."""
+    from tests.pg_helpers import login_roles
 
-    names = [f"model_{uuid.uuid4().hex[:10]}" for _ in sources]
-    database = owner_url.rsplit("/", 1)[1]
-    with psycopg.connect(owner_url, autocommit=True) as conn:
-        conn.execute(f"REVOKE ALL ON DATABASE {database} FROM PUBLIC")
-        for name in names:
-            conn.execute(f"CREATE ROLE {name} LOGIN")
-    try:
+    with login_roles(owner_url, len(sources), prefix="model") as names:
         for source, name in zip(sources, names, strict=True):
             done = subprocess.run(
-                [
-                    sys.executable,
-                    "-m",
-                    "archiver",
-                    "grant",
-                    "--postgres-url",
-                    owner_url,
-                    "--source",
-                    source,
-                    "--role",
-                    name,
-                ],
+                [sys.executable, "-m", "archiver", "grant", "--postgres-url", owner_url, "--source", source,
+                 "--role", name],
                 cwd=REPO,
                 capture_output=True,
                 text=True,
                 timeout=60,
-            )
+            )  # fmt: skip
             assert done.returncode == 0, done.stderr
         yield names
-    finally:
-        with psycopg.connect(owner_url, autocommit=True) as conn:
-            for name in names:
-                conn.execute(f"DROP OWNED BY {name}")
-                conn.execute(f"DROP ROLE {name}")
 
 
 def file_state(db: Path) -> dict[str, str]:

@@ -55,6 +55,27 @@ def scratch_database() -> Iterator[str]:
             conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
+@contextlib.contextmanager
+def login_roles(owner_url: str, count: int, prefix: str = "host") -> Iterator[list[str]]:
+    """``count`` login roles with only what PUBLIC has (and no PUBLIC access to the owner's
+    database); dropped, with whatever they own, afterwards. Roles are the cluster's: random names."""
+    import psycopg
+
+    names = [f"{prefix}_{uuid.uuid4().hex[:10]}" for _ in range(count)]
+    database = owner_url.rsplit("/", 1)[1]
+    with psycopg.connect(owner_url, autocommit=True) as conn:
+        conn.execute(f"REVOKE ALL ON DATABASE {database} FROM PUBLIC")
+        for name in names:
+            conn.execute(f"CREATE ROLE {name} LOGIN")
+    try:
+        yield names
+    finally:
+        with psycopg.connect(owner_url, autocommit=True) as conn:
+            for name in names:
+                conn.execute(f"DROP OWNED BY {name}")
+                conn.execute(f"DROP ROLE {name}")
+
+
 def pg_rows(
     url: str, table: str, source: str | None = None, schema: str = "desto_archiver", file_id: str | None = None
 ) -> list[dict[str, Any]]:

@@ -8,10 +8,7 @@ own, with a random name, and drops them."""
 
 from __future__ import annotations
 
-import contextlib
 import json
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
@@ -19,25 +16,7 @@ import pytest
 
 from archiver.commands.cli import main
 from tests.helpers import daemon_thread, session_hash, settings_for, wait_for
-from tests.pg_helpers import central_differences, pg_rows
-
-
-@contextlib.contextmanager
-def roles(pg_url: str, count: int) -> Iterator[list[str]]:
-    """``count`` login roles with only what PUBLIC has (no PUBLIC access to the test's database)."""
-    names = [f"host_{uuid.uuid4().hex[:8]}" for _ in range(count)]
-    database = pg_url.rsplit("/", 1)[1]
-    with psycopg.connect(pg_url, autocommit=True) as conn:
-        conn.execute(f"REVOKE ALL ON DATABASE {database} FROM PUBLIC")
-        for name in names:
-            conn.execute(f"CREATE ROLE {name} LOGIN")
-    try:
-        yield names
-    finally:
-        with psycopg.connect(pg_url, autocommit=True) as conn:
-            for name in names:
-                conn.execute(f"DROP OWNED BY {name}")
-                conn.execute(f"DROP ROLE {name}")
+from tests.pg_helpers import central_differences, login_roles, pg_rows
 
 
 def as_role(pg_url: str, role: str) -> str:
@@ -81,7 +60,7 @@ def test_a_host_s_role_cannot_delete_update_or_insert_another_host_s_rows_nor_to
     write which source, even with the broad grant the documentation used to give; both hosts ship,
     and each reads every host's rows."""
     a_db, b_db = tmp_path / "a" / "desto.db", tmp_path / "b" / "desto.db"
-    with roles(pg_url, 2) as (role_a, role_b):
+    with login_roles(pg_url, 2) as (role_a, role_b):
         report = grant(pg_url, "a", role_a, capsys)
         assert report["source"] == "a" and report["role"] == role_a
         grant(pg_url, "b", role_b, capsys)
@@ -137,7 +116,7 @@ def test_a_role_not_granted_its_source_is_told_what_the_owner_must_run_and_ships
     """A host whose role may not write its source (no `grant` yet, or another host's role) stops
     with what the database's owner must run; the daemon keeps trying, and ships once it is run."""
     archive(redis, redis_server, db_path, 2)
-    with roles(pg_url, 2) as (role_a, role_b):
+    with login_roles(pg_url, 2) as (role_a, role_b):
         grant(pg_url, "a", role_a, capsys)
         grant(pg_url, "b", role_b, capsys)
         capsys.readouterr()
@@ -171,7 +150,7 @@ def test_a_role_not_granted_its_source_is_told_what_the_owner_must_run_and_ships
 
 
 def test_grant_is_the_owner_s_and_names_a_role_that_exists(redis, redis_server, db_path, pg_url, capsys):
-    with roles(pg_url, 1) as (role,):
+    with login_roles(pg_url, 1) as (role,):
         capsys.readouterr()
         assert main(["grant", "--postgres-url", pg_url, "--source", "a", "--role", "nobody_" + role]) == 2
         assert f"no role 'nobody_{role}'" in capsys.readouterr().err
@@ -191,7 +170,7 @@ def test_an_existing_central_database_is_upgraded_by_the_owner_s_grant(
     from archiver.central import postgres
 
     archive(redis, redis_server, db_path, 2)
-    with roles(pg_url, 1) as (role,):
+    with login_roles(pg_url, 1) as (role,):
         with monkeypatch.context() as old:
             old.setattr(postgres, "PG_SCHEMA_VERSION", 3)
             assert ship(db_path, pg_url, "setup") == 0  # the owner creates schema 3
