@@ -76,6 +76,9 @@ class Erasure:
     at: float  # time.time() of the erasure
     how: str
     markers: set[str]
+    # a job the file never held, written after its session was erased: it is not noted on its own,
+    # so desto saving that session again (which lifts the session's erasure) brings it in too
+    with_session: bool = False
 
 
 @dataclass
@@ -97,11 +100,22 @@ class Model:
     def jobs_of(self, session_id: str) -> list[Record]:
         return [r for (k, _), r in self.records.items() if k == "job" and r.session == session_id]
 
-    def erase(self, records: list[Record], how: str) -> None:
+    def erase(self, records: list[Record], how: str, with_session: bool = False) -> None:
         at = time.time()
         for rec in records:
             if (rec.kind, rec.id) not in self.erased:
-                self.erased[(rec.kind, rec.id)] = Erasure(at, how, {rec.marker} if rec.marker else set())
+                markers = {rec.marker} if rec.marker else set()
+                self.erased[(rec.kind, rec.id)] = Erasure(at, how, markers, with_session)
+
+    def lift(self, kind: str, record_id: str) -> None:
+        """desto saved an erased record again: its erasure is lifted, and a session's takes with it
+        those of the jobs that were erased only as its jobs written after it."""
+        del self.erased[(kind, record_id)]
+        if kind == "session":
+            for job in self.jobs_of(record_id):
+                erasure = self.erased.get(("job", job.id))
+                if erasure is not None and erasure.with_session:
+                    del self.erased[("job", job.id)]
 
     def erase_session(self, session: Record, how: str) -> None:
         """A session erased by desto's delete or forget takes its jobs with it, also those the file
