@@ -53,12 +53,28 @@ def erased_among(conn: sqlite3.Connection, kind: Kind, ids: Sequence[str]) -> se
     return {r[0] for r in select_in(conn, query, list(dict.fromkeys(ids)))}
 
 
+# The ways of erasing a session that leave its jobs alone (``jobs_follow`` False in the table of
+# archiver/archive/erase.py, ERASURE_RULES; a test keeps the two the same): retention erases each
+# record by its own tombstone, so a job of a pruned session that Redis still holds is archived.
+JOBS_STAY = ("retention",)
+
+
+def sessions_taking_jobs(conn: sqlite3.Connection, ids: Sequence[str]) -> set[str]:
+    """The session ``ids`` erased in a way that takes their jobs, also those the file never met
+    (desto's delete, ``forget``): a job of one is never written, nor quarantined."""
+    if not ids or conn.execute("SELECT NOT EXISTS (SELECT 1 FROM archiver_erased)").fetchone()[0]:
+        return set()
+    stay = ", ".join(f"'{how}'" for how in JOBS_STAY)
+    query = f"SELECT record_id FROM archiver_erased WHERE kind = 'session' AND how NOT IN ({stay}) AND record_id IN"
+    return {r[0] for r in select_in(conn, query, list(dict.fromkeys(ids)))}
+
+
 def erased_rows(conn: sqlite3.Connection, kind: Kind, rows: Sequence[tuple[str, tuple[Any, ...]]]) -> set[str]:
-    """Of new rows (id, values), those not to write: erased, or a job of an erased session
-    (erasing a session erases its jobs, also those the file had not met yet)."""
+    """Of new rows (id, values), those not to write: erased, or a job of a session erased in a way
+    that takes its jobs (also those the file had not met yet)."""
     skip = erased_among(conn, kind, [record_id for record_id, _ in rows])
     if kind is Kind.JOB and rows and len(skip) < len(rows):
-        sessions = erased_among(conn, Kind.SESSION, [values[1] for _, values in rows])
+        sessions = sessions_taking_jobs(conn, [values[1] for _, values in rows])
         skip.update(record_id for record_id, values in rows if values[1] in sessions)
     return skip
 

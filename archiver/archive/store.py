@@ -27,7 +27,7 @@ from pathlib import Path
 from archiver.archive.quarantine import Limits, Pending, Put, Quarantine
 from archiver.archive.schema import NewerSchemaError, migrate, unsupported_sqlite
 from archiver.archive.scrub import PageScrub
-from archiver.archive.sql import begin_immediate, erased_among
+from archiver.archive.sql import begin_immediate, erased_among, sessions_taking_jobs
 from archiver.archive.writer import RowWriter, add_history
 from archiver.keys import GONE_EVENTS
 from archiver.kinds import RECORD_TABLES, TABLES, Kind
@@ -718,8 +718,8 @@ class Store:
 
     @staticmethod
     def _erased_rejections(conn: sqlite3.Connection, rejected: list[Rejected]) -> set[int]:
-        """The rejections (by id()) of erased records, and of jobs of erased sessions: their raw
-        payload must not land in quarantine."""
+        """The rejections (by id()) of erased records, and of jobs of sessions erased in a way that
+        takes their jobs: their raw payload must not land in quarantine."""
         refused: set[int] = set()
         for kind in {r.kind for r in rejected}:
             assert kind is not None
@@ -727,7 +727,7 @@ class Store:
             erased = erased_among(conn, kind, [str(r.record_id) for r in of_kind])
             refused.update(id(r) for r in of_kind if r.record_id in erased)
         of_sessions = [r for r in rejected if r.session_id is not None]
-        sessions = erased_among(conn, Kind.SESSION, [str(r.session_id) for r in of_sessions])
+        sessions = sessions_taking_jobs(conn, [str(r.session_id) for r in of_sessions])
         refused.update(id(r) for r in of_sessions if r.session_id in sessions)
         return refused
 

@@ -218,6 +218,32 @@ def test_erased_records_are_not_written_nor_quarantined_and_jobs_of_an_erased_se
         store.close()
 
 
+def test_a_session_pruned_by_retention_leaves_its_jobs_still_in_redis_to_be_archived(db_path: Path) -> None:
+    """Retention erases each record by its own tombstone (its rule: jobs do not follow): a job of a
+    pruned session that Redis still holds is archived, and quarantined when desto cannot read it,
+    never dropped as if a person had deleted the session."""
+    from archiver.archive import erase
+
+    store = Store.open(db_path)
+    try:
+        s = session_hash()
+        sid = s["session_id"]
+        store.apply(Batch([read(Kind.SESSION, sid, s, T0)]))
+        with store.transaction() as conn:
+            conn.execute("UPDATE sessions SET gone_at = '2000-01-01T00:00:00.000000Z' WHERE session_id = ?", (sid,))
+        assert erase.prune(store, int(datetime(2001, 1, 1).timestamp() * 1_000_000)).records == {"session": 1}
+        good = job_hash(session_id=sid)
+        bad = job_hash(session_id=sid, exit_code="exploded")
+        result = store.apply(
+            Batch([read(Kind.JOB, good["job_id"], good, T0 + 10), read(Kind.JOB, bad["job_id"], bad, T0 + 10)])
+        )
+        assert result.erased == 0
+        assert count(db_path, "jobs") == 1 and count(db_path, "quarantine") == 1
+        assert count(db_path, "sessions") == 0  # the pruned session itself stays erased
+    finally:
+        store.close()
+
+
 def test_desto_deleting_a_session_erases_its_jobs_known_only_from_quarantine_or_its_job_list(db_path: Path) -> None:
     from archiver.archive import erase
 

@@ -52,3 +52,11 @@ def test_the_code_follows_the_table() -> None:
     assert erase.describe("session", "another program") == "another program"
     assert erase.jobs_follow("desto") and erase.jobs_follow("forget") and not erase.jobs_follow("retention")
     assert erase.jobs_follow(None) and erase.jobs_follow("another program")  # as desto's own
+
+
+def test_the_writer_and_the_quarantine_keep_the_jobs_of_exactly_the_sessions_the_table_says_keep_them() -> None:
+    """The file's writes decide by ``sql.JOBS_STAY`` (the writer cannot import the erasure module,
+    which builds on it): the ways whose erased sessions leave their jobs, as the table says."""
+    from archiver.archive import sql
+
+    assert set(sql.JOBS_STAY) == {e.how for e in erase.ERASURE_RULES if not e.jobs_follow}
