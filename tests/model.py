@@ -76,9 +76,6 @@ class Erasure:
     at: float  # time.time() of the erasure
     how: str
     markers: set[str]
-    # a job the file never held, written after its session was erased: it is not noted on its own,
-    # so desto saving that session again (which lifts the session's erasure) brings it in too
-    with_session: bool = False
 
 
 @dataclass
@@ -100,21 +97,21 @@ class Model:
     def jobs_of(self, session_id: str) -> list[Record]:
         return [r for (k, _), r in self.records.items() if k == "job" and r.session == session_id]
 
-    def erase(self, records: list[Record], how: str, with_session: bool = False) -> None:
+    def erase(self, records: list[Record], how: str) -> None:
         at = time.time()
         for rec in records:
             if (rec.kind, rec.id) not in self.erased:
-                markers = {rec.marker} if rec.marker else set()
-                self.erased[(rec.kind, rec.id)] = Erasure(at, how, markers, with_session)
+                self.erased[(rec.kind, rec.id)] = Erasure(at, how, {rec.marker} if rec.marker else set())
 
-    def lift(self, kind: str, record_id: str) -> None:
-        """desto saved an erased record again: its erasure is lifted, and a session's takes with it
-        those of the jobs that were erased only as its jobs written after it."""
+    def lift(self, kind: str, record_id: str, noted_jobs: set[str]) -> None:
+        """desto saved an erased record again: its erasure is lifted. A session's takes with it the
+        erasures of those of its jobs the file has not noted on their own (``noted_jobs``: the
+        file's notes of erased jobs): jobs the file never met (written after the session's
+        erasure, or before it but not read yet), which the file erased only as the session's."""
         del self.erased[(kind, record_id)]
         if kind == "session":
             for job in self.jobs_of(record_id):
-                erasure = self.erased.get(("job", job.id))
-                if erasure is not None and erasure.with_session:
+                if ("job", job.id) in self.erased and job.id not in noted_jobs:
                     del self.erased[("job", job.id)]
 
     def erase_session(self, session: Record, how: str) -> None:

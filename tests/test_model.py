@@ -244,7 +244,8 @@ class ArchiveMachine(RuleBasedStateMachine):
         self._desto_save_failed()
         if (kind, record_id) in self.model.erased and record_id in self.w.rows(TABLE_OF[kind]):
             # desto writing an erased record again lifts its erasure (docs/deleting-history.md)
-            self.model.lift(kind, record_id)
+            noted = {r[0] for r in query(self.w.db, "SELECT record_id FROM archiver_erased WHERE kind = 'job'")}
+            self.model.lift(kind, record_id, noted)
 
     def _desto_save_failed(self) -> None:
         """desto 0.7.0's store leaves a failed save's transaction open (it logs the error, never
@@ -280,7 +281,7 @@ class ArchiveMachine(RuleBasedStateMachine):
         if kind == "job" and self.model.session_erased(rec.session):
             # a job of an erased session is never archived: the erasure takes it too
             erasure = self.model.erased[("session", str(rec.session))]
-            self.model.erase([rec], erasure.how, with_session=True)
+            self.model.erase([rec], erasure.how)
         self.observe(rec)
         return rec
 
@@ -627,7 +628,7 @@ class ArchiveMachine(RuleBasedStateMachine):
         for rec in list(model.records.values()):
             if rec.kind == "job" and model.session_erased(rec.session) and ("job", rec.id) not in model.erased:
                 # written since to a session the file knows erased: never archived (as in add)
-                model.erase([rec], model.erased[("session", str(rec.session))].how, with_session=True)
+                model.erase([rec], model.erased[("session", str(rec.session))].how)
         self.model = model
 
     # ─── faults ──────────────────────────────────────────────────────────────────────────────
