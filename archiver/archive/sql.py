@@ -47,9 +47,14 @@ def select_in(conn: sqlite3.Connection, query: str, values: Sequence[Any], size:
 def erased_among(conn: sqlite3.Connection, kind: Kind, ids: Sequence[str]) -> set[str]:
     """The ``ids`` of ``kind`` that are erased. An erased record has no row, so only ids new to
     the file need asking; an empty table (most files, most of the time) costs one page read."""
+    return _noted(conn, f"kind = '{kind.value}'", ids)
+
+
+def _noted(conn: sqlite3.Connection, where: str, ids: Sequence[str]) -> set[str]:
+    """The ``ids`` with an erasure note matching ``where``."""
     if not ids or conn.execute("SELECT NOT EXISTS (SELECT 1 FROM archiver_erased)").fetchone()[0]:
         return set()
-    query = f"SELECT record_id FROM archiver_erased WHERE kind = '{kind.value}' AND record_id IN"
+    query = f"SELECT record_id FROM archiver_erased WHERE {where} AND record_id IN"
     return {r[0] for r in select_in(conn, query, list(dict.fromkeys(ids)))}
 
 
@@ -62,11 +67,8 @@ JOBS_STAY = ("retention",)
 def sessions_taking_jobs(conn: sqlite3.Connection, ids: Sequence[str]) -> set[str]:
     """The session ``ids`` erased in a way that takes their jobs, also those the file never met
     (desto's delete, ``forget``): a job of one is never written, nor quarantined."""
-    if not ids or conn.execute("SELECT NOT EXISTS (SELECT 1 FROM archiver_erased)").fetchone()[0]:
-        return set()
     stay = ", ".join(f"'{how}'" for how in JOBS_STAY)
-    query = f"SELECT record_id FROM archiver_erased WHERE kind = 'session' AND how NOT IN ({stay}) AND record_id IN"
-    return {r[0] for r in select_in(conn, query, list(dict.fromkeys(ids)))}
+    return _noted(conn, f"kind = 'session' AND how NOT IN ({stay})", ids)
 
 
 def erased_rows(conn: sqlite3.Connection, kind: Kind, rows: Sequence[tuple[str, tuple[Any, ...]]]) -> set[str]:
