@@ -157,6 +157,16 @@ def test_a_restored_backup_whose_log_passed_the_shipped_position_is_copied_whole
     assert history_of(pg_url, first_file) == {i: h for i, h in shipped_before.items() if h[0] not in erased}
 
 
+def ship_past_a_backup(daemon, redis, records, db_path: Path, pg_url: str, backup: Path) -> None:
+    """PostgreSQL equal to the file, a backup taken, then every session failed and shipped: the
+    central position is past the backup's change log."""
+    wait_for(lambda: central_differences(pg_url, db_path, SOURCE) == [], 15, interval=0.2, what="PG = file")
+    take_copy("backup", db_path, backup)
+    for sid in records:
+        redis.hset(f"desto:session:{sid}", "status", "failed")
+    wait_for(lambda: daemon.shipper.backlog == 0 and shipped(pg_url)[1] > last_seq(backup), 15, what="shipped")
+
+
 def test_the_same_backup_restored_twice_is_copied_whole_each_time(redis, redis_server, db_path, pg_url, tmp_path):
     """The second restore of one backup carries the first file's file_id, which PostgreSQL no longer
     ships under: its log is not the one that file shipped either (ship_files keeps that file's mark),
@@ -165,11 +175,7 @@ def test_the_same_backup_restored_twice_is_copied_whole_each_time(redis, redis_s
     backup = tmp_path / "backup.db"
     with daemon_thread(settings) as daemon:
         records = fill(redis, 3)
-        wait_for(lambda: central_differences(pg_url, db_path, SOURCE) == [], 15, interval=0.2, what="PG = file")
-        take_copy("backup", db_path, backup)
-        for sid in records:
-            redis.hset(f"desto:session:{sid}", "status", "failed")
-        wait_for(lambda: daemon.shipper.backlog == 0 and shipped(pg_url)[1] > last_seq(backup), 15, what="shipped")
+        ship_past_a_backup(daemon, redis, records, db_path, pg_url, backup)
     files = [shipped(pg_url)[0]]
     for _ in range(2):
         kept = {f: history_of(pg_url, f) for f in files}
@@ -260,11 +266,7 @@ def test_a_backup_moved_into_place_under_the_shipping_daemon_is_shipped_from_the
     backup = tmp_path / "backup.db"
     with daemon_thread(settings) as daemon:
         records = fill(redis, 2)
-        wait_for(lambda: central_differences(pg_url, db_path, SOURCE) == [], 15, interval=0.2, what="PG = file")
-        take_copy("backup", db_path, backup)
-        for sid in records:
-            redis.hset(f"desto:session:{sid}", "status", "failed")
-        wait_for(lambda: daemon.shipper.backlog == 0 and shipped(pg_url)[1] > last_seq(backup), 15, what="shipped")
+        ship_past_a_backup(daemon, redis, records, db_path, pg_url, backup)
         first_thread, first_file = daemon.shipper, daemon.shipper.shipper.file_id
         restore(backup, db_path, tmp_path / "aside")
         # between the old shipper's stop and the new one's start the daemon has no shipper at all
@@ -290,11 +292,7 @@ def test_check_says_a_restored_file_is_behind_what_was_shipped_and_will_be_copie
     backup = tmp_path / "backup.db"
     with daemon_thread(settings) as daemon:
         records = fill(redis, 2)
-        wait_for(lambda: central_differences(pg_url, db_path, SOURCE) == [], 15, interval=0.2, what="PG = file")
-        take_copy("backup", db_path, backup)
-        for sid in records:
-            redis.hset(f"desto:session:{sid}", "status", "failed")
-        wait_for(lambda: daemon.shipper.backlog == 0 and shipped(pg_url)[1] > last_seq(backup), 15, what="shipped")
+        ship_past_a_backup(daemon, redis, records, db_path, pg_url, backup)
     restore(backup, db_path, tmp_path / "aside")
     capsys.readouterr()
     base = ["check", "--json", "--no-verify", "--no-daemon", "--db", str(db_path), "--redis-url", redis_server.url]
