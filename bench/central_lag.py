@@ -40,8 +40,7 @@ TARGET_P99_MS = 1000.0
 def _central_count(pg: psycopg.Connection[Any]) -> int:
     try:
         row = pg.execute("SELECT count(*) FROM desto_archiver.sessions").fetchone()
-    except psycopg.errors.UndefinedTable:  # the shipper has not created its tables yet
-        pg.rollback()
+    except psycopg.errors.UndefinedTable:  # the shipper has not created its tables yet (autocommit: nothing to undo)
         return 0
     return int(row[0]) if row else 0
 
