@@ -91,7 +91,12 @@ class RowWriter:
             f"UPDATE {self.table} SET {', '.join(c + ' = ?' for c in set_cols)}, gone_at = NULL, "
             f"gone_reason = NULL WHERE {self.id_col} = ?"
         )
-        self.touch = f"UPDATE {self.table} SET read_at_us = ?, last_seen_at = ?, expires_at = ? WHERE {self.id_col} = ?"
+        # An unchanged read also sets the tail: the values may be another program's (desto's store
+        # saving the change first), and the next status is a change from this one, not from the last read.
+        self.touch = (
+            f"UPDATE {self.table} SET read_at_us = ?, last_seen_at = ?, expires_at = ?, {tail} = ? "
+            f"WHERE {self.id_col} = ?"
+        )
 
     def _existing(self, ids: list[str]) -> dict[str, _Old]:
         found: dict[str, _Old] = {}
@@ -152,7 +157,7 @@ class RowWriter:
                 written += 1
                 changed.append((kind_enum, record_id))
             else:
-                touches.append((version, seen, expires, record_id))
+                touches.append((version, seen, expires, tail, record_id))
             self._record_history(row, old, seen)
         counts, kind = self.counts, self.kind_name
         counts.records[kind] += len(unique)
