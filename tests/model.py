@@ -173,6 +173,9 @@ class World:
             "ARCHIVER_FALLBACK_RECONCILE_INTERVAL": "1",
             "ARCHIVER_SHIP_INTERVAL": "0.1",
             "ARCHIVER_SHUTDOWN_TIMEOUT": "5",
+            # A settle gives the daemon SETTLE_S once Redis and PostgreSQL are back: its longest wait
+            # between two tries (30 s by default, reached after a minute of PostgreSQL away) must fit in it.
+            "ARCHIVER_RECONNECT_MAX_BACKOFF": "5",
             "PYTHONFAULTHANDLER": "1",  # a crash (SIGSEGV, SIGBUS) prints every thread's stack into the log
         }
         if self.shipping and self.postgres_url is not None:
