@@ -191,3 +191,17 @@ def test_no_package_registry_is_named_anywhere() -> None:
         text = path.read_text(errors="replace")
         for host in hosts:
             assert host not in text, f"{name} names {host}"
+
+
+def test_the_install_commands_name_the_clone_not_an_unpublished_distribution() -> None:
+    """desto-archiver is installed from its clone (`pip install .`, `pip install -e '.[postgres]'`):
+    no distribution of that name is published, so `pip install 'desto-archiver[postgres]'` fails as
+    written. The changelog may quote an old message; every guide, and the code's own messages, may not."""
+    by_name = re.compile(r"""pip install\s+(?:-\S+\s+)*['"]?desto-archiver(?![\w.-]*/)""")
+    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    for name in tracked:
+        if name == "CHANGELOG.md" or name.startswith("tests/") or not name.endswith((".md", ".py", ".yml", ".toml")):
+            continue
+        text = " ".join((REPO / name).read_text(errors="replace").split())  # a command wrapped over lines
+        found = by_name.search(text)
+        assert not found, f"{name} says `{found.group(0)}...`, which fails: no such distribution is published"

@@ -231,6 +231,24 @@ def test_pre_commit_runs_ruff_ruff_format_and_the_unit_tier_with_the_suite_s_own
     assert "ruff check" in scripts_test and "ruff format" in scripts_test and "-m venv .venv" in scripts_test
 
 
+def test_what_the_tools_make_is_ignored_by_git() -> None:
+    """The built site (mkdocs' site/), the release's build/ and dist/, the virtual environment,
+    desto's default archive folder and the benchmark's own runs never show as files to commit."""
+    mkdocs = (REPO / "mkdocs.yml").read_text()
+    site = re.search(r"^site_dir:\s*(\S+)", mkdocs, re.MULTILINE)
+    made = [
+        f"{site.group(1).strip('/') if site else 'site'}/index.html",
+        "build/lib/archiver/__init__.py",
+        "dist/desto_archiver-0.0.0-py3-none-any.whl",
+        ".venv/bin/python",
+        "desto_data/desto.db",
+        "bench/runs/run.json",
+    ]
+    for path in made:
+        result = subprocess.run(["git", "check-ignore", "-q", "--no-index", path], cwd=REPO, timeout=30)
+        assert result.returncode == 0, f"git does not ignore {path}: add its folder to .gitignore"
+
+
 # ─── the package metadata ────────────────────────────────────────────────────────────────────────
 
 

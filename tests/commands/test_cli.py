@@ -6,6 +6,7 @@ import io
 import json
 import re
 import signal
+import stat
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -132,14 +133,24 @@ def test_a_mistyped_folder_is_refused_not_made_into_a_new_archive(command: str, 
 
 def test_a_new_archive_is_never_created_silently(redis_server, redis, tmp_path: Path) -> None:
     """desto's default folder, desto_data/, is created (desto creates it too), and each new
-    archive is named with its absolute path; an existing one is not announced again."""
+    archive is named with its absolute path; an existing one is not announced again. Run from a
+    shell's usual umask (0022), the folder and the archive are the owner's and its group's: the
+    archive holds command lines."""
     env = daemon_env(redis_server, Path("desto_data/desto.db"))
+    from_a_shell = (
+        "import os, sys; os.umask(0o022); from archiver.commands.cli import main; "
+        "sys.argv[0] = 'desto-archiver'; sys.exit(main())"
+    )
     first = subprocess.run(
-        [sys.executable, "-m", "archiver", "backfill"], cwd=tmp_path, env=env, capture_output=True, text=True
+        [sys.executable, "-c", from_a_shell, "backfill"], cwd=tmp_path, env=env, capture_output=True, text=True
     )
     assert first.returncode == 0, first.stderr
     created = [json.loads(line) for line in first.stderr.splitlines() if '"archive.created"' in line]
     assert [e["db"] for e in created] == [str(tmp_path / "desto_data" / "desto.db")]
+    folder = tmp_path / "desto_data"
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in [folder, *folder.iterdir()]}
+    assert modes["desto_data"] == 0o770 and modes["desto.db"] == 0o660, {k: oct(v) for k, v in modes.items()}
+    assert all(mode & 0o007 == 0 for mode in modes.values()), {k: oct(v) for k, v in modes.items()}
     again = subprocess.run(
         [sys.executable, "-m", "archiver", "backfill"], cwd=tmp_path, env=env, capture_output=True, text=True
     )
