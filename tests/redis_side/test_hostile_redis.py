@@ -421,11 +421,19 @@ def test_a_hostile_client_beside_desto_leaves_the_daemon_up_bounded_and_complete
 
     thread = threading.Thread(target=busy, daemon=True)
     thread.start()
-    time.sleep(2)
-    killer = redis_lib.Redis(port=fresh_redis.port, socket_timeout=5)
-    wait_for(lambda: killer.script_kill() or True, 10, what="SCRIPT KILL")
-    killer.close()
-    thread.join(timeout=10)
+    try:
+        # held until the daemon has met it: its next reconcile reads into the BUSY reply
+        wait_for(
+            lambda: any(e["error"].startswith("BUSY") for e in daemon.events("redis.read_failed")),
+            20,
+            what="a read of the daemon answered BUSY",
+        )
+    finally:
+        killer = redis_lib.Redis(port=fresh_redis.port, socket_timeout=5)
+        wait_for(lambda: killer.script_kill() or True, 10, what="SCRIPT KILL")
+        killer.close()
+        thread.join(timeout=10)
+    assert ended, "the looping script was not killed"
     writer.go_on()
     # 4: terminal escapes in what desto shows
     escapes = "\x1b]0;owned\x07\x1b]52;c;cm0gLXJmIH4=\x07\x1b[2J\r"
