@@ -562,7 +562,7 @@ class Store:
                 return 0
             self._put_state(conn, {self._DEFERRED: json.dumps(found)}, time.time_ns() // 1000)
             for name, _ in found:
-                conn.execute(f'DROP INDEX "{name}"')
+                conn.execute('DROP INDEX "{}"'.format(name.replace('"', '""')))
         return len(found)
 
     def restore_indexes(self) -> int:

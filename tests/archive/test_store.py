@@ -261,6 +261,24 @@ def test_a_status_desto_s_own_store_wrote_first_still_gets_its_history(store: St
     ]
 
 
+def test_an_index_whose_name_holds_a_quote_is_deferred_and_built_again(db_path: Path) -> None:
+    """The names of the indexes a first backfill drops come from the file: one that holds a double
+    quote is still one name, dropped and built again, never part of the statement's text."""
+    Store.open(db_path).close()
+    with sqlite3.connect(db_path) as conn:
+        conn.execute('CREATE INDEX "by ""name"" x" ON sessions(session_name)')
+    store = Store.open(db_path)
+    try:
+        assert store.defer_indexes() == 13
+        names = {r[0] for r in query(db_path, "SELECT name FROM sqlite_master WHERE type = 'index'")}
+        assert 'by "name" x' not in names
+        assert store.restore_indexes() == 13
+    finally:
+        store.close()
+    names = {r[0] for r in query(db_path, "SELECT name FROM sqlite_master WHERE type = 'index'")}
+    assert 'by "name" x' in names
+
+
 def test_tombstones_say_when_and_why(store: Store, db_path: Path) -> None:
     deleted, expired, missing = (session_hash() for _ in range(3))
     ttl_ms = 1000
