@@ -193,6 +193,12 @@ def test_favorites_chosen_by_id_or_name(redis_server, redis, db_path, daemons):
     assert mixed.returncode == 2 and "--all" in mixed.stderr
     assert manager.get_favorite(b.favorite_id) is None  # neither wrote anything
 
+    everything = restore(redis_server, db_path, "--all", "--json")
+    assert everything.returncode == 0, everything.stderr
+    outcomes = {f["favorite_id"]: f["outcome"] for f in json.loads(everything.stdout)["favorites"]}
+    assert outcomes == {a.favorite_id: "in redis", b.favorite_id: "restored", gone.favorite_id: "in redis"}
+    assert manager.get_favorite(b.favorite_id).to_dict() == b.to_dict()
+
 
 class DestoWorkload(threading.Thread):
     """desto's own DestoManager at work: sessions started with a job, a second job chained, the
