@@ -368,3 +368,36 @@ def test_a_user_without_the_grant_is_told_which_and_nothing_is_written(fresh_red
         assert manager.get_favorite_by_name("kept").to_dict() == kept.to_dict()
     finally:
         admin.close()
+
+
+def test_a_user_that_may_not_run_scripts_is_told_that_and_nothing_is_written(fresh_redis, db_path, daemons):
+    """The restore checks and writes in one script: a user with the favorite keys' grant but without
+    EVAL and EVALSHA (the daemon itself reads with MULTI/EXEC then) is told to grant those, not
+    the writes it already has."""
+    admin = fresh_redis.client()
+    try:
+        admin.execute_command("ACL", "SETUSER", "desto-archiver", *archiver_acl())
+        admin.execute_command(
+            "ACL", "SETUSER", "desto-archiver", "(~desto:favorite* +hset +set +sadd)", "-eval", "-evalsha"
+        )
+        url = f"redis://desto-archiver:pw@127.0.0.1:{fresh_redis.port}/0"
+        manager = FavoriteCommandsManager(desto_client(fresh_redis))
+        start_ready(daemons, fresh_redis, db_path, REDIS_URL=url)
+        kept = manager.add_favorite("kept", "make")
+        assert kept
+        wait_for(lambda: favorites_in_archive(db_path, {kept.favorite_id}), 5, what="archived")
+        admin.flushdb()
+
+        refused = restore(fresh_redis, db_path, url=url)
+        assert refused.returncode == 1
+        advice = refused.stderr.splitlines()[-1]
+        assert "+eval +evalsha" in advice and "desto-archiver" in advice, advice
+        assert "+hset +set +sadd" not in advice, advice  # the user has those
+        assert admin.dbsize() == 0
+
+        admin.execute_command("ACL", "SETUSER", "desto-archiver", "+eval", "+evalsha")
+        granted = restore(fresh_redis, db_path, url=url)
+        assert granted.returncode == 0, granted.stderr
+        assert manager.get_favorite_by_name("kept").to_dict() == kept.to_dict()
+    finally:
+        admin.close()
