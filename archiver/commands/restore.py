@@ -18,6 +18,7 @@ Safe beside a running daemon: the restore notes each favorite in the file before
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -37,6 +38,8 @@ from archiver.redis_side.source import Source
 
 BY = "desto-archiver restore favorites"
 GRANT = "+hset +set +sadd"  # on desto:favorite* keys: what the restore needs beside reading
+SCRIPTING = "+eval +evalsha"  # the check and the writes run as one script
+_SCRIPT_COMMANDS = re.compile(r"'(?:eval|evalsha|evalsha_ro|eval_ro|script\|load)' command", re.IGNORECASE)
 _PREFIX = RECORD_PREFIXES[Kind.FAVORITE]
 
 # KEYS: the favorite's hash, its name index, desto's set of ids. ARGV: the id, the name, the
@@ -325,6 +328,12 @@ def _plan_conflicts(source: Source, wanted: list[Favorite]) -> None:
 
 def refused_advice(settings: Settings, error: str) -> str:
     user = _user(settings)
+    if _SCRIPT_COMMANDS.search(error):
+        return (
+            f"Redis refused the restore's script ({error}): the user {user} needs {SCRIPTING}, which the restore "
+            f"checks and writes each favorite with, e.g. ACL SETUSER {user} {SCRIPTING} "
+            "(docs/deployment.md, 'With a Redis ACL user')"
+        )
     return (
         f"Redis refused the restore's writes ({error}): the user {user} needs {GRANT} on desto's favorite keys, "
         f"e.g. ACL SETUSER {user} '(~desto:favorite* {GRANT})' (docs/deployment.md, 'With a Redis ACL user')"
