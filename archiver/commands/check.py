@@ -29,7 +29,7 @@ from archiver.keys import record_key
 from archiver.kinds import TABLES, Kind
 from archiver.models import COLUMNS, Rejected, Row, iso_utc
 from archiver.redis_side.read_clock import now_us
-from archiver.redis_side.redis_client import CONNECTION_ERRORS, unreachable_advice
+from archiver.redis_side.redis_client import CONNECTION_ERRORS, retryable, unreachable_advice
 from archiver.redis_side.source import Source, flags_sufficient, merge_flags
 
 _MAX_SUSPECTS = 10_000  # differences kept in detail (and looked at again); beyond, only counted
@@ -250,14 +250,16 @@ def doctor(
     try:
         source.ping()
         findings.append(Finding("redis", "ok", f"{settings.redis_address()} (Redis {source.server_version()})"))
-    except CONNECTION_ERRORS as exc:
+    except Exception as exc:
+        if not retryable(exc):
+            raise
         redis_ok = False
         findings.append(
             Finding(
                 "redis",
                 "fail",
-                f"cannot reach {settings.redis_address()}: {exc}",
-                unreachable_advice(exc),
+                f"cannot {'reach' if isinstance(exc, CONNECTION_ERRORS) else 'use'} {settings.redis_address()}: {exc}",
+                unreachable_advice(exc, retried=False),
             )
         )
     if redis_ok:

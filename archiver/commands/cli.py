@@ -34,7 +34,7 @@ from archiver.commands.console import (
 from archiver.commands.options import Parents, config_options, json_option, postgres_options
 from archiver.config import ConfigError, Settings, load_settings
 from archiver.log import configure, get_logger
-from archiver.redis_side.redis_client import CONNECTION_ERRORS, unreachable_advice
+from archiver.redis_side.redis_client import CONNECTION_ERRORS, transient_reply, unreachable_advice
 
 log = get_logger("archiver.commands.cli")
 
@@ -161,12 +161,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILURE
     except CONNECTION_ERRORS as exc:
         print(
-            f"desto-archiver: cannot reach Redis at {settings.redis_address()}: {exc}\n  {unreachable_advice(exc)}.",
+            f"desto-archiver: cannot reach Redis at {settings.redis_address()}: {exc}\n"
+            f"  {unreachable_advice(exc, retried=False)}.",
             file=sys.stderr,
         )
         return EXIT_FAILURE
     except OSError as exc:  # a file or folder of the user's: not Redis, and not worth a traceback
         print(f"desto-archiver {args.command}: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except Exception as exc:
+        if not transient_reply(exc):  # BUSY, LOADING, MASTERDOWN...: Redis is there and cannot serve yet
+            raise
+        print(
+            f"desto-archiver {args.command}: Redis at {settings.redis_address()} cannot serve now: {exc}\n"
+            f"  {unreachable_advice(exc, retried=False)}.",
+            file=sys.stderr,
+        )
         return EXIT_FAILURE
     finally:
         sys.stdout, sys.stderr = stdout, stderr

@@ -54,8 +54,9 @@ def retryable(exc: BaseException) -> bool:
     return isinstance(exc, CONNECTION_ERRORS) or transient_reply(exc)
 
 
-def unreachable_advice(exc: BaseException) -> str:
-    """What to do when Redis cannot be used, for people: a refused login is not a Redis that is down."""
+def unreachable_advice(exc: BaseException, retried: bool = True) -> str:
+    """What to do when Redis cannot be used, for people: a refused login is not a Redis that is down.
+    ``retried``: the daemon tries again by itself; a command ends, and is run again by its user."""
     if isinstance(exc, redis.AuthenticationError):
         return (
             "Redis wants a password, or refused the one given: set REDIS_PASSWORD (and REDIS_USERNAME for an "
@@ -65,11 +66,14 @@ def unreachable_advice(exc: BaseException) -> str:
         return "grant the Redis user what the archiver needs: docs/deployment.md, 'With a Redis ACL user'"
     if str(exc).startswith("BUSY "):
         return (
-            "another client's script or function runs longer than Redis' busy-reply-threshold: retried until it "
-            "ends (SCRIPT KILL or FUNCTION KILL ends one that does not write)"
+            "another client's script or function runs longer than Redis' busy-reply-threshold: "
+            + ("retried until it ends" if retried else "run the command again once it ends")
+            + " (SCRIPT KILL or FUNCTION KILL ends one that does not write)"
         )
     if transient_reply(exc) or isinstance(exc, redis.BusyLoadingError):
-        return "Redis cannot serve for now (loading its data, or a replica without its master): retried until it can"
+        return "Redis cannot serve for now (loading its data, or a replica without its master): " + (
+            "retried until it can" if retried else "run the command again once it can"
+        )
     return "is Redis running? Set REDIS_HOST/REDIS_PORT/REDIS_DB or REDIS_URL (or --redis-url)"
 
 

@@ -6,6 +6,7 @@ neither stops a scrape nor grows it."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import socket
@@ -208,6 +209,54 @@ def test_redis_busy_with_another_client_s_script_never_stops_the_daemon(fresh_re
     assert daemon.proc.poll() is None
     report.measured["read_failures_logged"] = len(daemon.events("redis.read_failed"))
     admin.close()
+
+
+def test_a_command_run_while_redis_is_busy_says_so_without_a_traceback(fresh_redis, db_path) -> None:
+    """The one-shot commands meet the same BUSY reply as the daemon: they end with what it means and
+    what to do (exit 1), not a traceback; check reports it as its Redis finding."""
+    admin = fresh_redis.client()
+    admin.config_set("busy-reply-threshold", 100)
+    write_session(admin)
+
+    def busy() -> None:
+        looper = redis_lib.Redis(port=fresh_redis.port, socket_timeout=30)
+        with contextlib.suppress(redis_lib.ResponseError):  # "Script killed by user"
+            looper.eval("local i = 0 while true do i = i + 1 end", 0)
+        looper.close()
+
+    thread = threading.Thread(target=busy, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: _answers_busy(fresh_redis.port), 10, what="Redis to answer BUSY")
+        for command in (["backfill"], ["check"], ["restore", "favorites", "--dry-run"]):
+            done = subprocess.run(
+                [sys.executable, "-m", "archiver", *command],
+                env=daemon_env(fresh_redis, db_path),
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert done.returncode == 1, (command, done.stdout, done.stderr)
+            assert "Traceback" not in done.stderr, (command, done.stderr)
+            said = done.stdout + done.stderr  # check reports on its standard output, the others on errors
+            assert "BUSY" in said and "run the command again once it ends (SCRIPT KILL" in said, (command, said)
+    finally:
+        killer = redis_lib.Redis(port=fresh_redis.port, socket_timeout=5)
+        wait_for(lambda: killer.script_kill() or True, 10, what="SCRIPT KILL")
+        killer.close()
+        thread.join(timeout=10)
+    admin.close()
+
+
+def _answers_busy(port: int) -> bool:
+    probe = redis_lib.Redis(port=port, socket_timeout=5)
+    try:
+        probe.get("desto:probe")
+    except redis_lib.ResponseError as exc:
+        return str(exc).startswith("BUSY")
+    finally:
+        probe.close()
+    return False
 
 
 def test_a_replica_without_its_master_answering_masterdown_never_stops_the_daemon(
