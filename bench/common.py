@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from archiver.archive.sql import read_only
 from tests.helpers import REPO
 from tests.redis_server import RedisServer
 
@@ -410,7 +411,7 @@ class WriterProcess:
 
 def ro_connect(db_path: Path) -> sqlite3.Connection:
     """A read-only connection to the archive, as a reader of desto's history would open it."""
-    return sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=10)
+    return read_only(db_path, timeout=10)
 
 
 def max_rowid(conn: sqlite3.Connection, table: str = "sessions") -> int:

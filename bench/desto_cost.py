@@ -33,13 +33,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sqlite3
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from archiver.archive.sql import read_only
 from bench.common import Context, DaemonProcess, Figure, Target, fresh_redis, median, percentile
 from tests.redis_server import RedisServer
 
@@ -160,7 +160,7 @@ def archive_matches(server: RedisServer, db_path: Path, favorites: int) -> list[
                 redis_status[(table, key[len(prefix) :])] = client.hget(key, "status")
     finally:
         client.close()
-    conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=10)
+    conn = read_only(db_path, timeout=10)
     try:
         archived = {}
         for table, id_col in (("sessions", "session_id"), ("jobs", "job_id")):

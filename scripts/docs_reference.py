@@ -290,9 +290,9 @@ def _wait(predicate: Callable[[], Any], what: str, timeout: float = 30) -> None:
 
 
 def _archived(db: Path, sql: str, params: tuple[Any, ...] = ()) -> Any:
-    import sqlite3
+    from archiver.archive.sql import read_only
 
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    conn = read_only(db)
     try:
         return conn.execute(sql, params).fetchone()[0]
     finally:
