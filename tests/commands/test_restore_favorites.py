@@ -345,6 +345,22 @@ def archiver_acl() -> list[str]:
     return line.replace(">CHANGE-ME", ">pw").split()[3:]
 
 
+def archived_then_flushed(admin, fresh_redis, db_path, daemons, *extra_rules: str):
+    """A daemon logged in as docs/deployment.md's user (``extra_rules`` added to its rules) archives
+    a favorite, then Redis is flushed: (the user's URL, desto's manager, the favorite)."""
+    admin.execute_command("ACL", "SETUSER", "desto-archiver", *archiver_acl())
+    if extra_rules:
+        admin.execute_command("ACL", "SETUSER", "desto-archiver", *extra_rules)
+    url = f"redis://desto-archiver:pw@127.0.0.1:{fresh_redis.port}/0"
+    manager = FavoriteCommandsManager(desto_client(fresh_redis))
+    start_ready(daemons, fresh_redis, db_path, REDIS_URL=url)
+    kept = manager.add_favorite("kept", "make")
+    assert kept
+    wait_for(lambda: favorites_in_archive(db_path, {kept.favorite_id}), 5, what="archived")
+    admin.flushdb()
+    return url, manager, kept
+
+
 def test_a_user_without_the_grant_is_told_which_and_nothing_is_written(fresh_redis, db_path, daemons):
     """The least-privilege user of docs/deployment.md reads only: the restore names the grant it
     needs and writes nothing; with the grant added it restores."""
@@ -352,14 +368,7 @@ def test_a_user_without_the_grant_is_told_which_and_nothing_is_written(fresh_red
     try:
         docs = (REPO / "docs" / "deployment.md").read_text()
         assert "ACL SETUSER desto-archiver '(~desto:favorite* +hset +set +sadd)'" in docs
-        admin.execute_command("ACL", "SETUSER", "desto-archiver", *archiver_acl())
-        url = f"redis://desto-archiver:pw@127.0.0.1:{fresh_redis.port}/0"
-        manager = FavoriteCommandsManager(desto_client(fresh_redis))
-        start_ready(daemons, fresh_redis, db_path, REDIS_URL=url)
-        kept = manager.add_favorite("kept", "make")
-        assert kept
-        wait_for(lambda: favorites_in_archive(db_path, {kept.favorite_id}), 5, what="archived")
-        admin.flushdb()
+        url, manager, kept = archived_then_flushed(admin, fresh_redis, db_path, daemons)
 
         refused = restore(fresh_redis, db_path, url=url)
         assert refused.returncode == 1
@@ -381,17 +390,9 @@ def test_a_user_that_may_not_run_scripts_is_told_that_and_nothing_is_written(fre
     the writes it already has."""
     admin = fresh_redis.client()
     try:
-        admin.execute_command("ACL", "SETUSER", "desto-archiver", *archiver_acl())
-        admin.execute_command(
-            "ACL", "SETUSER", "desto-archiver", "(~desto:favorite* +hset +set +sadd)", "-eval", "-evalsha"
+        url, manager, kept = archived_then_flushed(
+            admin, fresh_redis, db_path, daemons, "(~desto:favorite* +hset +set +sadd)", "-eval", "-evalsha"
         )
-        url = f"redis://desto-archiver:pw@127.0.0.1:{fresh_redis.port}/0"
-        manager = FavoriteCommandsManager(desto_client(fresh_redis))
-        start_ready(daemons, fresh_redis, db_path, REDIS_URL=url)
-        kept = manager.add_favorite("kept", "make")
-        assert kept
-        wait_for(lambda: favorites_in_archive(db_path, {kept.favorite_id}), 5, what="archived")
-        admin.flushdb()
 
         refused = restore(fresh_redis, db_path, url=url)
         assert refused.returncode == 1
