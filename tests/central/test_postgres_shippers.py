@@ -232,3 +232,55 @@ def test_a_shipper_whose_file_was_removed_leaves_the_path_to_the_daemon(redis, r
     finally:
         thread.stop(5.0)
     assert not thread.is_alive()
+
+
+def test_history_written_after_an_erasure_took_the_newest_rows_is_shipped(redis_server, db_path, pg_url):
+    """An erasure that takes the newest status-history rows (the newest session forgotten, Clear
+    History) must not hand their numbers to the next rows: the shipper ships that table by number,
+    and rows written under numbers it has shipped before it looks again would never reach
+    PostgreSQL."""
+    from archiver.archive import changelog, erase
+    from archiver.archive.store import Batch
+    from archiver.keys import classify, record_key
+    from archiver.kinds import Kind
+    from archiver.models import Fetched, normalize
+
+    def read(record: dict[str, str], at: int):
+        key = record_key(Kind.SESSION, record["session_id"])
+        flat = [part.encode() for item in record.items() for part in item]
+        parsed = classify(key)
+        assert parsed is not None
+        return normalize(parsed, Fetched(key, "hash", flat, -1, at, at))
+
+    settings = settings_for(redis_server, db_path, postgres_url=pg_url, source_name=SOURCE)
+    store = Store.open(db_path)
+    changelog.set_enabled(store.conn, True)  # as a shipping daemon keeps it
+    shipper = Shipper(settings)
+    try:
+        at = 1_795_000_000_000_000
+        kept, newest = session_hash(), session_hash()
+        for record in (kept, newest):
+            for status in ("starting", "running", "finished"):
+                at += 1_000_000
+                store.apply(Batch([read({**record, "status": status}, at)]))
+        shipper.open()
+        shipper.copy_all()
+        shipped = {r["id"] for r in pg_rows(pg_url, "status_history")}
+        assert len(shipped) == 6
+
+        targets, _ = erase.resolve(store.conn, [newest["session_id"]], [])
+        erase.forget(store, targets)  # its three history rows were the file's newest
+        later = session_hash()
+        for status in ("starting", "running"):
+            at += 1_000_000
+            store.apply(Batch([read({**later, "status": status}, at)]))
+        while shipper.ship_batch():
+            pass
+        in_file = {r[0]: r[1] for r in store.conn.execute("SELECT id, record_id FROM status_history")}
+        ours = [r for r in pg_rows(pg_url, "status_history") if r["file_id"] == shipper.file_id]
+        central = {r["id"]: r["record_id"] for r in ours}
+        assert central == in_file
+        assert list(in_file.values()).count(later["session_id"]) == 2
+    finally:
+        shipper.close()
+        store.close()
