@@ -21,11 +21,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from archiver.archive import changelog
-from archiver.archive.sql import begin_immediate, select_in
+from archiver.archive.sql import begin_immediate, erased_among, select_in
 from archiver.central import ship_erasures
 from archiver.central.postgres import connect, migrate_pg, not_allowed, require_write
 from archiver.central.ship_tables import Table, as_params, coerce, describe
 from archiver.config import Settings
+from archiver.kinds import KINDS, Kind
 from archiver.log import get_logger
 
 if TYPE_CHECKING:
@@ -354,6 +355,32 @@ class Shipper:
         finally:
             self.sqlite.text_factory = str
 
+    def _rows_taken_back(self, records: Sequence[tuple[str, str]]) -> list[tuple[Table, list[tuple[Any, ...]]]]:
+        """The file's rows of records whose erasure desto took back (it saved the record again).
+        The erasure may have reached PostgreSQL first, taking every central row of the record (and
+        of a session's jobs), while the file kept what it had not purged yet: its history rows,
+        which are shipped by number once and never logged again. They are all shipped again; a
+        session's jobs with it, but for those erased on their own."""
+        assert self.sqlite is not None
+        by_kind: dict[str, list[str]] = {}
+        for kind, record_id in records:
+            by_kind.setdefault(kind, []).append(record_id)
+        sessions = by_kind.get(Kind.SESSION.value, [])
+        if sessions:
+            jobs = [r[0] for r in select_in(self.sqlite, "SELECT job_id FROM jobs WHERE session_id IN", sessions)]
+            erased = erased_among(self.sqlite, Kind.JOB, jobs)
+            by_kind.setdefault(Kind.JOB.value, []).extend(j for j in jobs if j not in erased)
+        out: list[tuple[Table, list[tuple[Any, ...]]]] = []
+        for kind, ids in by_kind.items():
+            table = self.tables.get(KINDS[Kind(kind)].table)
+            if table is not None:
+                out.append((table, self._rows(table, ids)))
+            for name in ("status_history", "quarantine"):
+                numbered = self.tables[name]
+                query = f"SELECT {numbered.selected} FROM {name} WHERE kind = '{Kind(kind).value}' AND record_id IN"
+                out.append((numbered, self._read(partial(_select_all, self.sqlite, query, ids))))
+        return out
+
     def _rows(self, table: Table, keys: Sequence[Any]) -> list[tuple[Any, ...]]:
         assert self.sqlite is not None
         return self._read(
@@ -430,6 +457,7 @@ class Shipper:
                 found = {}
                 changed = changelog.kinds(entries)
                 erasures, taken_back = ship_erasures.read(self.sqlite, changed.pop(changelog.ERASURES, []))
+                restored = self._rows_taken_back(taken_back)
                 for name, keys in changed.items():
                     table = self.tables[name]
                     rows = self._rows(table, keys)
@@ -446,6 +474,8 @@ class Shipper:
             # last: the batch may carry rows of a record erased since (its history not purged yet)
             ship_erasures.apply(cur, self.schema, self.source, self.file_id, erasures)
             ship_erasures.take_back(cur, self.schema, self.source, taken_back)
+            for table, rows in restored:
+                self._put(cur, table, rows)
             # the rows were read with the log up to ``last``: its entry marks the log they came from
             now = known.after_batch(
                 entries[-1][0] if entries else None,

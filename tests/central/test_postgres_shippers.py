@@ -284,3 +284,79 @@ def test_history_written_after_an_erasure_took_the_newest_rows_is_shipped(redis_
     finally:
         shipper.close()
         store.close()
+
+
+def test_a_session_desto_saves_again_before_its_erasure_is_finished_is_shipped_again_whole(
+    redis_server, db_path, pg_url
+):
+    """desto deletes a session (its erasure reaches PostgreSQL: every central row of it goes), then
+    saves it again before the archiver has finished the erasure in the file, which lifts it: the
+    file still holds the session's history, and PostgreSQL must hold it again (not the job desto
+    deleted with it, whose erasure stands)."""
+    from desto.redis import DestoSession
+
+    from archiver.archive import changelog
+    from archiver.archive.store import Batch
+    from archiver.keys import classify, record_key
+    from archiver.kinds import Kind
+    from archiver.models import Fetched, normalize
+    from tests.helpers import job_hash
+
+    def read(kind: Kind, record: dict[str, str], record_id: str, at: int):
+        key = record_key(kind, record_id)
+        flat = [part.encode() for item in record.items() for part in item]
+        parsed = classify(key)
+        assert parsed is not None
+        return normalize(parsed, Fetched(key, "hash", flat, -1, at, at))
+
+    settings = settings_for(redis_server, db_path, postgres_url=pg_url, source_name=SOURCE)
+    store = Store.open(db_path)
+    changelog.set_enabled(store.conn, True)  # as a shipping daemon keeps it
+    shipper = Shipper(settings)
+    desto = SQLiteStore(str(db_path))
+    try:
+        at = 1_795_000_000_000_000
+        session = session_hash()
+        sid = session["session_id"]
+        job = job_hash(session_id=sid, status="finished", exit_code="0")
+        session["job_ids"] = f'["{job["job_id"]}"]'
+        for status in ("starting", "running", "finished"):
+            at += 1_000_000
+            store.apply(
+                Batch([read(Kind.SESSION, {**session, "status": status}, sid, at),
+                       read(Kind.JOB, job, job["job_id"], at)])
+            )  # fmt: skip
+        shipper.open()
+        shipper.copy_all()
+        saved = desto.get_session(sid)
+        assert saved is not None
+
+        assert desto.delete_session(sid)  # the History tab's delete: noted by the file's trigger
+        while shipper.ship_batch():
+            pass
+        assert not [r for r in pg_rows(pg_url, "status_history") if r["record_id"] == sid]
+        assert isinstance(saved, DestoSession) and desto.save_session(saved)  # desto's decision: lifted
+        while shipper.ship_batch():
+            pass
+
+        def by_record(rows) -> dict[str, int]:
+            counts: dict[str, int] = {}
+            for record_id in rows:
+                counts[record_id] = counts.get(record_id, 0) + 1
+            return counts
+
+        # desto deleted the job's row with the session's, so the job stays erased (its history is
+        # purged from the file when the erasure is finished); the session is desto's again
+        assert store.conn.execute("SELECT record_id FROM archiver_erased").fetchall() == [(job["job_id"],)]
+        in_file = by_record(
+            r[0] for r in store.conn.execute("SELECT record_id FROM status_history WHERE record_id = ?", (sid,))
+        )
+        ours = [r for r in pg_rows(pg_url, "status_history") if r["file_id"] == shipper.file_id]
+        assert in_file == {sid: 3}
+        assert by_record(r["record_id"] for r in ours) == in_file
+        assert {r["session_id"] for r in pg_rows(pg_url, "sessions")} == {sid}
+        assert not pg_rows(pg_url, "jobs")
+    finally:
+        desto.close()
+        shipper.close()
+        store.close()
