@@ -87,10 +87,6 @@ class ShipperThread(threading.Thread):
         while not self.stopping:
             try:
                 self._round()
-                self._backoff = 0.0
-                if self.failing is not None:
-                    log.info("ship.recovered", after=self.failing, failures=self.failures)
-                    self.failing, self.failures = None, 0
             except NotAllowed as exc:  # the owner's grant lets it go on: tried again, not refused for good
                 self._failed(exc, expected=True)
             except ShipError as exc:
@@ -189,7 +185,14 @@ class ShipperThread(threading.Thread):
         self.backlog = shipper.backlog()
         if shipped:
             log.debug("ship.shipped", entries=shipped, position=shipper.position)
+        self._succeeded()  # before the wait: what it shipped is in PostgreSQL now
         self._wait_for_changes(started_round)
+
+    def _succeeded(self) -> None:
+        self._backoff = 0.0
+        if self.failing is not None:
+            log.info("ship.recovered", after=self.failing, failures=self.failures)
+            self.failing, self.failures = None, 0
 
     def _wait_for_changes(self, started_round: float) -> None:
         """Until the daemon says the log grew (or ARCHIVER_SHIP_INTERVAL passes: another program's

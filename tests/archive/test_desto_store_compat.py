@@ -12,6 +12,9 @@ from desto.redis import DestoJob, DestoManager, SessionStatus, SQLiteStore
 from desto.redis.models import FavoriteCommand
 
 from archiver.archive.schema import SCHEMA_VERSION, TRACKING_COLUMNS
+from archiver.archive.store import Batch, Store
+from archiver.kinds import Kind
+from tests.archive.test_store import T0, history, read
 from tests.desto_helpers import (
     archived_favorites,
     archiver_log,
@@ -24,7 +27,7 @@ from tests.desto_helpers import (
     sqlite_failures,
     start_session,
 )
-from tests.helpers import daemon_thread, query, row, settings_for, wait_for
+from tests.helpers import daemon_thread, job_hash, query, row, session_hash, settings_for, wait_for
 
 DESTO_COLUMNS = {
     "sessions": [
@@ -287,3 +290,32 @@ def test_desto_store_and_archiver_write_the_same_file_concurrently(redis, redis_
     assert counts == {"finished": 12, "failed": 12, "scheduled": 6, "running": 0}
     assert desto_store.get_stats() == {"sessions": SESSIONS, "jobs": SESSIONS + 6, "favorites": 10}
     desto_store.close()
+
+
+def test_a_status_desto_s_own_store_wrote_first_still_gets_its_history(db_path: Path) -> None:
+    """desto's store may save a change before the archiver reads it: the read then finds the values
+    it would write already there. Its status is still a change the history records, once, and the
+    next change is measured from it."""
+    store = Store.open(db_path)
+    session = session_hash()
+    sid = session["session_id"]
+    record = job_hash(session_id=sid, status="failed", exit_code="1")
+    jid = record["job_id"]
+    store.apply(Batch([read(Kind.SESSION, sid, session, T0), read(Kind.JOB, jid, record, T0)]))
+    desto = SQLiteStore(str(db_path))
+    try:
+        at = T0
+        for status, exit_code in (("finished", "0"), ("failed", "1"), ("failed", "1"), ("finished", "0")):
+            at += 1_000_000
+            record = {**record, "status": status, "exit_code": exit_code}
+            assert desto.save_job(DestoJob.from_dict(record))
+            store.apply(Batch([read(Kind.JOB, jid, record, at)]))
+    finally:
+        desto.close()
+        store.close()
+    assert [(event, status) for event, status, *_ in history(db_path, jid)] == [
+        ("first_seen", "failed"),
+        ("status", "finished"),
+        ("status", "failed"),
+        ("status", "finished"),
+    ]

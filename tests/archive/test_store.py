@@ -232,35 +232,6 @@ def test_unchanged_reads_only_touch_last_seen(store: Store, db_path: Path) -> No
     assert len(history(db_path, jid)) == 1
 
 
-def test_a_status_desto_s_own_store_wrote_first_still_gets_its_history(store: Store, db_path: Path) -> None:
-    """desto's store may save a change before the archiver reads it: the read then finds the values
-    it would write already there. Its status is still a change the history records, once, and the
-    next change is measured from it."""
-    from desto.redis import DestoJob, SQLiteStore
-
-    session = session_hash()
-    sid = session["session_id"]
-    record = job_hash(session_id=sid, status="failed", exit_code="1")
-    jid = record["job_id"]
-    store.apply(Batch([read(Kind.SESSION, sid, session, T0), read(Kind.JOB, jid, record, T0)]))
-    desto = SQLiteStore(str(db_path))
-    try:
-        at = T0
-        for status, exit_code in (("finished", "0"), ("failed", "1"), ("failed", "1"), ("finished", "0")):
-            at += 1_000_000
-            record = {**record, "status": status, "exit_code": exit_code}
-            assert desto.save_job(DestoJob.from_dict(record))
-            store.apply(Batch([read(Kind.JOB, jid, record, at)]))
-    finally:
-        desto.close()
-    assert [(event, status) for event, status, *_ in history(db_path, jid)] == [
-        ("first_seen", "failed"),
-        ("status", "finished"),
-        ("status", "failed"),
-        ("status", "finished"),
-    ]
-
-
 def test_an_index_whose_name_holds_a_quote_is_deferred_and_built_again(db_path: Path) -> None:
     """The names of the indexes a first backfill drops come from the file: one that holds a double
     quote is still one name, dropped and built again, never part of the statement's text."""

@@ -140,8 +140,13 @@ def test_a_role_not_granted_its_source_is_told_what_the_owner_must_run_and_ships
             wait_for(lambda: daemon.shipper.failing and "may not write" in daemon.shipper.failing, 10, what="told")
             assert "--source c --role" in daemon.shipper.failing
             grant(pg_url, "c", role_b, capsys)
-            wait_for(lambda: central_differences(pg_url, db_path, "c") == [], 15, interval=0.2, what="shipped")
-            assert daemon.shipper.refused is None and daemon.shipper.failing is None
+            wait_for(
+                lambda: central_differences(pg_url, db_path, "c") == [] and daemon.shipper.failing is None,
+                15,
+                interval=0.2,
+                what="shipped, and the shipper's failure cleared",
+            )
+            assert daemon.shipper.refused is None
             grant(pg_url, "c", role_a, capsys)  # the owner gives the source to another role
             s = session_hash()
             redis.hset(f"desto:session:{s['session_id']}", mapping=s)
