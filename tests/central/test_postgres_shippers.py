@@ -20,11 +20,14 @@ from desto.redis import SQLiteStore
 from desto.redis.models import DestoSession
 from structlog.testing import capture_logs
 
-from archiver.archive.store import Store
+from archiver.archive import changelog, erase
+from archiver.archive.store import Batch, Store
 from archiver.central import ship
 from archiver.central.ship import FileReplaced, NeedsCopy, Shipper
 from archiver.commands.cli import main
-from tests.helpers import daemon_thread, session_hash, settings_for, wait_for
+from archiver.kinds import Kind
+from tests.archive.test_store import read
+from tests.helpers import daemon_thread, job_hash, session_hash, settings_for, wait_for
 from tests.pg_helpers import central_differences, pg_rows
 
 SOURCE = "gpu1"
@@ -239,19 +242,6 @@ def test_history_written_after_an_erasure_took_the_newest_rows_is_shipped(redis_
     History) must not hand their numbers to the next rows: the shipper ships that table by number,
     and rows written under numbers it has shipped before it looks again would never reach
     PostgreSQL."""
-    from archiver.archive import changelog, erase
-    from archiver.archive.store import Batch
-    from archiver.keys import classify, record_key
-    from archiver.kinds import Kind
-    from archiver.models import Fetched, normalize
-
-    def read(record: dict[str, str], at: int):
-        key = record_key(Kind.SESSION, record["session_id"])
-        flat = [part.encode() for item in record.items() for part in item]
-        parsed = classify(key)
-        assert parsed is not None
-        return normalize(parsed, Fetched(key, "hash", flat, -1, at, at))
-
     settings = settings_for(redis_server, db_path, postgres_url=pg_url, source_name=SOURCE)
     store = Store.open(db_path)
     changelog.set_enabled(store.conn, True)  # as a shipping daemon keeps it
@@ -262,7 +252,7 @@ def test_history_written_after_an_erasure_took_the_newest_rows_is_shipped(redis_
         for record in (kept, newest):
             for status in ("starting", "running", "finished"):
                 at += 1_000_000
-                store.apply(Batch([read({**record, "status": status}, at)]))
+                store.apply(Batch([read(Kind.SESSION, record["session_id"], {**record, "status": status}, at)]))
         shipper.open()
         shipper.copy_all()
         shipped = {r["id"] for r in pg_rows(pg_url, "status_history")}
@@ -273,7 +263,7 @@ def test_history_written_after_an_erasure_took_the_newest_rows_is_shipped(redis_
         later = session_hash()
         for status in ("starting", "running"):
             at += 1_000_000
-            store.apply(Batch([read({**later, "status": status}, at)]))
+            store.apply(Batch([read(Kind.SESSION, later["session_id"], {**later, "status": status}, at)]))
         while shipper.ship_batch():
             pass
         in_file = {r[0]: r[1] for r in store.conn.execute("SELECT id, record_id FROM status_history")}
@@ -293,22 +283,6 @@ def test_a_session_desto_saves_again_before_its_erasure_is_finished_is_shipped_a
     saves it again before the archiver has finished the erasure in the file, which lifts it: the
     file still holds the session's history, and PostgreSQL must hold it again (not the job desto
     deleted with it, whose erasure stands)."""
-    from desto.redis import DestoSession
-
-    from archiver.archive import changelog
-    from archiver.archive.store import Batch
-    from archiver.keys import classify, record_key
-    from archiver.kinds import Kind
-    from archiver.models import Fetched, normalize
-    from tests.helpers import job_hash
-
-    def read(kind: Kind, record: dict[str, str], record_id: str, at: int):
-        key = record_key(kind, record_id)
-        flat = [part.encode() for item in record.items() for part in item]
-        parsed = classify(key)
-        assert parsed is not None
-        return normalize(parsed, Fetched(key, "hash", flat, -1, at, at))
-
     settings = settings_for(redis_server, db_path, postgres_url=pg_url, source_name=SOURCE)
     store = Store.open(db_path)
     changelog.set_enabled(store.conn, True)  # as a shipping daemon keeps it
@@ -323,8 +297,8 @@ def test_a_session_desto_saves_again_before_its_erasure_is_finished_is_shipped_a
         for status in ("starting", "running", "finished"):
             at += 1_000_000
             store.apply(
-                Batch([read(Kind.SESSION, {**session, "status": status}, sid, at),
-                       read(Kind.JOB, job, job["job_id"], at)])
+                Batch([read(Kind.SESSION, sid, {**session, "status": status}, at),
+                       read(Kind.JOB, job["job_id"], job, at)])
             )  # fmt: skip
         shipper.open()
         shipper.copy_all()
