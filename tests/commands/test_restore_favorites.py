@@ -55,6 +55,18 @@ def favorites_in_archive(db_path: Path, ids: set[str]) -> bool:
     return ids <= {r["favorite_id"] for r in found}
 
 
+def the_outcomes(build, lint, deploy, old, other) -> dict[str, str]:
+    """What the restore does with the flush scenario's favorites: two restored, the name another
+    favorite took now a conflict, the one a person deleted left alone, the new one already there."""
+    return {
+        build.favorite_id: "restored",
+        lint.favorite_id: "restored",
+        deploy.favorite_id: "conflict",
+        old.favorite_id: "deleted",
+        other.favorite_id: "in redis",
+    }
+
+
 def test_favorites_flushed_come_back_as_desto_had_them(redis_server, redis, db_path, daemons):
     manager = FavoriteCommandsManager(desto_client(redis_server))
     daemon = start_ready(daemons, redis_server, db_path)
@@ -87,13 +99,7 @@ def test_favorites_flushed_come_back_as_desto_had_them(redis_server, redis, db_p
     assert done.returncode == 1, done.stderr  # the conflict is a problem to look at
     report = json.loads(done.stdout)
     outcomes = {f["favorite_id"]: f["outcome"] for f in report["favorites"]}
-    assert outcomes == {
-        build.favorite_id: "restored",
-        lint.favorite_id: "restored",
-        deploy.favorite_id: "conflict",
-        old.favorite_id: "deleted",
-        other.favorite_id: "in redis",
-    }
+    assert outcomes == the_outcomes(build, lint, deploy, old, other)
     conflict = next(f for f in report["favorites"] if f["outcome"] == "conflict")
     assert other.favorite_id in conflict["detail"]
 
@@ -316,13 +322,7 @@ def test_favorites_flushed_under_desto_at_work_come_back_and_nothing_else_does(r
 
     assert done.returncode == 1, done.stderr  # the conflict
     outcomes = {f["favorite_id"]: f["outcome"] for f in json.loads(done.stdout)["favorites"]}
-    assert outcomes == {
-        build.favorite_id: "restored",
-        lint.favorite_id: "restored",
-        deploy.favorite_id: "conflict",
-        old.favorite_id: "deleted",
-        other.favorite_id: "in redis",
-    }
+    assert outcomes == the_outcomes(build, lint, deploy, old, other)
     after = listed(manager)
     assert after[build.favorite_id] == before[build.favorite_id]
     assert after[lint.favorite_id] == before[lint.favorite_id]
