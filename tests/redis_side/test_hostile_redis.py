@@ -178,30 +178,12 @@ def test_redis_busy_with_another_client_s_script_never_stops_the_daemon(fresh_re
         daemons, fresh_redis, db_path, ARCHIVER_RECONCILE_INTERVAL="0.5", ARCHIVER_HEALTH_CHECK_INTERVAL="0.5"
     )
     written = [write_session(admin)[0] for _ in range(5)]
-    ended: list[BaseException] = []
-
-    def busy() -> None:
-        looper = redis_lib.Redis(port=fresh_redis.port, socket_timeout=30)
-        try:
-            looper.eval("local i = 0 while true do i = i + 1 end", 0)
-        except redis_lib.ResponseError as exc:  # "Script killed by user"
-            ended.append(exc)
-        finally:
-            looper.close()
-
-    thread = threading.Thread(target=busy, daemon=True)
-    thread.start()
-    try:
+    with a_script_holding_redis(fresh_redis.port) as ended:
         failed = daemon.wait_log("redis.read_failed", timeout=20)
         assert failed[0]["error"].startswith("BUSY"), failed[0]
         assert "script" in failed[0]["action"], failed[0]
         time.sleep(3)  # the daemon keeps retrying while the script runs
         assert daemon.proc.poll() is None, "the daemon exited while Redis was busy"
-    finally:
-        killer = redis_lib.Redis(port=fresh_redis.port, socket_timeout=5)
-        wait_for(lambda: killer.script_kill() or True, 10, what="SCRIPT KILL")  # the loop may not have begun
-        killer.close()
-        thread.join(timeout=10)
     assert ended, "the looping script was not killed"
     daemon.wait_log("archiver.recovered", timeout=20)
     written += [write_session(admin)[0], write_job(admin)[0]]
@@ -217,16 +199,7 @@ def test_a_command_run_while_redis_is_busy_says_so_without_a_traceback(fresh_red
     admin = fresh_redis.client()
     admin.config_set("busy-reply-threshold", 100)
     write_session(admin)
-
-    def busy() -> None:
-        looper = redis_lib.Redis(port=fresh_redis.port, socket_timeout=30)
-        with contextlib.suppress(redis_lib.ResponseError):  # "Script killed by user"
-            looper.eval("local i = 0 while true do i = i + 1 end", 0)
-        looper.close()
-
-    thread = threading.Thread(target=busy, daemon=True)
-    thread.start()
-    try:
+    with a_script_holding_redis(fresh_redis.port):
         wait_for(lambda: _answers_busy(fresh_redis.port), 10, what="Redis to answer BUSY")
         for command in (["backfill"], ["check"], ["restore", "favorites", "--dry-run"]):
             done = subprocess.run(
@@ -240,12 +213,34 @@ def test_a_command_run_while_redis_is_busy_says_so_without_a_traceback(fresh_red
             assert "Traceback" not in done.stderr, (command, done.stderr)
             said = done.stdout + done.stderr  # check reports on its standard output, the others on errors
             assert "BUSY" in said and "run the command again once it ends (SCRIPT KILL" in said, (command, said)
+    admin.close()
+
+
+@contextlib.contextmanager
+def a_script_holding_redis(port: int) -> Iterator[list[BaseException]]:
+    """Another client's Lua loop, running until the block ends (then SCRIPT KILL): past
+    busy-reply-threshold Redis answers every other client BUSY. Yields the errors the loop ended
+    with (Redis' "Script killed by user")."""
+    ended: list[BaseException] = []
+
+    def loop() -> None:
+        looper = redis_lib.Redis(port=port, socket_timeout=30)
+        try:
+            looper.eval("local i = 0 while true do i = i + 1 end", 0)
+        except redis_lib.ResponseError as exc:
+            ended.append(exc)
+        finally:
+            looper.close()
+
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    try:
+        yield ended
     finally:
-        killer = redis_lib.Redis(port=fresh_redis.port, socket_timeout=5)
-        wait_for(lambda: killer.script_kill() or True, 10, what="SCRIPT KILL")
+        killer = redis_lib.Redis(port=port, socket_timeout=5)
+        wait_for(lambda: killer.script_kill() or True, 10, what="SCRIPT KILL")  # the loop may not have begun
         killer.close()
         thread.join(timeout=10)
-    admin.close()
 
 
 def _answers_busy(port: int) -> bool:
@@ -457,31 +452,13 @@ def test_a_hostile_client_beside_desto_leaves_the_daemon_up_bounded_and_complete
     rows = quarantine_rows(db_path)
     admin.delete(*keys)
     # 3: another client's script holds Redis up (desto's writes would fail too: the writer waits)
-    ended: list[BaseException] = []
-
-    def busy() -> None:
-        looper = redis_lib.Redis(port=fresh_redis.port, socket_timeout=30)
-        try:
-            looper.eval("local i = 0 while true do i = i + 1 end", 0)
-        except redis_lib.ResponseError as exc:
-            ended.append(exc)
-        finally:
-            looper.close()
-
-    thread = threading.Thread(target=busy, daemon=True)
-    thread.start()
-    try:
+    with a_script_holding_redis(fresh_redis.port) as ended:
         # held until the daemon has met it: its next reconcile reads into the BUSY reply
         wait_for(
             lambda: any(e["error"].startswith("BUSY") for e in daemon.events("redis.read_failed")),
             20,
             what="a read of the daemon answered BUSY",
         )
-    finally:
-        killer = redis_lib.Redis(port=fresh_redis.port, socket_timeout=5)
-        wait_for(lambda: killer.script_kill() or True, 10, what="SCRIPT KILL")
-        killer.close()
-        thread.join(timeout=10)
     assert ended, "the looping script was not killed"
     writer.go_on()
     # 4: terminal escapes in what desto shows
