@@ -13,6 +13,7 @@ import sqlite3
 import threading
 import time
 import uuid
+from collections import Counter
 from pathlib import Path
 
 import psycopg
@@ -26,7 +27,7 @@ from archiver.central import ship
 from archiver.central.ship import FileReplaced, NeedsCopy, Shipper
 from archiver.commands.cli import main
 from archiver.kinds import Kind
-from tests.archive.test_store import read
+from tests.archive.test_store import T0, read
 from tests.helpers import daemon_thread, job_hash, session_hash, settings_for, wait_for
 from tests.pg_helpers import central_differences, pg_rows
 
@@ -238,16 +239,16 @@ def test_a_shipper_whose_file_was_removed_leaves_the_path_to_the_daemon(redis, r
 
 
 def test_history_written_after_an_erasure_took_the_newest_rows_is_shipped(redis_server, db_path, pg_url):
-    """An erasure that takes the newest status-history rows (the newest session forgotten, Clear
-    History) must not hand their numbers to the next rows: the shipper ships that table by number,
-    and rows written under numbers it has shipped before it looks again would never reach
-    PostgreSQL."""
+    """An erasure that takes the newest status-history rows (the newest session forgotten) frees
+    their numbers, and SQLite gives them to the next rows. The shipper ships that table by number:
+    rows written under numbers it shipped before must still reach PostgreSQL (the erasure's
+    deletions in the change log name those numbers, so they are read again)."""
     settings = settings_for(redis_server, db_path, postgres_url=pg_url, source_name=SOURCE)
     store = Store.open(db_path)
     changelog.set_enabled(store.conn, True)  # as a shipping daemon keeps it
     shipper = Shipper(settings)
     try:
-        at = 1_795_000_000_000_000
+        at = T0
         kept, newest = session_hash(), session_hash()
         for record in (kept, newest):
             for status in ("starting", "running", "finished"):
@@ -289,7 +290,7 @@ def test_a_session_desto_saves_again_before_its_erasure_is_finished_is_shipped_a
     shipper = Shipper(settings)
     desto = SQLiteStore(str(db_path))
     try:
-        at = 1_795_000_000_000_000
+        at = T0
         session = session_hash()
         sid = session["session_id"]
         job = job_hash(session_id=sid, status="finished", exit_code="0")
@@ -313,21 +314,15 @@ def test_a_session_desto_saves_again_before_its_erasure_is_finished_is_shipped_a
         while shipper.ship_batch():
             pass
 
-        def by_record(rows) -> dict[str, int]:
-            counts: dict[str, int] = {}
-            for record_id in rows:
-                counts[record_id] = counts.get(record_id, 0) + 1
-            return counts
-
         # desto deleted the job's row with the session's, so the job stays erased (its history is
         # purged from the file when the erasure is finished); the session is desto's again
         assert store.conn.execute("SELECT record_id FROM archiver_erased").fetchall() == [(job["job_id"],)]
-        in_file = by_record(
+        in_file = Counter(
             r[0] for r in store.conn.execute("SELECT record_id FROM status_history WHERE record_id = ?", (sid,))
         )
         ours = [r for r in pg_rows(pg_url, "status_history") if r["file_id"] == shipper.file_id]
         assert in_file == {sid: 3}
-        assert by_record(r["record_id"] for r in ours) == in_file
+        assert Counter(r["record_id"] for r in ours) == in_file
         assert {r["session_id"] for r in pg_rows(pg_url, "sessions")} == {sid}
         assert not pg_rows(pg_url, "jobs")
     finally:
