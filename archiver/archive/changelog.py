@@ -41,9 +41,10 @@ SHIPPED: dict[str, str] = {
 ERASURES = "archiver_erased"  # logged with the key kind:record_id (see erasure_key)
 STATE_FROM = "changes_from"
 _OPS = ("insert", "update", "delete")
-# The status history only grows (by rowid): the shipper finds its new rows by number, so the write
-# path pays for no log entry there; only the rare change or deletion of a row is logged. An erasure
-# note is made or taken back, never changed (but for when it was scrubbed: nothing to ship).
+# The status history only grows (AUTOINCREMENT: a number is never given twice): the shipper finds
+# its new rows by number, so the write path pays for no log entry there; only the rare change or
+# deletion of a row is logged. An erasure note is made or taken back, never changed (but for when
+# it was scrubbed: nothing to ship).
 OPS: dict[str, tuple[str, ...]] = {
     **{table: ("update", "delete") if table == "status_history" else _OPS for table in SHIPPED},
     ERASURES: ("insert", "delete"),

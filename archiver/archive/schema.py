@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 from archiver.models import decode_resp, job_session
 
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9
 
 # The oldest SQLite the archiver's statements run on: RETURNING came in 3.35.0 (UPSERT in 3.24.0).
 MIN_SQLITE = (3, 35, 0)
@@ -463,6 +463,57 @@ def _migrate_to_8(conn: sqlite3.Connection) -> None:
         conn.execute(f"CREATE INDEX IF NOT EXISTS {name} ON {on}")
 
 
+# The status history from schema 9 on: AUTOINCREMENT, so a number a row once had is never given to
+# another. The shipper finds new history rows by number; SQLite's plain rowid gives the numbers
+# freed at the top (an erasure of the newest rows) to the next rows, and a batch that came between
+# two such erasures had already counted a freed number as shipped.
+STATUS_HISTORY_DDL = """
+CREATE TABLE status_history_v9 (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind TEXT NOT NULL,               -- session, job, favorite, atjob
+    record_id TEXT NOT NULL,
+    event TEXT NOT NULL,              -- created, status, renamed, reappeared, deleted, expired, evicted, missing
+    status TEXT,                      -- the status after the event
+    previous_status TEXT,
+    detail TEXT,                      -- e.g. a favorite's old and new names
+    observed_at TEXT NOT NULL,        -- when the archiver saw it (UTC)
+    desto_timestamp TEXT,             -- desto's own time of the change, from its pub/sub message
+    source TEXT NOT NULL              -- redis (a read of the record) or pubsub (desto's message only)
+)
+"""
+
+
+def _migrate_to_9(conn: sqlite3.Connection) -> None:
+    """Status-history numbers never given twice (see STATUS_HISTORY_DDL). The table is rebuilt under
+    the same name, ids kept, with its indexes and the change log's triggers (when shipping is on)
+    made again; indexes deferred by a first backfill stay deferred. The counter starts above every
+    number the file still knows of: its rows, and the rows whose deletion the change log holds and
+    the shipper has not seen yet (PostgreSQL may count those numbers as shipped)."""
+    kept = [
+        str(row[0])
+        for row in conn.execute(
+            "SELECT sql FROM sqlite_master WHERE type IN ('index', 'trigger') AND tbl_name = 'status_history' "
+            "AND sql IS NOT NULL ORDER BY type, name"
+        )
+    ]
+    conn.execute(STATUS_HISTORY_DDL)
+    conn.execute(
+        "INSERT INTO status_history_v9 (id, kind, record_id, event, status, previous_status, detail, observed_at, "
+        "desto_timestamp, source) SELECT id, kind, record_id, event, status, previous_status, detail, observed_at, "
+        "desto_timestamp, source FROM status_history ORDER BY id"
+    )
+    conn.execute("DROP TABLE status_history")
+    conn.execute("ALTER TABLE status_history_v9 RENAME TO status_history")
+    for sql in kept:
+        conn.execute(sql)
+    logged = conn.execute(
+        "SELECT max(CAST(key AS INTEGER)) FROM archiver_changes WHERE tbl = 'status_history'"
+    ).fetchone()[0]
+    newest = max(int(logged or 0), int(conn.execute("SELECT coalesce(max(id), 0) FROM status_history").fetchone()[0]))
+    conn.execute("DELETE FROM sqlite_sequence WHERE name = 'status_history'")
+    conn.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('status_history', ?)", (newest,))
+
+
 MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {
     1: _migrate_to_1,
     2: _migrate_to_2,
@@ -472,6 +523,7 @@ MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {
     6: _migrate_to_6,
     7: _migrate_to_7,
     8: _migrate_to_8,
+    9: _migrate_to_9,
 }
 
 

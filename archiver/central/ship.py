@@ -144,29 +144,23 @@ class ShipPosition:
         position yet)."""
         return None if self.position is None else max(0, last_seq - self.position)
 
-    def nothing_to_ship(self, entries: int, new_history: int, newest_history: int) -> bool:
+    def nothing_to_ship(self, entries: int, new_history: int) -> bool:
         """A batch that found no log entry after the position and no status-history row after
-        ``history_id`` ships nothing, unless ``history_id`` is above the file's highest row (that
-        row was deleted, and its number will be used again: the position moves back to it)."""
-        assert self.history_id is not None
-        return not entries and not new_history and self.history_id <= newest_history
+        ``history_id`` ships nothing (a history number is never given twice: rows written later
+        are always above it)."""
+        return not entries and not new_history
 
     def after_batch(
-        self,
-        last_entry: int | None,
-        last_history: int | None,
-        newest_history: int,
-        head: int,
-        head_token: bytes | None,
+        self, last_entry: int | None, last_history: int | None, head: int, head_token: bytes | None
     ) -> ShipPosition:
         """The position once a batch landed: at its last log entry (or where it was), at its last
-        status-history row (never above the file's highest), marked with the log's last entry as
-        of the read (``head``, ``head_token``)."""
+        status-history row (or where it was), marked with the log's last entry as of the read
+        (``head``, ``head_token``)."""
         assert self.position is not None and self.history_id is not None
         return ShipPosition(
             self.file_id,
             last_entry if last_entry is not None else self.position,
-            min(last_history if last_history is not None else self.history_id, newest_history),
+            last_history if last_history is not None else self.history_id,
             head,
             head_token,
         )
@@ -448,9 +442,7 @@ class Shipper:
                         (history_id, self.batch_size),
                     )
                 )
-                # a number above the highest row is used again once that row is deleted: ship it again then
-                newest = self.sqlite.execute("SELECT coalesce(max(id), 0) FROM status_history").fetchone()[0]
-                if known.nothing_to_ship(len(entries), len(new_history), newest):
+                if known.nothing_to_ship(len(entries), len(new_history)):
                     self.sqlite.execute("COMMIT")
                     self.position = position
                     return 0
@@ -480,7 +472,6 @@ class Shipper:
             now = known.after_batch(
                 entries[-1][0] if entries else None,
                 new_history[-1][0] if new_history else None,
-                newest,
                 last,
                 head_token,
             )

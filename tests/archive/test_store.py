@@ -476,6 +476,43 @@ def test_a_file_at_schema_1_is_migrated_forward_keeping_its_rows(db_path: Path) 
         store.close()
 
 
+def test_status_history_numbers_stay_above_every_number_given_before_the_upgrade(db_path: Path) -> None:
+    """A file of schema 8 numbered its status history by plain rowid: a number freed at the top was
+    given again. Upgraded, it numbers above its rows and above the deleted rows its change log
+    still names (a shipper may count those as shipped), keeping rows, indexes and log triggers."""
+    from archiver.archive import changelog, schema
+
+    db_path.parent.mkdir(parents=True)
+    conn = sqlite3.connect(db_path, isolation_level=None)
+    for version in range(1, 9):
+        schema.MIGRATIONS[version](conn)
+    conn.execute("PRAGMA user_version = 8")
+    changelog.set_enabled(conn, True)
+    for n in range(1, 6):
+        conn.execute(
+            "INSERT INTO status_history (kind, record_id, event, observed_at, source) "
+            "VALUES ('session', ?, 'first_seen', '2026-01-01T00:00:00Z', 'redis')",
+            (f"s{n}",),
+        )
+    conn.execute("DELETE FROM status_history WHERE id >= 4")  # logged: not shipped yet
+    conn.close()
+    store = Store.open(db_path)
+    try:
+        assert store.schema_found == 8
+        mine = session_hash()
+        store.apply(Batch([read(Kind.SESSION, mine["session_id"], mine, T0)]))
+        rows = query(db_path, "SELECT id, record_id FROM status_history ORDER BY id")
+        assert [tuple(r) for r in rows] == [(1, "s1"), (2, "s2"), (3, "s3"), (6, mine["session_id"])]
+        names = {r[0] for r in query(db_path, "SELECT name FROM sqlite_master WHERE tbl_name = 'status_history'")}
+        assert {"idx_status_history_record", "idx_status_history_observed"} <= names
+        assert {"archiver_changes_status_history_update", "archiver_changes_status_history_delete"} <= names
+        store.conn.execute("DELETE FROM status_history WHERE id = 6")
+        store.apply(Batch([read(Kind.SESSION, mine["session_id"], {**mine, "status": "failed"}, T0 + 1)]))
+        assert query(db_path, "SELECT max(id) FROM status_history")[0][0] == 7
+    finally:
+        store.close()
+
+
 def test_writes_by_another_program_are_noted_for_a_re_read(store: Store, db_path: Path) -> None:
     mine = session_hash()
     store.apply(Batch([read(Kind.SESSION, mine["session_id"], mine, T0)]))

@@ -240,9 +240,8 @@ def test_a_shipper_whose_file_was_removed_leaves_the_path_to_the_daemon(redis, r
 
 def test_history_written_after_an_erasure_took_the_newest_rows_is_shipped(redis_server, db_path, pg_url):
     """An erasure that takes the newest status-history rows (the newest session forgotten) frees
-    their numbers, and SQLite gives them to the next rows. The shipper ships that table by number:
-    rows written under numbers it shipped before must still reach PostgreSQL (the erasure's
-    deletions in the change log name those numbers, so they are read again)."""
+    their numbers. The shipper ships that table by number: the rows written next must reach
+    PostgreSQL, and the erased ones leave it."""
     settings = settings_for(redis_server, db_path, postgres_url=pg_url, source_name=SOURCE)
     store = Store.open(db_path)
     changelog.set_enabled(store.conn, True)  # as a shipping daemon keeps it
@@ -272,6 +271,48 @@ def test_history_written_after_an_erasure_took_the_newest_rows_is_shipped(redis_
         central = {r["id"]: r["record_id"] for r in ours}
         assert central == in_file
         assert list(in_file.values()).count(later["session_id"]) == 2
+    finally:
+        shipper.close()
+        store.close()
+
+
+def test_history_numbers_freed_by_two_erasures_with_a_batch_between_are_never_given_again(
+    redis_server, db_path, pg_url
+):
+    """Two erasures each take one of the newest status-history rows, with a shipped batch between
+    them, then new rows are written. Had SQLite given the freed numbers to the new rows, the batch
+    between would have moved the shipped number past the lower one, and a new row under it would
+    never reach PostgreSQL: the numbers a row once had are never given again."""
+    settings = settings_for(redis_server, db_path, postgres_url=pg_url, source_name=SOURCE)
+    store = Store.open(db_path)
+    changelog.set_enabled(store.conn, True)  # as a shipping daemon keeps it
+    shipper = Shipper(settings)
+    try:
+        at = T0
+        kept, first, second = session_hash(), session_hash(), session_hash()
+        for record in (kept, first, second):  # first's and second's rows are the file's two newest
+            at += 1_000_000
+            store.apply(Batch([read(Kind.SESSION, record["session_id"], record, at)]))
+        shipper.open()
+        shipper.copy_all()
+        targets, _ = erase.resolve(store.conn, [first["session_id"]], [])
+        erase.forget(store, targets)
+        while shipper.ship_batch():  # a batch sees one erasure done, the other not begun
+            pass
+        assert central_differences(pg_url, db_path, SOURCE, file_id=shipper.file_id) == []
+        targets, _ = erase.resolve(store.conn, [second["session_id"]], [])
+        erase.forget(store, targets)
+        later = session_hash()
+        for status in ("starting", "running"):
+            at += 1_000_000
+            store.apply(Batch([read(Kind.SESSION, later["session_id"], {**later, "status": status}, at)]))
+        while shipper.ship_batch():
+            pass
+        in_file = {r[0]: r[1] for r in store.conn.execute("SELECT id, record_id FROM status_history")}
+        ours = [r for r in pg_rows(pg_url, "status_history") if r["file_id"] == shipper.file_id]
+        assert {r["id"]: r["record_id"] for r in ours} == in_file
+        assert list(in_file.values()).count(later["session_id"]) == 2
+        assert central_differences(pg_url, db_path, SOURCE, file_id=shipper.file_id) == []
     finally:
         shipper.close()
         store.close()
