@@ -1,4 +1,5 @@
-"""Prometheus metrics for the daemon (off unless ARCHIVER_METRICS_PORT is set).
+"""Prometheus metrics for the daemon (off unless ARCHIVER_METRICS_PORT is set: only then is this
+module, and prometheus_client with it, imported).
 
 Counters are read from the daemon's own totals when Prometheus scrapes, so the hot path pays
 nothing for them; only the batch latency histogram is observed per batch.
@@ -7,62 +8,21 @@ nothing for them; only the batch latency histogram is observed per batch.
 from __future__ import annotations
 
 import contextlib
-import platform
 import selectors
 import socket
-import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from typing import Any
 
-import redis
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from archiver import __version__
+from archiver.daemon.snapshot import FAILING_OPERATIONS, Snapshot, build_info
 from archiver.kinds import KINDS
 
 PREFIX = "desto_archiver"
-FAILING_OPERATIONS = ("sqlite", "redis")  # what the daemon's ``failing`` state may name
-
-
-@dataclass
-class Snapshot:
-    """What the daemon reports at scrape time."""
-
-    events: int = 0
-    keys_read: int = 0
-    written: dict[str, int] = field(default_factory=dict)
-    quarantined: int = 0
-    quarantine_not_kept: int = 0
-    tombstones: int = 0
-    erased: int = 0
-    erased_not_written: int = 0
-    reconciles: int = 0
-    missed_changes: dict[str, int] = field(default_factory=dict)  # found by reconciles, no notification named
-    missed_streak: int = 0  # measured reconciles in a row, up to the last, that found missed changes
-    reconnects: int = 0
-    lag_s: float = 0.0
-    pending: int = 0
-    subscribed: bool = False
-    failing: str | None = None  # "sqlite" or "redis" while the daemon retries it
-    write_failures: int = 0
-    read_failures: int = 0
-    ship: dict[str, Any] | None = None  # the shipper's status (ShipperThread.status), when shipping
-
-
-def build_info() -> dict[str, str]:
-    """What is running: this archiver's version and those of Python, SQLite and redis-py under it
-    (the start log line says the same)."""
-    return {
-        "version": __version__,
-        "python": platform.python_version(),
-        "sqlite": sqlite3.sqlite_version,
-        "redis_py": redis.__version__,
-    }
+__all__ = ["Metrics", "MetricsServer", "Snapshot", "build_info"]
 
 
 class _DaemonCollector(Collector):

@@ -33,11 +33,11 @@ from archiver.daemon.fetcher import Fetcher, Work
 from archiver.daemon.health import Notifier
 from archiver.daemon.housekeeping import Housekeeping
 from archiver.daemon.inbox import Inbox
-from archiver.daemon.metrics import Metrics, Snapshot, build_info
 from archiver.daemon.reconcile import write_batch
 from archiver.daemon.reconciler import Reconciles
 from archiver.daemon.reporter import Reporter, Totals, Workers
 from archiver.daemon.schedule import Deadline, Schedule
+from archiver.daemon.snapshot import Snapshot, build_info
 from archiver.daemon.wakeup import Wakeup
 from archiver.log import get_logger
 from archiver.redis_side.listener import Listener
@@ -46,6 +46,7 @@ from archiver.redis_side.redis_client import REDIS_ERRORS, log_unreachable, retr
 from archiver.redis_side.source import NotifyState, Source
 
 if TYPE_CHECKING:
+    from archiver.daemon.metrics import Metrics
     from archiver.daemon.shipper import ShipperThread
 
 log = get_logger("archiver.daemon.pipeline")
@@ -155,6 +156,8 @@ class Daemon:
             notifications="unknown (Redis unreachable)" if notify is None else ("on" if notify.ok else "off"),
         )
         if self.settings.metrics_port is not None:
+            from archiver.daemon.metrics import Metrics  # prometheus_client: imported only when served
+
             self.metrics = Metrics(self.reporter.snapshot)
             try:
                 self.metrics.serve(self.settings.metrics_host, self.settings.metrics_port)

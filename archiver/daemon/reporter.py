@@ -16,8 +16,8 @@ from archiver.config import Settings
 from archiver.daemon.failures import Failures
 from archiver.daemon.fetcher import Fetcher
 from archiver.daemon.inbox import Inbox
-from archiver.daemon.metrics import Snapshot
 from archiver.daemon.reconciler import Reconciles
+from archiver.daemon.snapshot import Snapshot
 from archiver.log import get_logger
 from archiver.redis_side.listener import Listener
 from archiver.redis_side.read_clock import now_us

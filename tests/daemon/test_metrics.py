@@ -6,6 +6,8 @@ from __future__ import annotations
 import platform
 import re
 import sqlite3
+import subprocess
+import sys
 
 import pytest
 import redis
@@ -49,3 +51,14 @@ def test_every_metric_family_is_in_the_metrics_page() -> None:
     assert {"desto_archiver_build_info", "desto_archiver_ship_backlog", "desto_archiver_batch_seconds"} <= served
     missing = sorted(served - documented)
     assert not missing, f"served but not in docs/metrics.md's table: {missing}"
+
+
+def test_the_daemon_loads_prometheus_client_only_to_serve_metrics() -> None:
+    """Metrics are off by default, and their library is 2 MB of an idle daemon's memory: the
+    daemon's modules do not import it until ARCHIVER_METRICS_PORT asks for the metrics."""
+    probe = (
+        "import sys, archiver.commands.cli, archiver.daemon.pipeline, archiver.daemon.reporter; "
+        "print('prometheus_client' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO, check=True)
+    assert done.stdout.strip() == "False"
