@@ -75,6 +75,20 @@ def test_archiver_knobs_and_flags_override_environment(monkeypatch: pytest.Monke
     assert load_settings(batch_size="7").batch_size == 7
 
 
+def test_variable_names_are_read_whatever_their_case(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As desto's and the archiver's variables were always read: a unit or a compose file that
+    writes them in lower case configures the archiver all the same; a flag still wins."""
+    monkeypatch.setenv("archiver_batch_size", "50")
+    monkeypatch.setenv("Redis_Host", "redis")
+    monkeypatch.setenv("redis_db", "2")
+    settings = load_settings()
+    assert (settings.batch_size, settings.redis_host, settings.redis_db) == (50, "redis", 2)
+    assert load_settings(redis_db=4).redis_db == 4
+    monkeypatch.setenv("archiver_flush_interval", "")
+    with pytest.raises(ConfigError, match="ARCHIVER_FLUSH_INTERVAL: Input should be a valid number"):
+        load_settings()
+
+
 @pytest.mark.parametrize(
     ("env", "value", "message"),
     [
