@@ -18,7 +18,7 @@ from archiver.config import Settings
 if TYPE_CHECKING:
     import psycopg
 
-PG_SCHEMA_VERSION = 5
+PG_SCHEMA_VERSION = 6
 RECORD_KEYS = {"sessions": "session_id", "jobs": "job_id", "favorites": "favorite_id", "at_jobs": "at_job_id"}
 NUMBERED = ("status_history", "quarantine")  # rows numbered by the file: keyed by file_id too
 
@@ -145,12 +145,43 @@ def _migrate_pg_to_5(cur: Any, schema: str) -> None:
         cur.execute(f"ALTER TABLE {schema}.quarantine ADD COLUMN IF NOT EXISTS {column} bigint")
 
 
+def _migrate_pg_to_6(cur: Any, schema: str) -> None:
+    """A quarantined job's session (the file's ``quarantine.session_id``, shipped from now on): an
+    erasure of a session that takes its jobs finds those only quarantine names, whichever file of
+    the host quarantined them. The rows shipped before get it from their payload, where the
+    session's id is in the bytes kept."""
+    from archiver.models import decode_resp, job_session
+
+    cur.execute(f"ALTER TABLE {schema}.quarantine ADD COLUMN IF NOT EXISTS session_id text")
+    cur.execute(
+        f"CREATE INDEX IF NOT EXISTS quarantine_session_idx ON {schema}.quarantine (source_name, session_id) "
+        "WHERE session_id IS NOT NULL"
+    )
+    cur.execute(
+        f"SELECT source_name, file_id, id, payload FROM {schema}.quarantine "
+        "WHERE kind = 'job' AND redis_type = 'hash' AND session_id IS NULL"
+    )
+    found = []
+    for source, file_id, row_id, payload in cur.fetchall():
+        try:
+            session_id = job_session(decode_resp(bytes(payload)))
+        except ValueError:  # cut short, or not a hash desto wrote: no session to name
+            continue
+        if session_id is not None:
+            found.append((session_id, source, file_id, row_id))
+    if found:
+        cur.executemany(
+            f"UPDATE {schema}.quarantine SET session_id = %s WHERE source_name = %s AND file_id = %s AND id = %s", found
+        )
+
+
 PG_MIGRATIONS: dict[int, Callable[[Any, str], None]] = {
     1: _migrate_pg_to_1,
     2: _migrate_pg_to_2,
     3: _migrate_pg_to_3,
     4: _migrate_pg_to_4,
     5: _migrate_pg_to_5,
+    6: _migrate_pg_to_6,
 }
 
 

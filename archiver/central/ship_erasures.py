@@ -92,6 +92,13 @@ def apply(
         )
         jobs = [r[0] for r in cur.fetchall()]
         count("jobs", len(jobs))
+        # and those only quarantine names (desto could not read them), whichever file quarantined them
+        cur.execute(
+            f"SELECT DISTINCT record_id FROM {schema}.quarantine WHERE source_name = %s AND kind = 'job' "
+            "AND session_id = ANY(%s) AND record_id IS NOT NULL",
+            (source, sessions),
+        )
+        jobs.extend(r[0] for r in cur.fetchall())
         if jobs:
             by_kind.setdefault(Kind.JOB.value, []).extend(jobs)
     for kind, ids in by_kind.items():

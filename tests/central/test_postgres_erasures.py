@@ -99,6 +99,105 @@ def test_an_erasure_reaches_the_rows_an_earlier_file_of_the_host_shipped(redis, 
         assert_none_left(pg_url, sid, j["job_id"], secret)
 
 
+@pytest.mark.parametrize("how", ["forget", "desto"])
+def test_a_session_s_erasure_reaches_its_job_quarantined_by_an_earlier_file(redis, redis_server, db_path, pg_url, how):
+    """A job desto cannot read is quarantined, with its session's id, by each file of the host that
+    reads it: the rebuilt host's earlier file shipped its quarantined payload (a secret in the
+    command line) under its own file_id. Erasing the session in a way that takes its jobs must
+    remove that payload from PostgreSQL too, though no central job row names the job."""
+    secret = f"token-{uuid.uuid4().hex}"
+    settings = settings_for(redis_server, db_path, postgres_url=pg_url, source_name="gpu1", ship_interval=0.05)
+    s = session_hash(session_name="leaky")
+    sid = s["session_id"]
+    j = job_hash(session_id=sid, status="finished", command=f"curl -H 'Authorization: {secret}' x")
+    j["exit_code"] = "not-a-number"  # desto cannot read it: quarantined
+    s["job_ids"] = json.dumps([j["job_id"]])
+    redis.hset(f"desto:session:{sid}", mapping=s)
+    redis.hset(f"desto:job:{j['job_id']}", mapping=j)
+    with daemon_thread(settings) as daemon:
+        wait_for(lambda: "quarantine" in central_mentions(pg_url, secret), 15, what="the quarantine shipped")
+        assert daemon.shipper is not None
+        first_file = daemon.shipper.shipper.file_id
+    _start_anew(db_path)
+    with daemon_thread(settings) as daemon:
+        assert daemon.shipper is not None
+        wait_for(lambda: daemon.shipper.copies == 1, 10, what="the new file copied")
+        assert daemon.shipper.shipper.file_id != first_file
+
+        def quarantined_by() -> int:
+            return len([r for r in pg_rows(pg_url, "quarantine") if r["record_id"] == j["job_id"]])
+
+        wait_for(lambda: quarantined_by() == 2, 15, what="both files' quarantine rows")
+        if how == "forget":
+            assert main(["forget", "--db", str(db_path), sid]) == 0
+        else:  # a person's deletion in desto's History tab
+            store = SQLiteStore(str(db_path))
+            assert store.delete_session(sid)
+            store.close()
+        assert_none_left(pg_url, sid, j["job_id"], secret)
+
+
+def test_a_restored_file_s_erasure_reaches_a_job_another_file_quarantined_since(redis, redis_server, db_path, pg_url):
+    """desto deletes a session; a job of it desto cannot read comes later (refused: its session is
+    erased). The host's file is lost: the new one, knowing no erasure, archives the session again
+    and quarantines the job with its secret, and ships both. Then the backup taken after the
+    deletion is restored: its erasure of the session takes the job wherever PostgreSQL holds it,
+    though only a quarantine row of another file names it, with the session's id."""
+    secret = f"token-{uuid.uuid4().hex}"
+    settings = settings_for(redis_server, db_path, postgres_url=pg_url, source_name="gpu1", ship_interval=0.05)
+    s = session_hash(session_name="leaky")
+    sid = s["session_id"]
+    j = job_hash(session_id=sid, status="finished", command=f"curl -H 'Authorization: {secret}' x")
+    j["exit_code"] = "not-a-number"  # desto cannot read it: quarantined
+    backup = db_path.parent / "after-the-deletion.db"
+    redis.hset(f"desto:session:{sid}", mapping=s)
+    with daemon_thread(settings):
+        wait_for(lambda: count(db_path, "sessions", "session_id = ?", (sid,)) == 1, 10, what="the session")
+        store = SQLiteStore(str(db_path))
+        assert store.delete_session(sid)  # a person's deletion in desto's History tab
+        store.close()
+        wait_for(lambda: not any(r["session_id"] == sid for r in pg_rows(pg_url, "sessions")), 15, what="erased")
+        redis.hset(f"desto:job:{j['job_id']}", mapping=j)
+        assert main(["backup", "--db", str(db_path), str(backup)]) == 0
+    _start_anew(db_path)
+    with daemon_thread(settings):  # a file that knows no erasure
+        wait_for(lambda: "quarantine" in central_mentions(pg_url, secret), 15, what="the job quarantined again")
+    _start_anew(db_path)
+    backup.rename(db_path)  # restored as docs/operations.md says, the daemon stopped
+    with daemon_thread(settings) as daemon:
+        assert daemon.shipper is not None
+        wait_for(lambda: daemon.shipper.copies == 1, 10, what="the restored file copied")
+        assert_none_left(pg_url, sid, j["job_id"], secret)
+
+
+def test_the_central_upgrade_names_the_session_of_jobs_quarantined_before_it(
+    redis, redis_server, db_path, pg_url, monkeypatch
+):
+    """Central schema 6 ships a quarantined job's session; rows a host shipped under schema 5 get
+    it from their payload when the owner upgrades, so a later erasure of the session finds them."""
+    from archiver.central import postgres
+
+    s = session_hash()
+    sid = s["session_id"]
+    j = job_hash(session_id=sid, status="finished")
+    j["exit_code"] = "not-a-number"  # desto cannot read it: quarantined
+    redis.hset(f"desto:session:{sid}", mapping=s)
+    redis.hset(f"desto:job:{j['job_id']}", mapping=j)
+    db_path.parent.mkdir(exist_ok=True)
+    assert main(["backfill", "--db", str(db_path), "--redis-url", redis_server.url]) == 0
+    ship = ["ship", "--db", str(db_path), "--postgres-url", pg_url, "--source", "gpu1"]
+    with monkeypatch.context() as old:
+        old.setattr(postgres, "PG_SCHEMA_VERSION", 5)
+        assert main(ship) == 0
+    [row] = [r for r in pg_rows(pg_url, "quarantine") if r["record_id"] == j["job_id"]]
+    assert "session_id" not in row
+    with psycopg.connect(pg_url) as owner:  # the owner's upgrade, before any host ships again
+        assert postgres.migrate_pg(owner, "desto_archiver") == (5, 6)
+    [row] = [r for r in pg_rows(pg_url, "quarantine") if r["record_id"] == j["job_id"]]
+    assert row["session_id"] == sid
+    assert main(ship) == 0
+
+
 def test_a_whole_copy_applies_every_erasure_the_file_remembers(redis, redis_server, db_path, pg_url, capsys):
     """An erasure made while no change log was kept (a daemon without PostgreSQL) is in no log entry:
     the next shipping's whole copy must apply it to every central row of the record, an earlier
