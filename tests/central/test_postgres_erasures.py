@@ -59,6 +59,15 @@ def _start_anew(db_path: Path) -> None:
         Path(f"{db_path}{suffix}").unlink(missing_ok=True)
 
 
+def _erase_session(how: str, db_path: Path, sid: str) -> None:
+    if how == "forget":
+        assert main(["forget", "--db", str(db_path), sid]) == 0
+    else:  # a person's deletion in desto's History tab
+        store = SQLiteStore(str(db_path))
+        assert store.delete_session(sid)
+        store.close()
+
+
 @pytest.mark.parametrize("how", ["forget", "desto"])
 def test_an_erasure_reaches_the_rows_an_earlier_file_of_the_host_shipped(redis, redis_server, db_path, pg_url, how):
     """A host whose file was rebuilt keeps its old central history (another file_id). Erasing a
@@ -90,12 +99,7 @@ def test_an_erasure_reaches_the_rows_an_earlier_file_of_the_host_shipped(redis, 
             return {r["file_id"] for r in pg_rows(pg_url, "status_history") if r["record_id"] == sid}
 
         wait_for(lambda: shipped_from() == {first_file, new_file}, 15, what="the new file's history shipped")
-        if how == "forget":
-            assert main(["forget", "--db", str(db_path), sid]) == 0
-        else:  # a person's deletion in desto's History tab
-            store = SQLiteStore(str(db_path))
-            assert store.delete_session(sid)
-            store.close()
+        _erase_session(how, db_path, sid)
         assert_none_left(pg_url, sid, j["job_id"], secret)
 
 
@@ -128,12 +132,7 @@ def test_a_session_s_erasure_reaches_its_job_quarantined_by_an_earlier_file(redi
             return len([r for r in pg_rows(pg_url, "quarantine") if r["record_id"] == j["job_id"]])
 
         wait_for(lambda: quarantined_by() == 2, 15, what="both files' quarantine rows")
-        if how == "forget":
-            assert main(["forget", "--db", str(db_path), sid]) == 0
-        else:  # a person's deletion in desto's History tab
-            store = SQLiteStore(str(db_path))
-            assert store.delete_session(sid)
-            store.close()
+        _erase_session(how, db_path, sid)
         assert_none_left(pg_url, sid, j["job_id"], secret)
 
 

@@ -238,6 +238,27 @@ def test_a_shipper_whose_file_was_removed_leaves_the_path_to_the_daemon(redis, r
     assert not thread.is_alive()
 
 
+def _forget(store: Store, session_id: str) -> None:
+    targets, _ = erase.resolve(store.conn, [session_id], [])
+    erase.forget(store, targets)
+
+
+def _history_of_a_new_session_shipped(store: Store, shipper: Shipper, pg_url: str, db_path: Path, at: int) -> None:
+    """A new session's two status-history rows written after ``at``, then shipped: PostgreSQL holds
+    this file's status history as the file does, both rows with it."""
+    later = session_hash()
+    for status in ("starting", "running"):
+        at += 1_000_000
+        store.apply(Batch([read(Kind.SESSION, later["session_id"], {**later, "status": status}, at)]))
+    while shipper.ship_batch():
+        pass
+    in_file = {r[0]: r[1] for r in store.conn.execute("SELECT id, record_id FROM status_history")}
+    ours = [r for r in pg_rows(pg_url, "status_history") if r["file_id"] == shipper.file_id]
+    assert {r["id"]: r["record_id"] for r in ours} == in_file
+    assert list(in_file.values()).count(later["session_id"]) == 2
+    assert central_differences(pg_url, db_path, SOURCE, file_id=shipper.file_id) == []
+
+
 def test_history_written_after_an_erasure_took_the_newest_rows_is_shipped(redis_server, db_path, pg_url):
     """An erasure that takes the newest status-history rows (the newest session forgotten) frees
     their numbers. The shipper ships that table by number: the rows written next must reach
@@ -258,19 +279,8 @@ def test_history_written_after_an_erasure_took_the_newest_rows_is_shipped(redis_
         shipped = {r["id"] for r in pg_rows(pg_url, "status_history")}
         assert len(shipped) == 6
 
-        targets, _ = erase.resolve(store.conn, [newest["session_id"]], [])
-        erase.forget(store, targets)  # its three history rows were the file's newest
-        later = session_hash()
-        for status in ("starting", "running"):
-            at += 1_000_000
-            store.apply(Batch([read(Kind.SESSION, later["session_id"], {**later, "status": status}, at)]))
-        while shipper.ship_batch():
-            pass
-        in_file = {r[0]: r[1] for r in store.conn.execute("SELECT id, record_id FROM status_history")}
-        ours = [r for r in pg_rows(pg_url, "status_history") if r["file_id"] == shipper.file_id]
-        central = {r["id"]: r["record_id"] for r in ours}
-        assert central == in_file
-        assert list(in_file.values()).count(later["session_id"]) == 2
+        _forget(store, newest["session_id"])  # its three history rows were the file's newest
+        _history_of_a_new_session_shipped(store, shipper, pg_url, db_path, at)
     finally:
         shipper.close()
         store.close()
@@ -295,24 +305,12 @@ def test_history_numbers_freed_by_two_erasures_with_a_batch_between_are_never_gi
             store.apply(Batch([read(Kind.SESSION, record["session_id"], record, at)]))
         shipper.open()
         shipper.copy_all()
-        targets, _ = erase.resolve(store.conn, [first["session_id"]], [])
-        erase.forget(store, targets)
+        _forget(store, first["session_id"])
         while shipper.ship_batch():  # a batch sees one erasure done, the other not begun
             pass
         assert central_differences(pg_url, db_path, SOURCE, file_id=shipper.file_id) == []
-        targets, _ = erase.resolve(store.conn, [second["session_id"]], [])
-        erase.forget(store, targets)
-        later = session_hash()
-        for status in ("starting", "running"):
-            at += 1_000_000
-            store.apply(Batch([read(Kind.SESSION, later["session_id"], {**later, "status": status}, at)]))
-        while shipper.ship_batch():
-            pass
-        in_file = {r[0]: r[1] for r in store.conn.execute("SELECT id, record_id FROM status_history")}
-        ours = [r for r in pg_rows(pg_url, "status_history") if r["file_id"] == shipper.file_id]
-        assert {r["id"]: r["record_id"] for r in ours} == in_file
-        assert list(in_file.values()).count(later["session_id"]) == 2
-        assert central_differences(pg_url, db_path, SOURCE, file_id=shipper.file_id) == []
+        _forget(store, second["session_id"])
+        _history_of_a_new_session_shipped(store, shipper, pg_url, db_path, at)
     finally:
         shipper.close()
         store.close()
