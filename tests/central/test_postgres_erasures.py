@@ -59,6 +59,16 @@ def _start_anew(db_path: Path) -> None:
         Path(f"{db_path}{suffix}").unlink(missing_ok=True)
 
 
+def _a_session_and_its_unreadable_job() -> tuple[str, dict[str, str], dict[str, str]]:
+    """(a secret, a session, its job with the secret in its command line, which desto cannot read:
+    quarantined)."""
+    secret = f"token-{uuid.uuid4().hex}"
+    s = session_hash(session_name="leaky")
+    j = job_hash(session_id=s["session_id"], status="finished", command=f"curl -H 'Authorization: {secret}' x")
+    j["exit_code"] = "not-a-number"
+    return secret, s, j
+
+
 def _erase_session(how: str, db_path: Path, sid: str) -> None:
     if how == "forget":
         assert main(["forget", "--db", str(db_path), sid]) == 0
@@ -109,12 +119,9 @@ def test_a_session_s_erasure_reaches_its_job_quarantined_by_an_earlier_file(redi
     reads it: the rebuilt host's earlier file shipped its quarantined payload (a secret in the
     command line) under its own file_id. Erasing the session in a way that takes its jobs must
     remove that payload from PostgreSQL too, though no central job row names the job."""
-    secret = f"token-{uuid.uuid4().hex}"
     settings = settings_for(redis_server, db_path, postgres_url=pg_url, source_name="gpu1", ship_interval=0.05)
-    s = session_hash(session_name="leaky")
+    secret, s, j = _a_session_and_its_unreadable_job()
     sid = s["session_id"]
-    j = job_hash(session_id=sid, status="finished", command=f"curl -H 'Authorization: {secret}' x")
-    j["exit_code"] = "not-a-number"  # desto cannot read it: quarantined
     s["job_ids"] = json.dumps([j["job_id"]])
     redis.hset(f"desto:session:{sid}", mapping=s)
     redis.hset(f"desto:job:{j['job_id']}", mapping=j)
@@ -142,12 +149,9 @@ def test_a_restored_file_s_erasure_reaches_a_job_another_file_quarantined_since(
     and quarantines the job with its secret, and ships both. Then the backup taken after the
     deletion is restored: its erasure of the session takes the job wherever PostgreSQL holds it,
     though only a quarantine row of another file names it, with the session's id."""
-    secret = f"token-{uuid.uuid4().hex}"
     settings = settings_for(redis_server, db_path, postgres_url=pg_url, source_name="gpu1", ship_interval=0.05)
-    s = session_hash(session_name="leaky")
+    secret, s, j = _a_session_and_its_unreadable_job()
     sid = s["session_id"]
-    j = job_hash(session_id=sid, status="finished", command=f"curl -H 'Authorization: {secret}' x")
-    j["exit_code"] = "not-a-number"  # desto cannot read it: quarantined
     backup = db_path.parent / "after-the-deletion.db"
     redis.hset(f"desto:session:{sid}", mapping=s)
     with daemon_thread(settings):

@@ -14,6 +14,8 @@ import threading
 import time
 import uuid
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import psycopg
@@ -238,6 +240,21 @@ def test_a_shipper_whose_file_was_removed_leaves_the_path_to_the_daemon(redis, r
     assert not thread.is_alive()
 
 
+@contextmanager
+def logging_store_and_shipper(redis_server, db_path: Path, pg_url: str) -> Iterator[tuple[Store, Shipper]]:
+    """The file with its change log kept, as a shipping daemon keeps it, and a shipper of it (not
+    opened yet)."""
+    settings = settings_for(redis_server, db_path, postgres_url=pg_url, source_name=SOURCE)
+    store = Store.open(db_path)
+    changelog.set_enabled(store.conn, True)
+    shipper = Shipper(settings)
+    try:
+        yield store, shipper
+    finally:
+        shipper.close()
+        store.close()
+
+
 def _forget(store: Store, session_id: str) -> None:
     targets, _ = erase.resolve(store.conn, [session_id], [])
     erase.forget(store, targets)
@@ -263,11 +280,7 @@ def test_history_written_after_an_erasure_took_the_newest_rows_is_shipped(redis_
     """An erasure that takes the newest status-history rows (the newest session forgotten) frees
     their numbers. The shipper ships that table by number: the rows written next must reach
     PostgreSQL, and the erased ones leave it."""
-    settings = settings_for(redis_server, db_path, postgres_url=pg_url, source_name=SOURCE)
-    store = Store.open(db_path)
-    changelog.set_enabled(store.conn, True)  # as a shipping daemon keeps it
-    shipper = Shipper(settings)
-    try:
+    with logging_store_and_shipper(redis_server, db_path, pg_url) as (store, shipper):
         at = T0
         kept, newest = session_hash(), session_hash()
         for record in (kept, newest):
@@ -281,9 +294,6 @@ def test_history_written_after_an_erasure_took_the_newest_rows_is_shipped(redis_
 
         _forget(store, newest["session_id"])  # its three history rows were the file's newest
         _history_of_a_new_session_shipped(store, shipper, pg_url, db_path, at)
-    finally:
-        shipper.close()
-        store.close()
 
 
 def test_history_numbers_freed_by_two_erasures_with_a_batch_between_are_never_given_again(
@@ -293,11 +303,7 @@ def test_history_numbers_freed_by_two_erasures_with_a_batch_between_are_never_gi
     them, then new rows are written. Had SQLite given the freed numbers to the new rows, the batch
     between would have moved the shipped number past the lower one, and a new row under it would
     never reach PostgreSQL: the numbers a row once had are never given again."""
-    settings = settings_for(redis_server, db_path, postgres_url=pg_url, source_name=SOURCE)
-    store = Store.open(db_path)
-    changelog.set_enabled(store.conn, True)  # as a shipping daemon keeps it
-    shipper = Shipper(settings)
-    try:
+    with logging_store_and_shipper(redis_server, db_path, pg_url) as (store, shipper):
         at = T0
         kept, first, second = session_hash(), session_hash(), session_hash()
         for record in (kept, first, second):  # first's and second's rows are the file's two newest
@@ -311,9 +317,6 @@ def test_history_numbers_freed_by_two_erasures_with_a_batch_between_are_never_gi
         assert central_differences(pg_url, db_path, SOURCE, file_id=shipper.file_id) == []
         _forget(store, second["session_id"])
         _history_of_a_new_session_shipped(store, shipper, pg_url, db_path, at)
-    finally:
-        shipper.close()
-        store.close()
 
 
 def test_a_session_desto_saves_again_before_its_erasure_is_finished_is_shipped_again_whole(
@@ -323,48 +326,43 @@ def test_a_session_desto_saves_again_before_its_erasure_is_finished_is_shipped_a
     saves it again before the archiver has finished the erasure in the file, which lifts it: the
     file still holds the session's history, and PostgreSQL must hold it again (not the job desto
     deleted with it, whose erasure stands)."""
-    settings = settings_for(redis_server, db_path, postgres_url=pg_url, source_name=SOURCE)
-    store = Store.open(db_path)
-    changelog.set_enabled(store.conn, True)  # as a shipping daemon keeps it
-    shipper = Shipper(settings)
-    desto = SQLiteStore(str(db_path))
-    try:
-        at = T0
-        session = session_hash()
-        sid = session["session_id"]
-        job = job_hash(session_id=sid, status="finished", exit_code="0")
-        session["job_ids"] = f'["{job["job_id"]}"]'
-        for status in ("starting", "running", "finished"):
-            at += 1_000_000
-            store.apply(
-                Batch([read(Kind.SESSION, sid, {**session, "status": status}, at),
-                       read(Kind.JOB, job["job_id"], job, at)])
-            )  # fmt: skip
-        shipper.open()
-        shipper.copy_all()
-        saved = desto.get_session(sid)
-        assert saved is not None
+    with logging_store_and_shipper(redis_server, db_path, pg_url) as (store, shipper):
+        desto = SQLiteStore(str(db_path))
+        try:
+            at = T0
+            session = session_hash()
+            sid = session["session_id"]
+            job = job_hash(session_id=sid, status="finished", exit_code="0")
+            session["job_ids"] = f'["{job["job_id"]}"]'
+            for status in ("starting", "running", "finished"):
+                at += 1_000_000
+                store.apply(
+                    Batch([read(Kind.SESSION, sid, {**session, "status": status}, at),
+                           read(Kind.JOB, job["job_id"], job, at)])
+                )  # fmt: skip
+            shipper.open()
+            shipper.copy_all()
+            saved = desto.get_session(sid)
+            assert saved is not None
 
-        assert desto.delete_session(sid)  # the History tab's delete: noted by the file's trigger
-        while shipper.ship_batch():
-            pass
-        assert not [r for r in pg_rows(pg_url, "status_history") if r["record_id"] == sid]
-        assert isinstance(saved, DestoSession) and desto.save_session(saved)  # desto's decision: lifted
-        while shipper.ship_batch():
-            pass
+            assert desto.delete_session(sid)  # the History tab's delete: noted by the file's trigger
+            while shipper.ship_batch():
+                pass
+            assert not [r for r in pg_rows(pg_url, "status_history") if r["record_id"] == sid]
+            assert isinstance(saved, DestoSession) and desto.save_session(saved)  # desto's decision: lifted
+            while shipper.ship_batch():
+                pass
 
-        # desto deleted the job's row with the session's, so the job stays erased (its history is
-        # purged from the file when the erasure is finished); the session is desto's again
-        assert store.conn.execute("SELECT record_id FROM archiver_erased").fetchall() == [(job["job_id"],)]
-        in_file = Counter(
-            r[0] for r in store.conn.execute("SELECT record_id FROM status_history WHERE record_id = ?", (sid,))
-        )
-        ours = [r for r in pg_rows(pg_url, "status_history") if r["file_id"] == shipper.file_id]
-        assert in_file == {sid: 3}
-        assert Counter(r["record_id"] for r in ours) == in_file
-        assert {r["session_id"] for r in pg_rows(pg_url, "sessions")} == {sid}
-        assert not pg_rows(pg_url, "jobs")
-    finally:
-        desto.close()
-        shipper.close()
-        store.close()
+            # desto deleted the job's row with the session's, so the job stays erased (its history is
+            # purged from the file when the erasure is finished); the session is desto's again
+            assert store.conn.execute("SELECT record_id FROM archiver_erased").fetchall() == [(job["job_id"],)]
+            in_file = Counter(
+                r[0] for r in store.conn.execute("SELECT record_id FROM status_history WHERE record_id = ?", (sid,))
+            )
+            ours = [r for r in pg_rows(pg_url, "status_history") if r["file_id"] == shipper.file_id]
+            assert in_file == {sid: 3}
+            assert Counter(r["record_id"] for r in ours) == in_file
+            assert {r["session_id"] for r in pg_rows(pg_url, "sessions")} == {sid}
+            assert not pg_rows(pg_url, "jobs")
+        finally:
+            desto.close()
