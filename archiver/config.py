@@ -4,28 +4,23 @@ desto's own variables (REDIS_HOST, REDIS_PORT, REDIS_DB, SQLITE_DB_PATH, DESTO_D
 as desto reads them, so one environment block serves both; the archiver's own knobs are
 ARCHIVER_*. Names are matched whatever their case. Command-line flags override both.
 
-The settings are a pydantic model; the environment is read here, not by a settings library
-(pydantic-settings took 6 MB of the idle daemon's memory, for reading some forty variables).
+The settings are read and checked by the archiver itself: :class:`Settings` declares each one
+(its type, default, variable, bounds and meaning) with :func:`setting`, and a value is converted
+and checked as pydantic's lax mode did, with its messages. pydantic took about 9 MB of an idle
+daemon's 48 MB (its import, and the schema it builds for a model), for this one model of scalar
+fields; pydantic-settings another 6 MB, for reading some forty variables.
 """
 
 from __future__ import annotations
 
+import math
 import os
+import re
 import socket
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal, get_args, get_origin, get_type_hints
 from urllib.parse import parse_qs, unquote, unquote_plus, urlsplit, urlunsplit
-
-from pydantic import (
-    AliasChoices,
-    BaseModel,
-    ConfigDict,
-    Field,
-    SecretStr,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
 
 # The archive holds command lines: its files are the owner's and its group's (0660), whichever way
 # the archiver runs (the image and the systemd unit say the same).
@@ -140,202 +135,529 @@ def redis_url_secrets(url: str, password_elsewhere: bool = False) -> set[str]:
     return {form for secret in found for form in (secret, unquote(secret)) if form}
 
 
-def _env(name: str, env: str) -> Any:
-    return AliasChoices(name, env)
+# ─── the settings' declarations, conversions and checks ──────────────────────────────────────────
 
 
-class Settings(BaseModel):
-    """Every setting, by its name; built by :func:`load_settings` from the environment and the flags."""
+class SecretStr:
+    """A password or a URL holding one: shown as ********** (empty, as nothing), read with
+    :meth:`get_secret_value`; equal to another holding the same text."""
 
-    model_config = ConfigDict(extra="ignore", populate_by_name=True, frozen=True, validate_default=True)
+    __slots__ = ("_secret_value",)
 
-    redis_url: str | None = Field(
+    def __init__(self, secret_value: str) -> None:
+        self._secret_value = secret_value
+
+    def get_secret_value(self) -> str:
+        return self._secret_value
+
+    def __str__(self) -> str:
+        return "**********" if self._secret_value else ""
+
+    def __repr__(self) -> str:
+        return f"SecretStr('{self}')"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, SecretStr) and self._secret_value == other._secret_value
+
+    def __hash__(self) -> int:
+        return hash(self._secret_value)
+
+    def __len__(self) -> int:
+        return len(self._secret_value)
+
+
+class InvalidSettings(ValueError):
+    """Values the settings cannot take: ``errors`` holds, for each, the setting's name, what is
+    wrong (pydantic's words) and the value given."""
+
+    def __init__(self, errors: list[tuple[str, str, Any]]) -> None:
+        super().__init__("\n".join(f"{name}: {message}" for name, message, _ in errors))
+        self.errors = errors
+
+
+class _Invalid(Exception):
+    def __init__(self, message: str, value: Any) -> None:
+        super().__init__(message)
+        self.message, self.value = message, value
+
+
+# What Rust's str::trim strips (Unicode's White_Space), as pydantic does around a number.
+_WHITE_SPACE = (
+    "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009\u200a"
+    "\u2028\u2029\u202f\u205f\u3000"
+)
+_INT_TEXT = re.compile(r"[+-]?[0-9]+(?:_[0-9]+)*")
+_ZERO_FRACTION = re.compile(r"(.*)\.0+", re.DOTALL)
+_FLOAT_TEXT = re.compile(
+    r"[+-]?(?:(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:e[+-]?[0-9]+)?|inf|infinity|nan)", re.IGNORECASE | re.ASCII
+)
+_TRUE = frozenset({"1", "on", "t", "true", "y", "yes"})
+_FALSE = frozenset({"0", "off", "f", "false", "n", "no"})
+_I64 = 2**63
+_MAX_INT_DIGITS = 4300  # past them (leading zeros aside), pydantic would not read an integer
+
+
+def _text(value: str) -> str:
+    """``value``, which must be Unicode text (the environment may hold bytes that are not UTF-8)."""
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise _Invalid(
+                "Input should be a valid string, unable to parse raw data as a unicode string", value
+            ) from None
+    return value
+
+
+def _to_int(value: Any) -> int:
+    if isinstance(value, int):  # a bool too: 1 or 0
+        return int(value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise _Invalid("Input should be a finite number", value)
+        if not value.is_integer():
+            raise _Invalid("Input should be a valid integer, got a number with a fractional part", value)
+        if not -_I64 < value < _I64:
+            raise _Invalid("Unable to parse input string as an integer, exceeded maximum size", value)
+        return int(value)
+    if not isinstance(value, str):
+        raise _Invalid("Input should be a valid integer", value)
+    text = _text(value).strip(_WHITE_SPACE)
+    whole = _ZERO_FRACTION.fullmatch(text)  # 5.0, 5.00: the integer before the point
+    if whole is not None and not _INT_TEXT.fullmatch(text):
+        text = whole[1]
+    if not _INT_TEXT.fullmatch(text):
+        raise _Invalid("Input should be a valid integer, unable to parse string as an integer", value)
+    digits = text.lstrip("+-").replace("_", "").lstrip("0") or "0"
+    if len(digits) > _MAX_INT_DIGITS:
+        raise _Invalid("Unable to parse input string as an integer, exceeded maximum size", value)
+    return int(digits) * (-1 if text.startswith("-") else 1)
+
+
+def _to_float(value: Any) -> float:
+    if isinstance(value, float):
+        return value
+    if isinstance(value, int):
+        try:
+            return float(value)
+        except OverflowError:
+            raise _Invalid("Input should be a valid number", value) from None
+    if not isinstance(value, str):
+        raise _Invalid("Input should be a valid number", value)
+    text = _text(value).strip(_WHITE_SPACE)
+    if not _FLOAT_TEXT.fullmatch(text):  # 1_000.5: single underscores inside are dropped (if nothing surrounds it)
+        text = "" if value.startswith("_") or value.endswith("_") or "__" in value else value.replace("_", "")
+        if not _FLOAT_TEXT.fullmatch(text):
+            raise _Invalid("Input should be a valid number, unable to parse string as a number", value)
+    return float(text)
+
+
+def _to_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        word = _text(value).lower()
+        if word in _TRUE or word in _FALSE:
+            return word in _TRUE
+        raise _Invalid("Input should be a valid boolean, unable to interpret input", value)
+    if isinstance(value, int | float) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, int) and -_I64 <= value < _I64:
+        raise _Invalid("Input should be a valid boolean, unable to interpret input", value)
+    if isinstance(value, float) and value.is_integer() and -_I64 < value < _I64:
+        raise _Invalid("Input should be a valid boolean, unable to interpret input", value)
+    raise _Invalid("Input should be a valid boolean", value)
+
+
+def _to_str(value: Any) -> str:
+    if not isinstance(value, str):
+        raise _Invalid("Input should be a valid string", value)
+    return value
+
+
+def _to_path(value: Any) -> Path:
+    if isinstance(value, Path):
+        return value
+    if not isinstance(value, str):
+        raise _Invalid("Input is not a valid path for <class 'pathlib.Path'>", value)
+    return Path(value)
+
+
+def _to_secret(value: Any) -> SecretStr:
+    if isinstance(value, SecretStr):
+        return value
+    return SecretStr(_to_str(value))
+
+
+_CONVERSIONS: dict[Any, Callable[[Any], Any]] = {
+    int: _to_int,
+    float: _to_float,
+    bool: _to_bool,
+    str: _to_str,
+    Path: _to_path,
+    SecretStr: _to_secret,
+}
+
+
+class Setting:
+    """One setting as :class:`Settings` declares it: its default (or ``default_factory``), its
+    environment variable, its meaning, its bounds, and the functions that adjust a value before
+    its type's conversion (``before``) or check it after (``after``: a ValueError's text is the
+    message). Its type, and whether it may be None, come from the annotation."""
+
+    __slots__ = (
+        "_pattern",
+        "after",
+        "before",
+        "choices",
+        "convert",
+        "default",
+        "default_factory",
+        "description",
+        "env",
+        "ge",
+        "gt",
+        "le",
+        "max_length",
+        "min_length",
+        "name",
+        "optional",
+        "pattern",
+        "repr",
+    )
+
+    def __init__(
+        self,
+        default: Any,
+        *,
+        env: str,
+        description: str,
+        default_factory: Callable[[], Any] | None = None,
+        ge: float | None = None,
+        gt: float | None = None,
+        le: float | None = None,
+        min_length: int | None = None,
+        max_length: int | None = None,
+        pattern: str | None = None,
+        before: Callable[[Any], Any] | None = None,
+        after: Callable[[Any], Any] | None = None,
+        repr: bool = True,
+    ) -> None:
+        self.default, self.default_factory = default, default_factory
+        self.env, self.description, self.repr = env, description, repr
+        self.ge, self.gt, self.le = ge, gt, le
+        self.min_length, self.max_length, self.pattern = min_length, max_length, pattern
+        # as pydantic's (Rust's) regular expressions read it: $ is the end of the text, not before a last \n
+        self._pattern = None if pattern is None else re.compile(re.sub(r"\$$", r"\\Z", pattern))
+        self.before, self.after = before, after
+        self.name = ""
+        self.optional = False
+        self.choices: tuple[str, ...] = ()
+        self.convert: Callable[[Any], Any] = _to_str
+
+    def typed(self, name: str, annotation: Any) -> None:
+        """Take the type of the annotation ``name: annotation`` (``X``, ``X | None``, ``Literal[...]``)."""
+        self.name = name
+        args = get_args(annotation)
+        if type(None) in args:
+            self.optional = True
+            [annotation] = [a for a in args if a is not type(None)]
+        if get_origin(annotation) is Literal:
+            self.choices = get_args(annotation)
+            self.convert = self._choice
+        else:
+            self.convert = _CONVERSIONS[annotation]
+
+    def initial(self) -> Any:
+        return self.default_factory() if self.default_factory is not None else self.default
+
+    def check(self, value: Any) -> Any:
+        """``value`` as the setting holds it, or _Invalid saying what is wrong."""
+        if self.before is not None:
+            value = _applied(self.before, value)
+        if value is None and self.optional:
+            converted = None
+        else:
+            converted = self.convert(value)
+            self._within_bounds(converted, value)
+        return converted if self.after is None else _applied(self.after, converted)
+
+    def _choice(self, value: Any) -> str:
+        if isinstance(value, str) and _text(value) in self.choices:
+            return value
+        shown = [repr(choice) for choice in self.choices]
+        raise _Invalid(f"Input should be {', '.join(shown[:-1])} or {shown[-1]}", value)
+
+    def _within_bounds(self, converted: Any, value: Any) -> None:
+        # in pydantic's order, so that nan fails the first bound it meets
+        if self.le is not None and not converted <= self.le:
+            raise _Invalid(f"Input should be less than or equal to {self.le}", value)
+        if self.ge is not None and not converted >= self.ge:
+            raise _Invalid(f"Input should be greater than or equal to {self.ge}", value)
+        if self.gt is not None and not converted > self.gt:
+            raise _Invalid(f"Input should be greater than {self.gt}", value)
+        if self.min_length is None and self.max_length is None and self._pattern is None:
+            return
+        text = _text(converted)
+        if self.min_length is not None and len(text) < self.min_length:
+            plural = "" if self.min_length == 1 else "s"
+            raise _Invalid(f"String should have at least {self.min_length} character{plural}", value)
+        if self.max_length is not None and len(text) > self.max_length:
+            plural = "" if self.max_length == 1 else "s"
+            raise _Invalid(f"String should have at most {self.max_length} character{plural}", value)
+        if self._pattern is not None and not self._pattern.search(text):
+            raise _Invalid(f"String should match pattern '{self.pattern}'", value)
+
+
+def _applied(check: Callable[[Any], Any], value: Any) -> Any:
+    try:
+        return check(value)
+    except ValueError as exc:
+        raise _Invalid(f"Value error, {exc}", value) from None
+
+
+def setting(default: Any = None, **declared: Any) -> Any:
+    """A field of :class:`Settings`: ``name: type = setting(default, env=..., description=..., ...)``
+    (typed Any, so the annotation stays the type of the value)."""
+    return Setting(default, **declared)
+
+
+def _lower(value: Any) -> Any:
+    return value.lower() if isinstance(value, str) else value
+
+
+def _octal(value: Any) -> Any:
+    if isinstance(value, str):
+        text = value.strip().lower().removeprefix("0o")
+        if not text:
+            return DEFAULT_UMASK
+        if not all(c in "01234567" for c in text):
+            raise ValueError("must be octal permission bits, like 0027 or 0007")
+        return int(text, 8)
+    return value
+
+
+def _check_url(value: str | None) -> str | None:
+    if value in (None, ""):
+        return None
+    assert value is not None
+    parts = urlsplit(value)
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        raise ValueError("must start with redis://, rediss:// or unix://")
+    if parts.scheme != "unix" and not parts.hostname:
+        raise ValueError("has no host")
+    try:
+        _ = parts.port
+    except ValueError:
+        raise ValueError("has an invalid port") from None
+    return value
+
+
+def _check_postgres_url(value: Any) -> Any:
+    text = value.get_secret_value() if isinstance(value, SecretStr) else value
+    if text in (None, ""):
+        return None
+    if not isinstance(text, str):
+        return value
+    parts = urlsplit(text)
+    if parts.scheme not in ("postgres", "postgresql"):
+        raise ValueError("must start with postgresql:// (or postgres://)")
+    problem = _postgres_user_part_problem(text)
+    if problem is not None:
+        raise ValueError(problem)
+    return text
+
+
+class Settings:
+    """Every setting, by its name; built by :func:`load_settings` from the environment and the flags.
+
+    ``Settings(**values)`` converts and checks each value (by the setting's name or its variable's;
+    a missing one takes its default, checked as well), raising :class:`InvalidSettings` with every
+    problem; ``Settings.FIELDS`` describes each setting. The settings are frozen once made."""
+
+    FIELDS: ClassVar[dict[str, Setting]]
+
+    redis_url: str | None = setting(
         None,
         repr=False,  # it may hold a password
-        validation_alias=_env("redis_url", "REDIS_URL"),
+        env="REDIS_URL",
+        after=_check_url,
         description=(
             "`redis://`, `rediss://` (TLS; e.g. `rediss://host:6380/0?ssl_ca_certs=/etc/redis/ca.pem`) or `unix://` "
             "(e.g. `unix:///run/redis/redis.sock?db=0`) URL of desto's Redis; overrides the host, port and database"
         ),
     )
-    redis_host: str = Field(
-        "localhost", min_length=1, validation_alias=_env("redis_host", "REDIS_HOST"), description="desto's Redis host"
-    )
-    redis_port: int = Field(
-        6379, ge=1, le=65535, validation_alias=_env("redis_port", "REDIS_PORT"), description="its port"
-    )
-    redis_db: int = Field(0, ge=0, validation_alias=_env("redis_db", "REDIS_DB"), description="its database")
-    redis_username: str | None = Field(
-        None, validation_alias=_env("redis_username", "REDIS_USERNAME"), description="ACL user name"
-    )
-    redis_password: SecretStr | None = Field(
-        None, validation_alias=_env("redis_password", "REDIS_PASSWORD"), description="its password (never logged)"
-    )
-    redis_url_file: Path | None = Field(
+    redis_host: str = setting("localhost", min_length=1, env="REDIS_HOST", description="desto's Redis host")
+    redis_port: int = setting(6379, ge=1, le=65535, env="REDIS_PORT", description="its port")
+    redis_db: int = setting(0, ge=0, env="REDIS_DB", description="its database")
+    redis_username: str | None = setting(None, env="REDIS_USERNAME", description="ACL user name")
+    redis_password: SecretStr | None = setting(None, env="REDIS_PASSWORD", description="its password (never logged)")
+    redis_url_file: Path | None = setting(
         None,
-        validation_alias=_env("redis_url_file", "REDIS_URL_FILE"),
+        env="REDIS_URL_FILE",
         description=(
             "a file holding `REDIS_URL` (a container's secret, a systemd credential), read at start without its "
             "trailing newline: the password stays out of the environment and the process list"
         ),
     )
-    redis_password_file: Path | None = Field(
+    redis_password_file: Path | None = setting(
         None,
-        validation_alias=_env("redis_password_file", "REDIS_PASSWORD_FILE"),
+        env="REDIS_PASSWORD_FILE",
         description="a file holding `REDIS_PASSWORD`, read the same way",
     )
 
-    desto_data_dir: Path | None = Field(
+    desto_data_dir: Path | None = setting(
         None,
-        validation_alias=_env("desto_data_dir", "DESTO_DATA_DIR"),
+        env="DESTO_DATA_DIR",
         description=(
             "desto's data folder, used when `SQLITE_DB_PATH` is unset: the archive is then `$DESTO_DATA_DIR/desto.db` "
             "(`desto_data/desto.db` when both are unset)"
         ),
     )
-    sqlite_db_path: Path | None = Field(
+    sqlite_db_path: Path | None = setting(
         None,
-        validation_alias=_env("sqlite_db_path", "SQLITE_DB_PATH"),
+        env="SQLITE_DB_PATH",
         description="the archive, the SQLite file desto's History tab reads",
     )
 
-    batch_size: int = Field(
+    batch_size: int = setting(
         500,
         ge=1,
         le=100_000,
-        validation_alias=_env("batch_size", "ARCHIVER_BATCH_SIZE"),
+        env="ARCHIVER_BATCH_SIZE",
         description="keys per read and per transaction",
     )
-    flush_interval: float = Field(
+    flush_interval: float = setting(
         0.005,
         ge=0,
         le=3600,
-        validation_alias=_env("flush_interval", "ARCHIVER_FLUSH_INTERVAL"),
+        env="ARCHIVER_FLUSH_INTERVAL",
         description=(
             "how long a change waits to be batched with others (s); up to 10 times that under a stream of changes"
         ),
     )
-    reconcile_interval: float = Field(
+    reconcile_interval: float = setting(
         300,
         gt=0,
-        validation_alias=_env("reconcile_interval", "ARCHIVER_RECONCILE_INTERVAL"),
+        env="ARCHIVER_RECONCILE_INTERVAL",
         description="seconds between full reconciles, the safety net",
     )
-    fallback_reconcile_interval: float = Field(
+    fallback_reconcile_interval: float = setting(
         10,
         gt=0,
-        validation_alias=_env("fallback_reconcile_interval", "ARCHIVER_FALLBACK_RECONCILE_INTERVAL"),
+        env="ARCHIVER_FALLBACK_RECONCILE_INTERVAL",
         description="seconds between full reconciles when keyspace notifications cannot be turned on",
     )
-    configure_notifications: bool = Field(
+    configure_notifications: bool = setting(
         True,
-        validation_alias=_env("configure_notifications", "ARCHIVER_CONFIGURE_NOTIFICATIONS"),
+        env="ARCHIVER_CONFIGURE_NOTIFICATIONS",
         description="allow `CONFIG SET notify-keyspace-events` (the flags are only ever added to)",
     )
-    max_dirty: int = Field(
+    max_dirty: int = setting(
         100_000,
         ge=1,
-        validation_alias=_env("max_dirty", "ARCHIVER_MAX_DIRTY"),
+        env="ARCHIVER_MAX_DIRTY",
         description="most keys waiting to be read; beyond, they are dropped and a full reconcile runs",
     )
-    health_check_interval: float = Field(
+    health_check_interval: float = setting(
         10,
         gt=0,
-        validation_alias=_env("health_check_interval", "ARCHIVER_HEALTH_CHECK_INTERVAL"),
+        env="ARCHIVER_HEALTH_CHECK_INTERVAL",
         description="pub/sub silence (s) before a PING; no answer within as long again means a reconnect",
     )
-    socket_timeout: float = Field(
+    socket_timeout: float = setting(
         10,
         gt=0,
-        validation_alias=_env("socket_timeout", "ARCHIVER_SOCKET_TIMEOUT"),
+        env="ARCHIVER_SOCKET_TIMEOUT",
         description="Redis connect and read timeout (s)",
     )
-    reconnect_max_backoff: float = Field(
+    reconnect_max_backoff: float = setting(
         30,
         gt=0,
-        validation_alias=_env("reconnect_max_backoff", "ARCHIVER_RECONNECT_MAX_BACKOFF"),
+        env="ARCHIVER_RECONNECT_MAX_BACKOFF",
         description="cap of the reconnect backoff (s)",
     )
-    heartbeat_interval: float = Field(
+    heartbeat_interval: float = setting(
         5,
         gt=0,
-        validation_alias=_env("heartbeat_interval", "ARCHIVER_HEARTBEAT_INTERVAL"),
+        env="ARCHIVER_HEARTBEAT_INTERVAL",
         description="how often the daemon records its heartbeat in the file (s)",
     )
-    shutdown_timeout: float = Field(
+    shutdown_timeout: float = setting(
         10,
         gt=0,
-        validation_alias=_env("shutdown_timeout", "ARCHIVER_SHUTDOWN_TIMEOUT"),
+        env="ARCHIVER_SHUTDOWN_TIMEOUT",
         description="longest the final flush may take on SIGTERM (s)",
     )
-    sqlite_busy_timeout: float = Field(
+    sqlite_busy_timeout: float = setting(
         5,
         ge=0,
-        validation_alias=_env("sqlite_busy_timeout", "ARCHIVER_SQLITE_BUSY_TIMEOUT"),
+        env="ARCHIVER_SQLITE_BUSY_TIMEOUT",
         description=(
             "wait for another writer's lock before retrying later (s); meanwhile a write tries for the lock every "
             "millisecond, so it gets in between another writer's short transactions"
         ),
     )
     # SQLite's page cache; None: each command's own default (DAEMON_CACHE_MB, BACKFILL_CACHE_MB).
-    sqlite_cache_mb: int | None = Field(
+    sqlite_cache_mb: int | None = setting(
         None,
         ge=1,
         le=65_536,
-        validation_alias=_env("sqlite_cache_mb", "ARCHIVER_SQLITE_CACHE_MB"),
+        env="ARCHIVER_SQLITE_CACHE_MB",
         description=(
             "SQLite's page cache (MB); unset: 64 for `run`, 8 for `backfill`. The daemon's holds the indexes of a few "
             "hundred thousand records (desto's random ids spread every insert over them); it fills only as the "
             "archive grows, and a lower value suits a small machine"
         ),
     )
-    retention_days: float | None = Field(
+    retention_days: float | None = setting(
         None,
         gt=0,
-        validation_alias=_env("retention_days", "ARCHIVER_RETENTION_DAYS"),
+        env="ARCHIVER_RETENTION_DAYS",
         description=(
             "erase records that left Redis more than this many days ago (their rows, history and quarantine "
             "entries), hourly and in small steps; never a record Redis still holds. Unset: keep everything"
         ),
     )
-    quarantine_max_record_bytes: int = Field(
+    quarantine_max_record_bytes: int = setting(
         DEFAULT_QUARANTINE_RECORD_BYTES,
         ge=1024,
         le=2**30,
-        validation_alias=_env("quarantine_max_record_bytes", "ARCHIVER_QUARANTINE_MAX_RECORD_BYTES"),
+        env="ARCHIVER_QUARANTINE_MAX_RECORD_BYTES",
         description=(
             "a quarantined value (as Redis returned it, RESP-encoded) longer than this many bytes is kept as its "
             "SHA-256, its length and its first 4 KiB (or this many bytes, if fewer), and marked `truncated`"
         ),
     )
-    quarantine_max_bytes: int = Field(
+    quarantine_max_bytes: int = setting(
         DEFAULT_QUARANTINE_BYTES,
         ge=0,
-        validation_alias=_env("quarantine_max_bytes", "ARCHIVER_QUARANTINE_MAX_BYTES"),
+        env="ARCHIVER_QUARANTINE_MAX_BYTES",
         description=(
             "the quarantine's total size (its keys and kept values, bytes): once reached, a rejected key not in the "
             "quarantine yet is counted (`stats`, `check`, a metric), not stored; the keys already there are still "
             "updated"
         ),
     )
-    metrics_port: int | None = Field(
+    metrics_port: int | None = setting(
         None,
         ge=1,
         le=65535,
-        validation_alias=_env("metrics_port", "ARCHIVER_METRICS_PORT"),
+        env="ARCHIVER_METRICS_PORT",
         description="serve Prometheus metrics on this port (off when unset)",
     )
-    metrics_host: str = Field(
+    metrics_host: str = setting(
         "127.0.0.1",
-        validation_alias=_env("metrics_host", "ARCHIVER_METRICS_HOST"),
+        env="ARCHIVER_METRICS_HOST",
         description="the address the metrics listen on",
     )
     # The archive holds command lines: the permission bits its files are created without.
-    umask: int = Field(
+    umask: int = setting(
         DEFAULT_UMASK,
         ge=0,
         le=0o777,
-        validation_alias=_env("umask", "ARCHIVER_UMASK"),
+        env="ARCHIVER_UMASK",
+        before=_octal,
         description=(
             "permission bits the files the archiver creates (the archive, its WAL, backups, exports) are created "
             "without, in octal like umask(1); it replaces the process' own umask. The default `0007` gives 0660 "
@@ -344,124 +666,113 @@ class Settings(BaseModel):
         ),
     )
     # PostgreSQL: every record written to the file is also shipped there (archiver/central/ship.py)
-    postgres_url: SecretStr | None = Field(
+    postgres_url: SecretStr | None = setting(
         None,
-        validation_alias=_env("postgres_url", "ARCHIVER_POSTGRES_URL"),
+        env="ARCHIVER_POSTGRES_URL",
+        before=_check_postgres_url,
         description=(
             "a PostgreSQL database (postgresql://user:password@host/db) that every record of the file is also "
             "shipped to, from a change log in the file; unset: no shipping. Needs the `postgres` extra"
         ),
     )
-    postgres_url_file: Path | None = Field(
+    postgres_url_file: Path | None = setting(
         None,
-        validation_alias=_env("postgres_url_file", "ARCHIVER_POSTGRES_URL_FILE"),
+        env="ARCHIVER_POSTGRES_URL_FILE",
         description="a file holding `ARCHIVER_POSTGRES_URL`, read the same way",
     )
-    postgres_schema: str = Field(
+    postgres_schema: str = setting(
         "desto_archiver",
         pattern=r"^[a-z_][a-z0-9_]{0,62}$",
-        validation_alias=_env("postgres_schema", "ARCHIVER_POSTGRES_SCHEMA"),
+        env="ARCHIVER_POSTGRES_SCHEMA",
         description="the PostgreSQL schema the central tables live in",
     )
-    source_name: str = Field(
+    source_name: str = setting(
         default_factory=socket.gethostname,
         min_length=1,
         max_length=200,
-        validation_alias=_env("source_name", "ARCHIVER_SOURCE_NAME"),
+        env="ARCHIVER_SOURCE_NAME",
         description="this archive's name in the central database, part of every key there (default: the host name)",
     )
-    ship_batch_size: int = Field(
+    ship_batch_size: int = setting(
         2000,
         ge=1,
         le=100_000,
-        validation_alias=_env("ship_batch_size", "ARCHIVER_SHIP_BATCH_SIZE"),
+        env="ARCHIVER_SHIP_BATCH_SIZE",
         description="changes shipped to PostgreSQL per transaction",
     )
-    ship_interval: float = Field(
+    ship_interval: float = setting(
         10.0,
         gt=0,
         le=3600,
-        validation_alias=_env("ship_interval", "ARCHIVER_SHIP_INTERVAL"),
+        env="ARCHIVER_SHIP_INTERVAL",
         description=(
             "longest wait in seconds between looks at the change log; the daemon's commits, and other programs' "
             "it notices within a second, start shipping at once"
         ),
     )
-    allow_root: bool = Field(
+    allow_root: bool = setting(
         False,
-        validation_alias=_env("allow_root", "ARCHIVER_ALLOW_ROOT"),
+        env="ARCHIVER_ALLOW_ROOT",
         description=(
             "let `run` run as root (`--allow-root`); refused otherwise: root's daemon would create and write files "
             "in the archive's folder, which desto's group may write too. The image and the unit run as `desto`"
         ),
     )
-    log_format: Literal["auto", "json", "console"] = Field(
+    log_format: Literal["auto", "json", "console"] = setting(
         "auto",
-        validation_alias=_env("log_format", "ARCHIVER_LOG_FORMAT"),
+        env="ARCHIVER_LOG_FORMAT",
+        before=_lower,
         description="`json`, `console`, or `auto` (JSON unless stderr is a terminal)",
     )
-    log_level: Literal["debug", "info", "warning", "error"] = Field(
+    log_level: Literal["debug", "info", "warning", "error"] = setting(
         "info",
-        validation_alias=_env("log_level", "ARCHIVER_LOG_LEVEL"),
+        env="ARCHIVER_LOG_LEVEL",
+        before=_lower,
         description="`debug`, `info`, `warning` or `error`",
     )
 
-    @field_validator("log_format", "log_level", mode="before")
-    @classmethod
-    def _lower(cls, value: Any) -> Any:
-        return value.lower() if isinstance(value, str) else value
-
-    @field_validator("umask", mode="before")
-    @classmethod
-    def _octal(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            text = value.strip().lower().removeprefix("0o")
-            if not text:
-                return DEFAULT_UMASK
-            if not all(c in "01234567" for c in text):
-                raise ValueError("must be octal permission bits, like 0027 or 0007")
-            return int(text, 8)
-        return value
-
-    @field_validator("redis_url")
-    @classmethod
-    def _check_url(cls, value: str | None) -> str | None:
-        if value in (None, ""):
-            return None
-        assert value is not None
-        parts = urlsplit(value)
-        if parts.scheme not in ("redis", "rediss", "unix"):
-            raise ValueError("must start with redis://, rediss:// or unix://")
-        if parts.scheme != "unix" and not parts.hostname:
-            raise ValueError("has no host")
-        try:
-            _ = parts.port
-        except ValueError:
-            raise ValueError("has an invalid port") from None
-        return value
-
-    @field_validator("postgres_url", mode="before")
-    @classmethod
-    def _check_postgres_url(cls, value: Any) -> Any:
-        text = value.get_secret_value() if isinstance(value, SecretStr) else value
-        if text in (None, ""):
-            return None
-        if not isinstance(text, str):
-            return value
-        parts = urlsplit(text)
-        if parts.scheme not in ("postgres", "postgresql"):
-            raise ValueError("must start with postgresql:// (or postgres://)")
-        problem = _postgres_user_part_problem(text)
-        if problem is not None:
-            raise ValueError(problem)
-        return text
-
-    @model_validator(mode="after")
-    def _resolve_db_path(self) -> Settings:
+    def __init__(self, **values: Any) -> None:
+        errors: list[tuple[str, str, Any]] = []
+        for name, field in self.FIELDS.items():
+            if name in values:
+                value = values[name]
+            elif field.env in values:
+                value = values[field.env]
+            else:
+                value = field.initial()
+            try:
+                object.__setattr__(self, name, field.check(value))
+            except _Invalid as exc:
+                errors.append((name, exc.message, exc.value))
+        if errors:
+            raise InvalidSettings(errors)
         if self.sqlite_db_path is None:
             data_dir = self.desto_data_dir or Path("desto_data")
             object.__setattr__(self, "sqlite_db_path", data_dir / "desto.db")
-        return self
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"the settings are frozen: {name} cannot be set")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"the settings are frozen: {name} cannot be deleted")
+
+    def _values(self) -> tuple[Any, ...]:
+        return tuple(getattr(self, name) for name in self.FIELDS)
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and self._values() == other._values()
+
+    def __hash__(self) -> int:
+        return hash(self._values())
+
+    def _shown(self) -> list[str]:
+        return [f"{name}={getattr(self, name)!r}" for name, field in self.FIELDS.items() if field.repr]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(self._shown())})"
+
+    def __str__(self) -> str:
+        return " ".join(self._shown())
 
     # ─── derived ─────────────────────────────────────────────────────────────────────────────
 
@@ -555,10 +866,22 @@ def _port(parts: Any) -> int | None:
         return None
 
 
-ENV_NAMES: dict[str, str] = {
-    name: next(a for a in field.validation_alias.choices if isinstance(a, str) and a.isupper())  # type: ignore[union-attr]
-    for name, field in Settings.model_fields.items()
-}
+def _declared(cls: type[Settings]) -> dict[str, Setting]:
+    """The settings ``cls`` declares, in their order, each typed by its annotation; the class keeps
+    none of them as an attribute (an instance holds the values)."""
+    hints = get_type_hints(cls)
+    fields: dict[str, Setting] = {}
+    for name, value in list(vars(cls).items()):
+        if isinstance(value, Setting):
+            value.typed(name, hints[name])
+            fields[name] = value
+            delattr(cls, name)
+    return fields
+
+
+Settings.FIELDS = _declared(Settings)
+
+ENV_NAMES: dict[str, str] = {name: field.env for name, field in Settings.FIELDS.items()}
 
 
 # The secrets that may be given in a file instead (a container's secrets, systemd's credentials),
@@ -590,19 +913,18 @@ def environment() -> dict[str, str]:
 
 def _validated(values: dict[str, Any], flags: dict[str, Any], from_files: dict[str, Any]) -> Settings:
     try:
-        return Settings.model_validate({**environment(), **values})
-    except ValidationError as exc:
+        return Settings(**{**environment(), **values})
+    except InvalidSettings as exc:
         lines = []
-        for err in exc.errors():
-            field = str(err["loc"][0]) if err["loc"] else ""
+        for field, message, value in exc.errors:
             if field in from_files:
                 where = ENV_NAMES[SECRET_FILES[field]]
             elif field in flags:
                 where = f"--{field.replace('_', '-')}"
             else:
                 where = ENV_NAMES.get(field, field)
-            shown = "" if field in _SECRET_SETTINGS else f" (got {err.get('input')!r})"
-            lines.append(f"{where}: {err['msg']}{shown}")
+            shown = "" if field in _SECRET_SETTINGS else f" (got {value!r})"
+            lines.append(f"{where}: {message}{shown}")
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines)) from None
 
 

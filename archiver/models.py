@@ -4,8 +4,10 @@ The rule is desto's own: a row must read back, through desto 0.7.0's ``SQLiteSto
 desto's models (``DestoSession.from_dict`` and friends) read the hash from Redis. So every field
 is converted the way desto converts it (``int()``, ``datetime.fromisoformat``, ``lower() ==
 "true"``), and a record that desto's readers would fail on is rejected with the reason, to be
-quarantined with its raw bytes. pydantic's coercion rules differ from desto's (it accepts
-``"yes"`` as true, rejects ``" 3"`` as an int), which is why the converters are written out here.
+quarantined with its raw bytes. Lax coercion rules, such as those the settings are read with
+(archiver/config.py, pydantic's), differ from desto's: they take ``"yes"`` as true where desto
+reads only ``"true"``, and ``"5.0"`` as the integer 5 where desto's ``int()`` fails, which is why
+the converters are written out here.
 """
 
 from __future__ import annotations

@@ -155,7 +155,7 @@ def stage_costs(server: RedisServer, db_path: Path, records: int) -> dict[str, f
     a fresh file, as a first backfill does, its indexes built at the end), plus what a split into
     a reading and a writing process would add: pickling each page's rows and unpickling them."""
     # the shipped batch size, whatever this process' environment says (as the backfill run's)
-    batch_size = Settings.model_fields["batch_size"].default
+    batch_size = Settings.FIELDS["batch_size"].default
     settings = load_settings(redis_url=server.url, sqlite_db_path=db_path, batch_size=batch_size)
     source = Source(settings)
     store = Store.open(db_path, cache_mb=BACKFILL_CACHE_MB)

@@ -94,7 +94,7 @@ CATCH_UP_LIMIT_S = 2.0
 TARGET_RATE = 40_000
 TARGET_RATIO = 0.4  # of the ceiling, min(1a, 1b)
 # the daemon's biggest transaction under load: QUEUE_DEPTH batches joined (8,000 keys)
-TARGET_TRANSACTION = QUEUE_DEPTH * Settings.model_fields["batch_size"].default
+TARGET_TRANSACTION = QUEUE_DEPTH * Settings.FIELDS["batch_size"].default
 WRITER_SLACK = 0.95
 SAMPLE_PERIOD_S = 0.2
 FULL_LADDER = (2_000, 4_000, 8_000, 16_000, 32_000, 64_000)

@@ -73,14 +73,14 @@ def setting_flags() -> dict[str, tuple[str, list[str]]]:
     found: dict[str, tuple[str, list[str]]] = {}
     for name, sub in commands.items():
         for action in _options(sub):
-            if action.dest in Settings.model_fields:
+            if action.dest in Settings.FIELDS:
                 _, users = found.setdefault(action.dest, (action.option_strings[0], []))
                 users.append(name)
     return found
 
 
 def _default(name: str) -> str:
-    field = Settings.model_fields[name]
+    field = Settings.FIELDS[name]
     if field.default_factory is not None:  # computed where the archiver runs
         return {socket.gethostname: "the host name"}[field.default_factory]  # type: ignore[index]
     value = field.default
@@ -98,7 +98,7 @@ def settings_table() -> str:
     flags = setting_flags()
     every = set(_subcommands(build_parser()))
     lines = ["| variable | flag | default | meaning |", "|---|---|---|---|"]
-    for name, field in Settings.model_fields.items():
+    for name, field in Settings.FIELDS.items():
         if not field.description:
             raise UndocumentedError(f"archiver.config.Settings.{name} has no description")
         flag = ""

@@ -62,7 +62,7 @@ def test_the_site_builds_strictly_with_every_page(site: Path) -> None:
 
 def test_every_setting_is_in_the_configuration_reference(site: Path) -> None:
     text = page_text(site, "configuration")
-    for name, field in Settings.model_fields.items():
+    for name, field in Settings.FIELDS.items():
         assert field.description, f"Settings.{name} has no description: the reference would have nothing to say"
         assert ENV_NAMES[name] in text, f"{ENV_NAMES[name]} is not in the configuration reference"
 
@@ -79,7 +79,7 @@ def test_every_command_and_its_options_are_in_the_command_reference(site: Path) 
 
 def test_an_undocumented_setting_fails_the_generator() -> None:
     reference = script("docs_reference")
-    field = Settings.model_fields["batch_size"]
+    field = Settings.FIELDS["batch_size"]
     description, field.description = field.description, None
     try:
         with pytest.raises(reference.UndocumentedError, match="batch_size"):
