@@ -707,7 +707,7 @@ class Settings:
         env="ARCHIVER_SHIP_INTERVAL",
         description=(
             "longest wait in seconds between looks at the change log; the daemon's commits, and other programs' "
-            "it notices within a second, start shipping at once"
+            "it notices within two seconds, start shipping at once"
         ),
     )
     allow_root: bool = setting(

@@ -14,9 +14,9 @@ from archiver.redis_side.read_clock import now_us
 
 log = get_logger("archiver.daemon.housekeeping")
 
-# How often the daemon looks for another program's writes to the file: with the file check's
-# second, so an idle daemon wakes once a second for both.
-_RECHECK_S = 1.0
+# How often the daemon looks for another program's writes to the file: with the file check, so an
+# idle daemon wakes once every two seconds for both.
+_RECHECK_S = 2.0
 _RETENTION_S = 3600.0  # how often the daemon erases what left Redis longer ago than ARCHIVER_RETENTION_DAYS
 _RETENTION_BATCHES = 4  # transactions of retention per step, between the daemon's writes
 # Seconds of a scrub of every page per step (its write transactions are a few milliseconds each):

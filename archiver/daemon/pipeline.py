@@ -52,7 +52,7 @@ if TYPE_CHECKING:
 log = get_logger("archiver.daemon.pipeline")
 
 _TICK = 0.25  # while stopping: the longest a wait for the reader's last batches lasts
-_FILE_CHECK_S = 1.0  # how often the daemon checks that the archive's path still names its file
+_FILE_CHECK_S = 2.0  # how often the daemon checks that the archive's path still names its file
 # After this long without a batch to write, the daemon gives back the memory its work took:
 # SQLite's page cache (up to ARCHIVER_SQLITE_CACHE_MB, filled by a burst or a reconcile) and the
 # heap the allocator kept.
@@ -209,7 +209,7 @@ class Daemon:
         if schedule.due(Deadline.FILE_CHECK, now):
             self._check_file(now)
         # up to half a file check early: the heartbeat then keeps the file check's beat, and an
-        # idle daemon wakes once a second for both
+        # idle daemon wakes once every two seconds for both
         if schedule.due(Deadline.HEARTBEAT, now + _FILE_CHECK_S / 2):
             self._heartbeat(now)
         if self.notifier.watchdog_interval is not None and schedule.due(Deadline.WATCHDOG, now):

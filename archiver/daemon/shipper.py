@@ -99,7 +99,7 @@ class ShipperThread(threading.Thread):
                 break
             except FileReplaced as exc:
                 # The daemon opens the path's new file and starts a shipper for it once it notices
-                # (within a second). This thread must not open the path itself meanwhile: it would
+                # (within two seconds). This thread must not open the path itself meanwhile: it would
                 # race the daemon's creation of the new file (a connection in the middle of it
                 # keeps the file from being set to WAL, or meets the lost file's WAL still there).
                 log.info("ship.file_replaced", detail=str(exc), source=self.shipper.source)
