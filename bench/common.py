@@ -286,9 +286,16 @@ class DaemonProcess:
     """``python -m archiver run`` with its JSON log in a file."""
 
     def __init__(
-        self, ctx: Context, server: RedisServer, directory: Path, python_args: Sequence[str] = (), **env: str
+        self,
+        ctx: Context,
+        server: RedisServer,
+        directory: Path,
+        python_args: Sequence[str] = (),
+        python: str = sys.executable,
+        **env: str,
     ) -> None:
         self.ctx = ctx
+        self.python = python  # another environment's interpreter: the daemon as that installation runs it
         self.python_args = list(python_args)  # e.g. a profiler's "-m pyinstrument ..." before "-m archiver"
         self.server = server
         self.db_path = directory / "desto.db"
@@ -305,8 +312,10 @@ class DaemonProcess:
     def start(self, ready_timeout: float = 30.0) -> DaemonProcess:
         with open(self.log_path, "ab") as log_file:
             self.proc = self.ctx.procs.spawn(
-                [sys.executable, *self.python_args, "-m", "archiver", "run"],
+                [self.python, *self.python_args, "-m", "archiver", "run"],
                 env=self.env,
+                # another environment runs its own installed copy, not the checkout's package
+                cwd=REPO if self.python == sys.executable else self.db_path.parent,
                 stdout=log_file,
                 stderr=log_file,
             )
