@@ -891,7 +891,7 @@ SECRET_FILES = {
     "redis_password": "redis_password_file",
     "postgres_url": "postgres_url_file",
 }
-_SECRET_SETTINGS = ("redis_password", "redis_url", "postgres_url")
+_SECRET_SETTINGS = tuple(SECRET_FILES)  # never shown in an error, whichever way they were given
 
 
 def load_settings(**overrides: Any) -> Settings:

@@ -109,10 +109,15 @@ def test_variable_names_are_read_whatever_their_case(monkeypatch: pytest.MonkeyP
     ],
 )
 def test_bad_values_are_clear_errors(monkeypatch: pytest.MonkeyPatch, env: str, value: str, message: str) -> None:
+    assert message in _error_for(monkeypatch, env, value)
+
+
+def _error_for(monkeypatch: pytest.MonkeyPatch, env: str, value: str) -> str:
+    """What load_settings says of ``value`` in the variable ``env``."""
     monkeypatch.setenv(env, value)
     with pytest.raises(ConfigError) as caught:
         load_settings()
-    assert message in str(caught.value)
+    return str(caught.value)
 
 
 def test_a_bad_url_never_echoes_its_password(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -247,11 +252,8 @@ def test_floats_from_integers_strings_and_defaults(monkeypatch: pytest.MonkeyPat
     ],
 )
 def test_each_check_s_message(monkeypatch: pytest.MonkeyPatch, env: str, value: str, message: str) -> None:
-    monkeypatch.setenv(env, value)
-    with pytest.raises(ConfigError) as caught:
-        load_settings()
     shown = value.lower() if env == "ARCHIVER_LOG_LEVEL" else value  # what the check saw
-    assert str(caught.value) == f"invalid configuration:\n  {env}: {message} (got {shown!r})"
+    assert _error_for(monkeypatch, env, value) == f"invalid configuration:\n  {env}: {message} (got {shown!r})"
 
 
 def test_every_problem_is_told_in_the_settings_order(monkeypatch: pytest.MonkeyPatch) -> None:
